@@ -1,0 +1,245 @@
+"""A tiny Llama-style causal language model, written from scratch.
+
+The architecture follows Llama (RMSNorm, rotary position embeddings, SwiGLU
+MLP, no biases, untied LM head) and uses the same module names as the
+Hugging Face implementation, so parameter paths look like
+
+    layers.0.self_attn.q_proj      layers.1.mlp.down_proj      lm_head
+
+which is exactly what LoRA/QLoRA code targets in real models.
+
+One design rule matters for this course: the forward pass only ever *calls*
+the projection layers (``self.q_proj(x)``), it never reads their ``.weight``.
+That way any ``nn.Linear`` can later be swapped for a LoRA wrapper or a 4-bit
+quantized linear with the same call signature and everything keeps working.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
+
+CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
+BASE_MODEL_PATH = CHECKPOINT_DIR / "base_model.safetensors"
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 18  # number of token ids (must match training/data.py VOCAB_SIZE)
+    max_seq_len: int = 32  # longest sequence the model is meant to see
+    d_model: int = 64  # width of the residual stream (hidden size)
+    n_layers: int = 4  # number of decoder layers
+    n_heads: int = 4  # attention heads; head_dim = d_model // n_heads
+    d_ff: int = 176  # hidden size of the SwiGLU MLP (~8/3 * d_model, as in Llama)
+    norm_eps: float = 1e-5  # epsilon inside RMSNorm, avoids division by zero
+    rope_theta: float = 10000.0  # base of the rotary position embedding frequencies
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+# ---------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm: x / rms(x) * weight (no mean, no bias)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 for stability, then return to the input dtype.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return x32.to(x.dtype) * self.weight.to(x.dtype)
+
+
+def rope_cos_sin(
+    seq_len: int, head_dim: int, theta: float, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding tables, each of shape (T, head_dim).
+
+    Computed in fp32 (positions * frequencies loses precision in bf16) and
+    only then cast to the dtype of the activations they will multiply.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    pos = torch.arange(seq_len, device=device).float()
+    freqs = torch.outer(pos, inv_freq)  # (T, head_dim/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (T, head_dim)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) on the two halves of the last dimension."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate queries or keys by their position. x: (B, H, T, hd), cos/sin: (T, hd)."""
+    return x * cos + rotate_half(x) * sin
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with rotary position embeddings."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        assert config.d_model % config.n_heads == 0, "d_model must be divisible by n_heads"
+        self.n_heads = config.n_heads
+        self.head_dim = config.head_dim
+        d = config.d_model
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape  # (B, T, C)
+        q = self._split_heads(self.q_proj(x))  # (B, H, T, hd)
+        k = self._split_heads(self.k_proj(x))  # (B, H, T, hd)
+        v = self._split_heads(self.v_proj(x))  # (B, H, T, hd)
+        q = apply_rope(q, cos.to(q.dtype), sin.to(q.dtype))
+        k = apply_rope(k, cos.to(k.dtype), sin.to(k.dtype))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C) re-assemble the heads
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward block: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (B, T, d_ff)
+        return self.down_proj(h)  # (B, T, C)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        self.self_attn = CausalSelfAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)  # (B, T, C)
+        x = x + self.mlp(self.post_attention_layernorm(x))  # (B, T, C)
+        return x
+
+
+# ---------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------
+
+
+class TinyLlama(nn.Module):
+    """Decoder-only causal LM: token ids (B, T) -> next-token logits (B, T, vocab)."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        # Set to True to recompute each layer's activations in the backward pass
+        # (trades compute for memory; only active in training mode).
+        self.gradient_checkpointing = False
+        self.apply(self._init_weights)
+        # GPT-2 style: shrink the projections that write into the residual stream.
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        B, T = input_ids.shape  # (B, T)
+        assert T <= self.config.max_seq_len, f"sequence length {T} > max_seq_len"
+        x = self.embed_tokens(input_ids)  # (B, T, C)
+        cos, sin = rope_cos_sin(
+            T, self.config.head_dim, self.config.rope_theta, x.device, x.dtype
+        )  # (T, hd) each
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
+        x = self.norm(x)  # (B, T, C)
+        return self.lm_head(x)  # (B, T, vocab)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of (trainable) parameter elements in ``model``."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+# ---------------------------------------------------------------------------
+# Saving and loading (safetensors weights + a JSON config beside them)
+# ---------------------------------------------------------------------------
+
+
+def _json_path(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def save_model(model: TinyLlama, path: str | Path, metrics: dict | None = None) -> None:
+    """Write ``path`` (.safetensors weights) and ``path.with_suffix('.json')``.
+
+    The JSON holds ``{"config": {...}, "metrics": {...}}``; ``metrics`` is
+    optional free-form information (e.g. accuracies) kept for reference.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path))
+    meta = {"config": asdict(model.config), "metrics": metrics or {}}
+    _json_path(path).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> TinyLlama:
+    """Rebuild a ``TinyLlama`` from files written by :func:`save_model`."""
+    path = Path(path)
+    meta = json.loads(_json_path(path).read_text())
+    model = TinyLlama(LlamaConfig(**meta["config"]))
+    model.load_state_dict(load_file(str(path)))
+    return model.to(device)
+
+
+def load_base_model(device: str | torch.device = "cpu") -> TinyLlama:
+    """Load the pretrained base model bundled in ``model/checkpoints/``."""
+    if not BASE_MODEL_PATH.exists() or not _json_path(BASE_MODEL_PATH).exists():
+        raise FileNotFoundError(
+            f"Base checkpoint not found at {BASE_MODEL_PATH}. "
+            "Create it with `make pretrain` (or `python -m training.pretrain`)."
+        )
+    return load_model(BASE_MODEL_PATH, device)

@@ -1,0 +1,536 @@
+"""LoRA: low-rank adaptation of linear layers (Stages 1 and 2 of the course).
+
+A frozen pretrained layer W0 gets a trainable low-rank update (LoRA paper, §4.1):
+
+    h = W0 x + (lora_alpha / r) · B A x
+
+            x  (..., in_features)
+            │
+      ┌─────┴───────────┐
+      │                 │ dropout (on the LoRA input only)
+   W0 (out, in)      A (r, in)       Kaiming-uniform, trainable
+   frozen               │ (..., r)
+      │              B (out, r)      zeros, trainable → the update starts at exactly 0
+      │                 │ × lora_alpha / r
+      └────── + ────────┘
+            h  (..., out_features)
+
+One orientation throughout, as in the L14 lesson, PEFT and loralib:
+``lora_A`` is (r, in_features) and ``lora_B`` is (out_features, r), so ΔW = B @ A is
+(out_features, in_features), the same shape as ``nn.Linear.weight``.
+
+LoRA does not factorise W0 (no SVD): it *learns* an additive update ΔW whose rank is at
+most r. Merging ΔW into W0 after training is exact up to floating-point rounding.
+
+Read in this order:
+  Stage 1  LoRALayer: construction (1.1), forward (1.2), merge / unmerge (1.3)
+  Stage 2  get_lora_model (2.1), counting parameters (2.2), merging a model (2.3),
+           saving and loading adapters in PEFT's format (2.4)
+
+Paper: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", 2021,
+https://arxiv.org/abs/2106.09685
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+# The seven projections of a Llama block (attention and SwiGLU MLP).
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# PEFT's on-disk names (adapter_config.json + adapter_model.safetensors).
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_KEY_PREFIX = "base_model.model."
+
+INIT_METHODS = ("kaiming", "gaussian")
+
+
+# ---- Exercise 1.1: the LoRA layer -----------------------------------------------------------
+
+
+class LoRALayer(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update.
+
+    ``h = base_layer(x) + (lora_alpha / r) · B A dropout(x)``
+
+    Args:
+        in_features: size k of each input sample.
+        out_features: size d of each output sample.
+        r: rank of the update, an int ≥ 1 (LoRA paper: 1–8 is often enough).
+        lora_alpha: scale numerator, > 0; the update is multiplied by ``lora_alpha / r``, so
+            changing r does not change the size of the initial learning steps much.
+        lora_dropout: dropout probability in [0, 1) applied to the LoRA input only; the base
+            path never sees dropout.
+        init_lora_weights: "kaiming" (PEFT's default: A ~ Kaiming-uniform with a = √5, the
+            same as ``nn.Linear``'s weight init) or "gaussian" (A ~ N(0, 1/r²)). B is zero
+            either way, so a fresh layer reproduces its base layer exactly.
+        base_layer: the layer to wrap (used by ``from_linear``); by default a new
+            ``nn.Linear(in_features, out_features)``. It is frozen, never copied.
+
+    Attributes:
+        base_layer: the frozen layer W0 (``nn.Linear`` or any layer with the same call, such as
+            the 4-bit ``NF4Linear`` of Stage 3; this class never looks inside it).
+        lora_A: ``nn.Parameter`` of shape (r, in_features).
+        lora_B: ``nn.Parameter`` of shape (out_features, r).
+        scaling: ``lora_alpha / r``, computed once.
+        merged: True while ΔW is folded into ``base_layer.weight``.
+
+    Example (the lesson's count, d = k = 4096, r = 8)::
+
+        layer = LoRALayer(4096, 4096, r=8)
+        layer.lora_A.numel() + layer.lora_B.numel()   # 8·(4096 + 4096) = 65,536 ≈ W0/256
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int = 8,
+        lora_alpha: float = 16,
+        lora_dropout: float = 0.0,
+        init_lora_weights: str = "kaiming",
+        base_layer: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        # BEGIN SOLUTION 1.1: check the arguments, freeze the base layer, create lora_A and lora_B
+        _check_lora_args(in_features, out_features, r, lora_alpha, lora_dropout, init_lora_weights)
+        if base_layer is None:
+            base_layer = nn.Linear(in_features, out_features)
+        for param in base_layer.parameters():
+            param.requires_grad_(False)  # W0 (and its bias) stay frozen
+        self.base_layer = base_layer
+        self.in_features, self.out_features = in_features, out_features
+        self.r, self.lora_alpha = r, lora_alpha
+        self.scaling = lora_alpha / r
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        weight = _base_weight_like(base_layer)  # LoRA lives in fp32 on the base layer's device
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=weight.device))  # (r, in)
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, device=weight.device))  # (out, r)
+        self.merged = False
+        self.reset_lora_parameters(init_lora_weights)
+        # END SOLUTION
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Module,
+        r: int = 8,
+        lora_alpha: float = 16,
+        lora_dropout: float = 0.0,
+        init_lora_weights: str = "kaiming",
+    ) -> LoRALayer:
+        """Wrap an existing layer (``nn.Linear`` or ``NF4Linear``) without copying its weight."""
+        return cls(
+            linear.in_features,
+            linear.out_features,
+            r=r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            init_lora_weights=init_lora_weights,
+            base_layer=linear,
+        )
+
+    def reset_lora_parameters(self, init_lora_weights: str = "kaiming") -> None:
+        """A random, B zero: ΔW = B A = 0, so training starts from the pretrained function.
+
+        "kaiming": ``kaiming_uniform_(A, a=√5)``, i.e. U(-1/√k, 1/√k) for k = in_features.
+        "gaussian": A ~ N(0, (1/r)²).
+        """
+        # BEGIN SOLUTION 1.1: initialise A randomly and B to zero
+        with torch.no_grad():
+            if init_lora_weights == "kaiming":
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            elif init_lora_weights == "gaussian":
+                nn.init.normal_(self.lora_A, std=1 / self.r)
+            else:
+                raise ValueError(f"init_lora_weights must be one of {INIT_METHODS}, got {init_lora_weights!r}")
+            nn.init.zeros_(self.lora_B)
+        # END SOLUTION
+
+    # ---- Exercise 1.2: forward ----------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``h = base_layer(x) + scaling · B (A (dropout(x)))``, never forming B @ A.
+
+        x: (..., in_features), any number of leading dimensions; returns (..., out_features)
+        in the dtype the base layer returns (under autocast: the autocast dtype).
+
+        Cost: the two thin products add 2·r·(k + d) FLOPs per token to the base's 2·k·d
+        (r = 8, k = d = 512: +3 %). Forming B @ A first would cost d·k·r per *call*.
+        When merged, ΔW is already inside W0 and only the base layer runs.
+        """
+        # BEGIN SOLUTION 1.2: the LoRA forward
+        result = self.base_layer(x)  # (..., out)
+        if self.merged:
+            return result
+        x = self.lora_dropout(x).to(self.lora_A.dtype)  # autocast, if on, casts it back down
+        z = F.linear(x, self.lora_A)  # (..., r)
+        delta = F.linear(z, self.lora_B)  # (..., out)
+        # In place: saves one (..., out) temporary, which is most of LoRA's overhead on a CPU.
+        return result.add_(delta.to(result.dtype), alpha=self.scaling)
+        # END SOLUTION
+
+    # ---- Exercise 1.3: merge and unmerge ------------------------------------------------------
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = scaling · B @ A, shape (out_features, in_features), like ``base_layer.weight``."""
+        # BEGIN SOLUTION 1.3: the update as a full matrix
+        return self.scaling * (self.lora_B @ self.lora_A)  # (out, r) @ (r, in) -> (out, in)
+        # END SOLUTION
+
+    def merge(self) -> None:
+        """Fold ΔW into the base weight: W0 ← W0 + ΔW. Safe to call twice (the second is a no-op).
+
+        After merging, ``forward`` runs the base layer only, so inference costs nothing extra.
+        Exact up to rounding: unmerge() restores W0 to within one rounding step.
+        """
+        # BEGIN SOLUTION 1.3: add the update to the base weight once
+        if self.merged:
+            return
+        weight = _mergeable_weight(self.base_layer)
+        with torch.no_grad():
+            weight += self.delta_weight().to(weight.dtype)
+        self.merged = True
+        # END SOLUTION
+
+    def unmerge(self) -> None:
+        """Undo ``merge``: W0 ← W0 − ΔW. Safe to call twice; a no-op when not merged."""
+        # BEGIN SOLUTION 1.3: subtract the update once
+        if not self.merged:
+            return
+        weight = _mergeable_weight(self.base_layer)
+        with torch.no_grad():
+            weight -= self.delta_weight().to(weight.dtype)
+        self.merged = False
+        # END SOLUTION
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+def _check_lora_args(
+    in_features: int, out_features: int, r: int, lora_alpha: float, lora_dropout: float, init: str
+) -> None:
+    """Raise a ValueError that names the bad argument and the allowed values."""
+    for name, value in (("in_features", in_features), ("out_features", out_features)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"r must be an int >= 1 (the rank of the update), got {r!r}")
+    if not (isinstance(lora_alpha, (int, float)) and math.isfinite(lora_alpha) and lora_alpha > 0):
+        raise ValueError(f"lora_alpha must be a finite number > 0, got {lora_alpha!r}")
+    if not (isinstance(lora_dropout, (int, float)) and 0 <= lora_dropout < 1):
+        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+    if init not in INIT_METHODS:
+        raise ValueError(f"init_lora_weights must be one of {INIT_METHODS}, got {init!r}")
+
+
+def _base_weight_like(base_layer: nn.Module) -> torch.Tensor:
+    """Any tensor of the base layer, to learn its device (parameters first, then buffers)."""
+    for tensor in [*base_layer.parameters(), *base_layer.buffers()]:
+        return tensor
+    return torch.empty(0)
+
+
+def _mergeable_weight(base_layer: nn.Module) -> torch.Tensor:
+    """The base layer's weight, if it is a plain ``nn.Linear`` that ΔW can be added to."""
+    if not isinstance(base_layer, nn.Linear):
+        raise TypeError(
+            f"merge() adds ΔW to an nn.Linear weight, but the base layer is a {type(base_layer).__name__}. "
+            "Merge into a full-precision copy instead (a 4-bit base: training.qlora_trainer.merge_and_export)."
+        )
+    return base_layer.weight
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """An ``nn.Linear``, or a layer that acts like one (``NF4Linear``): LoRA can wrap it."""
+    if isinstance(module, LoRALayer):
+        return False
+    return isinstance(module, nn.Linear) or all(
+        isinstance(getattr(module, name, None), int) for name in ("in_features", "out_features")
+    )
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
+    """(module path, layer) for every LoRALayer in ``model``, in ``named_modules`` order."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALayer):
+            yield name, module
+
+
+# ---- Exercise 2.1: LoRA in a model ------------------------------------------------------------
+
+
+def matches_target(module_path: str, target: str) -> bool:
+    """True if ``target`` names the module at ``module_path`` by its last component(s).
+
+    "q_proj" matches "layers.0.self_attn.q_proj"; "self_attn.q_proj" matches it too;
+    "proj" does not (whole components only, as in PEFT).
+    """
+    return module_path == target or module_path.endswith("." + target)
+
+
+def get_lora_model(
+    model: nn.Module,
+    r: int = 8,
+    lora_alpha: float = 16,
+    lora_dropout: float = 0.0,
+    target_modules: Iterable[str] | str | None = None,
+    init_lora_weights: str = "kaiming",
+) -> nn.Module:
+    """Wrap every targeted ``nn.Linear`` of ``model`` in a LoRALayer and freeze everything else.
+
+    Args:
+        model: the pretrained model; modified in place and returned.
+        r, lora_alpha, lora_dropout, init_lora_weights: as in ``LoRALayer``.
+        target_modules: module names matched by their last component(s) (see
+            ``matches_target``); default ``DEFAULT_TARGET_MODULES``, the seven Llama projections. A target must be linear-like
+            (``is_linear_like``): an ``nn.Linear`` or a 4-bit ``NF4Linear``.
+
+    Returns the same model, in which only ``lora_A`` / ``lora_B`` require gradients.
+
+    Raises (and leaves the model unchanged):
+        ValueError: a bad LoRA argument; no module matches (or, for an explicit list, one of the
+            names matches nothing); a matched module is not an ``nn.Linear``; a matched module
+            is already wrapped.
+    """
+    # BEGIN SOLUTION 2.1: find the targets, check them all, then wrap them and freeze the rest
+    explicit = target_modules is not None
+    targets = [target_modules] if isinstance(target_modules, str) else list(target_modules or DEFAULT_TARGET_MODULES)
+    if not targets:
+        raise ValueError("target_modules must name at least one module, got an empty list")
+    wrapped = {path for path, _ in lora_layers(model)}
+    inside_lora = tuple(path + "." for path in wrapped)
+    found: dict[str, nn.Module] = {}
+    for path, module in model.named_modules():
+        if path.startswith(inside_lora) or not any(matches_target(path, t) for t in targets):
+            continue
+        if path in wrapped:
+            raise ValueError(f"module {path!r} already has LoRA; call get_lora_model once per model")
+        if not is_linear_like(module):
+            raise ValueError(
+                f"target module {path!r} is a {type(module).__name__}; LoRA wraps linear layers only "
+                "(nn.Linear, or a layer with in_features/out_features such as NF4Linear)"
+            )
+        found[path] = module
+    unmatched = [t for t in targets if not any(matches_target(p, t) for p in found)]
+    if not found or (explicit and unmatched):
+        linear_names = sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules() if is_linear_like(m)})
+        raise ValueError(
+            f"target_modules {unmatched or targets} match no nn.Linear in the model; its linear layers are named {linear_names}"
+        )
+    # Build every wrapper first: a bad argument raises here, before the model is touched.
+    replacements = {
+        path: LoRALayer.from_linear(module, r, lora_alpha, lora_dropout, init_lora_weights)
+        for path, module in found.items()
+    }
+    for path, layer in replacements.items():
+        model.set_submodule(path, layer)
+    mark_only_lora_as_trainable(model)
+    return model
+    # END SOLUTION
+
+
+def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
+    """Freeze every parameter except ``lora_A`` / ``lora_B`` (loralib's contract).
+
+    bias: "none" freezes all biases; "all" trains every bias in the model; "lora_only" trains
+    the biases of the layers that LoRA wraps.
+    """
+    # BEGIN SOLUTION 2.1: requires_grad only for LoRA (and the chosen biases)
+    if bias not in ("none", "all", "lora_only"):
+        raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {bias!r}")
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.endswith(("lora_A", "lora_B")))
+    if bias == "all":
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.requires_grad_(True)
+    elif bias == "lora_only":
+        for _, layer in lora_layers(model):
+            if getattr(layer.base_layer, "bias", None) is not None:
+                layer.base_layer.bias.requires_grad_(True)
+    # END SOLUTION
+
+
+# ---- Exercise 2.2: counting parameters -----------------------------------------------------
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) numbers of parameters, each shared tensor counted once.
+
+    A 4-bit base layer keeps its packed weight in buffers, not parameters, so it is not
+    counted here; bytes of weights are measured separately.
+    """
+    # BEGIN SOLUTION 2.2: count parameters
+    params = list(model.parameters())  # .parameters() already yields a shared tensor once
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    total = sum(p.numel() for p in params)
+    return trainable, total
+    # END SOLUTION
+
+
+def print_trainable_parameters(model: nn.Module) -> str:
+    """Print (and return) PEFT's line: ``trainable params: 2,048 || all params: 10,498 || trainable%: 19.5085``."""
+    # BEGIN SOLUTION 2.2: PEFT's format
+    trainable, total = count_parameters(model)
+    line = f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+    print(line)
+    return line
+    # END SOLUTION
+
+
+# ---- Exercise 2.3: merging a whole model ---------------------------------------------------
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Merge every LoRALayer (``merge`` on each; safe to call twice). Returns the model."""
+    # BEGIN SOLUTION 2.3: merge each layer
+    for _, layer in lora_layers(model):
+        layer.merge()
+    return model
+    # END SOLUTION
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Unmerge every LoRALayer. Returns the model."""
+    # BEGIN SOLUTION 2.3: unmerge each layer
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+    return model
+    # END SOLUTION
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge, then replace each LoRALayer by its base ``nn.Linear``: a plain model again.
+
+    Its outputs equal the LoRA model's up to rounding, and it has no LoRA parameters left.
+    """
+    # BEGIN SOLUTION 2.3: merge, then put the base layers back
+    for path, layer in list(lora_layers(model)):
+        layer.merge()
+        model.set_submodule(path, layer.base_layer)
+    return model
+    # END SOLUTION
+
+
+# ---- Exercise 2.4: saving and loading adapters (PEFT's format) -----------------------------
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's keys.
+
+    ``layers.0.self_attn.q_proj.lora_A`` is saved as
+    ``base_model.model.layers.0.self_attn.q_proj.lora_A.weight`` (PEFT keeps A and B in
+    ``nn.Linear`` modules, hence ``.weight``; the shapes are the same: A (r, in), B (out, r)).
+    """
+    # BEGIN SOLUTION 2.4: PEFT's keys
+    state = {}
+    for path, layer in lora_layers(model):
+        state[f"{PEFT_KEY_PREFIX}{path}.lora_A.weight"] = layer.lora_A.detach().contiguous()
+        state[f"{PEFT_KEY_PREFIX}{path}.lora_B.weight"] = layer.lora_B.detach().contiguous()
+    return state
+    # END SOLUTION
+
+
+def save_lora(model: nn.Module, directory: str | Path) -> Path:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` to ``directory``.
+
+    The config carries PEFT's fields (``peft_type``, ``r``, ``lora_alpha``, ``lora_dropout``,
+    ``target_modules``, ``bias``, ...), so ``peft.PeftModel.from_pretrained`` can read it.
+    Every LoRA layer must share one r and one lora_alpha. Returns the directory.
+    """
+    # BEGIN SOLUTION 2.4: config + tensors
+    layers = list(lora_layers(model))
+    if not layers:
+        raise ValueError("the model has no LoRA layers to save; call get_lora_model first")
+    settings = {(layer.r, layer.lora_alpha) for _, layer in layers}
+    if len(settings) > 1:
+        raise ValueError(f"every LoRA layer must share one (r, lora_alpha) to be saved, found {sorted(settings)}")
+    (r, lora_alpha), first = settings.pop(), layers[0][1]
+    dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "lora_dropout": dropout,
+        "target_modules": sorted({path.rsplit(".", 1)[-1] for path, _ in layers}),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+    }
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    tensors = {key: value.cpu() for key, value in lora_state_dict(model).items()}
+    save_file(tensors, directory / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
+    return directory
+    # END SOLUTION
+
+
+def load_lora(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Load an adapter written by ``save_lora`` (or by PEFT) into ``model`` and return it.
+
+    If the model has no LoRA layers yet, they are added first from the config's
+    ``target_modules``, ``r``, ``lora_alpha`` and ``lora_dropout``.
+
+    Raises ValueError, leaving the model untouched, when the adapter does not fit: a module it
+    names is missing, a LoRA layer has no weights in it, the rank or alpha differs, or a
+    tensor's shape is wrong.
+    """
+    # BEGIN SOLUTION 2.4: check everything, then inject (if needed) and copy
+    directory = Path(directory)
+    config = json.loads((directory / ADAPTER_CONFIG_NAME).read_text())
+    tensors = load_file(directory / ADAPTER_WEIGHTS_NAME)
+    r, lora_alpha = config["r"], config["lora_alpha"]
+    targets = config["target_modules"]
+    targets = [targets] if isinstance(targets, str) else targets
+    existing = dict(lora_layers(model))
+    modules = dict(model.named_modules())
+    if existing:
+        planned = {path: (layer.in_features, layer.out_features) for path, layer in existing.items()}
+        for path, layer in existing.items():
+            if (layer.r, layer.lora_alpha) != (r, lora_alpha):
+                raise ValueError(
+                    f"adapter has r={r}, lora_alpha={lora_alpha} but {path!r} has r={layer.r}, lora_alpha={layer.lora_alpha}"
+                )
+    else:
+        planned = {
+            path: (m.in_features, m.out_features)
+            for path, m in modules.items()
+            if is_linear_like(m) and any(matches_target(path, t) for t in targets)
+        }
+    in_file = {key[len(PEFT_KEY_PREFIX) :].rsplit(".", 2)[0] for key in tensors}
+    if missing := sorted(in_file - planned.keys()):
+        raise ValueError(f"adapter has weights for modules the model lacks (or that are not LoRA targets): {missing}")
+    if lacking := sorted(planned.keys() - in_file):
+        raise ValueError(f"adapter has no weights for these LoRA modules of the model: {lacking}")
+    for path, (in_features, out_features) in planned.items():
+        for name, shape in (("lora_A", (r, in_features)), ("lora_B", (out_features, r))):
+            key = f"{PEFT_KEY_PREFIX}{path}.{name}.weight"
+            if key not in tensors or tuple(tensors[key].shape) != shape:
+                got = tuple(tensors[key].shape) if key in tensors else "nothing"
+                raise ValueError(f"{key}: expected shape {shape} (r={r}), found {got}")
+    if not existing:
+        get_lora_model(model, r=r, lora_alpha=lora_alpha, lora_dropout=config.get("lora_dropout", 0.0), target_modules=targets)
+    with torch.no_grad():
+        for path, layer in lora_layers(model):
+            layer.lora_A.copy_(tensors[f"{PEFT_KEY_PREFIX}{path}.lora_A.weight"])
+            layer.lora_B.copy_(tensors[f"{PEFT_KEY_PREFIX}{path}.lora_B.weight"])
+    return model
+    # END SOLUTION

@@ -1,0 +1,434 @@
+"""Advanced tests: edge cases, gradients, dtypes, devices, numerics against published references,
+training outcomes. Same markers and points table as basic_test.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from testcases.helpers import assert_unchanged, randomize_lora, snapshot
+from testcases.tolerances import assert_close
+
+# ---- Exercise 1.1: the LoRA layer -----------------------------------------------------------
+
+
+@pytest.mark.exercise("1.1")
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [
+        ({"r": -1}, "r"),
+        ({"r": 2.5}, "r"),
+        ({"lora_alpha": -4}, "lora_alpha"),
+        ({"lora_dropout": -0.1}, "lora_dropout"),
+        ({"lora_dropout": 1.5}, "lora_dropout"),
+        ({"in_features": 0}, "in_features"),
+        ({"out_features": -3}, "out_features"),
+    ],
+)
+def test_lora_layer_error_names_the_argument_and_range(lora, kwargs, argument):
+    args = {"in_features": 8, "out_features": 8, **kwargs}
+    with pytest.raises(ValueError, match=argument) as error:
+        lora.LoRALayer(**args)
+    assert any(ch.isdigit() for ch in str(error.value)), (
+        f"the message should also say the allowed values (e.g. 'r must be an int >= 1'), got: {error.value}"
+    )
+
+
+@pytest.mark.exercise("1.1")
+def test_kaiming_init_has_the_right_spread(lora):
+    layer = lora.LoRALayer(1024, 16, r=64)
+    bound = 1 / math.sqrt(1024)
+    std = layer.lora_A.std().item()
+    assert abs(std - bound / math.sqrt(3)) < 0.05 * bound, (
+        f"Kaiming-uniform(a=√5) on (r, in) draws U(±1/√in): std should be {bound / math.sqrt(3):.5f}, got {std:.5f}. "
+        "Did you initialise with the wrong fan (out or r) or a normal distribution?"
+    )
+
+
+@pytest.mark.exercise("1.1")
+def test_gaussian_init_option(lora):
+    layer = lora.LoRALayer(256, 256, r=4, init_lora_weights="gaussian")
+    assert abs(layer.lora_A.std().item() - 1 / 4) < 0.02, "'gaussian' draws A ~ N(0, (1/r)^2), as PEFT does"
+    assert torch.count_nonzero(layer.lora_B) == 0, "B is zero for every init method"
+
+
+@pytest.mark.exercise("1.1")
+def test_from_linear_keeps_device_and_bias(lora, device):
+    linear = nn.Linear(8, 4).to(device)
+    layer = lora.LoRALayer.from_linear(linear, r=2)
+    assert layer.lora_A.device.type == device.type and layer.lora_B.device.type == device.type, (
+        "lora_A and lora_B must live on the base layer's device"
+    )
+    assert layer.base_layer.bias is linear.bias and not linear.bias.requires_grad, "the bias is kept and frozen"
+
+
+# ---- Exercise 1.2: forward --------------------------------------------------------------------
+
+
+@pytest.mark.exercise("1.2")
+def test_dropout_only_on_the_lora_input(lora):
+    layer = lora.LoRALayer(64, 32, r=8, lora_dropout=0.5).train()
+    x = torch.randn(20, 64)
+    assert_close(
+        layer(x), layer.base_layer(x), "training-mode output with B = 0", "dropout must never touch the base path"
+    )
+    randomize_lora(layer)
+    delta = layer(x) - layer.base_layer(x)
+    zeros = (delta == 0).float().mean().item()
+    assert zeros < 0.05, (
+        f"{zeros:.0%} of the LoRA update's elements are exactly 0: dropout seems applied to the LoRA *output*; "
+        "it belongs on the LoRA input: B(A(dropout(x)))"
+    )
+    layer.eval()
+    assert_close(layer(x) - layer.base_layer(x), 2.0 * (x @ layer.lora_A.T @ layer.lora_B.T), "eval-mode update")
+
+
+@pytest.mark.exercise("1.2")
+def test_gradient_of_A_is_zero_at_init(lora):
+    """With B = 0, dL/dA = B^T (...) = 0: only B moves on the first step (a known LoRA property)."""
+    layer = lora.LoRALayer(16, 12, r=4)
+    x = torch.randn(5, 16, requires_grad=True)
+    layer(x).sum().backward()
+    assert torch.count_nonzero(layer.lora_A.grad) == 0, "at init dL/dA must be 0 because B = 0"
+    assert_close(
+        x.grad, layer.base_layer.weight.sum(0).expand(5, 16), "dL/dx at init", "the input gradient is W0's only"
+    )
+
+
+@pytest.mark.exercise("1.2")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_forward_keeps_a_low_precision_input_dtype(lora, dtype):
+    layer = lora.LoRALayer(16, 12, r=4, lora_alpha=8)
+    randomize_lora(layer)
+    layer.base_layer.to(dtype)  # a half-precision base; LoRA stays fp32
+    x = torch.randn(3, 16)
+    out = layer(x.to(dtype))
+    assert out.dtype == dtype, f"input {dtype} must give output {dtype}, got {out.dtype} (cast the LoRA result back)"
+    expected = layer.base_layer(x.to(dtype)).float() + 2.0 * (x @ layer.lora_A.T @ layer.lora_B.T)
+    assert_close(out, expected.to(dtype), f"{dtype} forward", "compute the LoRA branch, then cast to the base dtype")
+
+
+@pytest.mark.exercise("1.2")
+def test_forward_under_bf16_autocast(lora, device):
+    layer = lora.LoRALayer(16, 12, r=4, lora_alpha=8).to(device)
+    randomize_lora(layer)
+    x = torch.randn(3, 16, device=device)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16, f"under bf16 autocast the output is bf16, got {out.dtype}"
+    assert layer.lora_A.dtype == torch.float32, "the trainable LoRA weights stay fp32 (autocast casts copies)"
+    expected = x @ layer.base_layer.weight.T + layer.base_layer.bias + 2.0 * (x @ layer.lora_A.T @ layer.lora_B.T)
+    assert_close(out, expected.to(torch.bfloat16), "bf16 autocast forward", dtype=torch.bfloat16)
+
+
+@pytest.mark.exercise("1.2")
+def test_forward_on_device(lora, device):
+    layer = lora.LoRALayer(16, 12, r=4, lora_alpha=8).to(device)
+    randomize_lora(layer)
+    x = torch.randn(4, 16, device=device)
+    W, b, A, B = layer.base_layer.weight, layer.base_layer.bias, layer.lora_A, layer.lora_B
+    assert_close(layer(x), x @ W.T + b + 2.0 * (x @ A.T @ B.T), f"forward on {device.type}")
+
+
+@pytest.mark.exercise("1.2")
+def test_rank_one_update_is_exact_outer_product(lora):
+    layer = lora.LoRALayer(3, 2, r=1, lora_alpha=1)
+    with torch.no_grad():
+        layer.base_layer.weight.zero_()
+        layer.base_layer.bias.zero_()
+        layer.lora_A.copy_(torch.tensor([[1.0, 2.0, 3.0]]))
+        layer.lora_B.copy_(torch.tensor([[1.0], [-1.0]]))
+    out = layer(torch.tensor([[1.0, 1.0, 1.0]]))
+    assert_close(out, torch.tensor([[6.0, -6.0]]), "a hand-computed rank-1 case", "h = B (A x) with A·x = 6")
+
+
+# ---- Exercise 1.3: merge and unmerge ---------------------------------------------------------
+
+
+@pytest.mark.exercise("1.3")
+def test_merged_forward_runs_the_base_only(lora):
+    layer = lora.LoRALayer(16, 12, r=4)
+    randomize_lora(layer)
+    x = torch.randn(5, 16)
+    expected = layer(x).detach()
+    layer.merge()
+    assert_close(layer(x), expected, "merged output", "when merged, forward must not add B A x a second time")
+
+
+@pytest.mark.exercise("1.3")
+def test_unmerge_twice_changes_nothing_and_bias_is_untouched(lora):
+    layer = lora.LoRALayer(16, 12, r=4)
+    randomize_lora(layer)
+    weight, bias = layer.base_layer.weight.detach().clone(), layer.base_layer.bias.detach().clone()
+    layer.unmerge()  # not merged: a no-op
+    assert torch.equal(layer.base_layer.weight, weight), "unmerge() on an unmerged layer must change nothing"
+    layer.merge()
+    assert torch.equal(layer.base_layer.bias, bias), "ΔW changes the weight only, never the bias"
+    layer.unmerge()
+    layer.unmerge()
+    assert_close(layer.base_layer.weight.detach(), weight, "weight after merge, unmerge, unmerge")
+
+
+@pytest.mark.exercise("1.3")
+def test_merge_round_trip_is_exact_up_to_rounding(lora):
+    torch.manual_seed(3)
+    layer = lora.LoRALayer(256, 256, r=8, lora_alpha=16)
+    randomize_lora(layer, std=0.1)
+    weight = layer.base_layer.weight.detach().clone()
+    for _ in range(10):
+        layer.merge()
+        layer.unmerge()
+    drift = (layer.base_layer.weight - weight).abs().max().item()
+    assert drift < 1e-5, f"10 merge/unmerge round trips drifted W0 by {drift:.2e}: merging must be exact up to rounding"
+
+
+@pytest.mark.exercise("1.3")
+def test_delta_weight_has_rank_at_most_r(lora):
+    layer = lora.LoRALayer(64, 48, r=3)
+    randomize_lora(layer)
+    rank = torch.linalg.matrix_rank(layer.delta_weight().detach()).item()
+    assert tuple(layer.delta_weight().shape) == (48, 64), "ΔW has the shape of base_layer.weight (out, in)"
+    assert rank == 3, f"ΔW = B A must have rank r = 3, got {rank}"
+
+
+@pytest.mark.exercise("1.3")
+def test_merge_refuses_a_non_linear_base(lora):
+    class Scale(nn.Module):
+        in_features = out_features = 4
+
+        def forward(self, x):
+            return 2 * x
+
+    layer = lora.LoRALayer(4, 4, r=2, base_layer=Scale())
+    with pytest.raises(TypeError, match="nn.Linear|Linear"):
+        layer.merge()
+    assert layer.merged is False
+
+
+# ---- Exercise 2.1: LoRA in a model -----------------------------------------------------------
+
+
+@pytest.mark.exercise("2.1")
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"target_modules": ["qproj"]}, "qproj"),  # a typo matches nothing
+        ({"target_modules": ["q_proj", "nonexistent"]}, "nonexistent"),
+        ({"target_modules": ["mlp"]}, "mlp"),  # not a linear layer
+        ({"target_modules": ["embed_tokens"]}, "embed_tokens"),
+        ({"r": 0}, "r"),
+        ({"lora_dropout": 1.0}, "lora_dropout"),
+    ],
+)
+def test_get_lora_model_bad_input_leaves_the_model_unchanged(lora, tiny_model, kwargs, match):
+    before = snapshot(tiny_model)
+    with pytest.raises(ValueError, match=match):
+        lora.get_lora_model(tiny_model, **kwargs)
+    assert_unchanged(tiny_model, before, "get_lora_model")
+
+
+@pytest.mark.exercise("2.1")
+def test_get_lora_model_refuses_to_wrap_twice(lora, tiny_model):
+    lora.get_lora_model(tiny_model, r=2)
+    before = snapshot(tiny_model)
+    with pytest.raises(ValueError, match="already"):
+        lora.get_lora_model(tiny_model, r=2)
+    assert_unchanged(tiny_model, before, "a second get_lora_model")
+
+
+@pytest.mark.exercise("2.1")
+def test_get_lora_model_passes_the_hyperparameters(lora, tiny_model):
+    lora.get_lora_model(tiny_model, r=3, lora_alpha=12, lora_dropout=0.1, target_modules="o_proj")
+    layers = dict(lora.lora_layers(tiny_model))
+    assert sorted(layers) == ["layers.0.self_attn.o_proj", "layers.1.self_attn.o_proj"], "a single string is one target"
+    for layer in layers.values():
+        assert layer.r == 3 and layer.scaling == pytest.approx(4.0), "pass r and lora_alpha to every LoRALayer"
+        assert isinstance(layer.lora_dropout, nn.Dropout) and layer.lora_dropout.p == 0.1, "pass lora_dropout too"
+
+
+@pytest.mark.exercise("2.1")
+@pytest.mark.parametrize(
+    "bias, trainable_biases",
+    [("none", []), ("all", ["0.base_layer.bias", "2.bias"]), ("lora_only", ["0.base_layer.bias"])],
+)
+def test_mark_only_lora_as_trainable_bias_modes(lora, bias, trainable_biases):
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    lora.get_lora_model(model, r=2, target_modules=["0"])
+    lora.mark_only_lora_as_trainable(model, bias=bias)
+    trainable = sorted(name for name, p in model.named_parameters() if p.requires_grad)
+    expected = sorted(["0.lora_A", "0.lora_B", *trainable_biases])
+    assert trainable == expected, f"bias={bias!r}: expected trainable {expected}, got {trainable}"
+
+
+@pytest.mark.exercise("2.1")
+def test_mark_only_lora_as_trainable_rejects_unknown_bias_mode(lora):
+    with pytest.raises(ValueError, match="bias"):
+        lora.mark_only_lora_as_trainable(nn.Linear(2, 2), bias="some")
+
+
+@pytest.mark.exercise("2.1")
+def test_lora_model_trains_on_a_batch(lora, tiny_model, token_ids):
+    """A few optimizer steps on the adapter alone lower the loss and leave the base bit-identical."""
+    base = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    model = lora.get_lora_model(tiny_model, r=4, lora_alpha=8).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    targets = torch.roll(token_ids, -1, dims=1)
+    losses = []
+    for _ in range(20):
+        loss = nn.functional.cross_entropy(model(token_ids).flatten(0, 1), targets.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, f"the loss should fall when only LoRA trains: {losses[0]:.3f} -> {losses[-1]:.3f}"
+    for key, value in base.items():
+        wrapped = key.replace("_proj.weight", "_proj.base_layer.weight")
+        now = model.state_dict().get(wrapped, model.state_dict().get(key))
+        assert torch.equal(now, value), f"the frozen weight {key} changed during LoRA training"
+
+
+# ---- Exercise 2.2: counting parameters -------------------------------------------------------
+
+
+@pytest.mark.exercise("2.2")
+def test_count_parameters_counts_shared_tensors_once(lora):
+    embed = nn.Embedding(10, 4)
+    head = nn.Linear(4, 10, bias=False)
+    head.weight = embed.weight  # tied, as in many language models
+    model = nn.Sequential(embed, head)
+    assert lora.count_parameters(model) == (40, 40), "a tied weight is one tensor: count it once"
+
+
+@pytest.mark.exercise("2.2")
+def test_count_parameters_on_the_tiny_llama(lora, tiny_model):
+    total_before = sum(p.numel() for p in tiny_model.parameters())
+    lora.get_lora_model(tiny_model, r=2)
+    d, f = 16, 32  # width and MLP size of the test model
+    per_layer = 4 * 2 * (d + d) + 2 * 2 * (d + f) + 2 * (f + d)
+    assert lora.count_parameters(tiny_model) == (2 * per_layer, total_before + 2 * per_layer), (
+        f"expected (trainable, total) = ({2 * per_layer}, {total_before + 2 * per_layer}): r·(in + out) per wrapped layer"
+    )
+
+
+@pytest.mark.exercise("2.2")
+def test_print_trainable_parameters_returns_the_line(lora, capsys):
+    model = nn.Sequential(nn.Linear(100, 100, bias=False))
+    lora.get_lora_model(model, r=1, target_modules=["0"])
+    line = lora.print_trainable_parameters(model)
+    assert line == "trainable params: 200 || all params: 10,200 || trainable%: 1.9608", f"got {line!r}"
+    assert capsys.readouterr().out.strip() == line
+
+
+# ---- Exercise 2.3: merging a whole model -----------------------------------------------------
+
+
+@pytest.mark.exercise("2.3")
+def test_merge_lora_twice_is_safe(lora, tiny_model, token_ids):
+    lora.get_lora_model(tiny_model, r=2)
+    randomize_lora(tiny_model, std=0.2)
+    expected = tiny_model(token_ids).detach()
+    lora.merge_lora(tiny_model)
+    lora.merge_lora(tiny_model)
+    assert_close(tiny_model(token_ids), expected, "logits after merge_lora twice", "merge must be idempotent")
+
+
+@pytest.mark.exercise("2.3")
+def test_merge_and_unload_leaves_only_plain_linear_layers(lora, tiny_model, token_ids):
+    lora.get_lora_model(tiny_model, r=2)
+    randomize_lora(tiny_model, std=0.2)
+    expected = tiny_model(token_ids).detach()
+    plain = lora.merge_and_unload(tiny_model)
+    names = [name for name, _ in plain.named_parameters()]
+    assert not any("lora" in n or "base_layer" in n for n in names), f"LoRA leftovers: {[n for n in names if 'lora' in n][:3]}"
+    assert plain.layers[0].self_attn.q_proj.weight.shape == (16, 16), "q_proj is an nn.Linear of the base shape again"
+    assert_close(plain(token_ids), expected, "logits of the unloaded model")
+
+
+# ---- Exercise 2.4: saving and loading adapters -----------------------------------------------
+
+
+def _saved_adapter(lora, model, path, **kwargs):
+    lora.get_lora_model(model, **kwargs)
+    randomize_lora(model, std=0.2)
+    lora.save_lora(model, path)
+    return model
+
+
+@pytest.mark.exercise("2.4")
+def test_load_lora_into_a_model_that_already_has_lora(lora, tiny_model, token_ids, tmp_path):
+    target = type(tiny_model)(tiny_model.config).eval()
+    target.load_state_dict(tiny_model.state_dict())
+    _saved_adapter(lora, tiny_model, tmp_path, r=2, lora_alpha=4)
+    lora.get_lora_model(target, r=2, lora_alpha=4)
+    lora.load_lora(target, tmp_path)
+    assert_close(target(token_ids), tiny_model(token_ids), "logits after loading into existing LoRA layers")
+
+
+@pytest.mark.exercise("2.4")
+def test_load_lora_rejects_a_wrong_rank(lora, tiny_model, tmp_path):
+    target = type(tiny_model)(tiny_model.config).eval()
+    _saved_adapter(lora, tiny_model, tmp_path, r=2)
+    lora.get_lora_model(target, r=4)
+    before = snapshot(target)
+    with pytest.raises(ValueError, match="r"):
+        lora.load_lora(target, tmp_path)
+    assert_unchanged(target, before, "load_lora with the wrong rank")
+
+
+@pytest.mark.exercise("2.4")
+def test_load_lora_rejects_a_different_alpha(lora, tiny_model, tmp_path):
+    target = type(tiny_model)(tiny_model.config).eval()
+    _saved_adapter(lora, tiny_model, tmp_path, r=2, lora_alpha=4)
+    lora.get_lora_model(target, r=2, lora_alpha=16)
+    before = snapshot(target)
+    with pytest.raises(ValueError, match="lora_alpha"):
+        lora.load_lora(target, tmp_path)
+    assert_unchanged(target, before, "load_lora with a different lora_alpha (a different scaling)")
+
+
+@pytest.mark.exercise("2.4")
+def test_load_lora_rejects_missing_modules(lora, tiny_model, tmp_path):
+    """An adapter for q_proj only cannot fill a model whose v_proj also has LoRA."""
+    target = type(tiny_model)(tiny_model.config).eval()
+    _saved_adapter(lora, tiny_model, tmp_path, r=2, target_modules=["q_proj"])
+    lora.get_lora_model(target, r=2, target_modules=["q_proj", "v_proj"])
+    before = snapshot(target)
+    with pytest.raises(ValueError, match="v_proj"):
+        lora.load_lora(target, tmp_path)
+    assert_unchanged(target, before, "load_lora with missing modules")
+
+
+@pytest.mark.exercise("2.4")
+def test_load_lora_rejects_an_adapter_for_another_model(lora, tiny_model, tmp_path):
+    from model.tiny_llama import LlamaConfig, TinyLlama
+
+    bigger = TinyLlama(LlamaConfig(vocab_size=18, max_seq_len=16, d_model=32, n_layers=2, n_heads=2, d_ff=32))
+    _saved_adapter(lora, bigger, tmp_path, r=2)
+    before = snapshot(tiny_model)
+    with pytest.raises(ValueError, match="shape"):
+        lora.load_lora(tiny_model, tmp_path)
+    assert_unchanged(tiny_model, before, "load_lora of an adapter made for a wider model")
+
+
+@pytest.mark.exercise("2.4")
+def test_adapter_config_is_what_peft_reads(lora, tiny_model, tmp_path):
+    _saved_adapter(lora, tiny_model, tmp_path, r=2, lora_alpha=8, lora_dropout=0.05)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    for key, value in {"peft_type": "LORA", "r": 2, "lora_alpha": 8, "lora_dropout": 0.05, "bias": "none"}.items():
+        assert config.get(key) == value, f"adapter_config.json: {key} should be {value!r}, got {config.get(key)!r}"
+    assert sorted(config["target_modules"]) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    from safetensors.torch import load_file
+
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    a = tensors["base_model.model.layers.1.mlp.up_proj.lora_A.weight"]
+    b = tensors["base_model.model.layers.1.mlp.up_proj.lora_B.weight"]
+    assert tuple(a.shape) == (2, 16) and tuple(b.shape) == (32, 2), "PEFT stores A as (r, in) and B as (out, r)"
+    assert torch.equal(b, tiny_model.layers[1].mlp.up_proj.lora_B.detach()), "save the trained values"
