@@ -186,9 +186,7 @@ class TinyLlama(nn.Module):
         B, T = input_ids.shape  # (B, T)
         assert T <= self.config.max_seq_len, f"sequence length {T} > max_seq_len"
         x = self.embed_tokens(input_ids)  # (B, T, C)
-        cos, sin = rope_cos_sin(
-            T, self.config.head_dim, self.config.rope_theta, x.device, x.dtype
-        )  # (T, hd) each
+        cos, sin = rope_cos_sin(T, self.config.head_dim, self.config.rope_theta, x.device, x.dtype)  # (T, hd) each
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, use_reentrant=False)

@@ -286,7 +286,9 @@ def test_lora_model_trains_on_a_batch(lora, tiny_model, token_ids):
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    assert losses[-1] < losses[0] - 0.1, f"the loss should fall when only LoRA trains: {losses[0]:.3f} -> {losses[-1]:.3f}"
+    assert losses[-1] < losses[0] - 0.1, (
+        f"the loss should fall when only LoRA trains: {losses[0]:.3f} -> {losses[-1]:.3f}"
+    )
     for key, value in base.items():
         wrapped = key.replace("_proj.weight", "_proj.base_layer.weight")
         now = model.state_dict().get(wrapped, model.state_dict().get(key))
@@ -345,7 +347,9 @@ def test_merge_and_unload_leaves_only_plain_linear_layers(lora, tiny_model, toke
     expected = tiny_model(token_ids).detach()
     plain = lora.merge_and_unload(tiny_model)
     names = [name for name, _ in plain.named_parameters()]
-    assert not any("lora" in n or "base_layer" in n for n in names), f"LoRA leftovers: {[n for n in names if 'lora' in n][:3]}"
+    assert not any("lora" in n or "base_layer" in n for n in names), (
+        f"LoRA leftovers: {[n for n in names if 'lora' in n][:3]}"
+    )
     assert plain.layers[0].self_attn.q_proj.weight.shape == (16, 16), "q_proj is an nn.Linear of the base shape again"
     assert_close(plain(token_ids), expected, "logits of the unloaded model")
 
@@ -432,3 +436,306 @@ def test_adapter_config_is_what_peft_reads(lora, tiny_model, tmp_path):
     b = tensors["base_model.model.layers.1.mlp.up_proj.lora_B.weight"]
     assert tuple(a.shape) == (2, 16) and tuple(b.shape) == (32, 2), "PEFT stores A as (r, in) and B as (out, r)"
     assert torch.equal(b, tiny_model.layers[1].mlp.up_proj.lora_B.detach()), "save the trained values"
+
+
+# ---- Exercise 3.1: uniform (affine) quantization ---------------------------------------------
+
+
+@pytest.mark.exercise("3.1")
+@pytest.mark.parametrize("num_bits", [2, 3, 4, 5, 6, 7, 8])
+def test_uniform_error_bound_for_every_width(quant, num_bits):
+    x = torch.randn(1000) * 2 - 0.7
+    q, scale, zero_point = quant.quantize_tensor(x, num_bits=num_bits, block_size=128)
+    assert int(q.max()) <= 2**num_bits - 1, f"{num_bits}-bit codes must stay in [0, {2**num_bits - 1}], got max {int(q.max())}"
+    x_hat = quant.dequantize_tensor(q, scale, zero_point, block_size=128)
+    step = scale.repeat_interleave(128)[:1000]
+    worst = ((x_hat - x).abs() / step).max().item()
+    assert worst <= 0.5 + 1e-4, f"{num_bits} bits: error {worst:.3f} steps > 0.5 (clamping or zero-point rounding?)"
+
+
+@pytest.mark.exercise("3.1")
+def test_uniform_range_includes_zero(quant):
+    q, scale, zero_point = quant.quantize_tensor(torch.tensor([1.0, 2.0, 3.0, 4.0]), num_bits=2)
+    assert zero_point.tolist() == [0] and scale.tolist() == [pytest.approx(4 / 3)], (
+        f"all-positive data: the range is widened to [0, 4], so scale = 4/3 and zero_point = 0; "
+        f"got scale {scale.tolist()}, zero_point {zero_point.tolist()}"
+    )
+    assert q.tolist() == [1, 2, 2, 3], f"q = round(x / scale) + zero_point = [1, 2, 2, 3], got {q.tolist()}"
+
+
+@pytest.mark.exercise("3.1")
+def test_uniform_zero_is_exact_and_constant_blocks_work(quant):
+    x = torch.tensor([0.0, 0.3, 0.9, 0.0, 5.0, 5.0, 5.0, 5.0])  # block 2 is constant and positive
+    q, scale, zero_point = quant.quantize_tensor(x, num_bits=4, block_size=4)
+    x_hat = quant.dequantize_tensor(q, scale, zero_point, block_size=4)
+    assert x_hat[0] == 0 and x_hat[3] == 0, "0 must be exactly representable: widen [min, max] to include 0"
+    assert_close(x_hat[4:], x[4:], "a constant block", "with the range widened to include 0, max maps to qmax exactly")
+    zeros = torch.zeros(10)
+    q, scale, zero_point = quant.quantize_tensor(zeros, num_bits=8)
+    assert torch.equal(quant.dequantize_tensor(q, scale, zero_point), zeros), "an all-zero tensor must not divide by zero"
+
+
+@pytest.mark.exercise("3.1")
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [({"num_bits": 1}, "num_bits"), ({"num_bits": 9}, "num_bits"), ({"num_bits": 4.0}, "num_bits"), ({"block_size": 0}, "block_size")],
+)
+def test_uniform_rejects_bad_arguments(quant, kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        quant.quantize_tensor(torch.randn(8), **kwargs)
+
+
+@pytest.mark.exercise("3.1")
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_uniform_rejects_non_finite_input(quant, bad):
+    x = torch.randn(8)
+    x[2] = bad
+    with pytest.raises(ValueError, match="x"):
+        quant.quantize_tensor(x)
+
+
+# ---- Exercise 3.2: absmax quantization --------------------------------------------------------
+
+
+@pytest.mark.exercise("3.2")
+def test_absmax_int4_range_and_error_bound(quant):
+    x = torch.randn(4, 96)
+    q, scale = quant.absmax_quantize(x, num_bits=4, block_size=64)
+    assert scale.shape == (6,), f"384 elements in blocks of 64: 6 scales, got {tuple(scale.shape)}"
+    assert int(q.abs().max()) == 7, f"int4 codes span -7…7 (qmax = 2^(4-1) - 1), got max |q| = {int(q.abs().max())}"
+    x_hat = quant.absmax_dequantize(q, scale, block_size=64)
+    step = scale.repeat_interleave(64).view_as(x)
+    assert ((x_hat - x).abs() <= step / 2 + 1e-6).all(), "absmax round trip must stay within half a step"
+
+
+@pytest.mark.exercise("3.2")
+def test_absmax_zero_block_and_bad_input(quant):
+    x = torch.cat([torch.zeros(64), torch.randn(64)])
+    q, scale = quant.absmax_quantize(x, block_size=64)
+    x_hat = quant.absmax_dequantize(q, scale, block_size=64)
+    assert torch.isfinite(x_hat).all() and (x_hat[:64] == 0).all(), "an all-zero block must come back as zeros, no NaN"
+    with pytest.raises(ValueError, match="num_bits"):
+        quant.absmax_quantize(x, num_bits=16)
+    with pytest.raises(ValueError, match="x"):
+        quant.absmax_quantize(torch.tensor([1.0, float("nan")]))
+
+
+# ---- Exercise 3.3: code books -----------------------------------------------------------------
+
+
+@pytest.mark.exercise("3.3")
+def test_nf4_code_book_bit_exact_with_bitsandbytes(quant, golden):
+    book = quant.nf4_code_book()
+    assert torch.equal(book, golden["codebook.nf4"]), (
+        f"bit-exact with bitsandbytes' table; max difference {(book - golden['codebook.nf4']).abs().max():.3g}. "
+        "Make the probabilities with a float32 linspace and normalise in float32."
+    )
+    assert torch.equal(book, book.sort().values), "levels must be ascending (nearest_code relies on it)"
+
+
+@pytest.mark.exercise("3.3")
+def test_nf4_beats_fp4_and_int4_on_gaussian_weights(quant):
+    x = torch.randn(64 * 512)
+    errors = {}
+    for name, code in (("nf4", quant.nf4_code_book()), ("fp4", quant.fp4_code_book())):
+        codes, absmax = quant.quantize_blockwise(x, code, 64)
+        errors[name] = (quant.dequantize_blockwise(codes, absmax, code, 64) - x).abs().mean().item()
+    q, scale = quant.absmax_quantize(x, num_bits=4, block_size=64)
+    errors["int4"] = (quant.absmax_dequantize(q, scale, block_size=64) - x).abs().mean().item()
+    assert errors["nf4"] < errors["fp4"] and errors["nf4"] < errors["int4"], (
+        f"NF4 is information-theoretically optimal for normal weights (QLoRA §3): mean |error| {errors}"
+    )
+
+
+# ---- Exercise 3.4: NF4 blockwise quantization ------------------------------------------------
+
+NF4_CASES = [
+    ("nf4_fp32_16x64", 64),
+    ("nf4_fp32_7x13", 64),
+    ("nf4_fp32_3x70", 64),
+    ("nf4_fp16_8x40", 64),
+    ("nf4_bf16_8x40", 64),
+    ("nf4_fp32_outlier", 64),
+    ("nf4_fp32_8x256_bs128", 128),
+    ("nf4_fp32_8x256_bs256", 256),
+    ("nf4_fp32_16x64_bs128", 128),
+]
+
+
+@pytest.mark.exercise("3.4")
+@pytest.mark.parametrize("case, block_size", NF4_CASES)
+def test_nf4_byte_identical_to_bitsandbytes(quant, golden, case, block_size):
+    x = golden[f"{case}.input"]
+    packed, absmax = quant.quantize_nf4(x, block_size=block_size)
+    assert torch.equal(absmax, golden[f"{case}.absmax"]), (
+        f"{case}: absmax differs; blocks run over the FLATTENED tensor (not per row), a partial last block has its own"
+    )
+    expected = golden[f"{case}.packed"]
+    assert packed.shape == expected.shape, f"{case}: expected {expected.numel()} bytes, got {tuple(packed.shape)}"
+    differ = (packed != expected).nonzero().flatten()
+    assert differ.numel() == 0, (
+        f"{case}: {differ.numel()} of {expected.numel()} bytes differ; first: byte {int(differ[0])} is "
+        f"{int(packed[differ[0]]):#04x}, bitsandbytes wrote {int(expected[differ[0]]):#04x} "
+        "(even element in the HIGH nibble; an odd count padded with the code of 0.0)"
+    )
+    out = quant.dequantize_nf4(packed, absmax, x.shape, block_size=block_size, dtype=x.dtype)
+    assert out.dtype == x.dtype, f"dequantize_nf4(dtype={x.dtype}) must return {x.dtype}, got {out.dtype}"
+    assert torch.equal(out, golden[f"{case}.dequant"]), f"{case}: dequantized values differ from bitsandbytes"
+
+
+@pytest.mark.exercise("3.4")
+def test_nf4_ties_and_reciprocal(quant, golden):
+    """Block 0: the 15 midpoints (ties → lower code) and their fp32 neighbours; block 1: the same ×2;
+    block 2: values whose code differs between x·(1/3) and x/3 (multiply by the reciprocal).
+
+    Block 3, a partial last block, is left out: bitsandbytes' CPU fallback divides there (its CUDA
+    kernel multiplies, as we do)."""
+    x = golden["nf4_fp32_ties.input"]
+    packed, _ = quant.quantize_nf4(x)
+    codes = quant.unpack_nibbles(packed, x.numel())[:192]
+    expected = golden["nf4_fp32_ties.codes"][:192]
+    differ = (codes != expected).nonzero().flatten()
+    assert differ.numel() == 0, (
+        f"{differ.numel()} codes differ, first at element {int(differ[0])} (block {int(differ[0]) // 64}): got "
+        f"{int(codes[differ[0]])}, expected {int(expected[differ[0]])}. Block 0/1: a tie goes to the LOWER code; "
+        "block 2: scale with x * (1 / absmax), not x / absmax"
+    )
+
+
+@pytest.mark.exercise("3.4")
+def test_nf4_zero_blocks(quant, golden):
+    x = golden["nf4_fp32_zero_blocks.input"]
+    packed, absmax = quant.quantize_nf4(x)
+    assert torch.isfinite(absmax).all() and absmax[1] == 0, "an all-zero block has absmax 0 (no division by zero)"
+    assert torch.equal(packed, golden["nf4_fp32_zero_blocks.packed"]), "all-zero blocks take the code of 0.0 (7)"
+    out = quant.dequantize_nf4(packed, absmax, x.shape)
+    assert (out.flatten()[64:] == 0).all(), "all-zero blocks must come back as exact zeros"
+    assert torch.equal(out, golden["nf4_fp32_zero_blocks.dequant"]), "the other blocks as bitsandbytes"
+
+
+@pytest.mark.exercise("3.4")
+def test_nf4_round_trip_bound(quant):
+    book = quant.nf4_code_book()
+    half_gap = ((book[1:] - book[:-1]) / 2).max().item()
+    x = torch.randn(33, 77) * 0.05
+    packed, absmax = quant.quantize_nf4(x)
+    err = (quant.dequantize_nf4(packed, absmax, x.shape) - x).abs()
+    bound = (absmax.repeat_interleave(64)[: x.numel()] * half_gap).view_as(x) + 1e-7
+    assert (err <= bound).all(), "each element must be within half the widest gap between NF4 levels × its block's absmax"
+
+
+@pytest.mark.exercise("3.4")
+def test_nf4_bad_input(quant):
+    with pytest.raises(ValueError, match="x"):
+        quant.quantize_nf4(torch.tensor([1.0, float("inf")]))
+    with pytest.raises(ValueError, match="block_size"):
+        quant.quantize_nf4(torch.randn(10), block_size=0)
+    packed, absmax = quant.quantize_nf4(torch.randn(10))
+    with pytest.raises(ValueError, match="packed"):
+        quant.dequantize_nf4(packed, absmax, (4, 4))  # 16 elements need 8 bytes, not 5
+
+
+@pytest.mark.exercise("3.4")
+def test_nf4_on_device(quant, device):
+    x = torch.randn(9, 31, device=device)
+    packed, absmax = quant.quantize_nf4(x)
+    assert packed.device.type == device.type and absmax.device.type == device.type, "keep the codes on x's device"
+    cpu_packed, _ = quant.quantize_nf4(x.cpu())
+    assert torch.equal(packed.cpu(), cpu_packed), f"NF4 codes on {device.type} must equal those on the CPU"
+
+
+# ---- Exercise 3.5: double quantization -------------------------------------------------------
+
+
+@pytest.mark.exercise("3.5")
+@pytest.mark.parametrize("case", ["dq_fp32_64x512", "dq_fp32_40x500"])
+def test_double_quantization_against_bitsandbytes(quant, golden, case):
+    """Codes: the exact nearest 8-bit level. bitsandbytes' CPU kernel looks codes up in a 65,536-entry
+    table that is not always the nearest, so a few codes may differ; ours must never be further away."""
+    absmax = golden[f"{case}.absmax_fp32"]
+    codes, scale, offset = quant.double_quantize(absmax)
+    assert torch.equal(scale, golden[f"{case}.absmax2"]), "per-block scale of (absmax - mean) in blocks of 256"
+    same = (codes == golden[f"{case}.qabsmax"]).float().mean().item()
+    assert same > 0.99, f"only {same:.1%} of the 8-bit codes equal bitsandbytes' (dynamic code, blocks of 256)"
+    ours = quant.double_dequantize(codes, scale, offset)
+    theirs = golden[f"{case}.absmax_dequant"]
+    assert ((ours - absmax).abs() <= (theirs - absmax).abs() + 1e-9).all(), "the nearest code is never worse than bnb's"
+    replay = quant.double_dequantize(golden[f"{case}.qabsmax"], golden[f"{case}.absmax2"], golden[f"{case}.offset"][0])
+    assert torch.equal(replay, theirs), "double_dequantize: code[q] · scale + offset, in float32"
+
+
+@pytest.mark.exercise("3.5")
+def test_double_quantization_needs_the_offset(quant):
+    """absmax values are all positive: without subtracting the mean, half of the signed code is wasted."""
+    absmax = torch.rand(1024) * 0.1 + 1.0  # all around 1.05
+    codes, scale, offset = quant.double_quantize(absmax)
+    assert abs(offset.item() - absmax.mean().item()) < 1e-6, "offset must be the mean of the absmax values"
+    error = (quant.double_dequantize(codes, scale, offset) - absmax).abs().max().item()
+    assert error < 2e-3, f"max error {error:.2e}: quantize absmax - mean, then add the mean back"
+
+
+# ---- Exercise 3.6: NF4Linear -----------------------------------------------------------------
+
+
+@pytest.mark.exercise("3.6")
+def test_nf4_linear_weight_equals_nf4_round_trip(quant):
+    linear = nn.Linear(96, 40, bias=False)
+    layer = quant.NF4Linear.from_linear(linear, double_quant=False)
+    packed, absmax = quant.quantize_nf4(linear.weight.detach())
+    assert torch.equal(layer.dequantize_weight(), quant.dequantize_nf4(packed, absmax, (40, 96))), (
+        "dequantize_weight must return exactly dequantize_nf4(quantize_nf4(W))"
+    )
+    assert layer.bias is None and layer(torch.randn(2, 96)).shape == (2, 40), "a layer without bias stays without"
+    dq = quant.NF4Linear.from_linear(linear, double_quant=True)
+    diff = (dq.dequantize_weight() - layer.dequantize_weight()).abs().max().item()
+    assert diff < 1e-3, f"double quantization changes the weight by at most 8-bit absmax error, got {diff:.2e}"
+
+
+@pytest.mark.exercise("3.6")
+def test_nf4_linear_compute_dtype(quant):
+    layer = quant.NF4Linear.from_linear(nn.Linear(64, 16), compute_dtype=torch.bfloat16)
+    out = layer(torch.randn(3, 64))
+    assert out.dtype == torch.bfloat16, f"compute_dtype=bfloat16: output must be bf16, got {out.dtype}"
+    assert layer.dequantize_weight().dtype == torch.bfloat16
+    assert layer.dequantize_weight(torch.float32).dtype == torch.float32
+
+
+@pytest.mark.exercise("3.6")
+def test_nf4_linear_bits_per_parameter_and_state_dict(quant):
+    layer = quant.NF4Linear.from_linear(nn.Linear(4096, 64))
+    bits = layer.weight_nbytes() * 8 / (4096 * 64)
+    assert abs(bits - quant.bits_per_parameter(64, double_quant=True)) < 0.01, f"measured {bits:.4f} bits per parameter"
+    fresh = quant.NF4Linear(4096, 64, double_quant=True)
+    fresh.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 4096)
+    assert torch.equal(fresh(x), layer(x)), "codes and constants must be buffers, so state_dict round-trips"
+
+
+@pytest.mark.exercise("3.6")
+def test_nf4_linear_on_device(quant, device):
+    linear = nn.Linear(64, 32).to(device)
+    layer = quant.NF4Linear.from_linear(linear)
+    x = torch.randn(5, 64, device=device)
+    out = layer(x)
+    assert out.device.type == device.type, f"output on {device.type}"
+    assert (out - linear(x)).abs().max() < 0.2, "NF4Linear approximates the original layer"
+
+
+# ---- Exercise 3.7: fake quantization ---------------------------------------------------------
+
+
+@pytest.mark.exercise("3.7")
+def test_fake_quantize_blocks_dtype_and_training(quant):
+    x = torch.randn(4, 32, dtype=torch.float64, requires_grad=True)
+    y = quant.fake_quantize(x, num_bits=8, block_size=32)
+    assert y.dtype == torch.float64 and y.shape == x.shape, "same dtype and shape as the input"
+    assert (y - x).abs().max() < 0.05, "8-bit fake quantization stays close to x"
+    weight = torch.randn(16, requires_grad=True)
+    target = torch.linspace(-1, 1, 16)
+    opt = torch.optim.SGD([weight], lr=0.5)
+    for _ in range(50):
+        loss = (quant.fake_quantize(weight, num_bits=8) - target).square().sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05, f"QAT with the straight-through estimator must still learn (loss {loss.item():.3f})"

@@ -198,7 +198,9 @@ def test_get_lora_model_wraps_the_seven_projections(lora, tiny_model):
     expected = sorted(
         f"layers.{i}.{'self_attn' if p in attention else 'mlp'}.{p}" for i in range(2) for p in PROJECTIONS
     )
-    assert wrapped == expected, f"by default the seven projections of every layer are wrapped;\nexpected {expected}\ngot {wrapped}"
+    assert wrapped == expected, (
+        f"by default the seven projections of every layer are wrapped;\nexpected {expected}\ngot {wrapped}"
+    )
     assert isinstance(model.lm_head, nn.Linear), "lm_head is not a default target and must stay a plain nn.Linear"
 
 
@@ -309,3 +311,191 @@ def test_load_lora_restores_the_outputs(lora, tiny_model, token_ids, tmp_path):
     loaded = lora.load_lora(fresh, tmp_path)
     assert_close(loaded(token_ids), expected, "logits of base + loaded adapter", "load both A and B into every layer")
     assert F.mse_loss(loaded(token_ids), expected) < 1e-10
+
+
+# ---- Exercise 3.1: uniform (affine) quantization ---------------------------------------------
+
+
+@pytest.mark.exercise("3.1")
+def test_uniform_quantization_hand_example(quant):
+    x = torch.tensor([-1.0, 0.0, 1.0, 2.0])
+    q, scale, zero_point = quant.quantize_tensor(x, num_bits=2)
+    assert q.dtype == torch.uint8 and q.shape == x.shape, f"x_quant must be uint8 of x's shape, got {q.dtype} {tuple(q.shape)}"
+    assert scale.tolist() == [1.0], f"scale = (max - min) / (2^2 - 1) = 3 / 3 = 1, got {scale.tolist()}"
+    assert zero_point.tolist() == [1], f"zero_point = round(-min / scale) = 1, got {zero_point.tolist()}"
+    assert q.tolist() == [0, 1, 2, 3], f"q = round(x / scale) + zero_point = [0, 1, 2, 3], got {q.tolist()}"
+    assert_close(quant.dequantize_tensor(q, scale, zero_point), x, "dequantize_tensor", "x̂ = (q - zero_point) · scale")
+
+
+@pytest.mark.exercise("3.1")
+@pytest.mark.parametrize("block_size", [None, 64])
+def test_uniform_round_trip_within_half_a_step(quant, block_size):
+    x = torch.randn(5, 50) * 3 + 1
+    q, scale, zero_point = quant.quantize_tensor(x, num_bits=4, block_size=block_size)
+    n_blocks = 1 if block_size is None else 4  # 250 elements -> 64, 64, 64, 58
+    assert scale.shape == (n_blocks,) and zero_point.shape == (n_blocks,), (
+        f"one scale and zero_point per block: expected ({n_blocks},), got {tuple(scale.shape)}, {tuple(zero_point.shape)}"
+    )
+    x_hat = quant.dequantize_tensor(q, scale, zero_point, block_size=block_size)
+    step = scale.repeat_interleave(block_size or x.numel())[: x.numel()].view_as(x)
+    worst = ((x_hat - x).abs() / step).max().item()
+    assert worst <= 0.5 + 1e-4, f"round-trip error must be ≤ half a step (scale / 2); worst was {worst:.3f} steps"
+
+
+# ---- Exercise 3.2: absmax quantization --------------------------------------------------------
+
+
+@pytest.mark.exercise("3.2")
+def test_absmax_int8_per_tensor(quant):
+    x = torch.tensor([0.5, -1.27, 0.01, 1.0])
+    q, scale = quant.absmax_quantize(x, num_bits=8)
+    assert q.dtype == torch.int8, f"absmax codes are signed: int8, got {q.dtype}"
+    assert_close(scale, torch.tensor([0.01]), "scale", "scale = absmax / 127 = 1.27 / 127")
+    assert q.tolist() == [50, -127, 1, 100], f"q = round(x / scale) = [50, -127, 1, 100], got {q.tolist()}"
+    assert_close(quant.absmax_dequantize(q, scale), torch.tensor([0.5, -1.27, 0.01, 1.0]), "absmax_dequantize")
+
+
+@pytest.mark.exercise("3.2")
+def test_absmax_blocks_contain_an_outlier(quant):
+    x = torch.randn(1024)
+    x[3] = 100.0  # one outlier
+    others = torch.ones(1024, dtype=torch.bool)
+    others[3] = False
+    errors = {}
+    for block_size in (None, 64):
+        q, scale = quant.absmax_quantize(x, num_bits=8, block_size=block_size)
+        errors[block_size] = (quant.absmax_dequantize(q, scale, block_size=block_size) - x)[others].abs().mean().item()
+    assert errors[64] < errors[None] / 5, (
+        f"with blocks of 64 the outlier only coarsens its own block: mean error per tensor {errors[None]:.4f}, "
+        f"per block {errors[64]:.4f} (expected at least 5× smaller)"
+    )
+
+
+# ---- Exercise 3.3: code books -----------------------------------------------------------------
+
+
+@pytest.mark.exercise("3.3")
+def test_nf4_code_book_is_the_published_table(quant):
+    book = quant.nf4_code_book()
+    assert book.dtype == torch.float32 and book.shape == (16,), f"16 float32 levels, got {book.dtype} {tuple(book.shape)}"
+    assert (book < 0).sum() == 7 and (book == 0).sum() == 1 and (book > 0).sum() == 8, (
+        "NF4 has 7 negative levels, an exact 0 and 8 positive levels (asymmetric); "
+        f"got {(book < 0).sum()} / {(book == 0).sum()} / {(book > 0).sum()}: the symmetric 15-value table in some notes is wrong"
+    )
+    assert_close(book, torch.tensor(quant.NF4_PUBLISHED), "nf4_code_book()", "quantiles Φ⁻¹ at linspace(0.9677083, 0.5)")
+
+
+@pytest.mark.exercise("3.3")
+def test_fp4_code_book_is_e2m1(quant):
+    expected = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6]) / 6
+    expected = torch.cat([-expected.flip(0)[:-1], expected])
+    assert_close(quant.fp4_code_book(), expected, "fp4_code_book()", "E2M1 magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6 over 6")
+
+
+# ---- Exercise 3.4: NF4 blockwise quantization ------------------------------------------------
+
+
+@pytest.mark.exercise("3.4")
+def test_pack_nibbles_puts_the_even_index_high(quant):
+    packed = quant.pack_nibbles(torch.tensor([1, 2, 3], dtype=torch.uint8))
+    assert packed.dtype == torch.uint8 and packed.tolist() == [0x12, 0x30], (
+        f"[1, 2, 3] packs to [0x12, 0x30] (element 0 in the high nibble, odd count padded); got {[hex(b) for b in packed.tolist()]}"
+    )
+
+
+@pytest.mark.exercise("3.4")
+def test_nearest_code_and_ties(quant):
+    code = torch.tensor([-1.0, 0.0, 0.5, 1.0])
+    values = torch.tensor([-0.9, -0.5, 0.25, 0.26, 0.75, 1.0, 0.0])
+    assert quant.nearest_code(values, code).tolist() == [0, 0, 1, 2, 2, 3, 1], (
+        "nearest level, and a value exactly between two levels (-0.5, 0.25, 0.75) takes the LOWER one"
+    )
+
+
+@pytest.mark.exercise("3.4")
+def test_quantize_nf4_matches_bitsandbytes(quant, golden):
+    x = golden["nf4_fp32_16x64.input"]
+    packed, absmax = quant.quantize_nf4(x, block_size=64)
+    assert packed.dtype == torch.uint8 and packed.shape == (512,), f"1024 codes pack into 512 uint8, got {packed.dtype} {tuple(packed.shape)}"
+    assert torch.equal(absmax, golden["nf4_fp32_16x64.absmax"]), "absmax: the fp32 max |x| of each block of 64"
+    differ = (packed != golden["nf4_fp32_16x64.packed"]).nonzero().flatten()
+    assert differ.numel() == 0, f"{differ.numel()} of 512 bytes differ from bitsandbytes, first at byte {differ[:1].tolist()}"
+
+
+@pytest.mark.exercise("3.4")
+def test_dequantize_nf4_matches_bitsandbytes(quant, golden):
+    case = "nf4_fp32_7x13"  # 91 elements: a partial last block and an odd count
+    out = quant.dequantize_nf4(golden[f"{case}.packed"], golden[f"{case}.absmax"], (7, 13), block_size=64)
+    assert_close(out, golden[f"{case}.dequant"], "dequantize_nf4 on a (7, 13) weight", "code[q] · absmax of the block")
+
+
+# ---- Exercise 3.5: double quantization -------------------------------------------------------
+
+
+@pytest.mark.exercise("3.5")
+def test_double_quantization_matches_bitsandbytes(quant, golden):
+    absmax = golden["dq_fp32_64x512.absmax_fp32"]
+    codes, scale, offset = quant.double_quantize(absmax, block_size=256)
+    assert codes.dtype == torch.uint8 and codes.shape == (512,), f"8-bit codes, one per absmax; got {codes.dtype} {tuple(codes.shape)}"
+    assert torch.equal(offset.reshape(1), golden["dq_fp32_64x512.offset"]), (
+        f"offset = mean(absmax) = {golden['dq_fp32_64x512.offset'].item():.8f}, got {offset.item():.8f}"
+    )
+    assert torch.equal(scale, golden["dq_fp32_64x512.absmax2"]), "scale: absmax of (absmax - offset) per block of 256"
+    restored = quant.double_dequantize(codes, scale, offset, block_size=256)
+    assert (restored - absmax).abs().max() < 1e-3, "the recovered absmax values must be within 8-bit precision"
+
+
+@pytest.mark.exercise("3.5")
+def test_bits_per_parameter(quant):
+    assert quant.bits_per_parameter(64) == 4.5, "4 bits of code + 32 bits of absmax per 64 weights = 4.5"
+    assert quant.bits_per_parameter(64, double_quant=True) == pytest.approx(4.127, abs=5e-4), (
+        "with DQ: 4 + 8/64 + 32/(64·256) ≈ 4.127 (QLoRA paper)"
+    )
+
+
+# ---- Exercise 3.6: NF4Linear -----------------------------------------------------------------
+
+
+@pytest.mark.exercise("3.6")
+def test_nf4_linear_forward(quant):
+    linear = nn.Linear(128, 64)
+    layer = quant.NF4Linear.from_linear(linear, double_quant=False)
+    x = torch.randn(3, 128)
+    expected = F.linear(x, layer.dequantize_weight(), linear.bias)
+    assert_close(layer(x), expected, "NF4Linear(x)", "dequantize the weight, then an ordinary linear with the bias")
+    error = (layer.dequantize_weight() - linear.weight).abs().max().item()
+    assert error < 0.2 * linear.weight.abs().max().item(), f"dequantized weight too far from the original ({error:.4f})"
+
+
+@pytest.mark.exercise("3.6")
+def test_nf4_linear_is_frozen_and_passes_gradients_to_the_input(quant):
+    layer = quant.NF4Linear.from_linear(nn.Linear(64, 32))
+    assert not any(p.requires_grad for p in layer.parameters()), "nothing in an NF4Linear is trainable"
+    x = torch.randn(4, 64, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0, "the gradient must reach the input (LoRA layers below need it)"
+
+
+@pytest.mark.exercise("3.6")
+def test_nf4_linear_weight_nbytes(quant):
+    plain = quant.NF4Linear.from_linear(nn.Linear(512, 256), double_quant=False)
+    assert plain.weight_nbytes() == 256 * 512 // 2 + 2048 * 4, (
+        f"65,536 bytes of codes + 2,048 fp32 absmax = 73,728 bytes (4.5 bits), got {plain.weight_nbytes():,}"
+    )
+    dq = quant.NF4Linear.from_linear(nn.Linear(512, 256), double_quant=True)
+    assert dq.weight_nbytes() == 256 * 512 // 2 + 2048 + 8 * 4 + 4, (
+        f"with DQ: 65,536 + 2,048 uint8 absmax + 8 fp32 scales + an fp32 offset = 67,620 bytes, got {dq.weight_nbytes():,}"
+    )
+
+
+# ---- Exercise 3.7: fake quantization ---------------------------------------------------------
+
+
+@pytest.mark.exercise("3.7")
+def test_fake_quantize_forward_and_straight_through_gradient(quant):
+    x = torch.randn(200, requires_grad=True)
+    y = quant.fake_quantize(x, num_bits=4)
+    q, scale, zero_point = quant.quantize_tensor(x.detach(), num_bits=4)
+    assert_close(y.detach(), quant.dequantize_tensor(q, scale, zero_point), "fake_quantize(x)", "forward = dequantize(quantize(x))")
+    (y * torch.arange(200.0)).sum().backward()
+    assert_close(x.grad, torch.arange(200.0), "dL/dx through fake_quantize", "straight-through: the gradient passes unchanged")

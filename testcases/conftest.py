@@ -84,3 +84,13 @@ def tiny_model():
 def token_ids() -> torch.Tensor:
     """A (2, 10) batch of token ids for tiny_model."""
     return torch.randint(0, 18, (2, 10), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def golden() -> dict[str, torch.Tensor]:
+    """Golden vectors made by bitsandbytes 0.50.2 (testcases/fixtures/make_nf4_golden.py made them)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    return load_file(Path(__file__).parent / "fixtures" / "nf4_golden.safetensors")

@@ -162,7 +162,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             return ex is not None and any(ex == w or ex.startswith(w + ".") for w in wanted)
 
         if bad := [w for w in wanted if not any(selected(ex) for ex in EXERCISES if ex == w or ex.startswith(w + "."))]:
-            raise pytest.UsageError(f"--ex {','.join(bad)}: no such exercise or stage; choose from {', '.join(EXERCISES)}")
+            raise pytest.UsageError(
+                f"--ex {','.join(bad)}: no such exercise or stage; choose from {', '.join(EXERCISES)}"
+            )
         keep, drop = [], []
         for item in items:
             (keep if _is_graded(item) and selected(_exercise_of(item)) else drop).append(item)

@@ -145,9 +145,7 @@ def finetune_data(split: str, n: int | None = None, seed: int = 0) -> dict[str, 
     if split not in _SPLIT_SEED:
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     if split == "train":
-        return make_examples(
-            FINETUNE_TASK, 2000 if n is None else n, seed=_SPLIT_SEED["train"] + 2 * seed
-        )
+        return make_examples(FINETUNE_TASK, 2000 if n is None else n, seed=_SPLIT_SEED["train"] + 2 * seed)
     n = 500 if n is None else n
     # Draw a few spare rows, drop the ones that clash with training, keep n.
     # (With 10**N_DIGITS possible problems, clashes are very rare.)
@@ -187,15 +185,11 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
     Computed in fp32 even if the logits are bf16 (e.g. under autocast).
     """
-    return F.cross_entropy(
-        logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX
-    )
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 @torch.no_grad()
-def exact_match_accuracy(
-    model: nn.Module, data: dict[str, torch.Tensor], batch_size: int = 500
-) -> float:
+def exact_match_accuracy(model: nn.Module, data: dict[str, torch.Tensor], batch_size: int = 500) -> float:
     """Fraction of examples whose whole answer (digits + EOS) is predicted right.
 
     We run the model once on the full sequence (teacher forcing) and check the
@@ -226,6 +220,4 @@ def per_task_accuracy(
     model: nn.Module, tasks: tuple[str, ...] = TASKS, n: int = 1000, seed: int = 12345
 ) -> dict[str, float]:
     """Exact-match accuracy of ``model`` on ``n`` fresh examples of each task."""
-    return {
-        t: exact_match_accuracy(model, make_examples(t, n, seed + i)) for i, t in enumerate(tasks)
-    }
+    return {t: exact_match_accuracy(model, make_examples(t, n, seed + i)) for i, t in enumerate(tasks)}

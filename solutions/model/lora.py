@@ -527,7 +527,9 @@ def load_lora(model: nn.Module, directory: str | Path) -> nn.Module:
                 got = tuple(tensors[key].shape) if key in tensors else "nothing"
                 raise ValueError(f"{key}: expected shape {shape} (r={r}), found {got}")
     if not existing:
-        get_lora_model(model, r=r, lora_alpha=lora_alpha, lora_dropout=config.get("lora_dropout", 0.0), target_modules=targets)
+        get_lora_model(
+            model, r=r, lora_alpha=lora_alpha, lora_dropout=config.get("lora_dropout", 0.0), target_modules=targets
+        )
     with torch.no_grad():
         for path, layer in lora_layers(model):
             layer.lora_A.copy_(tensors[f"{PEFT_KEY_PREFIX}{path}.lora_A.weight"])

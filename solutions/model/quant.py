@@ -1,1 +1,558 @@
-"""Placeholder: written in a later stage."""
+"""Quantization from scratch (Stage 3): uniform, absmax, NF4, double quantization, NF4Linear.
+
+Every scheme here works on *blocks* of the flattened tensor:
+
+    x (any shape) ──flatten──► [ b0 | b1 | ... | b_last (may be partial) ]
+                               each block gets its own constant(s)
+
+    uniform (3.1)   q = round(x / scale) + zero_point          x̂ = (q − zero_point) · scale
+    absmax  (3.2)   q = round(x / scale), scale = absmax / qmax  x̂ = q · scale
+    NF4     (3.4)   q = nearest(x · (1 / absmax), NF4 code)   x̂ = code[q] · absmax
+    DQ      (3.5)   the fp32 absmax values are themselves quantized to 8 bits (blocks of 256)
+
+NF4 (QLoRA paper, §3) puts its 16 levels at quantiles of N(0, 1), so each level is used
+about equally often by normally distributed weights: 7 negative levels, an exact zero and 8
+positive levels (asymmetric: 16 values cannot be symmetric around an exact zero).
+
+Storage per parameter: 4 bits of code + 32 bits of absmax per 64 weights = 4.5 bits; with
+double quantization 4 + 8/64 + 32/(64·256) ≈ 4.127 bits.
+
+Numerics follow bitsandbytes exactly (the tests hold the code to golden vectors it produced):
+fp32 absmax per block, scale by multiplying with the fp32 reciprocal ``1 / absmax``, nearest
+code with a tie going to the lower code, the even element in the high nibble of each byte.
+
+Read in this order: blocks (given), 3.1 uniform, 3.2 absmax, 3.3 code books, 3.4 NF4,
+3.5 double quantization, 3.6 NF4Linear, 3.7 fake quantization.
+
+Papers: Dettmers et al., "QLoRA: Efficient Finetuning of Quantized LLMs", 2023
+(https://arxiv.org/abs/2305.14314); Dettmers et al., "8-bit Optimizers via Block-wise
+Quantization", 2022 (https://arxiv.org/abs/2110.02861), for the dynamic 8-bit code.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# bitsandbytes' NF4 table (functional.py), the published values the code book must reproduce.
+NF4_PUBLISHED = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)  # fmt: skip
+NF4_OFFSET = 0.9677083  # the outermost quantile: (1 - 1/(2·15) + 1 - 1/(2·16)) / 2, QLoRA appendix
+
+
+# ---- Given: blocks over the flattened tensor --------------------------------------------------
+
+
+def check_finite(x: torch.Tensor, name: str = "x") -> None:
+    """Raise a ValueError if ``x`` holds NaN or ±inf (they would poison a whole block's scale)."""
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{name} has {bad} non-finite values (NaN or inf); quantize finite tensors only")
+
+
+def check_block_size(block_size: int, name: str = "block_size") -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {block_size!r}")
+
+
+def to_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Flatten ``x`` and cut it into rows of ``block_size``, zero-padding the last partial block.
+
+    (n,) -> (ceil(n / block_size), block_size). The padding zeros change no block's absmax, min
+    or max statistics that matter (zero is always inside the range we quantize).
+    """
+    flat = x.reshape(-1)
+    pad = -flat.numel() % block_size
+    return F.pad(flat, (0, pad)).view(-1, block_size)  # (n_blocks, block_size)
+
+
+def from_blocks(blocks: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """Inverse of ``to_blocks``: drop the padding and restore ``shape``."""
+    numel = math.prod(shape)
+    return blocks.reshape(-1)[:numel].view(shape)
+
+
+# ---- Exercise 3.1: uniform (affine) quantization ---------------------------------------------
+
+
+def quantize_tensor(
+    x: torch.Tensor, num_bits: int = 4, block_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Uniform (asymmetric, affine) quantization with min/max per block.
+
+    Per block, with qmax = 2^num_bits − 1 and the range widened to include 0
+    (so that 0 is exactly representable, as PyTorch's observers do):
+
+        lo = min(min(x), 0),  hi = max(max(x), 0)
+        scale = (hi − lo) / qmax            (1 for an all-zero block: nothing to divide)
+        zero_point = round(−lo / scale)     an integer in [0, qmax]
+        q = clamp(round(x / scale) + zero_point, 0, qmax)
+
+    Round-trip error |dequantize(q) − x| ≤ scale / 2 for every element.
+
+    Args:
+        x: a finite float tensor of any shape.
+        num_bits: 2 … 8.
+        block_size: elements per block of the flattened tensor; None = one block (per tensor).
+
+    Returns:
+        x_quant: uint8, same shape as x; scale: float32 (n_blocks,); zero_point: int32 (n_blocks,).
+    """
+    # BEGIN SOLUTION 3.1: min/max per block, scale, zero point, rounding
+    if isinstance(num_bits, bool) or not isinstance(num_bits, int) or not 2 <= num_bits <= 8:
+        raise ValueError(f"num_bits must be an int from 2 to 8, got {num_bits!r}")
+    check_finite(x)
+    block_size = x.numel() if block_size is None else block_size
+    check_block_size(block_size)
+    qmax = 2**num_bits - 1
+    blocks = to_blocks(x.float(), block_size)  # (n_blocks, block_size)
+    lo = blocks.min(dim=1).values.clamp(max=0)  # (n_blocks,)
+    hi = blocks.max(dim=1).values.clamp(min=0)
+    scale = (hi - lo) / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero_point = torch.round(-lo / scale).clamp(0, qmax)
+    q = torch.round(blocks / scale[:, None]) + zero_point[:, None]
+    q = q.clamp(0, qmax).to(torch.uint8)
+    return from_blocks(q, x.shape), scale, zero_point.to(torch.int32)
+    # END SOLUTION
+
+
+def dequantize_tensor(
+    x_quant: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, block_size: int | None = None
+) -> torch.Tensor:
+    """x̂ = (q − zero_point) · scale, block by block; float32 of x_quant's shape."""
+    # BEGIN SOLUTION 3.1: undo the affine map
+    block_size = x_quant.numel() if block_size is None else block_size
+    check_block_size(block_size)
+    blocks = to_blocks(x_quant, block_size).float()  # (n_blocks, block_size)
+    if scale.numel() != blocks.shape[0] or zero_point.numel() != blocks.shape[0]:
+        raise ValueError(
+            f"scale and zero_point need one value per block ({blocks.shape[0]}), "
+            f"got {scale.numel()} and {zero_point.numel()}"
+        )
+    x = (blocks - zero_point.reshape(-1, 1).float()) * scale.reshape(-1, 1)
+    return from_blocks(x, x_quant.shape)
+    # END SOLUTION
+
+
+# ---- Exercise 3.2: absmax (symmetric) quantization -------------------------------------------
+
+
+def absmax_quantize(
+    x: torch.Tensor, num_bits: int = 8, block_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric quantization to signed integers, one scale per block.
+
+    qmax = 2^(num_bits−1) − 1 (127 for int8, 7 for int4); per block
+    scale = absmax / qmax (1 for an all-zero block); q = clamp(round(x / scale), −qmax, qmax).
+    Round-trip error ≤ scale / 2. One outlier sets the scale of its whole block, which is
+    why small blocks keep the other weights precise.
+
+    Returns: q int8 of x's shape; scale float32 (n_blocks,).
+    """
+    # BEGIN SOLUTION 3.2: absmax per block, symmetric rounding
+    if isinstance(num_bits, bool) or not isinstance(num_bits, int) or not 2 <= num_bits <= 8:
+        raise ValueError(f"num_bits must be an int from 2 to 8, got {num_bits!r}")
+    check_finite(x)
+    block_size = x.numel() if block_size is None else block_size
+    check_block_size(block_size)
+    qmax = 2 ** (num_bits - 1) - 1
+    blocks = to_blocks(x.float(), block_size)  # (n_blocks, block_size)
+    scale = blocks.abs().max(dim=1).values / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(blocks / scale[:, None]).clamp(-qmax, qmax).to(torch.int8)
+    return from_blocks(q, x.shape), scale
+    # END SOLUTION
+
+
+def absmax_dequantize(q: torch.Tensor, scale: torch.Tensor, block_size: int | None = None) -> torch.Tensor:
+    """x̂ = q · scale, block by block; float32 of q's shape."""
+    # BEGIN SOLUTION 3.2: multiply back
+    block_size = q.numel() if block_size is None else block_size
+    check_block_size(block_size)
+    blocks = to_blocks(q, block_size).float()
+    if scale.numel() != blocks.shape[0]:
+        raise ValueError(f"scale needs one value per block ({blocks.shape[0]}), got {scale.numel()}")
+    return from_blocks(blocks * scale.reshape(-1, 1), q.shape)
+    # END SOLUTION
+
+
+# ---- Exercise 3.3: the NF4 and FP4 code books ------------------------------------------------
+
+
+def nf4_code_book() -> torch.Tensor:
+    """The 16 NF4 levels, float32, ascending, in [−1, 1] (bitsandbytes' ``create_normal_map``).
+
+    8 positive levels are the N(0, 1) quantiles Φ⁻¹(p) at 8 evenly spaced p from
+    ``NF4_OFFSET`` down to 0.5 (excluded); 7 negative levels are −Φ⁻¹(p) at 7 evenly spaced p
+    from ``NF4_OFFSET`` down to 0.5 (excluded); plus an exact 0. Divide by the largest value so
+    the outermost levels are ±1. Φ⁻¹ is ``torch.special.ndtri``. Bit-exact with the published
+    table only if the probabilities come from a float32 ``linspace`` and the division by the
+    largest level happens in float32, as in bitsandbytes.
+    """
+    # BEGIN SOLUTION 3.3: quantiles of N(0, 1), an exact zero, normalised to [-1, 1]
+    # The probabilities in float32 (as bitsandbytes makes them), the quantiles in float64.
+    positive = torch.special.ndtri(torch.linspace(NF4_OFFSET, 0.5, 9)[:-1].double())  # 8 levels
+    negative = -torch.special.ndtri(torch.linspace(NF4_OFFSET, 0.5, 8)[:-1].double())  # 7 levels
+    levels = torch.cat([positive, torch.zeros(1, dtype=torch.float64), negative]).float()
+    levels = levels.sort().values
+    return levels / levels.max()
+    # END SOLUTION
+
+
+def fp4_code_book() -> torch.Tensor:
+    """The 15 distinct FP4 (E2M1) values, float32, ascending, normalised to [−1, 1].
+
+    E2M1: a sign bit, 2 exponent bits (bias 1), 1 mantissa bit; magnitudes
+    0, 0.5 (subnormal), 1, 1.5, 2, 3, 4, 6 (OCP Microscaling spec), divided by 6.
+    Its levels crowd near the largest values, where normal weights are rare: that is why
+    NF4 wins on Gaussian weights.
+    """
+    # BEGIN SOLUTION 3.3: the E2M1 magnitudes with both signs
+    magnitudes = []
+    for exponent in range(4):
+        for mantissa in range(2):
+            if exponent == 0:  # subnormal: 0.m × 2^(1 − bias)
+                magnitudes.append(mantissa * 0.5)
+            else:  # normal: 1.m × 2^(e − bias)
+                magnitudes.append((1 + mantissa * 0.5) * 2 ** (exponent - 1))
+    values = torch.tensor(sorted({*magnitudes, *(-m for m in magnitudes)}), dtype=torch.float32)
+    return values / 6.0
+    # END SOLUTION
+
+
+# ---- Exercise 3.4: NF4 blockwise quantization ------------------------------------------------
+
+
+def block_absmax(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The float32 absolute maximum of each block of the flattened x: (n_blocks,)."""
+    # BEGIN SOLUTION 3.4: absmax per block (a partial last block has its own)
+    check_block_size(block_size)
+    return to_blocks(x.float(), block_size).abs().max(dim=1).values
+    # END SOLUTION
+
+
+def nearest_code(values: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest level of the ascending ``code`` for each value; a tie goes to the lower.
+
+    Compare with the midpoints between neighbouring levels: the index is the number of
+    midpoints strictly below the value (``torch.searchsorted`` on the midpoints, left side).
+    Returns uint8 of values' shape.
+    """
+    # BEGIN SOLUTION 3.4: midpoints, then count those below
+    midpoints = (code[1:] + code[:-1]) / 2  # (len(code) - 1,)
+    return torch.searchsorted(midpoints, values.contiguous(), right=False).to(torch.uint8)
+    # END SOLUTION
+
+
+def unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Two 4-bit codes per byte, the even-indexed code in the HIGH nibble (bitsandbytes' order).
+
+    packed: uint8 (ceil(numel / 2),) -> codes: uint8 (numel,). This is the inverse of
+    ``pack_nibbles``: read it to see the layout you must write.
+    """
+    if packed.dtype != torch.uint8 or packed.numel() != (numel + 1) // 2:
+        raise ValueError(
+            f"packed must be uint8 with ceil({numel} / 2) = {(numel + 1) // 2} bytes, "
+            f"got {packed.dtype} with {packed.numel()}"
+        )
+    high, low = packed.reshape(-1) >> 4, packed.reshape(-1) & 0x0F
+    return torch.stack([high, low], dim=1).reshape(-1)[:numel]  # (numel,)
+
+
+def pack_nibbles(codes: torch.Tensor, pad: int = 0) -> torch.Tensor:
+    """Pack 4-bit codes (uint8 values 0…15, any shape) two per byte: even index in the high nibble.
+
+    An odd count is padded with one ``pad`` code (``quantize_nf4`` pads with 7, the NF4 code of
+    0.0, as bitsandbytes does). Returns uint8 (ceil(numel / 2),).
+    """
+    # BEGIN SOLUTION 3.4: high nibble first
+    flat = codes.reshape(-1).to(torch.uint8)
+    if flat.numel() % 2:
+        flat = F.pad(flat, (0, 1), value=pad)
+    pairs = flat.view(-1, 2)  # (numel / 2, 2)
+    return (pairs[:, 0] << 4) | pairs[:, 1]
+    # END SOLUTION
+
+
+def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise quantization with a code book: (codes uint8 (numel,), absmax float32 (n_blocks,)).
+
+    Per block: scaled = x · (1 / absmax) in float32 (the reciprocal first, as bitsandbytes does:
+    ``x / absmax`` rounds differently and flips codes that sit on a midpoint), clamped to
+    [−1, 1]; code index = nearest level, ties to the lower. An all-zero block has absmax 0:
+    its reciprocal is taken as 0, so every element maps to the level nearest 0.
+    """
+    # BEGIN SOLUTION 3.4: absmax, multiply by the reciprocal, nearest code
+    check_finite(x)
+    check_block_size(block_size)
+    absmax = block_absmax(x, block_size)  # (n_blocks,)
+    inverse = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
+    scaled = (to_blocks(x.float(), block_size) * inverse[:, None]).clamp(-1, 1)  # (n_blocks, block_size)
+    codes = nearest_code(scaled, code.to(scaled.device, torch.float32))
+    return codes.reshape(-1)[: x.numel()], absmax
+    # END SOLUTION
+
+
+def dequantize_blockwise(
+    codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, block_size: int
+) -> torch.Tensor:
+    """x̂ = code[codes] · absmax of each element's block; float32 (numel,)."""
+    # BEGIN SOLUTION 3.4: look up, then scale
+    check_block_size(block_size)
+    n_blocks = -(-codes.numel() // block_size)
+    if absmax.numel() != n_blocks:
+        raise ValueError(
+            f"absmax needs one value per block: {n_blocks} for {codes.numel()} codes, got {absmax.numel()}"
+        )
+    values = code.to(codes.device, torch.float32)[codes.long()]  # (numel,)
+    blocks = to_blocks(values, block_size) * absmax.reshape(-1, 1).float()
+    return blocks.reshape(-1)[: codes.numel()]
+    # END SOLUTION
+
+
+def quantize_nf4(x: torch.Tensor, block_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """NF4: (packed uint8 (ceil(numel / 2),), absmax float32 (ceil(numel / block_size),)).
+
+    Byte-identical to ``bitsandbytes.functional.quantize_4bit(x, blocksize=block_size,
+    quant_type="nf4")`` for float32, float16 and bfloat16 x. Example: a (7, 13) weight has
+    91 elements → 2 blocks of 64 (the second holds 27) → 46 bytes and 2 absmax values.
+    """
+    # BEGIN SOLUTION 3.4: quantize with the NF4 code book, then pack
+    code = cached_code_book("nf4", x.device)
+    codes, absmax = quantize_blockwise(x, code, block_size)
+    return pack_nibbles(codes, pad=int(nearest_code(torch.zeros(1, device=x.device), code))), absmax
+    # END SOLUTION
+
+
+def dequantize_nf4(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    shape: torch.Size | tuple[int, ...],
+    block_size: int = 64,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Inverse of ``quantize_nf4``: unpack, look up the NF4 level, scale by the block's absmax.
+
+    Returns a tensor of ``shape`` and ``dtype`` (computed in float32, then cast).
+    """
+    # BEGIN SOLUTION 3.4: unpack, look up, scale, reshape
+    numel = math.prod(shape)
+    codes = unpack_nibbles(packed, numel)
+    values = dequantize_blockwise(codes, absmax, cached_code_book("nf4", packed.device), block_size)
+    return values.view(shape).to(dtype)
+    # END SOLUTION
+
+
+# ---- Exercise 3.5: double quantization -------------------------------------------------------
+
+
+def dynamic_code_book() -> torch.Tensor:
+    """bitsandbytes' signed dynamic 8-bit code (``create_dynamic_map(signed=True)``), 256 levels.
+
+    A tiny float format: for each exponent e = 0…6, 2^e evenly spaced fractions scaled by
+    10^(e − 6), both signs; plus 0 and 1. Dense near 0, sparse near ±1 (Dettmers et al., 2022).
+    Given: double quantization (3.5) uses it as its code book.
+    """
+    max_exponent_bits, total_bits = 7, 8
+    non_sign_bits = total_bits - 1
+    additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
+    data: list[float] = []
+    for i in range(max_exponent_bits):
+        fraction_items = 2 ** (i + non_sign_bits - max_exponent_bits) + 1
+        boundaries = torch.linspace(0.1, 1, fraction_items, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+        data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+    if additional_items > 0:
+        boundaries = torch.linspace(0.1, 1, additional_items + 1, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        data += ((10 ** (-(max_exponent_bits - 1) + max_exponent_bits - 1)) * means).tolist()
+        data += (-(10 ** (-(max_exponent_bits - 1) + max_exponent_bits - 1)) * means).tolist()
+    data += [0.0, 1.0]
+    data += [0.0] * (256 - len(data))
+    return torch.tensor(data, dtype=torch.float32).sort().values
+
+
+@functools.cache
+def cached_code_book(name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``nf4_code_book()`` or ``dynamic_code_book()`` on ``device``, built once per process.
+
+    Dequantization runs in every forward pass of every NF4 layer; rebuilding a code book each
+    time would cost more than the dequantization itself. Do not modify the returned tensor.
+    """
+    build = {"nf4": nf4_code_book, "dynamic": dynamic_code_book}[name]
+    return build().to(device)
+
+
+def double_quantize(absmax: torch.Tensor, block_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize the fp32 absmax constants themselves (QLoRA §3, "Double Quantization").
+
+    offset = mean(absmax) (the absmax values are all positive: centring them lets the signed
+    8-bit code use both halves); then blockwise 8-bit quantization of ``absmax − offset`` with
+    the dynamic code, ``block_size`` 256.
+
+    Returns: codes uint8 (n,), scale float32 (ceil(n / block_size),), offset float32 ().
+    """
+    # BEGIN SOLUTION 3.5: subtract the mean, quantize to 8 bits in blocks of 256
+    check_finite(absmax, "absmax")
+    offset = absmax.float().mean()
+    codes, scale = quantize_blockwise(absmax.float() - offset, cached_code_book("dynamic", absmax.device), block_size)
+    return codes, scale, offset
+    # END SOLUTION
+
+
+def double_dequantize(
+    codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, block_size: int = 256
+) -> torch.Tensor:
+    """Recover the absmax values: code[codes] · scale + offset; float32 (n,)."""
+    # BEGIN SOLUTION 3.5: dequantize, then add the offset back
+    return dequantize_blockwise(codes, scale, cached_code_book("dynamic", codes.device), block_size) + offset
+    # END SOLUTION
+
+
+def bits_per_parameter(block_size: int = 64, double_quant: bool = False, dq_block_size: int = 256) -> float:
+    """Analytic storage cost of NF4: 4 + 32 / block_size, or with DQ 4 + 8 / block_size + 32 / (block_size · dq_block_size)."""
+    # BEGIN SOLUTION 3.5: the paper's arithmetic
+    if double_quant:
+        return 4 + 8 / block_size + 32 / (block_size * dq_block_size)
+    return 4 + 32 / block_size
+    # END SOLUTION
+
+
+# ---- Exercise 3.6: NF4Linear -----------------------------------------------------------------
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer whose weight is stored in NF4 and dequantized on the fly.
+
+    ``y = x Ŵᵀ + b`` with Ŵ = dequantize_nf4(...) in ``compute_dtype``. Nothing in it is
+    trainable: the codes and constants are buffers, the bias is a frozen parameter; gradients
+    flow to the input only. This is the base layer that ``LoRALayer`` wraps for QLoRA.
+
+    Buffers: ``packed`` uint8 (ceil(out·in / 2),); without DQ ``absmax`` float32 (n_blocks,);
+    with DQ ``absmax_codes`` uint8 (n_blocks,), ``absmax_scale`` float32 (ceil(n_blocks / 256),),
+    ``absmax_offset`` float32 ().
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        block_size: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        check_block_size(block_size)
+        self.in_features, self.out_features = in_features, out_features
+        self.block_size, self.double_quant, self.compute_dtype = block_size, double_quant, compute_dtype
+        n_blocks = -(-in_features * out_features // block_size)
+        self.register_buffer(
+            "packed", torch.zeros((in_features * out_features + 1) // 2, dtype=torch.uint8, device=device)
+        )
+        if double_quant:
+            self.register_buffer("absmax_codes", torch.zeros(n_blocks, dtype=torch.uint8, device=device))
+            self.register_buffer("absmax_scale", torch.zeros(-(-n_blocks // 256), device=device))
+            self.register_buffer("absmax_offset", torch.zeros((), device=device))
+        else:
+            self.register_buffer("absmax", torch.zeros(n_blocks, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        block_size: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype | None = None,
+    ) -> NF4Linear:
+        """Quantize an ``nn.Linear`` (its weight in fp32/fp16/bf16); compute_dtype defaults to the weight's dtype."""
+        # BEGIN SOLUTION 3.6: quantize the weight, (double-)quantize absmax, keep the bias
+        weight = linear.weight.detach()
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            block_size=block_size,
+            double_quant=double_quant,
+            compute_dtype=compute_dtype or weight.dtype,
+            device=weight.device,
+        )
+        packed, absmax = quantize_nf4(weight, block_size)
+        layer.packed.copy_(packed)
+        if double_quant:
+            codes, scale, offset = double_quantize(absmax)
+            layer.absmax_codes.copy_(codes)
+            layer.absmax_scale.copy_(scale)
+            layer.absmax_offset.copy_(offset)
+        else:
+            layer.absmax.copy_(absmax)
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.detach().float())
+        return layer
+        # END SOLUTION
+
+    def block_absmax(self) -> torch.Tensor:
+        """The per-block absmax (dequantized first when double quantization is on)."""
+        # BEGIN SOLUTION 3.6: absmax, possibly double-dequantized
+        if self.double_quant:
+            return double_dequantize(self.absmax_codes, self.absmax_scale, self.absmax_offset)
+        return self.absmax
+        # END SOLUTION
+
+    def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight Ŵ, (out_features, in_features), in ``dtype`` (default: compute_dtype)."""
+        # BEGIN SOLUTION 3.6: dequantize_nf4 with this layer's constants
+        shape = (self.out_features, self.in_features)
+        return dequantize_nf4(self.packed, self.block_absmax(), shape, self.block_size, dtype or self.compute_dtype)
+        # END SOLUTION
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) -> (..., out): dequantize, then an ordinary linear in compute_dtype."""
+        # BEGIN SOLUTION 3.6: dequantize on the fly, then F.linear
+        weight = self.dequantize_weight()  # (out, in), never stored
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        return F.linear(x.to(self.compute_dtype), weight, bias)
+        # END SOLUTION
+
+    def weight_nbytes(self) -> int:
+        """Bytes the weight occupies: codes plus quantization constants (not the bias)."""
+        # BEGIN SOLUTION 3.6: count the buffers' bytes
+        return sum(buffer.numel() * buffer.element_size() for buffer in self.buffers())
+        # END SOLUTION
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"block_size={self.block_size}, double_quant={self.double_quant}, compute_dtype={self.compute_dtype}"
+        )
+
+
+# ---- Exercise 3.7: fake quantization for quantization-aware training ------------------------
+
+
+def fake_quantize(x: torch.Tensor, num_bits: int = 8, block_size: int | None = None) -> torch.Tensor:
+    """Quantize and dequantize in the forward pass; pass the gradient straight through.
+
+    forward:  x̂ = dequantize_tensor(quantize_tensor(x, num_bits, block_size))
+    backward: ∂x̂/∂x := 1 (the straight-through estimator, Bengio et al. 2013), because
+              rounding has zero gradient almost everywhere.
+    Written as ``x + (x̂ − x).detach()``: the value is x̂, the graph is the identity.
+    Same dtype and shape as x.
+    """
+    # BEGIN SOLUTION 3.7: quantize-dequantize, straight-through gradient
+    q, scale, zero_point = quantize_tensor(x.detach(), num_bits, block_size)
+    x_hat = dequantize_tensor(q, scale, zero_point, block_size).to(x.dtype)
+    return x + (x_hat - x).detach()
+    # END SOLUTION

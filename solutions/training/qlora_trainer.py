@@ -1,1 +1,568 @@
-"""Placeholder: written in a later stage."""
+"""QLoRA training (Stage 4): prepare a 4-bit model with adapters, train it in mixed precision.
+
+The QLoRA flow (Dettmers et al. 2023, §3):
+
+    load the fp32 base ─► quantize every linear layer but the head to NF4 (frozen, Stage 3)
+        ─► wrap the target projections in LoRALayer (trainable, fp32, Stage 1–2)
+        ─► forward under bf16 autocast (NF4 → bf16 on the fly), loss in fp32
+        ─► backward: gradients reach the adapters only ─► AdamW on the adapters only
+        ─► save the adapter (PEFT format); to deploy, dequantize and merge (merge_and_export)
+
+One optimizer step of the trainer (``QLoRATrainer.train_step``):
+
+    for each of k micro-batches:   loss_j = L(micro-batch j) / k ;  (scaled) backward
+    unscale the gradients (fp16 only) ─► skip the step if anything is non-finite
+    clip the global gradient norm ─► optimizer step ─► scheduler step ─► zero the gradients
+
+Read in this order: TrainConfig (4.1), prepare_qlora_model (4.2), the optimizer, schedule and
+trainer (4.3), merge_and_export (4.4), estimate_memory (4.5); the command line at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from model.lora import DEFAULT_TARGET_MODULES, get_lora_model, lora_layers, merge_and_unload, save_lora
+from model.quant import NF4Linear, bits_per_parameter
+from training.data import exact_match_accuracy, lm_loss
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SCHEDULERS = ("linear", "cosine", "constant")
+QUANTIZE = ("nf4", "none")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+# ---- Exercise 4.1: the configuration ----------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; ``python -m training.qlora_trainer --help`` lists these fields."""
+
+    r: int = 8  # LoRA rank
+    lora_alpha: float = 16  # LoRA scale numerator: the update is multiplied by lora_alpha / r
+    lora_dropout: float = 0.0  # dropout on the LoRA input, in [0, 1)
+    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES  # module names that get adapters
+    learning_rate: float = 3e-3  # peak learning rate (after warmup)
+    max_steps: int = 300  # optimizer steps (each one sees gradient_accumulation_steps micro-batches)
+    batch_size: int = 64  # examples per micro-batch
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    weight_decay: float = 0.0  # AdamW decay on the LoRA matrices (never on biases and norms)
+    warmup_ratio: float = 0.05  # fraction of max_steps with a linear warmup from 0
+    lr_scheduler: str = "linear"  # after warmup: linear | cosine decay to 0, or constant
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm to this; None = no clipping
+    loraplus_lr_ratio: float | None = None  # LoRA+: B's learning rate = ratio × learning_rate
+    precision: str = "bf16"  # fp32 | bf16 (autocast) | fp16 (autocast + GradScaler, CUDA only)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
+    quantize: str = "nf4"  # nf4: QLoRA (4-bit frozen base) | none: plain LoRA
+    double_quant: bool = True  # quantize the NF4 absmax constants too (4.127 instead of 4.5 bits)
+    block_size: int = 64  # NF4 block size
+    device: str = "auto"  # auto (cuda if present, else cpu) | cpu | cuda
+    seed: int = 0  # seeds the adapters' init, dropout and the data order
+    log_every: int = 10  # optimizer steps between log lines in metrics.jsonl
+    output_dir: str = "runs/qlora"  # metrics.jsonl, loss_curve.png, adapter/, checkpoints
+    progress: bool = True  # show a tqdm progress bar
+
+    def __post_init__(self) -> None:
+        """Check every field; raise a ValueError naming the field and its allowed values."""
+        # BEGIN SOLUTION 4.1: validate the fields
+        self.target_modules = tuple(
+            [self.target_modules] if isinstance(self.target_modules, str) else self.target_modules
+        )
+        positive_ints = ("r", "max_steps", "batch_size", "gradient_accumulation_steps", "block_size", "log_every")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        for name in ("lora_alpha", "learning_rate"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
+        if self.loraplus_lr_ratio is not None and not self.loraplus_lr_ratio > 0:
+            raise ValueError(f"loraplus_lr_ratio must be > 0 or None, got {self.loraplus_lr_ratio!r}")
+        for name, allowed in (
+            ("precision", tuple(PRECISIONS)),
+            ("lr_scheduler", SCHEDULERS),
+            ("quantize", QUANTIZE),
+            ("device", DEVICES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not self.target_modules:
+            raise ValueError("target_modules must name at least one module")
+        if self.precision == "fp16" and self.device == "cpu":
+            raise ValueError("precision='fp16' needs CUDA (GradScaler); on the CPU use precision='bf16' or 'fp32'")
+        # END SOLUTION
+
+
+def resolve_device(config: TrainConfig) -> torch.device:
+    """The device to train on; fp16 without CUDA is refused (use bf16, which needs no loss scaling)."""
+    # BEGIN SOLUTION 4.1: auto → cuda if available; refuse what cannot run
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but CUDA is not available; use device='auto' or 'cpu'")
+    use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
+    if config.precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision='fp16' needs CUDA (GradScaler); on the CPU use precision='bf16' or 'fp32'")
+    return device
+    # END SOLUTION
+
+
+# ---- Exercise 4.2: preparing the model --------------------------------------------------------
+
+
+def prepare_qlora_model(
+    model: nn.Module, config: TrainConfig, skip_modules: tuple[str, ...] = ("lm_head",)
+) -> nn.Module:
+    """Quantize, add adapters, freeze: the model QLoRA trains (in place; returned).
+
+    1. With ``config.quantize == "nf4"``, every ``nn.Linear`` whose name is not in
+       ``skip_modules`` (the output head by default: it is small and sensitive) becomes a frozen
+       ``NF4Linear`` computing in the precision's dtype (bf16 for "bf16", fp32 for "fp32").
+    2. ``get_lora_model`` wraps ``config.target_modules`` (NF4 or not) in fp32 LoRA layers,
+       seeded by ``config.seed``, and freezes everything else.
+    3. Norms, embeddings and the head stay in fp32; ``model.gradient_checkpointing`` is set.
+
+    Only ``lora_A`` / ``lora_B`` require gradients afterwards.
+    """
+    # BEGIN SOLUTION 4.2: quantize the linear layers, then add LoRA
+    if any(True for _ in lora_layers(model)):
+        raise ValueError("the model already has LoRA layers; prepare a fresh base model")
+    if config.quantize == "nf4":
+        compute_dtype = PRECISIONS[config.precision]
+        linears = [
+            (name, module)
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and not any(name == s or name.endswith("." + s) for s in skip_modules)
+        ]
+        for name, linear in linears:
+            quantized = NF4Linear.from_linear(linear, config.block_size, config.double_quant, compute_dtype)
+            model.set_submodule(name, quantized)
+    torch.manual_seed(config.seed)
+    get_lora_model(model, config.r, config.lora_alpha, config.lora_dropout, config.target_modules)
+    if hasattr(model, "gradient_checkpointing"):
+        model.gradient_checkpointing = config.gradient_checkpointing
+    return model
+    # END SOLUTION
+
+
+# ---- Exercise 4.3: the optimizer, the schedule and the trainer ---------------------------------
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters only, in three groups:
+
+    - ``lora_A`` (and any other trainable matrix): lr, weight_decay
+    - ``lora_B``: lr × loraplus_lr_ratio if set (LoRA+, Hayou et al. 2024), weight_decay
+    - trainable vectors (biases, norms): lr, no weight decay
+
+    Frozen parameters (and the NF4 buffers) are never handed to the optimizer: Adam would keep
+    two fp32 states for each of them. Empty groups are left out.
+    """
+    # BEGIN SOLUTION 4.3: three parameter groups of trainable parameters
+    matrices, b_matrices, vectors = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim < 2:
+            vectors.append(param)
+        elif name.endswith("lora_B") and config.loraplus_lr_ratio is not None:
+            b_matrices.append(param)
+        else:
+            matrices.append(param)
+    lr, wd = config.learning_rate, config.weight_decay
+    groups = [
+        {"params": matrices, "lr": lr, "weight_decay": wd},
+        {"params": b_matrices, "lr": lr * (config.loraplus_lr_ratio or 1.0), "weight_decay": wd},
+        {"params": vectors, "lr": lr, "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ValueError("the model has no trainable parameters; call prepare_qlora_model first")
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=wd)
+    # END SOLUTION
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """The learning-rate multiplier at optimizer step ``step`` (0-based), as in HF transformers.
+
+    warmup = ceil(warmup_ratio · max_steps) steps rising linearly from 0: factor = step / warmup;
+    then, with progress p = (step − warmup) / (max_steps − warmup):
+    linear 1 − p; cosine ½(1 + cos πp); constant 1. Never below 0.
+    """
+    # BEGIN SOLUTION 4.3: warmup, then decay
+    warmup = math.ceil(config.warmup_ratio * config.max_steps)
+    if step < warmup:
+        return step / warmup
+    progress = (step - warmup) / max(1, config.max_steps - warmup)
+    if config.lr_scheduler == "linear":
+        return max(0.0, 1.0 - progress)
+    if config.lr_scheduler == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
+    return 1.0
+    # END SOLUTION
+
+
+class QLoRATrainer:
+    """Trains the adapters of a prepared model on ``train_data`` ({"input_ids", "labels"}, (N, T)).
+
+    ``train()`` runs up to ``config.max_steps`` optimizer steps and returns the final metrics;
+    ``evaluate()`` gives eval loss and exact-match accuracy; ``save_checkpoint`` /
+    ``load_checkpoint`` make a run resumable with the same result as an uninterrupted one.
+
+    Attributes: model, config, device, optimizer, scheduler (LambdaLR over ``lr_factor``),
+    scaler (a GradScaler, enabled for fp16 only), step, skipped_steps (non-finite steps), history.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        train_data: dict[str, torch.Tensor],
+        eval_data: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        self.config, self.train_data, self.eval_data = config, train_data, eval_data
+        self.device = resolve_device(config)
+        self.model = model.to(self.device)
+        self.optimizer = build_optimizer(self.model, config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, config))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
+        self.step = 0  # optimizer steps taken (including skipped ones)
+        self.skipped_steps = 0
+        self.history: list[dict[str, float]] = []
+        self.output_dir = Path(config.output_dir)
+
+    # -- data: batch i is a pure function of (seed, i), so a resumed run sees the same batches --
+
+    def micro_batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Micro-batch number ``index`` of the run: a fresh permutation of the data every epoch."""
+        n = self.train_data["input_ids"].shape[0]
+        per_epoch = n // self.config.batch_size
+        epoch, position = divmod(index, per_epoch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed * 100_003 + epoch))
+        rows = order[position * self.config.batch_size : (position + 1) * self.config.batch_size]
+        return self.train_data["input_ids"][rows].to(self.device), self.train_data["labels"][rows].to(self.device)
+
+    def autocast(self) -> torch.autocast:
+        """bf16 / fp16 autocast on the training device; disabled for fp32."""
+        dtype = PRECISIONS[self.config.precision]
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """One optimizer step over ``micro_batches``; returns the mean loss (NaN if skipped).
+
+        Each micro-batch's loss is divided by their number before backward, so the summed
+        gradient is the gradient of the mean loss (k micro-batches of b = one batch of k·b).
+        Order: backward (scaled) → unscale → finite check (skip and count) → clip → step →
+        scheduler → zero_grad.
+        """
+        # BEGIN SOLUTION 4.3: accumulate, unscale, check, clip, step
+        self.model.train()
+        k, total = len(micro_batches), 0.0
+        for input_ids, labels in micro_batches:
+            with self.autocast():
+                logits = self.model(input_ids)  # (B, T, V)
+            loss = lm_loss(logits, labels) / k  # fp32
+            self.scaler.scale(loss).backward()
+            total += loss.item()
+        self.scaler.unscale_(self.optimizer)  # gradients now in true units (no-op unless fp16)
+        params = self.trainable_parameters()
+        finite = math.isfinite(total) and all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
+        if not finite:
+            self.skipped_steps += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.update()  # fp16: lowers the scale; otherwise a no-op
+            self.scheduler.step()
+            self.step += 1
+            return float("nan")
+        if self.config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return total
+        # END SOLUTION
+
+    def train(self, steps: int | None = None) -> dict[str, float]:
+        """Run ``steps`` more optimizer steps (default: until ``config.max_steps``)."""
+        config = self.config
+        stop = config.max_steps if steps is None else min(config.max_steps, self.step + steps)
+        tokens_per_step = config.batch_size * config.gradient_accumulation_steps * self.train_data["input_ids"].shape[1]
+        bar = tqdm(total=stop - self.step, desc="train", disable=not config.progress, leave=False)
+        started, first_step = time.perf_counter(), self.step
+        while self.step < stop:
+            k = config.gradient_accumulation_steps
+            loss = self.train_step([self.micro_batch(self.step * k + j) for j in range(k)])
+            elapsed = time.perf_counter() - started
+            record = {
+                "step": self.step,
+                "loss": loss,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "tokens_per_s": tokens_per_step * (self.step - first_step) / max(elapsed, 1e-9),
+            }
+            self.history.append(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if self.step % config.log_every == 0 or self.step == stop:
+                self._log(record)
+        bar.close()
+        last = self.history[-1]["loss"] if self.history else float("nan")
+        return {"step": self.step, "loss": last, "skipped_steps": self.skipped_steps}
+
+    def _log(self, record: dict[str, float]) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.output_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    @torch.no_grad()
+    def evaluate(self, data: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+        """Eval loss and exact-match accuracy on ``data`` (default: the eval data)."""
+        data = self.eval_data if data is None else data
+        self.model.eval()
+        with self.autocast():
+            logits = self.model(data["input_ids"].to(self.device))
+        loss = lm_loss(logits, data["labels"].to(self.device)).item()
+        with self.autocast():
+            accuracy = exact_match_accuracy(self.model, data)
+        return {"eval_loss": loss, "accuracy": accuracy}
+
+    def save_checkpoint(self, path: str | Path) -> Path:
+        """Write everything a resumed run needs to ``path``, atomically (temp file, then rename).
+
+        The adapter (trainable tensors), optimizer, scheduler, scaler, RNG states, step and
+        skipped-step count, and the loss history.
+        """
+        # BEGIN SOLUTION 4.3: one file, written atomically
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "trainable": {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": {
+                "cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+            "step": self.step,
+            "skipped_steps": self.skipped_steps,
+            "history": self.history,
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # a crash mid-write never leaves a half checkpoint at `path`
+        return path
+        # END SOLUTION
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore a state written by ``save_checkpoint`` into this trainer (same model layout)."""
+        # BEGIN SOLUTION 4.3: restore every piece
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        params = dict(self.model.named_parameters())
+        if missing := sorted(set(state["trainable"]) - set(params)):
+            raise ValueError(f"checkpoint has parameters the model lacks: {missing[:5]}")
+        with torch.no_grad():
+            for name, tensor in state["trainable"].items():
+                params[name].copy_(tensor)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.step, self.skipped_steps = state["step"], state["skipped_steps"]
+        self.history = list(state["history"])
+        # END SOLUTION
+
+    def save_adapter(self) -> Path:
+        """The adapter alone, in PEFT's format, under output_dir/adapter."""
+        return save_lora(self.model, self.output_dir / "adapter")
+
+    def save_loss_curve(self, path: str | Path | None = None) -> Path:
+        """A PNG of the training loss per optimizer step."""
+        return plot_loss_curves({"loss": self.history}, path or self.output_dir / "loss_curve.png")
+
+
+def plot_loss_curves(histories: dict[str, list[dict[str, float]]], path: str | Path) -> Path:
+    """One PNG with a loss curve per run (label → history of {"step", "loss"} records)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, history in histories.items():
+        ax.plot([h["step"] for h in history], [h["loss"] for h in history], label=label)
+    ax.set(xlabel="optimizer step", ylabel="training loss", yscale="log", title="Fine-tuning loss")
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ---- Exercise 4.4: merging for deployment ------------------------------------------------------
+
+
+def merge_and_export(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A plain model of ``nn.Linear`` layers: dequantize every NF4 base, then merge LoRA into it.
+
+    Never merge into 4-bit weights (re-quantizing W0 + ΔW would throw away most of ΔW): each
+    ``NF4Linear`` becomes an ``nn.Linear`` holding its dequantized weight in ``dtype``, then
+    ``merge_and_unload`` folds the adapters in. Outputs match the QLoRA model's up to rounding.
+    """
+    # BEGIN SOLUTION 4.4: dequantize the bases, then merge and unload
+    for name, module in list(model.named_modules()):
+        if isinstance(module, NF4Linear):
+            weight = module.dequantize_weight(dtype)
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            linear = linear.to(device=weight.device, dtype=dtype)
+            with torch.no_grad():
+                linear.weight.copy_(weight)
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias)
+            linear.requires_grad_(False)
+            model.set_submodule(name, linear)
+    return merge_and_unload(model)
+    # END SOLUTION
+
+
+# ---- Exercise 4.5: memory arithmetic -----------------------------------------------------------
+
+
+def estimate_memory(
+    n_params: float,
+    method: str,
+    trainable_params: float = 0,
+    block_size: int = 64,
+    double_quant: bool = True,
+) -> dict[str, float]:
+    """Bytes for weights, gradients and AdamW states (activations not included).
+
+    full:  weights fp32 (4 B) + gradients fp32 (4 B) + Adam m and v fp32 (8 B) = 16 B per parameter
+    lora:  frozen base in bf16 (2 B per parameter) + for each trainable (adapter) parameter
+           fp32 weight, gradient, m and v (16 B)
+    qlora: frozen base in NF4 (bits_per_parameter / 8 B per parameter: 0.516 B with double
+           quantization, 0.5625 B without) + the same 16 B per trainable parameter
+
+    Returns {"weights", "gradients", "optimizer", "total"} in bytes. QLoRA paper: a 65B model's
+    weights take 65e9 · 4.127 / 8 ≈ 33.5 GB, which fits one 48 GB GPU with room for adapters.
+    """
+    # BEGIN SOLUTION 4.5: bytes per parameter for each method
+    if method == "full":
+        weights, gradients, optimizer = 4 * n_params, 4 * n_params, 8 * n_params
+    elif method in ("lora", "qlora"):
+        per_base = 2 if method == "lora" else bits_per_parameter(block_size, double_quant) / 8
+        weights = per_base * n_params + 4 * trainable_params
+        gradients, optimizer = 4 * trainable_params, 8 * trainable_params
+    else:
+        raise ValueError(f"method must be 'full', 'lora' or 'qlora', got {method!r}")
+    return {
+        "weights": weights,
+        "gradients": gradients,
+        "optimizer": optimizer,
+        "total": weights + gradients + optimizer,
+    }
+    # END SOLUTION
+
+
+# ---- The command line (given) ----------------------------------------------------------------
+
+
+def config_parser() -> argparse.ArgumentParser:
+    """An argparse parser with one option per TrainConfig field (``--max-steps 200``, ...)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m training.qlora_trainer",
+        description="QLoRA fine-tuning of the bundled base model on the bundled task.",
+    )
+    for f in dataclasses.fields(TrainConfig):
+        comment = _field_comments().get(f.name, "")
+        option = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if isinstance(default, bool):
+            parser.add_argument(option, type=_parse_bool, default=default, help=f"{comment} (default: {default})")
+        elif isinstance(default, tuple):
+            parser.add_argument(option, nargs="+", default=default, help=f"{comment} (default: {' '.join(default)})")
+        else:
+            kind = float if f.name in ("max_grad_norm", "loraplus_lr_ratio") else type(default)
+            parser.add_argument(option, type=_optional(kind), default=default, help=f"{comment} (default: {default})")
+    return parser
+
+
+def _field_comments() -> dict[str, str]:
+    """The ``# comment`` after each TrainConfig field, read from this file (docs written once)."""
+    comments, inside = {}, False
+    for line in Path(__file__).read_text().splitlines():
+        if line.startswith("class TrainConfig"):
+            inside = True
+        elif inside and line.strip().startswith("def "):
+            break
+        elif inside and ":" in line and "  # " in line and not line.strip().startswith(("#", '"')):
+            comments[line.split(":", 1)[0].strip()] = line.split("  # ", 1)[1].strip()
+    return comments
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _optional(kind: type):
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Train on the bundled task from the bundled base; print accuracy before and after."""
+    from model.tiny_llama import load_base_model
+    from training.data import finetune_data
+
+    args = config_parser().parse_args(argv)
+    config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()})
+    model = load_base_model()
+    train_data, eval_data = finetune_data("train"), finetune_data("eval")
+    before = exact_match_accuracy(model, eval_data)
+    model = prepare_qlora_model(model, config)
+    trainer = QLoRATrainer(model, config, train_data, eval_data)
+    trainer.train()
+    after = trainer.evaluate()
+    trainer.save_adapter()
+    trainer.save_loss_curve()
+    print(f"accuracy before {before:.1%} → after {after['accuracy']:.1%}; skipped steps: {trainer.skipped_steps}")
+    print(f"adapter, metrics.jsonl and loss_curve.png in {config.output_dir}")
+    return {"accuracy_before": before, **after}
+
+
+if __name__ == "__main__":
+    main()

@@ -113,13 +113,23 @@ MUTANTS = [
         "tied_weights_counted_twice",
         F,
         "count_parameters counts a shared (tied) tensor once per module that holds it.",
-        (("params = list(model.parameters())", "params = [p for _, p in model.named_parameters(remove_duplicate=False)]"),),
+        (
+            (
+                "params = list(model.parameters())",
+                "params = [p for _, p in model.named_parameters(remove_duplicate=False)]",
+            ),
+        ),
     ),
     Mutant(
         "unload_without_merge",
         F,
         "merge_and_unload puts the base layers back without merging the update into them.",
-        (("        layer.merge()\n        model.set_submodule(path, layer.base_layer)", "        model.set_submodule(path, layer.base_layer)"),),
+        (
+            (
+                "        layer.merge()\n        model.set_submodule(path, layer.base_layer)",
+                "        model.set_submodule(path, layer.base_layer)",
+            ),
+        ),
     ),
     Mutant(
         "save_swaps_a_and_b",

@@ -24,8 +24,9 @@ import pytest
 from model._impl import REPO, STUDENT_MODULES
 from testcases.mutants import Mutant
 from testcases.mutants.lora_mutants import MUTANTS as LORA_MUTANTS
+from testcases.mutants.quant_mutants import MUTANTS as QUANT_MUTANTS
 
-CATALOGUE: list[Mutant] = [*LORA_MUTANTS]
+CATALOGUE: list[Mutant] = [*LORA_MUTANTS, *QUANT_MUTANTS]
 # Which stages' tests exercise each student file (the trainer's tests use all three files).
 STAGES = {"model/lora.py": "1,2,4", "model/quant.py": "3,4", "training/qlora_trainer.py": "4"}
 
