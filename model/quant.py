@@ -31,6 +31,7 @@ Quantization", 2022 (https://arxiv.org/abs/2110.02861), for the dynamic 8-bit co
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -204,10 +205,11 @@ def unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return torch.stack([high, low], dim=1).reshape(-1)[:numel]  # (numel,)
 
 
-def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+def pack_nibbles(codes: torch.Tensor, pad: int = 0) -> torch.Tensor:
     """Pack 4-bit codes (uint8 values 0…15, any shape) two per byte: even index in the high nibble.
 
-    An odd count is padded with one zero code. Returns uint8 (ceil(numel / 2),).
+    An odd count is padded with one ``pad`` code (``quantize_nf4`` pads with 7, the NF4 code of
+    0.0, as bitsandbytes does). Returns uint8 (ceil(numel / 2),).
     """
     raise NotImplementedError("Exercise 3.4: high nibble first — see tutorial/03-quantization.md")
 
@@ -286,6 +288,17 @@ def dynamic_code_book() -> torch.Tensor:
     data += [0.0, 1.0]
     data += [0.0] * (256 - len(data))
     return torch.tensor(data, dtype=torch.float32).sort().values
+
+
+@functools.cache
+def cached_code_book(name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``nf4_code_book()`` or ``dynamic_code_book()`` on ``device``, built once per process.
+
+    Dequantization runs in every forward pass of every NF4 layer; rebuilding a code book each
+    time would cost more than the dequantization itself. Do not modify the returned tensor.
+    """
+    build = {"nf4": nf4_code_book, "dynamic": dynamic_code_book}[name]
+    return build().to(device)
 
 
 def double_quantize(absmax: torch.Tensor, block_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -184,7 +184,7 @@ class TinyLlama(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         B, T = input_ids.shape  # (B, T)
-        assert T <= self.config.max_seq_len, f"sequence length {T} > max_seq_len"
+        assert self.config.max_seq_len >= T, f"sequence length {T} > max_seq_len"
         x = self.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = rope_cos_sin(T, self.config.head_dim, self.config.rope_theta, x.device, x.dtype)  # (T, hd) each
         for layer in self.layers:

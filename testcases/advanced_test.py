@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from testcases.helpers import assert_unchanged, randomize_lora, snapshot
+from testcases.helpers import assert_unchanged, make_trainer, randomize_lora, snapshot
 from testcases.tolerances import assert_close
 
 # ---- Exercise 1.1: the LoRA layer -----------------------------------------------------------
@@ -446,7 +446,9 @@ def test_adapter_config_is_what_peft_reads(lora, tiny_model, tmp_path):
 def test_uniform_error_bound_for_every_width(quant, num_bits):
     x = torch.randn(1000) * 2 - 0.7
     q, scale, zero_point = quant.quantize_tensor(x, num_bits=num_bits, block_size=128)
-    assert int(q.max()) <= 2**num_bits - 1, f"{num_bits}-bit codes must stay in [0, {2**num_bits - 1}], got max {int(q.max())}"
+    assert int(q.max()) <= 2**num_bits - 1, (
+        f"{num_bits}-bit codes must stay in [0, {2**num_bits - 1}], got max {int(q.max())}"
+    )
     x_hat = quant.dequantize_tensor(q, scale, zero_point, block_size=128)
     step = scale.repeat_interleave(128)[:1000]
     worst = ((x_hat - x).abs() / step).max().item()
@@ -472,13 +474,20 @@ def test_uniform_zero_is_exact_and_constant_blocks_work(quant):
     assert_close(x_hat[4:], x[4:], "a constant block", "with the range widened to include 0, max maps to qmax exactly")
     zeros = torch.zeros(10)
     q, scale, zero_point = quant.quantize_tensor(zeros, num_bits=8)
-    assert torch.equal(quant.dequantize_tensor(q, scale, zero_point), zeros), "an all-zero tensor must not divide by zero"
+    assert torch.equal(quant.dequantize_tensor(q, scale, zero_point), zeros), (
+        "an all-zero tensor must not divide by zero"
+    )
 
 
 @pytest.mark.exercise("3.1")
 @pytest.mark.parametrize(
     "kwargs, argument",
-    [({"num_bits": 1}, "num_bits"), ({"num_bits": 9}, "num_bits"), ({"num_bits": 4.0}, "num_bits"), ({"block_size": 0}, "block_size")],
+    [
+        ({"num_bits": 1}, "num_bits"),
+        ({"num_bits": 9}, "num_bits"),
+        ({"num_bits": 4.0}, "num_bits"),
+        ({"block_size": 0}, "block_size"),
+    ],
 )
 def test_uniform_rejects_bad_arguments(quant, kwargs, argument):
     with pytest.raises(ValueError, match=argument):
@@ -621,7 +630,9 @@ def test_nf4_round_trip_bound(quant):
     packed, absmax = quant.quantize_nf4(x)
     err = (quant.dequantize_nf4(packed, absmax, x.shape) - x).abs()
     bound = (absmax.repeat_interleave(64)[: x.numel()] * half_gap).view_as(x) + 1e-7
-    assert (err <= bound).all(), "each element must be within half the widest gap between NF4 levels × its block's absmax"
+    assert (err <= bound).all(), (
+        "each element must be within half the widest gap between NF4 levels × its block's absmax"
+    )
 
 
 @pytest.mark.exercise("3.4")
@@ -739,3 +750,269 @@ def test_fake_quantize_blocks_dtype_and_training(quant):
         loss.backward()
         opt.step()
     assert loss.item() < 0.05, f"QAT with the straight-through estimator must still learn (loss {loss.item():.3f})"
+
+
+# ---- Exercise 4.1: TrainConfig -------------------------------------------------------------
+
+
+@pytest.mark.exercise("4.1")
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"lora_dropout": 1.0}, "lora_dropout"),
+        ({"warmup_ratio": 1.5}, "warmup_ratio"),
+        ({"lr_scheduler": "step"}, "lr_scheduler"),
+        ({"quantize": "int8"}, "quantize"),
+        ({"device": "tpu"}, "device"),
+        ({"max_grad_norm": 0.0}, "max_grad_norm"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+        ({"max_steps": 0}, "max_steps"),
+        ({"batch_size": 2.5}, "batch_size"),
+        ({"precision": "fp16", "device": "cpu"}, "fp16"),
+    ],
+)
+def test_train_config_names_the_field(trainer, kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        trainer.TrainConfig(**kwargs)
+
+
+@pytest.mark.exercise("4.1")
+def test_resolve_device_auto(trainer):
+    device = trainer.resolve_device(trainer.TrainConfig(device="auto", precision="bf16"))
+    assert device.type == ("cuda" if torch.cuda.is_available() else "cpu"), "auto: cuda when present, else cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cuda|CUDA"):
+            trainer.resolve_device(trainer.TrainConfig(device="cuda"))
+
+
+@pytest.mark.exercise("4.1")
+def test_command_line_exposes_train_config(trainer):
+    parser = trainer.config_parser()
+    args = parser.parse_args(["--r", "4", "--max-steps", "7", "--precision", "fp32"])
+    config = trainer.TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()})
+    assert (config.r, config.max_steps, config.precision) == (4, 7, "fp32")
+    assert "LoRA rank" in parser.format_help(), "each option's help is the field's comment"
+
+
+# ---- Exercise 4.2: prepare_qlora_model ---------------------------------------------------------
+
+
+@pytest.mark.exercise("4.2")
+def test_prepared_model_starts_as_the_quantized_base(trainer, tiny_model, token_ids):
+    """B = 0, so the prepared model computes exactly what the NF4-quantized base computes."""
+    from model.quant import dequantize_nf4, quantize_nf4
+
+    reference = type(tiny_model)(tiny_model.config).eval()
+    reference.load_state_dict(tiny_model.state_dict())
+    with torch.no_grad():
+        for name, module in reference.named_modules():
+            if isinstance(module, nn.Linear) and name != "lm_head":
+                packed, absmax = quantize_nf4(module.weight)
+                module.weight.copy_(dequantize_nf4(packed, absmax, module.weight.shape))
+    model = trainer.prepare_qlora_model(
+        tiny_model, trainer.TrainConfig(r=2, precision="fp32", double_quant=False)
+    ).eval()
+    assert_close(model(token_ids), reference(token_ids), "prepared model at init vs the NF4 round-tripped base")
+
+
+@pytest.mark.exercise("4.2")
+def test_prepare_respects_targets_precision_and_checkpointing(trainer, tiny_model):
+    from model.lora import LoRALayer
+    from model.quant import NF4Linear
+
+    config = trainer.TrainConfig(
+        r=2, target_modules=("q_proj", "v_proj"), precision="bf16", gradient_checkpointing=True
+    )
+    model = trainer.prepare_qlora_model(tiny_model, config)
+    o_proj = model.layers[0].self_attn.o_proj
+    assert isinstance(o_proj, NF4Linear), (
+        f"a non-target linear is still quantized (NF4Linear), got {type(o_proj).__name__}"
+    )
+    assert o_proj.compute_dtype == torch.bfloat16, "precision='bf16': the NF4 layers compute in bf16"
+    assert isinstance(model.layers[0].self_attn.v_proj, LoRALayer), "targets get adapters"
+    assert model.gradient_checkpointing is True, "config.gradient_checkpointing must switch it on in the model"
+    norms = [p.dtype for n, p in model.named_parameters() if "norm" in n]
+    assert norms and all(d == torch.float32 for d in norms), "norms stay fp32"
+    with pytest.raises(ValueError, match="LoRA"):
+        trainer.prepare_qlora_model(model, config)
+
+
+@pytest.mark.exercise("4.2")
+def test_prepare_on_device(trainer, tiny_model, device):
+    config = trainer.TrainConfig(r=2, precision="fp32")
+    model = trainer.prepare_qlora_model(tiny_model.to(device), config)
+    ids = torch.randint(0, 18, (2, 8), device=device)
+    assert model(ids).device.type == device.type
+
+
+# ---- Exercise 4.3: the trainer -----------------------------------------------------------------
+
+
+@pytest.mark.exercise("4.3")
+def test_clipping_acts_on_unscaled_gradients(trainer, tiny_model, task_data, tmp_path):
+    import warnings
+
+    from testcases.helpers import record_optimizer_steps
+
+    t = make_trainer(trainer, tiny_model, task_data, max_grad_norm=1e-3, output_dir=str(tmp_path))
+    t.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)  # loss scaling as with fp16
+    seen = record_optimizer_steps(t.optimizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.train_step([t.micro_batch(0)])
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in seen[0]])).item()
+    assert norm == pytest.approx(1e-3, rel=1e-3), (
+        f"the optimizer saw a gradient norm of {norm:.3g}, expected max_grad_norm = 1e-3: unscale the gradients "
+        "(scaler.unscale_) BEFORE clipping, or the clip acts on gradients 1024× too large"
+    )
+
+
+@pytest.mark.exercise("4.3")
+def test_non_finite_loss_skips_the_step(trainer, tiny_model, task_data, tmp_path):
+    t = make_trainer(trainer, tiny_model, task_data, output_dir=str(tmp_path))
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters() if p.requires_grad}
+    handle = t.model.lm_head.register_forward_hook(lambda module, args, out: out * float("nan"))
+    loss = t.train_step([t.micro_batch(0)])
+    handle.remove()
+    assert math.isnan(loss) and t.skipped_steps == 1, (
+        f"a NaN loss skips the step and counts it (skipped_steps={t.skipped_steps})"
+    )
+    for name, param in t.model.named_parameters():
+        if name in before:
+            assert torch.equal(param, before[name]), f"{name} changed although the step was skipped"
+            assert param.grad is None or not param.grad.abs().sum() > 0, "gradients must be cleared after a skip"
+    t.train_step([t.micro_batch(1)])
+    assert all(torch.isfinite(p).all() for p in t.model.parameters()), "training goes on normally afterwards"
+
+
+@pytest.mark.exercise("4.3")
+def test_resume_equals_uninterrupted(trainer, tiny_model, task_data, tmp_path):
+    state = tiny_model.state_dict()
+
+    def fresh():
+        model = type(tiny_model)(tiny_model.config)
+        model.load_state_dict(state)
+        return make_trainer(trainer, model, task_data, lora_dropout=0.1, gradient_accumulation_steps=2,
+                        max_steps=6, output_dir=str(tmp_path))  # fmt: skip
+
+    straight = fresh()
+    straight.train()
+    first = fresh()
+    first.train(steps=3)
+    path = first.save_checkpoint(tmp_path / "ckpt" / "state.pt")
+    assert path.exists() and not list((tmp_path / "ckpt").glob("*.tmp")), "write atomically: no temp file left"
+    torch.manual_seed(1234)  # disturb the global RNG: the checkpoint must restore it
+    resumed = fresh()
+    resumed.load_checkpoint(path)
+    resumed.train()
+    assert resumed.step == straight.step == 6
+    for (name, a), b in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        if a.requires_grad:
+            assert torch.equal(a, b), (
+                f"{name} differs between the uninterrupted and the resumed run: save and restore the adapter, "
+                "optimizer, scheduler, scaler, RNG states and step"
+            )
+
+
+@pytest.mark.exercise("4.3")
+def test_bf16_autocast_trains_on_cpu_with_fp32_adapters(trainer, tiny_model, task_data, tmp_path):
+    t = make_trainer(trainer, tiny_model, task_data, precision="bf16", device="cpu", output_dir=str(tmp_path))
+    loss = t.train_step([t.micro_batch(0)])
+    assert math.isfinite(loss), "a bf16 step on the CPU must give a finite loss"
+    lora = [p for n, p in t.model.named_parameters() if n.endswith(("lora_A", "lora_B"))]
+    assert all(p.dtype == torch.float32 for p in lora), "adapters keep fp32 master weights; autocast casts copies"
+
+
+@pytest.mark.exercise("4.3")
+def test_optimizer_groups_weight_decay_and_loraplus(trainer):
+    from model.lora import get_lora_model, mark_only_lora_as_trainable
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    get_lora_model(model, r=2, target_modules=["0", "1"])
+    mark_only_lora_as_trainable(model, bias="all")
+    config = trainer.TrainConfig(learning_rate=1e-3, weight_decay=0.1, loraplus_lr_ratio=16)
+    optimizer = trainer.build_optimizer(model, config)
+    by_param = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            assert id(p) not in by_param, f"{name} is frozen and must not be in the optimizer"
+            continue
+        group = by_param[id(p)]
+        if name.endswith("bias"):
+            assert group["weight_decay"] == 0, f"{name}: no weight decay on biases and norms"
+        elif name.endswith("lora_B"):
+            assert group["lr"] == pytest.approx(16e-3) and group["weight_decay"] == 0.1, f"{name}: LoRA+ lr = 16 × lr"
+        else:
+            assert group["lr"] == pytest.approx(1e-3) and group["weight_decay"] == 0.1, f"{name}: lr, weight decay"
+
+
+@pytest.mark.exercise("4.3")
+def test_metrics_and_loss_curve_are_written(trainer, tiny_model, task_data, tmp_path):
+    t = make_trainer(trainer, tiny_model, task_data, max_steps=4, log_every=2, output_dir=str(tmp_path))
+    t.train()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [2, 4] and {"loss", "lr", "tokens_per_s"} <= set(lines[0])
+    assert t.save_loss_curve().stat().st_size > 1000, "a PNG of the loss curve"
+
+
+@pytest.mark.exercise("4.3")
+def test_qlora_learns_the_task(trainer):
+    """The headline: a short QLoRA run on the bundled base lifts exact-match accuracy on the new task."""
+    from model.tiny_llama import load_base_model
+    from training.data import exact_match_accuracy, finetune_data
+
+    train_data, eval_data = finetune_data("train"), finetune_data("eval", n=200)
+    model = load_base_model()
+    before = exact_match_accuracy(model, eval_data)
+    config = trainer.TrainConfig(r=8, precision="fp32", max_steps=120, batch_size=64, learning_rate=3e-3,
+                                 warmup_ratio=0.05, progress=False, output_dir="runs/test-qlora")  # fmt: skip
+    t = trainer.QLoRATrainer(trainer.prepare_qlora_model(model, config), config, train_data, eval_data)
+    t.train()
+    after = t.evaluate()["accuracy"]
+    assert before <= 0.3 and after >= 0.8, (
+        f"exact-match accuracy {before:.0%} -> {after:.0%} (expected ≤ 30 % -> ≥ 80 %)"
+    )
+
+
+# ---- Exercise 4.4: merge_and_export ------------------------------------------------------------
+
+
+@pytest.mark.exercise("4.4")
+def test_merge_and_export_weights_and_dtype(trainer, tiny_model):
+    model = trainer.prepare_qlora_model(
+        tiny_model, trainer.TrainConfig(r=2, precision="fp32", target_modules=("q_proj",))
+    )
+    randomize_lora(model, std=0.2)
+    q = model.layers[0].self_attn.q_proj
+    expected = q.base_layer.dequantize_weight(torch.float32) + q.delta_weight().detach()
+    plain = trainer.merge_and_export(model, dtype=torch.float32)
+    assert_close(
+        plain.layers[0].self_attn.q_proj.weight.detach(), expected, "exported q_proj weight", "W = dequant(W0) + ΔW"
+    )
+    k_proj = plain.layers[0].self_attn.k_proj
+    assert type(k_proj) is nn.Linear and not k_proj.weight.requires_grad, "non-target NF4 layers are dequantized too"
+
+
+@pytest.mark.exercise("4.4")
+def test_merge_and_export_to_bf16(trainer, tiny_model, token_ids):
+    model = trainer.prepare_qlora_model(tiny_model, trainer.TrainConfig(r=2, precision="fp32"))
+    plain = trainer.merge_and_export(model, dtype=torch.bfloat16)
+    dtypes = {m.weight.dtype for n, m in plain.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+    assert dtypes == {torch.bfloat16}, f"dtype=bfloat16: every exported projection holds a bf16 weight, got {dtypes}"
+
+
+# ---- Exercise 4.5: estimate_memory -------------------------------------------------------------
+
+
+@pytest.mark.exercise("4.5")
+def test_estimate_memory_breakdown(trainer):
+    lora = trainer.estimate_memory(7e9, "lora", trainable_params=20e6)
+    assert lora["weights"] == pytest.approx(2 * 7e9 + 4 * 20e6), "LoRA: bf16 base (2 B) + fp32 adapters (4 B)"
+    assert lora["gradients"] == pytest.approx(4 * 20e6) and lora["optimizer"] == pytest.approx(8 * 20e6), (
+        "gradients and Adam states exist for the trainable (adapter) parameters only"
+    )
+    no_dq = trainer.estimate_memory(65e9, "qlora", double_quant=False)
+    assert no_dq["weights"] == pytest.approx(65e9 * 4.5 / 8), "without double quantization NF4 costs 4.5 bits"
+    assert lora["total"] == pytest.approx(lora["weights"] + lora["gradients"] + lora["optimizer"])
+    with pytest.raises(ValueError, match="method"):
+        trainer.estimate_memory(1e9, "adapter")

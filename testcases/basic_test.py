@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from testcases.helpers import randomize_lora
+from testcases.helpers import make_trainer, randomize_lora
 from testcases.tolerances import assert_close
 
 # ---- Exercise 1.1: the LoRA layer -----------------------------------------------------------
@@ -320,7 +320,9 @@ def test_load_lora_restores_the_outputs(lora, tiny_model, token_ids, tmp_path):
 def test_uniform_quantization_hand_example(quant):
     x = torch.tensor([-1.0, 0.0, 1.0, 2.0])
     q, scale, zero_point = quant.quantize_tensor(x, num_bits=2)
-    assert q.dtype == torch.uint8 and q.shape == x.shape, f"x_quant must be uint8 of x's shape, got {q.dtype} {tuple(q.shape)}"
+    assert q.dtype == torch.uint8 and q.shape == x.shape, (
+        f"x_quant must be uint8 of x's shape, got {q.dtype} {tuple(q.shape)}"
+    )
     assert scale.tolist() == [1.0], f"scale = (max - min) / (2^2 - 1) = 3 / 3 = 1, got {scale.tolist()}"
     assert zero_point.tolist() == [1], f"zero_point = round(-min / scale) = 1, got {zero_point.tolist()}"
     assert q.tolist() == [0, 1, 2, 3], f"q = round(x / scale) + zero_point = [0, 1, 2, 3], got {q.tolist()}"
@@ -377,19 +379,25 @@ def test_absmax_blocks_contain_an_outlier(quant):
 @pytest.mark.exercise("3.3")
 def test_nf4_code_book_is_the_published_table(quant):
     book = quant.nf4_code_book()
-    assert book.dtype == torch.float32 and book.shape == (16,), f"16 float32 levels, got {book.dtype} {tuple(book.shape)}"
+    assert book.dtype == torch.float32 and book.shape == (16,), (
+        f"16 float32 levels, got {book.dtype} {tuple(book.shape)}"
+    )
     assert (book < 0).sum() == 7 and (book == 0).sum() == 1 and (book > 0).sum() == 8, (
         "NF4 has 7 negative levels, an exact 0 and 8 positive levels (asymmetric); "
         f"got {(book < 0).sum()} / {(book == 0).sum()} / {(book > 0).sum()}: the symmetric 15-value table in some notes is wrong"
     )
-    assert_close(book, torch.tensor(quant.NF4_PUBLISHED), "nf4_code_book()", "quantiles Φ⁻¹ at linspace(0.9677083, 0.5)")
+    assert_close(
+        book, torch.tensor(quant.NF4_PUBLISHED), "nf4_code_book()", "quantiles Φ⁻¹ at linspace(0.9677083, 0.5)"
+    )
 
 
 @pytest.mark.exercise("3.3")
 def test_fp4_code_book_is_e2m1(quant):
     expected = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6]) / 6
     expected = torch.cat([-expected.flip(0)[:-1], expected])
-    assert_close(quant.fp4_code_book(), expected, "fp4_code_book()", "E2M1 magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6 over 6")
+    assert_close(
+        quant.fp4_code_book(), expected, "fp4_code_book()", "E2M1 magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6 over 6"
+    )
 
 
 # ---- Exercise 3.4: NF4 blockwise quantization ------------------------------------------------
@@ -416,10 +424,14 @@ def test_nearest_code_and_ties(quant):
 def test_quantize_nf4_matches_bitsandbytes(quant, golden):
     x = golden["nf4_fp32_16x64.input"]
     packed, absmax = quant.quantize_nf4(x, block_size=64)
-    assert packed.dtype == torch.uint8 and packed.shape == (512,), f"1024 codes pack into 512 uint8, got {packed.dtype} {tuple(packed.shape)}"
+    assert packed.dtype == torch.uint8 and packed.shape == (512,), (
+        f"1024 codes pack into 512 uint8, got {packed.dtype} {tuple(packed.shape)}"
+    )
     assert torch.equal(absmax, golden["nf4_fp32_16x64.absmax"]), "absmax: the fp32 max |x| of each block of 64"
     differ = (packed != golden["nf4_fp32_16x64.packed"]).nonzero().flatten()
-    assert differ.numel() == 0, f"{differ.numel()} of 512 bytes differ from bitsandbytes, first at byte {differ[:1].tolist()}"
+    assert differ.numel() == 0, (
+        f"{differ.numel()} of 512 bytes differ from bitsandbytes, first at byte {differ[:1].tolist()}"
+    )
 
 
 @pytest.mark.exercise("3.4")
@@ -436,7 +448,9 @@ def test_dequantize_nf4_matches_bitsandbytes(quant, golden):
 def test_double_quantization_matches_bitsandbytes(quant, golden):
     absmax = golden["dq_fp32_64x512.absmax_fp32"]
     codes, scale, offset = quant.double_quantize(absmax, block_size=256)
-    assert codes.dtype == torch.uint8 and codes.shape == (512,), f"8-bit codes, one per absmax; got {codes.dtype} {tuple(codes.shape)}"
+    assert codes.dtype == torch.uint8 and codes.shape == (512,), (
+        f"8-bit codes, one per absmax; got {codes.dtype} {tuple(codes.shape)}"
+    )
     assert torch.equal(offset.reshape(1), golden["dq_fp32_64x512.offset"]), (
         f"offset = mean(absmax) = {golden['dq_fp32_64x512.offset'].item():.8f}, got {offset.item():.8f}"
     )
@@ -473,7 +487,9 @@ def test_nf4_linear_is_frozen_and_passes_gradients_to_the_input(quant):
     assert not any(p.requires_grad for p in layer.parameters()), "nothing in an NF4Linear is trainable"
     x = torch.randn(4, 64, requires_grad=True)
     layer(x).sum().backward()
-    assert x.grad is not None and x.grad.abs().sum() > 0, "the gradient must reach the input (LoRA layers below need it)"
+    assert x.grad is not None and x.grad.abs().sum() > 0, (
+        "the gradient must reach the input (LoRA layers below need it)"
+    )
 
 
 @pytest.mark.exercise("3.6")
@@ -496,6 +512,171 @@ def test_fake_quantize_forward_and_straight_through_gradient(quant):
     x = torch.randn(200, requires_grad=True)
     y = quant.fake_quantize(x, num_bits=4)
     q, scale, zero_point = quant.quantize_tensor(x.detach(), num_bits=4)
-    assert_close(y.detach(), quant.dequantize_tensor(q, scale, zero_point), "fake_quantize(x)", "forward = dequantize(quantize(x))")
+    assert_close(
+        y.detach(),
+        quant.dequantize_tensor(q, scale, zero_point),
+        "fake_quantize(x)",
+        "forward = dequantize(quantize(x))",
+    )
     (y * torch.arange(200.0)).sum().backward()
-    assert_close(x.grad, torch.arange(200.0), "dL/dx through fake_quantize", "straight-through: the gradient passes unchanged")
+    assert_close(
+        x.grad, torch.arange(200.0), "dL/dx through fake_quantize", "straight-through: the gradient passes unchanged"
+    )
+
+
+# ---- Exercise 4.1: TrainConfig -------------------------------------------------------------
+
+
+@pytest.mark.exercise("4.1")
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"r": 0}, "r"),
+        ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps"),
+        ({"precision": "fp8"}, "precision"),
+        ({"learning_rate": 0.0}, "learning_rate"),
+    ],
+)
+def test_train_config_rejects_bad_values(trainer, kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        trainer.TrainConfig(**kwargs)
+
+
+@pytest.mark.exercise("4.1")
+def test_fp16_needs_cuda(trainer):
+    with pytest.raises(ValueError, match="fp16"):
+        trainer.resolve_device(
+            trainer.TrainConfig(precision="fp16", device="auto")
+        ) if not torch.cuda.is_available() else (trainer.TrainConfig(precision="fp16", device="cpu"))
+
+
+# ---- Exercise 4.2: prepare_qlora_model ---------------------------------------------------------
+
+
+@pytest.mark.exercise("4.2")
+def test_prepare_qlora_model_quantizes_and_adds_adapters(trainer, tiny_model):
+    from model.lora import LoRALayer
+    from model.quant import NF4Linear
+
+    model = trainer.prepare_qlora_model(tiny_model, trainer.TrainConfig(r=2, precision="fp32"))
+    q_proj = model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, LoRALayer) and isinstance(q_proj.base_layer, NF4Linear), (
+        f"a target projection becomes LoRALayer(NF4Linear); got {type(q_proj).__name__}"
+        f"({type(getattr(q_proj, 'base_layer', None)).__name__})"
+    )
+    assert isinstance(model.lm_head, nn.Linear), "the output head stays a full-precision nn.Linear (and gets no LoRA)"
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(name.endswith(("lora_A", "lora_B")) for name in trainable), (
+        f"only lora_A / lora_B may be trainable, got e.g. {[n for n in trainable if 'lora' not in n][:3]}"
+    )
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad), "adapters stay fp32"
+
+
+@pytest.mark.exercise("4.2")
+def test_prepare_without_quantization_is_plain_lora(trainer, tiny_model):
+    model = trainer.prepare_qlora_model(tiny_model, trainer.TrainConfig(r=2, quantize="none", precision="fp32"))
+    base = model.layers[1].mlp.down_proj.base_layer
+    assert type(base) is nn.Linear, f"quantize='none' keeps nn.Linear bases, got {type(base).__name__}"
+
+
+# ---- Exercise 4.3: the trainer -----------------------------------------------------------------
+
+
+@pytest.mark.exercise("4.3")
+def test_optimizer_holds_only_the_adapters(trainer, tiny_model, task_data, tmp_path):
+    t = make_trainer(trainer, tiny_model, task_data, output_dir=str(tmp_path))
+    in_optimizer = {id(p) for group in t.optimizer.param_groups for p in group["params"]}
+    lora = {id(p) for name, p in t.model.named_parameters() if name.endswith(("lora_A", "lora_B"))}
+    assert in_optimizer == lora, (
+        f"the optimizer must hold exactly the {len(lora)} LoRA tensors, it holds {len(in_optimizer)}: "
+        "frozen weights in AdamW cost two fp32 states each for nothing"
+    )
+
+
+@pytest.mark.exercise("4.3")
+def test_training_lowers_the_loss_and_keeps_the_base_bit_identical(trainer, tiny_model, task_data, tmp_path):
+    few = {key: value[:16] for key, value in task_data.items()}  # one batch, seen 30 times: the loss must fall
+    t = make_trainer(
+        trainer, tiny_model, few, r=4, max_steps=30, learning_rate=3e-2, warmup_ratio=0.0, output_dir=str(tmp_path)
+    )
+    frozen = {k: v.clone() for k, v in t.model.state_dict().items() if "lora_" not in k}
+    before = t.evaluate()["eval_loss"]
+    t.train()
+    after = t.evaluate()["eval_loss"]
+    assert after < before - 0.1, f"30 steps must lower the loss: {before:.3f} -> {after:.3f}"
+    for key, value in frozen.items():
+        assert torch.equal(t.model.state_dict()[key], value), f"frozen tensor {key} changed during training"
+
+
+@pytest.mark.exercise("4.3")
+@pytest.mark.parametrize(
+    "scheduler, step, factor",
+    [("linear", 0, 0.0), ("linear", 5, 0.5), ("linear", 10, 1.0), ("linear", 55, 0.5), ("linear", 100, 0.0),
+     ("cosine", 10, 1.0), ("cosine", 55, 0.5), ("constant", 70, 1.0)],
+)  # fmt: skip
+def test_lr_schedule_values(trainer, scheduler, step, factor):
+    config = trainer.TrainConfig(max_steps=100, warmup_ratio=0.1, lr_scheduler=scheduler)
+    got = trainer.lr_factor(step, config)
+    assert got == pytest.approx(factor, abs=1e-9), (
+        f"{scheduler} schedule, 10 warmup steps of 100: factor at step {step} must be {factor}, got {got} "
+        "(warmup: step / warmup_steps, starting at 0; then decay over the remaining steps)"
+    )
+
+
+@pytest.mark.exercise("4.3")
+def test_gradient_accumulation_matches_one_big_batch(trainer, tiny_model, task_data, tmp_path):
+    from testcases.helpers import record_optimizer_steps
+
+    state = tiny_model.state_dict()
+    grads = []
+    for batches in ([task_data["input_ids"][:8], task_data["input_ids"][8:16]], [task_data["input_ids"][:16]]):
+        model = type(tiny_model)(tiny_model.config)
+        model.load_state_dict(state)
+        t = make_trainer(trainer, model, task_data, max_grad_norm=None, output_dir=str(tmp_path))
+        seen = record_optimizer_steps(t.optimizer)
+        labels = {16: task_data["labels"][:16], 8: None}
+        micro = [
+            (b, task_data["labels"][i * 8 : i * 8 + 8] if len(batches) == 2 else labels[16])
+            for i, b in enumerate(batches)
+        ]
+        t.train_step(micro)
+        assert len(seen) == 1, f"one train_step must call optimizer.step once, it was called {len(seen)} times"
+        grads.append(seen[0])
+    for g_accumulated, g_big in zip(grads[0], grads[1]):
+        assert_close(g_accumulated, g_big, "gradient of 2 micro-batches of 8 vs one batch of 16",
+                     "divide each micro-batch loss by the number of micro-batches")  # fmt: skip
+
+
+# ---- Exercise 4.4: merge_and_export ------------------------------------------------------------
+
+
+@pytest.mark.exercise("4.4")
+def test_merge_and_export_gives_plain_linear_layers_with_the_same_outputs(trainer, tiny_model, token_ids):
+    from model.lora import LoRALayer
+    from model.quant import NF4Linear
+
+    model = trainer.prepare_qlora_model(tiny_model, trainer.TrainConfig(r=2, precision="fp32")).eval()
+    randomize_lora(model, std=0.2)
+    expected = model(token_ids).detach()
+    plain = trainer.merge_and_export(model)
+    leftovers = [n for n, m in plain.named_modules() if isinstance(m, (LoRALayer, NF4Linear))]
+    assert not leftovers, f"export must leave plain nn.Linear layers only; still there: {leftovers[:3]}"
+    assert_close(
+        plain(token_ids), expected, "logits of the exported model", "dequantize W0, then add ΔW (never re-quantize)"
+    )
+
+
+# ---- Exercise 4.5: estimate_memory -------------------------------------------------------------
+
+
+@pytest.mark.exercise("4.5")
+def test_estimate_memory_full_and_qlora(trainer):
+    full = trainer.estimate_memory(7e9, "full")
+    assert full["total"] == pytest.approx(16 * 7e9), (
+        f"full fine-tuning with fp32 AdamW: 4 (weight) + 4 (grad) + 8 (m, v) = 16 bytes per parameter, got {full}"
+    )
+    qlora = trainer.estimate_memory(65e9, "qlora", trainable_params=0)
+    assert qlora["weights"] == pytest.approx(65e9 * 4.127 / 8, rel=1e-3), (
+        f"65B in NF4 with double quantization: 65e9 · 4.127 / 8 ≈ 33.5 GB, got {qlora['weights'] / 1e9:.1f} GB"
+    )
+    assert qlora["weights"] < 48e9, "the QLoRA paper's headline: a 65B model's weights fit a 48 GB GPU"

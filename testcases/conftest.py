@@ -76,7 +76,7 @@ def tiny_model():
     """A randomly initialised TinyLlama small enough for a unit test (2 layers, width 16)."""
     from model.tiny_llama import LlamaConfig, TinyLlama
 
-    config = LlamaConfig(vocab_size=18, max_seq_len=16, d_model=16, n_layers=2, n_heads=2, d_ff=32)
+    config = LlamaConfig(vocab_size=18, max_seq_len=32, d_model=16, n_layers=2, n_heads=2, d_ff=32)
     return TinyLlama(config).eval()
 
 
@@ -94,3 +94,11 @@ def golden() -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(Path(__file__).parent / "fixtures" / "nf4_golden.safetensors")
+
+
+@pytest.fixture
+def task_data() -> dict[str, torch.Tensor]:
+    """64 examples of the fine-tuning task, {"input_ids", "labels"} of shape (64, 19)."""
+    from training.data import finetune_data
+
+    return finetune_data("train", n=64)

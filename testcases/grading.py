@@ -175,10 +175,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     report = yield
-    if _is_graded(item) and report.failed and call.excinfo is not None:
-        if call.excinfo.errisinstance(NotImplementedError):
-            message = str(call.excinfo.value).strip().splitlines()
-            report.longrepr = f"{NOT_ATTEMPTED}: {message[0] if message else 'NotImplementedError'}"
+    stub = call.excinfo is not None and call.excinfo.errisinstance(NotImplementedError)
+    if _is_graded(item) and report.failed and stub:
+        message = str(call.excinfo.value).strip().splitlines()
+        report.longrepr = f"{NOT_ATTEMPTED}: {message[0] if message else 'NotImplementedError'}"
     if _is_graded(item):
         item.config.stash[_GRADEBOOK].record(item.nodeid, _exercise_of(item), report)
     return report

@@ -33,3 +33,26 @@ def assert_unchanged(model: nn.Module, before: dict[str, object], what: str) -> 
     assert after["requires_grad"] == before["requires_grad"], f"{what} changed requires_grad although it raised"
     for key, value in before["state"].items():
         assert torch.equal(after["state"][key], value), f"{what} changed {key} although it raised an error"
+
+
+def record_optimizer_steps(optimizer: torch.optim.Optimizer) -> list[list[torch.Tensor]]:
+    """Patch ``optimizer.step`` to record the gradients it sees; returns the (growing) record list."""
+    seen: list[list[torch.Tensor]] = []
+    original = optimizer.step
+
+    def step(*args, **kwargs):
+        seen.append(
+            [p.grad.detach().clone() for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        )
+        return original(*args, **kwargs)
+
+    optimizer.step = step
+    return seen
+
+
+def make_trainer(trainer_module, model: nn.Module, data: dict[str, torch.Tensor], **overrides):
+    """A QLoRATrainer on a prepared ``model`` with small, fast defaults (fp32, r=2, 8 steps of 16)."""
+    settings = {"r": 2, "precision": "fp32", "max_steps": 8, "batch_size": 16, "progress": False, **overrides}
+    config = trainer_module.TrainConfig(**settings)
+    model = trainer_module.prepare_qlora_model(model, config)
+    return trainer_module.QLoRATrainer(model, config, data, data)

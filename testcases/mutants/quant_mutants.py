@@ -97,7 +97,12 @@ MUTANTS = [
         "ties_round_up",
         F,
         "A value exactly between two levels takes the upper one (round half up).",
-        (("torch.searchsorted(midpoints, values.contiguous(), right=False)", "torch.searchsorted(midpoints, values.contiguous(), right=True)"),),
+        (
+            (
+                "torch.searchsorted(midpoints, values.contiguous(), right=False)",
+                "torch.searchsorted(midpoints, values.contiguous(), right=True)",
+            ),
+        ),
     ),
     Mutant(
         "pad_with_code_zero",
@@ -145,7 +150,12 @@ MUTANTS = [
         "nf4_linear_drops_bias",
         F,
         "NF4Linear.forward ignores the bias.",
-        (("return F.linear(x.to(self.compute_dtype), weight, bias)", "return F.linear(x.to(self.compute_dtype), weight)"),),
+        (
+            (
+                "return F.linear(x.to(self.compute_dtype), weight, bias)",
+                "return F.linear(x.to(self.compute_dtype), weight)",
+            ),
+        ),
     ),
     Mutant(
         "nf4_linear_nbytes_codes_only",

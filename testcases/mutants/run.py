@@ -25,8 +25,9 @@ from model._impl import REPO, STUDENT_MODULES
 from testcases.mutants import Mutant
 from testcases.mutants.lora_mutants import MUTANTS as LORA_MUTANTS
 from testcases.mutants.quant_mutants import MUTANTS as QUANT_MUTANTS
+from testcases.mutants.trainer_mutants import MUTANTS as TRAINER_MUTANTS
 
-CATALOGUE: list[Mutant] = [*LORA_MUTANTS, *QUANT_MUTANTS]
+CATALOGUE: list[Mutant] = [*LORA_MUTANTS, *QUANT_MUTANTS, *TRAINER_MUTANTS]
 # Which stages' tests exercise each student file (the trainer's tests use all three files).
 STAGES = {"model/lora.py": "1,2,4", "model/quant.py": "3,4", "training/qlora_trainer.py": "4"}
 
@@ -100,8 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         if m.name in names:
             m.apply((REPO / "solutions" / m.file).read_text())
     shards = [names[i :: args.jobs] for i in range(args.jobs)]
+    # One thread per worker: two workers with two OpenMP threads each on two cores spin-wait
+    # against each other and run many times slower.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [
-        subprocess.Popen([sys.executable, "-m", "testcases.mutants.run", "--worker", *shard], cwd=REPO)
+        subprocess.Popen([sys.executable, "-m", "testcases.mutants.run", "--worker", *shard], cwd=REPO, env=env)
         for shard in shards
         if shard
     ]

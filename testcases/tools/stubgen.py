@@ -26,7 +26,6 @@ import difflib
 import re
 import sys
 from collections import Counter
-from pathlib import Path
 
 from model._impl import REPO, STUDENT_MODULES
 
