@@ -183,10 +183,13 @@ class TinyLlama(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        B, T = input_ids.shape  # (B, T)
-        assert self.config.max_seq_len >= T, f"sequence length {T} > max_seq_len"
+        seq_len = input_ids.shape[1]  # input_ids: (B, T)
+        if seq_len > self.config.max_seq_len:
+            raise ValueError(f"sequence length {seq_len} > max_seq_len={self.config.max_seq_len}")
         x = self.embed_tokens(input_ids)  # (B, T, C)
-        cos, sin = rope_cos_sin(T, self.config.head_dim, self.config.rope_theta, x.device, x.dtype)  # (T, hd) each
+        cos, sin = rope_cos_sin(
+            seq_len, self.config.head_dim, self.config.rope_theta, x.device, x.dtype
+        )  # (T, hd) each
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, use_reentrant=False)

@@ -46,7 +46,7 @@ class Vocab:
 
 PRETRAIN_TASKS = ("copy", "reverse", "sort")  # what the base model learns
 FINETUNE_TASK = "increment"  # new skill, never seen during pretraining
-TASKS = PRETRAIN_TASKS + (FINETUNE_TASK,)
+TASKS = (*PRETRAIN_TASKS, FINETUNE_TASK)
 VOCAB_SIZE = Vocab.TASK_BASE + len(TASKS)  # 18
 SEQ_LEN = 2 * N_DIGITS + 4  # BOS, task, n digits, SEP, n digits, EOS
 BLOCK_SIZE = SEQ_LEN - 1  # length T of input_ids / labels after the shift
