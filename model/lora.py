@@ -329,7 +329,8 @@ def save_lora(model: nn.Module, directory: str | Path) -> Path:
 
     The config carries PEFT's fields (``peft_type``, ``r``, ``lora_alpha``, ``lora_dropout``,
     ``target_modules``, ``bias``, ...), so ``peft.PeftModel.from_pretrained`` can read it.
-    Every LoRA layer must share one r and one lora_alpha. Returns the directory.
+    Every LoRA layer must share one r and one lora_alpha, and nothing but A and B may be
+    trainable (a trained bias would silently be lost). Returns the directory.
     """
     raise NotImplementedError("Exercise 2.4: config + tensors — see tutorial/02-lora-in-a-model.md")
 
@@ -337,8 +338,9 @@ def save_lora(model: nn.Module, directory: str | Path) -> Path:
 def load_lora(model: nn.Module, directory: str | Path) -> nn.Module:
     """Load an adapter written by ``save_lora`` (or by PEFT) into ``model`` and return it.
 
-    If the model has no LoRA layers yet, they are added first from the config's
-    ``target_modules``, ``r``, ``lora_alpha`` and ``lora_dropout``.
+    If the model has no LoRA layers yet, they are added first, with the config's ``r``,
+    ``lora_alpha`` and ``lora_dropout``, to exactly the modules the file holds weights for
+    (so an adapter for ``layers.0.self_attn.q_proj`` alone wraps that one layer).
 
     Raises ValueError, leaving the model untouched, when the adapter does not fit: a module it
     names is missing, a LoRA layer has no weights in it, the rank or alpha differs, or a

@@ -421,6 +421,26 @@ def test_load_lora_rejects_an_adapter_for_another_model(lora, tiny_model, tmp_pa
 
 
 @pytest.mark.exercise("2.4")
+def test_adapter_for_one_layer_loads_into_a_fresh_base(lora, tiny_model, token_ids, tmp_path):
+    fresh = type(tiny_model)(tiny_model.config).eval()
+    fresh.load_state_dict(tiny_model.state_dict())
+    _saved_adapter(lora, tiny_model, tmp_path, r=2, target_modules=["layers.0.self_attn.q_proj"])
+    lora.load_lora(fresh, tmp_path)
+    wrapped = [path for path, _ in lora.lora_layers(fresh)]
+    assert wrapped == ["layers.0.self_attn.q_proj"], f"wrap exactly the modules the adapter file has, got {wrapped}"
+    assert_close(fresh(token_ids), tiny_model(token_ids), "logits after loading a one-layer adapter")
+
+
+@pytest.mark.exercise("2.4")
+def test_save_lora_refuses_to_drop_trained_biases(lora, tmp_path):
+    model = nn.Sequential(nn.Linear(8, 8))
+    lora.get_lora_model(model, r=2, target_modules=["0"])
+    lora.mark_only_lora_as_trainable(model, bias="all")
+    with pytest.raises(ValueError, match="bias"):
+        lora.save_lora(model, tmp_path)
+
+
+@pytest.mark.exercise("2.4")
 def test_adapter_config_is_what_peft_reads(lora, tiny_model, tmp_path):
     _saved_adapter(lora, tiny_model, tmp_path, r=2, lora_alpha=8, lora_dropout=0.05)
     config = json.loads((tmp_path / "adapter_config.json").read_text())

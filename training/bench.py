@@ -32,7 +32,9 @@ THREADS = 2
 
 def median_seconds(fn, min_run_time: float = 1.0) -> float:
     """Median wall time of ``fn()`` over blocks of runs lasting at least ``min_run_time`` in all."""
-    return Timer(stmt="fn()", globals={"fn": fn}, num_threads=THREADS).blocked_autorange(min_run_time=min_run_time).median
+    return (
+        Timer(stmt="fn()", globals={"fn": fn}, num_threads=THREADS).blocked_autorange(min_run_time=min_run_time).median
+    )
 
 
 def lora_layer_overhead() -> None:

@@ -447,7 +447,8 @@ def save_lora(model: nn.Module, directory: str | Path) -> Path:
 
     The config carries PEFT's fields (``peft_type``, ``r``, ``lora_alpha``, ``lora_dropout``,
     ``target_modules``, ``bias``, ...), so ``peft.PeftModel.from_pretrained`` can read it.
-    Every LoRA layer must share one r and one lora_alpha. Returns the directory.
+    Every LoRA layer must share one r and one lora_alpha, and nothing but A and B may be
+    trainable (a trained bias would silently be lost). Returns the directory.
     """
     # BEGIN SOLUTION 2.4: config + tensors
     layers = list(lora_layers(model))
@@ -456,6 +457,12 @@ def save_lora(model: nn.Module, directory: str | Path) -> Path:
     settings = {(layer.r, layer.lora_alpha) for _, layer in layers}
     if len(settings) > 1:
         raise ValueError(f"every LoRA layer must share one (r, lora_alpha) to be saved, found {sorted(settings)}")
+    others = [n for n, p in model.named_parameters() if p.requires_grad and not n.endswith(("lora_A", "lora_B"))]
+    if others:
+        raise ValueError(
+            f"save_lora writes lora_A and lora_B only, but {len(others)} other parameters are trainable "
+            f"(e.g. {others[0]}); freeze them (bias='none') or save them separately, or they would be lost"
+        )
     (r, lora_alpha), first = settings.pop(), layers[0][1]
     dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
     config = {
@@ -486,8 +493,9 @@ def save_lora(model: nn.Module, directory: str | Path) -> Path:
 def load_lora(model: nn.Module, directory: str | Path) -> nn.Module:
     """Load an adapter written by ``save_lora`` (or by PEFT) into ``model`` and return it.
 
-    If the model has no LoRA layers yet, they are added first from the config's
-    ``target_modules``, ``r``, ``lora_alpha`` and ``lora_dropout``.
+    If the model has no LoRA layers yet, they are added first, with the config's ``r``,
+    ``lora_alpha`` and ``lora_dropout``, to exactly the modules the file holds weights for
+    (so an adapter for ``layers.0.self_attn.q_proj`` alone wraps that one layer).
 
     Raises ValueError, leaving the model untouched, when the adapter does not fit: a module it
     names is missing, a LoRA layer has no weights in it, the rank or alpha differs, or a
@@ -509,13 +517,13 @@ def load_lora(model: nn.Module, directory: str | Path) -> nn.Module:
                 raise ValueError(
                     f"adapter has r={r}, lora_alpha={lora_alpha} but {path!r} has r={layer.r}, lora_alpha={layer.lora_alpha}"
                 )
-    else:
+    in_file = {key[len(PEFT_KEY_PREFIX) :].rsplit(".", 2)[0] for key in tensors}
+    if not existing:  # wrap exactly the modules the file has weights for (they must be config targets)
         planned = {
             path: (m.in_features, m.out_features)
             for path, m in modules.items()
-            if is_linear_like(m) and any(matches_target(path, t) for t in targets)
+            if path in in_file and is_linear_like(m) and any(matches_target(path, t) for t in targets)
         }
-    in_file = {key[len(PEFT_KEY_PREFIX) :].rsplit(".", 2)[0] for key in tensors}
     if missing := sorted(in_file - planned.keys()):
         raise ValueError(f"adapter has weights for modules the model lacks (or that are not LoRA targets): {missing}")
     if lacking := sorted(planned.keys() - in_file):
@@ -527,9 +535,8 @@ def load_lora(model: nn.Module, directory: str | Path) -> nn.Module:
                 got = tuple(tensors[key].shape) if key in tensors else "nothing"
                 raise ValueError(f"{key}: expected shape {shape} (r={r}), found {got}")
     if not existing:
-        get_lora_model(
-            model, r=r, lora_alpha=lora_alpha, lora_dropout=config.get("lora_dropout", 0.0), target_modules=targets
-        )
+        dropout = config.get("lora_dropout", 0.0)
+        get_lora_model(model, r=r, lora_alpha=lora_alpha, lora_dropout=dropout, target_modules=sorted(planned))
     with torch.no_grad():
         for path, layer in lora_layers(model):
             layer.lora_A.copy_(tensors[f"{PEFT_KEY_PREFIX}{path}.lora_A.weight"])
