@@ -71,6 +71,8 @@ def to_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """
     flat = x.reshape(-1)
     pad = -flat.numel() % block_size
+    if pad == 0:
+        return flat.view(-1, block_size)  # (n_blocks, block_size), no copy
     return F.pad(flat, (0, pad)).view(-1, block_size)  # (n_blocks, block_size)
 
 
@@ -260,7 +262,9 @@ def dequantize_nf4(
 
     Returns a tensor of ``shape`` and ``dtype`` (computed in float32, then cast).
     """
-    raise NotImplementedError("Exercise 3.4: unpack, look up, scale, reshape — see tutorial/03-quantization.md")
+    raise NotImplementedError(
+        "Exercise 3.4: look up both nibbles of each byte, scale, reshape — see tutorial/03-quantization.md"
+    )
 
 
 # ---- Exercise 3.5: double quantization -------------------------------------------------------

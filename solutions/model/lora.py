@@ -174,9 +174,13 @@ class LoRALayer(nn.Module):
             return result
         x = self.lora_dropout(x).to(self.lora_A.dtype)  # autocast, if on, casts it back down
         z = F.linear(x, self.lora_A)  # (..., r)
-        delta = F.linear(z, self.lora_B)  # (..., out)
-        # In place: saves one (..., out) temporary, which is most of LoRA's overhead on a CPU.
-        return result.add_(delta.to(result.dtype), alpha=self.scaling)
+        # result += scaling · z Bᵀ as one fused matmul-add into result's own memory: no (..., out)
+        # temporary and no extra pass over it (in place is safe: a linear layer's backward does
+        # not need its output). This keeps LoRA's overhead near its 3 % of the FLOPs on a CPU.
+        result.view(-1, self.out_features).addmm_(
+            z.reshape(-1, self.r).to(result.dtype), self.lora_B.T.to(result.dtype), alpha=self.scaling
+        )
+        return result
         # END SOLUTION
 
     # ---- Exercise 1.3: merge and unmerge ------------------------------------------------------

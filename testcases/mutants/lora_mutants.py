@@ -23,18 +23,23 @@ MUTANTS = [
         "Dropout applied to the LoRA output instead of its input.",
         (
             ("x = self.lora_dropout(x).to(self.lora_A.dtype)", "x = x.to(self.lora_A.dtype)"),
-            ("delta = F.linear(z, self.lora_B)", "delta = self.lora_dropout(F.linear(z, self.lora_B))"),
+            (
+                "        result.view(-1, self.out_features).addmm_(\n"
+                "            z.reshape(-1, self.r).to(result.dtype), self.lora_B.T.to(result.dtype), alpha=self.scaling\n"
+                "        )\n",
+                "        result.add_(self.lora_dropout(F.linear(z, self.lora_B)).to(result.dtype), alpha=self.scaling)\n",
+            ),
         ),
     ),
     Mutant(
         "transposed_factors",
         F,
-        "A stored as (in, r) and B as (out... r, out), as some notes write them (with x @ A @ B).",
+        "A stored as (in, r) and B as (r, out), as some notes write them (with x @ A @ B).",
         (
             ("torch.empty(r, in_features, device", "torch.empty(in_features, r, device"),
             ("torch.empty(out_features, r, device", "torch.empty(r, out_features, device"),
             ("z = F.linear(x, self.lora_A)", "z = x @ self.lora_A"),
-            ("delta = F.linear(z, self.lora_B)", "delta = z @ self.lora_B"),
+            ("self.lora_B.T.to(result.dtype)", "self.lora_B.to(result.dtype)"),
             ("self.scaling * (self.lora_B @ self.lora_A)", "self.scaling * (self.lora_A @ self.lora_B).T"),
         ),
     ),

@@ -116,8 +116,8 @@ MUTANTS = [
         "Dequantization forgets the last partial block (only full blocks are scaled).",
         (
             (
-                "    blocks = to_blocks(values, block_size) * absmax.reshape(-1, 1).float()",
-                "    full = codes.numel() // block_size\n"
+                "    blocks = to_blocks(values, block_size) * absmax.reshape(-1, 1).float()  # (n_blocks, block_size)",
+                "    full = numel // block_size\n"
                 "    blocks = torch.cat([to_blocks(values, block_size)[:full] * absmax[:full].reshape(-1, 1).float(),"
                 " torch.zeros(1, block_size, device=values.device)])",
             ),

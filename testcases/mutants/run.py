@@ -65,6 +65,8 @@ def run_mutant(mutant: Mutant) -> tuple[bool, str]:
             finally:
                 sys.stdout = stdout
     if code == pytest.ExitCode.TESTS_FAILED and recorder.failed:
+        if "NameError" in recorder.failed:  # the mutant itself is broken, not caught by a test
+            return False, f"the mutant's code raises NameError, fix the mutant: {recorder.failed}"
         return True, recorder.failed
     if code == pytest.ExitCode.OK:
         return False, "every graded test passed"
