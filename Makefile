@@ -81,7 +81,8 @@ solution-branch: ## instructors: a local branch `solution` whose student files h
 handout: ## instructors: build/handout/, a copy of HEAD without solutions/ and the mutants
 	rm -rf build/handout && mkdir -p build/handout
 	git archive HEAD | tar -x -C build/handout
-	rm -rf build/handout/solutions build/handout/testcases/mutants build/handout/testcases/tools/stubgen.py
+	rm -rf build/handout/solutions build/handout/.ci build/handout/testcases/mutants build/handout/testcases/tools \
+	       build/handout/testcases/support_test.py
 	@echo "build/handout/: hand this out (students run make grade; make test needs solutions/)"
 
 clean: ## remove generated output (runs/, build/); keeps .venv

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from model.lora import count_parameters
+from model.lora import count_parameters, print_trainable_parameters
 from model.tiny_llama import load_base_model
 from training.data import exact_match_accuracy, finetune_data, lm_loss
 from training.qlora_trainer import QLoRATrainer, TrainConfig, merge_and_export, plot_loss_curves, prepare_qlora_model
@@ -88,9 +88,10 @@ def run(method: str, base: nn.Module, device: torch.device, precision: str, data
     else:
         model = prepare_qlora_model(model, config)
     trainer = QLoRATrainer(model, config, data["train"], data["eval"])
+    print(f"\n[{method}] training {STEPS} steps ({config.precision}, {device.type})")
+    print_trainable_parameters(model)  # PEFT's line: the trainable share
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    print(f"\n[{method}] training {STEPS} steps ({config.precision}, {device.type})")
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
