@@ -624,6 +624,7 @@ def test_lr_schedule_values(trainer, scheduler, step, factor):
 
 
 @pytest.mark.exercise("4.3")
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 def test_gradient_accumulation_matches_one_big_batch(trainer, tiny_model, task_data, tmp_path):
     from testcases.helpers import record_optimizer_steps
 

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -293,7 +294,9 @@ class QLoRATrainer:
             self.skipped_steps += 1
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.update()  # fp16: lowers the scale; otherwise a no-op
-            self.scheduler.step()
+            with warnings.catch_warnings():  # the schedule counts attempted steps, skipped ones too
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+                self.scheduler.step()
             self.step += 1
             return float("nan")
         if self.config.max_grad_norm is not None:
