@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from testcases.helpers import assert_unchanged, make_trainer, randomize_lora, snapshot
+from testcases.helpers import assert_unchanged, copy_of, make_trainer, randomize_lora, snapshot
 from testcases.tolerances import assert_close
 
 # ---- Exercise 1.1: the LoRA layer -----------------------------------------------------------
@@ -366,8 +366,7 @@ def _saved_adapter(lora, model, path, **kwargs):
 
 @pytest.mark.exercise("2.4")
 def test_load_lora_into_a_model_that_already_has_lora(lora, tiny_model, token_ids, tmp_path):
-    target = type(tiny_model)(tiny_model.config).eval()
-    target.load_state_dict(tiny_model.state_dict())
+    target = copy_of(tiny_model)
     _saved_adapter(lora, tiny_model, tmp_path, r=2, lora_alpha=4)
     lora.get_lora_model(target, r=2, lora_alpha=4)
     lora.load_lora(target, tmp_path)
@@ -376,7 +375,7 @@ def test_load_lora_into_a_model_that_already_has_lora(lora, tiny_model, token_id
 
 @pytest.mark.exercise("2.4")
 def test_load_lora_rejects_a_wrong_rank(lora, tiny_model, tmp_path):
-    target = type(tiny_model)(tiny_model.config).eval()
+    target = copy_of(tiny_model)
     _saved_adapter(lora, tiny_model, tmp_path, r=2)
     lora.get_lora_model(target, r=4)
     before = snapshot(target)
@@ -387,7 +386,7 @@ def test_load_lora_rejects_a_wrong_rank(lora, tiny_model, tmp_path):
 
 @pytest.mark.exercise("2.4")
 def test_load_lora_rejects_a_different_alpha(lora, tiny_model, tmp_path):
-    target = type(tiny_model)(tiny_model.config).eval()
+    target = copy_of(tiny_model)
     _saved_adapter(lora, tiny_model, tmp_path, r=2, lora_alpha=4)
     lora.get_lora_model(target, r=2, lora_alpha=16)
     before = snapshot(target)
@@ -399,7 +398,7 @@ def test_load_lora_rejects_a_different_alpha(lora, tiny_model, tmp_path):
 @pytest.mark.exercise("2.4")
 def test_load_lora_rejects_missing_modules(lora, tiny_model, tmp_path):
     """An adapter for q_proj only cannot fill a model whose v_proj also has LoRA."""
-    target = type(tiny_model)(tiny_model.config).eval()
+    target = copy_of(tiny_model)
     _saved_adapter(lora, tiny_model, tmp_path, r=2, target_modules=["q_proj"])
     lora.get_lora_model(target, r=2, target_modules=["q_proj", "v_proj"])
     before = snapshot(target)
@@ -422,8 +421,7 @@ def test_load_lora_rejects_an_adapter_for_another_model(lora, tiny_model, tmp_pa
 
 @pytest.mark.exercise("2.4")
 def test_adapter_for_one_layer_loads_into_a_fresh_base(lora, tiny_model, token_ids, tmp_path):
-    fresh = type(tiny_model)(tiny_model.config).eval()
-    fresh.load_state_dict(tiny_model.state_dict())
+    fresh = copy_of(tiny_model)
     _saved_adapter(lora, tiny_model, tmp_path, r=2, target_modules=["layers.0.self_attn.q_proj"])
     lora.load_lora(fresh, tmp_path)
     wrapped = [path for path, _ in lora.lora_layers(fresh)]
@@ -822,8 +820,7 @@ def test_prepared_model_starts_as_the_quantized_base(trainer, tiny_model, token_
     """B = 0, so the prepared model computes exactly what the NF4-quantized base computes."""
     from model.quant import dequantize_nf4, quantize_nf4
 
-    reference = type(tiny_model)(tiny_model.config).eval()
-    reference.load_state_dict(tiny_model.state_dict())
+    reference = copy_of(tiny_model)
     with torch.no_grad():
         for name, module in reference.named_modules():
             if isinstance(module, nn.Linear) and name != "lm_head":
@@ -907,12 +904,8 @@ def test_non_finite_loss_skips_the_step(trainer, tiny_model, task_data, tmp_path
 
 @pytest.mark.exercise("4.3")
 def test_resume_equals_uninterrupted(trainer, tiny_model, task_data, tmp_path):
-    state = tiny_model.state_dict()
-
     def fresh():
-        model = type(tiny_model)(tiny_model.config)
-        model.load_state_dict(state)
-        return make_trainer(trainer, model, task_data, lora_dropout=0.1, gradient_accumulation_steps=2,
+        return make_trainer(trainer, copy_of(tiny_model), task_data, lora_dropout=0.1, gradient_accumulation_steps=2,
                         max_steps=6, output_dir=str(tmp_path))  # fmt: skip
 
     straight = fresh()

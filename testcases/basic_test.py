@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from testcases.helpers import make_trainer, randomize_lora
+from testcases.helpers import copy_of, make_trainer, randomize_lora
 from testcases.tolerances import assert_close
 
 # ---- Exercise 1.1: the LoRA layer -----------------------------------------------------------
@@ -302,8 +302,7 @@ def test_save_lora_writes_peft_files(lora, tiny_model, tmp_path):
 
 @pytest.mark.exercise("2.4")
 def test_load_lora_restores_the_outputs(lora, tiny_model, token_ids, tmp_path):
-    fresh = type(tiny_model)(tiny_model.config).eval()
-    fresh.load_state_dict(tiny_model.state_dict())
+    fresh = copy_of(tiny_model)
     lora.get_lora_model(tiny_model, r=2)
     randomize_lora(tiny_model, std=0.2)
     expected = tiny_model(token_ids).detach()
@@ -628,19 +627,12 @@ def test_lr_schedule_values(trainer, scheduler, step, factor):
 def test_gradient_accumulation_matches_one_big_batch(trainer, tiny_model, task_data, tmp_path):
     from testcases.helpers import record_optimizer_steps
 
-    state = tiny_model.state_dict()
+    ids, labels = task_data["input_ids"][:16], task_data["labels"][:16]
     grads = []
-    for batches in ([task_data["input_ids"][:8], task_data["input_ids"][8:16]], [task_data["input_ids"][:16]]):
-        model = type(tiny_model)(tiny_model.config)
-        model.load_state_dict(state)
-        t = make_trainer(trainer, model, task_data, max_grad_norm=None, output_dir=str(tmp_path))
+    for micro_batches in ([(ids[:8], labels[:8]), (ids[8:], labels[8:])], [(ids, labels)]):
+        t = make_trainer(trainer, copy_of(tiny_model), task_data, max_grad_norm=None, output_dir=str(tmp_path))
         seen = record_optimizer_steps(t.optimizer)
-        labels = {16: task_data["labels"][:16], 8: None}
-        micro = [
-            (b, task_data["labels"][i * 8 : i * 8 + 8] if len(batches) == 2 else labels[16])
-            for i, b in enumerate(batches)
-        ]
-        t.train_step(micro)
+        t.train_step(micro_batches)
         assert len(seen) == 1, f"one train_step must call optimizer.step once, it was called {len(seen)} times"
         grads.append(seen[0])
     for g_accumulated, g_big in zip(grads[0], grads[1]):

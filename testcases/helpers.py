@@ -6,6 +6,13 @@ import torch
 from torch import nn
 
 
+def copy_of(model: nn.Module) -> nn.Module:
+    """A fresh TinyLlama with ``model``'s config and weights, in eval mode (a second, untouched base)."""
+    twin = type(model)(model.config).eval()
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
 def randomize_lora(model: nn.Module, std: float = 0.5, seed: int = 1) -> None:
     """Give every lora_B (and lora_A) random values, as if the adapter had been trained.
 
