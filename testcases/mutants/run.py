@@ -37,6 +37,11 @@ class _FirstFailure:
 
     def __init__(self) -> None:
         self.failed: str | None = None
+        self.collection_error: list[str] = []
+
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        if report.failed:
+            self.collection_error = str(report.longrepr).strip().splitlines()[-1:]
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.failed and self.failed is None:
@@ -56,7 +61,7 @@ def run_mutant(mutant: Mutant) -> tuple[bool, str]:
             sys.modules.pop(module, None)
         os.environ["LORA_IMPL"] = tmp
         recorder = _FirstFailure()
-        args = ["-x", "-q", "--no-header", "-p", "no:nbmake", "-p", "no:warnings", "--impl", tmp]
+        args = ["-x", "-q", "--no-header", "-p", "no:nbmake", "-W", "ignore", "--impl", tmp]
         args += ["--ex", STAGES[mutant.file], "testcases/basic_test.py", "testcases/advanced_test.py"]
         with open(os.devnull, "w") as devnull:
             stdout, sys.stdout = sys.stdout, devnull
@@ -70,7 +75,7 @@ def run_mutant(mutant: Mutant) -> tuple[bool, str]:
         return True, recorder.failed
     if code == pytest.ExitCode.OK:
         return False, "every graded test passed"
-    return False, f"pytest exited with {code!r}"
+    return False, f"pytest exited with {code!r} {recorder.collection_error}"
 
 
 def worker(names: list[str]) -> int:
