@@ -588,7 +588,7 @@ def test_optimizer_holds_only_the_adapters(trainer, tiny_model, task_data, tmp_p
     lora = {id(p) for name, p in t.model.named_parameters() if name.endswith(("lora_A", "lora_B"))}
     assert in_optimizer == lora, (
         f"the optimizer must hold exactly the {len(lora)} LoRA tensors, it holds {len(in_optimizer)}: "
-        "frozen weights in AdamW cost two fp32 states each for nothing"
+        "a frozen weight in AdamW is one stray gradient away from being trained"
     )
 
 

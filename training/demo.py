@@ -6,8 +6,9 @@ weights, peak training memory and seconds. Written to runs/demo/: metrics.json
 ({"full": {...}, "lora": {...}, "qlora": {...}}), loss_curves.png, and the LoRA and QLoRA
 adapters in PEFT's format. The QLoRA model is also merged (dequantize + merge) and checked.
 
-Runs on the CPU by default (CUDA when present). On a CPU the demo computes in fp32: CPUs without
-native bf16 units emulate bf16 and train ~2.5× slower; on CUDA it uses bf16 autocast.
+Runs on the CPU by default (CUDA when present). On a CPU the demo computes in fp32: bf16 autocast
+trained ~2.5× slower than fp32 on the 2-core CPUs we measured (small matmuls plus the casts);
+on CUDA it uses bf16 autocast.
 
     python -m training.demo            (reference code: LORA_IMPL=solutions, as `make demo` sets)
     make demo IMPL=student             (your code)

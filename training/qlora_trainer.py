@@ -119,8 +119,9 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     - ``lora_B``: lr × loraplus_lr_ratio if set (LoRA+, Hayou et al. 2024), weight_decay
     - trainable vectors (biases, norms): lr, no weight decay
 
-    Frozen parameters (and the NF4 buffers) are never handed to the optimizer: Adam would keep
-    two fp32 states for each of them. Empty groups are left out.
+    Frozen parameters (and the NF4 buffers) are never handed to the optimizer: they must not
+    train, and the moment anything gave them a gradient, AdamW would update the "frozen" weights
+    and keep two fp32 states for each. Empty groups are left out.
     """
     raise NotImplementedError(
         "Exercise 4.3: three parameter groups of trainable parameters — see tutorial/04-qlora-training.md"
@@ -156,6 +157,11 @@ class QLoRATrainer:
         eval_data: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self.config, self.train_data, self.eval_data = config, train_data, eval_data
+        if train_data["input_ids"].shape[0] < config.batch_size:
+            raise ValueError(
+                f"batch_size={config.batch_size} is larger than the training set "
+                f"({train_data['input_ids'].shape[0]} examples)"
+            )
         self.device = resolve_device(config)
         self.model = model.to(self.device)
         self.optimizer = build_optimizer(self.model, config)
@@ -287,9 +293,11 @@ def plot_loss_curves(histories: dict[str, list[dict[str, float]]], path: str | P
 def merge_and_export(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A plain model of ``nn.Linear`` layers: dequantize every NF4 base, then merge LoRA into it.
 
-    Never merge into 4-bit weights (re-quantizing W0 + ΔW would throw away most of ΔW): each
-    ``NF4Linear`` becomes an ``nn.Linear`` holding its dequantized weight in ``dtype``, then
-    ``merge_and_unload`` folds the adapters in. Outputs match the QLoRA model's up to rounding.
+    Never merge into 4-bit weights: re-quantizing W0 + ΔW adds NF4 rounding error that is as
+    large as a small ΔW (and erases updates below half a quantization step). Each ``NF4Linear``
+    becomes an ``nn.Linear`` holding its dequantized weight in ``dtype`` (layers that were never
+    quantized keep their dtype), then ``merge_and_unload`` folds the adapters in. Outputs match
+    the QLoRA model's up to rounding.
     """
     raise NotImplementedError(
         "Exercise 4.4: dequantize the bases, then merge and unload — see tutorial/04-qlora-training.md"
