@@ -16,6 +16,7 @@ Run it on a quiet machine: other processes using the cores distort every timing.
 from __future__ import annotations
 
 import copy
+import statistics
 
 import torch
 from torch import nn
@@ -37,31 +38,42 @@ def median_seconds(fn, min_run_time: float = 1.0) -> float:
     )
 
 
+def interleaved(fns: dict[str, object], rounds: int = 5) -> dict[str, float]:
+    """Median seconds of each callable, measured in alternating rounds (drift hits all alike)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(median_seconds(fn, 0.4))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def lora_layer_overhead() -> None:
     torch.manual_seed(0)
     base = nn.Linear(512, 512)
     layer = LoRALayer.from_linear(copy.deepcopy(base), r=8, lora_alpha=16)
     nn.init.normal_(layer.lora_B, std=0.02)
+    merged = copy.deepcopy(layer)
+    merged.merge()
     x = torch.randn(1024, 512)
-    with torch.no_grad():
-        t_base = median_seconds(lambda: base(x))
-        t_lora = median_seconds(lambda: layer(x))
-        layer.merge()
-        t_merged = median_seconds(lambda: layer(x))
-    print("1. LoRA layer forward, 1024 tokens, 512 -> 512, r = 8, fp32, 2 threads (median)")
-    print(f"   nn.Linear            {t_base * 1e3:8.3f} ms")
-    print(f"   LoRALayer unmerged   {t_lora * 1e3:8.3f} ms   {t_lora / t_base:5.2f}x   (aim <= 1.10x)")
-    print(f"   LoRALayer merged     {t_merged * 1e3:8.3f} ms   {t_merged / t_base:5.2f}x   (aim <= 1.02x)")
-    try:
-        import peft  # noqa: F401  (dev-only comparison)
-        from peft.tuners.lora import Linear as PeftLinear
+    fns = {"nn.Linear": lambda: base(x), "LoRALayer unmerged": lambda: layer(x), "LoRALayer merged": lambda: merged(x)}
+    try:  # dev-only comparison with PEFT's LoRA layer
+        from peft import LoraConfig, get_peft_model
+
+        peft_model = get_peft_model(
+            nn.Sequential(copy.deepcopy(base)), LoraConfig(r=8, lora_alpha=16, target_modules=["0"])
+        )
+        fns["PEFT lora.Linear"] = lambda: peft_model(x)
     except ImportError:
-        print("   (PEFT not installed: pip install peft to compare its LoRA layer)")
-        return
-    peft_layer = PeftLinear(copy.deepcopy(base), "default", r=8, lora_alpha=16)
+        pass
     with torch.no_grad():
-        t_peft = median_seconds(lambda: peft_layer(x))
-    print(f"   PEFT lora.Linear     {t_peft * 1e3:8.3f} ms   {t_peft / t_base:5.2f}x")
+        times = interleaved(fns)
+    aims = {"LoRALayer unmerged": "   (aim <= 1.10x)", "LoRALayer merged": "   (aim <= 1.02x)"}
+    print("1. LoRA layer forward, 1024 tokens, 512 -> 512, r = 8, fp32, 2 threads (median of 5 rounds)")
+    for name, seconds in times.items():
+        ratio = seconds / times["nn.Linear"]
+        print(f"   {name:<20} {seconds * 1e3:8.3f} ms   {ratio:5.2f}x{aims.get(name, '')}")
+    if "PEFT lora.Linear" not in times:
+        print("   (PEFT not installed: pip install peft to compare its LoRA layer)")
 
 
 def nf4_throughput() -> None:

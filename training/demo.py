@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from model.lora import count_parameters, print_trainable_parameters
+from model.lora import count_parameters
 from model.tiny_llama import load_base_model
 from training.data import exact_match_accuracy, finetune_data, lm_loss
 from training.qlora_trainer import QLoRATrainer, TrainConfig, merge_and_export, plot_loss_curves, prepare_qlora_model
@@ -90,7 +90,11 @@ def run(method: str, base: nn.Module, device: torch.device, precision: str, data
         model = prepare_qlora_model(model, config)
     trainer = QLoRATrainer(model, config, data["train"], data["eval"])
     print(f"\n[{method}] training {STEPS} steps ({config.precision}, {device.type})")
-    print_trainable_parameters(model)  # PEFT's line: the trainable share
+    # The share of the base's parameters that train (a 4-bit base keeps its weights in buffers,
+    # so the model's own parameter count would understate the whole).
+    trainable = count_parameters(model)[0]
+    n_base = sum(p.numel() for p in base.parameters())
+    print(f"trainable params: {trainable:,} of {n_base:,} base parameters ({100 * trainable / n_base:.2f} %)")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
