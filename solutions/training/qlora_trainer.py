@@ -73,7 +73,7 @@ class TrainConfig:
     seed: int = 0  # seeds the adapters' init, dropout and the data order
     log_every: int = 10  # optimizer steps between log lines in metrics.jsonl
     output_dir: str = "runs/qlora"  # metrics.jsonl, loss_curve.png, adapter/, checkpoints
-    progress: bool = True  # show a tqdm progress bar
+    progress: bool = True  # show a tqdm progress bar (on a terminal; never in a log file)
 
     def __post_init__(self) -> None:
         """Check every field; raise a ValueError naming the field and its allowed values."""
@@ -320,7 +320,7 @@ class QLoRATrainer:
         config = self.config
         stop = config.max_steps if steps is None else min(config.max_steps, self.step + steps)
         tokens_per_step = config.batch_size * config.gradient_accumulation_steps * self.train_data["input_ids"].shape[1]
-        bar = tqdm(total=stop - self.step, desc="train", disable=not config.progress, leave=False)
+        bar = tqdm(total=stop - self.step, desc="train", disable=None if config.progress else True, leave=False)
         started, first_step = time.perf_counter(), self.step
         while self.step < stop:
             k = config.gradient_accumulation_steps
