@@ -35,6 +35,7 @@ def snapshot(model: nn.Module) -> dict[str, object]:
 
 
 def assert_unchanged(model: nn.Module, before: dict[str, object], what: str) -> None:
+    __tracebackhide__ = True
     after = snapshot(model)
     assert after["modules"] == before["modules"], f"{what} changed the model's modules although it raised an error"
     assert after["requires_grad"] == before["requires_grad"], f"{what} changed requires_grad although it raised"

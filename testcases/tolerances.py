@@ -33,6 +33,7 @@ def assert_close(
 
     On a mismatch the message names ``what``, the worst element, both values and ``hint``.
     """
+    __tracebackhide__ = True  # pytest shows the test's line, not this helper's
     hint = f"\nLikely cause: {hint}" if hint else ""
     assert isinstance(actual, torch.Tensor), f"{what}: expected a tensor, got {type(actual).__name__}{hint}"
     assert actual.shape == expected.shape, (
@@ -51,17 +52,3 @@ def assert_close(
             f"{what}: {int(bad.sum())} of {a.numel()} elements differ beyond rtol={tol['rtol']}, atol={tol['atol']}; "
             f"worst at index {index}: expected {e.flatten()[worst].item():.6g}, got {a.flatten()[worst].item():.6g}{hint}"
         )
-
-
-def assert_equal(actual: torch.Tensor, expected: torch.Tensor, what: str, hint: str = "") -> None:
-    """Bit-for-bit equality (codes, packed bytes, frozen weights), with the first difference shown."""
-    assert_close(actual, expected, what, hint, dtype=torch.int64 if not expected.is_floating_point() else None)
-    if expected.is_floating_point():
-        differ = actual.detach().cpu() != expected.detach().cpu()
-        if differ.any():
-            first = int(differ.flatten().nonzero()[0])
-            raise AssertionError(
-                f"{what}: {int(differ.sum())} elements are not bit-identical; first at flat index {first}: "
-                f"expected {expected.flatten()[first].item()!r}, got {actual.flatten()[first].item()!r}"
-                + (f"\nLikely cause: {hint}" if hint else "")
-            )
