@@ -58,7 +58,7 @@ MUTANTS = [
         "Blocks are cut per row of the weight instead of over the flattened tensor.",
         (
             (
-                "    return to_blocks(x.float(), block_size).abs().max(dim=1).values",
+                "    return to_blocks(x.float(), block_size).abs().amax(dim=1)",
                 "    rows = x.float().reshape(x.shape[0] if x.dim() > 1 else 1, -1)\n"
                 "    return torch.cat([to_blocks(row, block_size).abs().max(dim=1).values for row in rows])",
             ),
@@ -70,7 +70,7 @@ MUTANTS = [
         "One absmax for the whole tensor instead of one per block.",
         (
             (
-                "    return to_blocks(x.float(), block_size).abs().max(dim=1).values",
+                "    return to_blocks(x.float(), block_size).abs().amax(dim=1)",
                 "    blocks = to_blocks(x.float(), block_size)\n"
                 "    return blocks.abs().max().expand(blocks.shape[0]).clone()",
             ),
@@ -88,8 +88,8 @@ MUTANTS = [
         "Scaling by x / absmax instead of x * (1 / absmax): codes flip on midpoints.",
         (
             (
-                "scaled = (to_blocks(x.float(), block_size) * inverse[:, None]).clamp(-1, 1)",
-                "scaled = (to_blocks(x.float(), block_size) / torch.where(absmax > 0, absmax, 1.0)[:, None]).clamp(-1, 1)",
+                "scaled = (to_blocks(x.float(), block_size) * inverse[:, None]).clamp_(-1, 1)",
+                "scaled = (to_blocks(x.float(), block_size) / torch.where(absmax > 0, absmax, 1.0)[:, None]).clamp_(-1, 1)",
             ),
         ),
     ),
@@ -99,8 +99,8 @@ MUTANTS = [
         "A value exactly between two levels takes the upper one (round half up).",
         (
             (
-                "torch.searchsorted(midpoints, values.contiguous(), right=False)",
-                "torch.searchsorted(midpoints, values.contiguous(), right=True)",
+                "torch.searchsorted(midpoints, values.contiguous(), right=False, out_int32=True)",
+                "torch.searchsorted(midpoints, values.contiguous(), right=True, out_int32=True)",
             ),
         ),
     ),
