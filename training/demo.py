@@ -100,7 +100,6 @@ def run(method: str, base: nn.Module, device: torch.device, precision: str, data
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
-    trainable, _ = count_parameters(trainer.model)
     metrics = {
         "accuracy_before": data["accuracy_before"],
         "accuracy_after": exact_match_accuracy(trainer.model, data["eval"]),
