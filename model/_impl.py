@@ -1,66 +1,122 @@
 """The one switch between the student files and the reference.
 
-Tests, notebooks and the demo import ``model.lora``, ``model.quant`` and
-``training.qlora_trainer`` and never ``solutions.*``. The environment variable
-``LORA_IMPL`` decides which file those three names load:
+Tests, notebooks and the demo import the student modules (``model.lora``, ``model.quant``,
+``training.qlora_trainer``; the list is ``testcases/manifest.py``) and never ``solutions.*``.
+One setting, ``impl``, decides which files those names load:
 
-    LORA_IMPL=student     (default)  model/lora.py, model/quant.py, training/qlora_trainer.py
-    LORA_IMPL=solutions              solutions/model/lora.py, ... (the reference)
-    LORA_IMPL=/some/dir              /some/dir/model/lora.py, ... (a submission, a mutant);
-                                     a file missing there falls back to the student stub
+    student      model/lora.py, ...             (your files)
+    solutions    solutions/model/lora.py, ...   (the reference; an error where solutions/ is absent)
+    DIR          DIR/model/lora.py, ... or DIR/lora.py, ...   (a submission: a clone or just the files)
 
-Only these three modules are redirected; everything given (``model.tiny_llama``,
-``training.data``, ...) always comes from this repository. The reference files import
-each other through the same names, so a whole run is one implementation.
+It is spelled ``make … IMPL=…`` for make, ``--impl …`` for pytest and the grader, and
+``LORA_IMPL=…`` in the environment (what the other two set). When it is not given:
+
+    grading (make grade, pytest)                       -> student
+    showing (make demo, notebooks, bench)              -> solutions where this checkout has them, else student
+
+Only the student modules are redirected; everything given (``model.tiny_llama``,
+``training.data``, ...) always comes from this repository. The reference files import each
+other through the same names, so a run is one implementation throughout.
 """
 
 from __future__ import annotations
 
 import importlib.abc
+import importlib.machinery
 import importlib.util
 import os
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from testcases.manifest import student_modules
 
-# module name -> path relative to an implementation root
-STUDENT_MODULES = {
-    "model.lora": "model/lora.py",
-    "model.quant": "model/quant.py",
-    "training.qlora_trainer": "training/qlora_trainer.py",
-}
+REPO = Path(__file__).resolve().parents[1]
+ENV = "LORA_IMPL"
+
+
+class StudentFileMissing(ModuleNotFoundError):
+    """A student file is absent from the submission: its exercises count as not attempted."""
+
+
+class StudentFileBroken(ImportError):
+    """A student file failed to import earlier in this process (the first error, repeated quickly)."""
+
+
+def default_choice(purpose: str = "grade") -> str:
+    """``student`` for grading; for showing results, the reference where this checkout has it."""
+    if purpose == "show" and (REPO / "solutions").is_dir():
+        return "solutions"
+    return "student"
+
+
+def use_default_for(purpose: str) -> str:
+    """Set ``LORA_IMPL`` to the default for ``purpose`` unless it is set; return the choice."""
+    return os.environ.setdefault(ENV, default_choice(purpose))
 
 
 def implementation_root(choice: str | None = None) -> Path:
-    """The directory that holds the three student files for ``choice`` (default: $LORA_IMPL)."""
-    choice = choice or os.environ.get("LORA_IMPL", "student")
+    """The directory that holds the student files for ``choice`` (default: $LORA_IMPL, else student)."""
+    choice = choice or os.environ.get(ENV) or "student"
     if choice == "student":
         return REPO
-    if choice in ("solutions", "solution", "reference"):
+    if choice == "solutions":
+        if not (REPO / "solutions").is_dir():
+            raise ValueError(
+                "impl=solutions: this checkout has no solutions/ folder (a handout has no reference); "
+                "use impl=student or a directory"
+            )
         return REPO / "solutions"
     root = Path(choice).expanduser().resolve()
     if not root.is_dir():
-        raise ValueError(
-            f"LORA_IMPL={choice!r}: expected 'student', 'solutions' or a directory that holds "
-            f"{', '.join(STUDENT_MODULES.values())}"
-        )
+        raise ValueError(f"impl={choice!r}: expected 'student', 'solutions' or a directory holding the student files")
     return root
 
 
-def implementation_file(module: str) -> Path:
-    """The file that ``import <module>`` loads under the current switch."""
-    path = implementation_root() / STUDENT_MODULES[module]
-    return path if path.is_file() else REPO / STUDENT_MODULES[module]
+def implementation_file(module: str, choice: str | None = None) -> Path | None:
+    """The file ``import <module>`` loads: ``<root>/model/lora.py``, or ``<root>/lora.py`` in a
+    folder of loose files; None when the submission does not have it."""
+    relative = student_modules()[module]
+    root = implementation_root(choice)
+    for candidate in (root / relative, root / Path(relative).name):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+_broken: dict[str, str] = {}  # module -> why it cannot be imported in this process
+
+
+def mark_broken(module: str, reason: str) -> None:
+    """Make every later ``import <module>`` fail at once with ``reason`` (no second run of its code)."""
+    _broken[module] = reason
+    sys.modules.pop(module, None)
+
+
+class _Refuse(importlib.abc.Loader):
+    def __init__(self, error: ImportError) -> None:
+        self.error = error
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        raise self.error
 
 
 class _StudentFileFinder(importlib.abc.MetaPathFinder):
-    """Redirects exactly the three student modules; every other import is left alone."""
+    """Redirects exactly the student modules; every other import is left alone."""
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname not in STUDENT_MODULES:
+        modules = student_modules()
+        if fullname not in modules:
             return None
-        return importlib.util.spec_from_file_location(fullname, implementation_file(fullname))
+        if fullname in _broken:
+            return importlib.machinery.ModuleSpec(fullname, _Refuse(StudentFileBroken(_broken[fullname])))
+        file = implementation_file(fullname)
+        if file is None:
+            error = StudentFileMissing(f"{modules[fullname]} is not in {implementation_root()}")
+            return importlib.machinery.ModuleSpec(fullname, _Refuse(error))
+        return importlib.util.spec_from_file_location(fullname, file)
 
 
 def install() -> None:

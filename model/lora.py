@@ -188,11 +188,28 @@ def _check_lora_args(
         raise ValueError(f"init_lora_weights must be one of {INIT_METHODS}, got {init!r}")
 
 
-def _base_weight_like(base_layer: nn.Module) -> torch.Tensor:
-    """Any tensor of the base layer, to learn its device (parameters first, then buffers)."""
+def adapter_placement(base_layer: nn.Module) -> dict[str, object]:
+    """Given: where A and B live: ``{"device": ..., "dtype": ...}`` for ``torch.empty``.
+
+    The base layer's device (its first parameter or buffer). Its dtype if that is float32 or
+    float64; otherwise (a half-precision or a 4-bit base) float32: trainable adapters keep fp32
+    master weights, as PEFT's ``autocast_adapter_dtype`` does.
+    """
     for tensor in [*base_layer.parameters(), *base_layer.buffers()]:
-        return tensor
-    return torch.empty(0)
+        dtype = tensor.dtype if tensor.dtype in (torch.float32, torch.float64) else torch.float32
+        return {"device": tensor.device, "dtype": dtype}
+    return {"device": torch.device("cpu"), "dtype": torch.float32}
+
+
+def adds_in_place_safely(base_layer: nn.Module) -> bool:
+    """Given: may the forward add LoRA's term into the base layer's output in place?
+
+    Only for bases known to return a fresh tensor that their backward does not need: a plain
+    ``nn.Linear``, or a layer that says so with ``output_is_fresh = True`` (``NF4Linear``). An
+    identity-like base returns its input (adding in place would overwrite the caller's x); others
+    may save their output for backward. Everything else takes the out-of-place sum.
+    """
+    return type(base_layer) is nn.Linear or getattr(base_layer, "output_is_fresh", False) is True
 
 
 def _mergeable_weight(base_layer: nn.Module) -> torch.Tensor:

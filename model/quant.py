@@ -351,6 +351,8 @@ class NF4Linear(nn.Module):
     ``absmax_offset`` float32 ().
     """
 
+    output_is_fresh = True  # forward returns a new tensor its backward does not need (LoRA may add in place)
+
     def __init__(
         self,
         in_features: int,
@@ -390,8 +392,8 @@ class NF4Linear(nn.Module):
             "Exercise 3.6: quantize the weight, (double-)quantize absmax, keep the bias — see tutorial/03-quantization.md"
         )
 
-    def block_absmax(self) -> torch.Tensor:
-        """The per-block absmax (dequantized first when double quantization is on)."""
+    def dequantized_absmax(self) -> torch.Tensor:
+        """The per-block absmax, float32 (n_blocks,): double-dequantized first when DQ is on."""
         raise NotImplementedError("Exercise 3.6: absmax, possibly double-dequantized — see tutorial/03-quantization.md")
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -61,8 +61,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 for stability, then return to the input dtype.
-        x32 = x.float()
+        # Normalise in (at least) fp32 for stability, then return to the input dtype.
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         return x32.to(x.dtype) * self.weight.to(x.dtype)
 
@@ -197,11 +197,6 @@ class TinyLlama(nn.Module):
                 x = layer(x, cos, sin)
         x = self.norm(x)  # (B, T, C)
         return self.lm_head(x)  # (B, T, vocab)
-
-
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of (trainable) parameter elements in ``model``."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 # ---------------------------------------------------------------------------

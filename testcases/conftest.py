@@ -1,7 +1,8 @@
-"""Shared fixtures for the graded suites, and the grading plugin's hooks.
+"""Fixtures shared by every stage's tests; the grading plugin is registered here.
 
-Student modules are imported inside fixtures, never at the top of a test file, so a file that
-does not import (a syntax error, say) costs the tests that need it, not the whole run.
+Student modules are reached through fixtures (``lora``, ``quant``, ``trainer``), never imported at
+the top of a test module: the plugin imports them once before the first test, and a file that does
+not import fails the tests that need it, with one line naming the file and the error.
 """
 
 from __future__ import annotations
@@ -11,21 +12,16 @@ from types import ModuleType
 
 import pytest
 import torch
+from torch import nn
 
-from model._impl import implementation_file
-from testcases.grading import *  # noqa: F403  (the plugin's hooks)
+pytest_plugins = ["testcases.plugin"]
 
 DEVICES = ["cpu", "cuda"]
 
 
 def import_student(name: str) -> ModuleType:
-    """Import ``model.lora`` / ``model.quant`` / ``training.qlora_trainer`` under the switch."""
-    try:
-        return importlib.import_module(name)
-    except Exception as error:  # a syntax error, a bad import, ...: fail this test, not the run
-        pytest.fail(
-            f"{implementation_file(name)} could not be imported: {type(error).__name__}: {error}", pytrace=False
-        )
+    """``model.lora`` / ``model.quant`` / ``training.qlora_trainer`` under the switch."""
+    return importlib.import_module(name)
 
 
 @pytest.fixture
@@ -51,44 +47,54 @@ def device(request: pytest.FixtureRequest) -> torch.device:
     return torch.device(request.param)
 
 
-@pytest.fixture(autouse=True)
-def _torch_state():
-    """Seed every test with 0 and put global torch state back afterwards."""
-    saved = (
-        torch.get_rng_state(),
-        torch.get_default_dtype(),
-        torch.get_num_threads(),
-        torch.is_grad_enabled(),
-        torch.are_deterministic_algorithms_enabled(),
-    )
-    torch.manual_seed(0)
-    yield
-    rng, dtype, threads, grad, deterministic = saved
-    torch.set_rng_state(rng)
-    torch.set_default_dtype(dtype)
-    torch.set_num_threads(threads)
-    torch.set_grad_enabled(grad)
-    torch.use_deterministic_algorithms(deterministic)
+def tiny_config(**overrides):
+    from model.tiny_llama import LlamaConfig
+
+    settings = {"vocab_size": 18, "max_seq_len": 32, "d_model": 16, "n_layers": 2, "n_heads": 2, "d_ff": 32}
+    return LlamaConfig(**{**settings, **overrides})
 
 
 @pytest.fixture
-def tiny_model():
-    """A randomly initialised TinyLlama small enough for a unit test (2 layers, width 16)."""
-    from model.tiny_llama import LlamaConfig, TinyLlama
+def tiny_model() -> nn.Module:
+    """A randomly initialised TinyLlama small enough for a unit test (2 layers, width 16, no biases)."""
+    from model.tiny_llama import TinyLlama
 
-    config = LlamaConfig(vocab_size=18, max_seq_len=32, d_model=16, n_layers=2, n_heads=2, d_ff=32)
-    return TinyLlama(config).eval()
+    return TinyLlama(tiny_config()).eval()
+
+
+@pytest.fixture
+def tiny_model64(tiny_model) -> nn.Module:
+    """The same model in float64, for comparing two evaluations of a network (tolerances.py)."""
+    return tiny_model.double()
+
+
+@pytest.fixture
+def wide_model() -> nn.Module:
+    """A TinyLlama whose layers span many NF4 blocks (36–75 per layer) and more than one DQ block."""
+    from model.tiny_llama import TinyLlama
+
+    return TinyLlama(tiny_config(d_model=48, d_ff=100, n_heads=2)).eval()
+
+
+@pytest.fixture
+def biased_model() -> nn.Module:
+    """A SwiGLU block whose linear layers HAVE biases and partial last NF4 blocks (see helpers.BiasedMLP)."""
+    from testcases.helpers import BiasedMLP
+
+    return BiasedMLP().eval()
 
 
 @pytest.fixture
 def token_ids() -> torch.Tensor:
     """A (2, 10) batch of token ids for tiny_model."""
-    return torch.randint(0, 18, (2, 10), generator=torch.Generator().manual_seed(1))
+    from testcases.helpers import generator
+
+    return torch.randint(0, 18, (2, 10), generator=generator(1))
 
 
 @pytest.fixture(scope="session")
 def golden() -> dict[str, torch.Tensor]:
-    """Golden vectors made by bitsandbytes 0.50.2 (testcases/fixtures/make_nf4_golden.py made them)."""
+    """Golden vectors made by bitsandbytes 0.50.2 (solutions/tools/make_nf4_golden.py made them)."""
     from pathlib import Path
 
     from safetensors.torch import load_file

@@ -49,7 +49,6 @@ FINETUNE_TASK = "increment"  # new skill, never seen during pretraining
 TASKS = (*PRETRAIN_TASKS, FINETUNE_TASK)
 VOCAB_SIZE = Vocab.TASK_BASE + len(TASKS)  # 18
 SEQ_LEN = 2 * N_DIGITS + 4  # BOS, task, n digits, SEP, n digits, EOS
-BLOCK_SIZE = SEQ_LEN - 1  # length T of input_ids / labels after the shift
 
 
 def task_token(task: str) -> int:
@@ -183,9 +182,10 @@ def batches(
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over labelled positions. logits (B, T, V), labels (B, T).
 
-    Computed in fp32 even if the logits are bf16 (e.g. under autocast).
+    Computed in fp32 even if the logits are bf16 (e.g. under autocast); float64 logits stay float64.
     """
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 @torch.no_grad()

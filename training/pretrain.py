@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model.tiny_llama import BASE_MODEL_PATH, LlamaConfig, TinyLlama, count_parameters, save_model
+from model.tiny_llama import BASE_MODEL_PATH, LlamaConfig, TinyLlama, save_model
 from training.data import (
     FINETUNE_TASK,
     PRETRAIN_TASKS,
@@ -68,7 +68,7 @@ def train(steps: int, seed: int) -> TinyLlama:
     torch.manual_seed(seed)  # model initialisation uses the global RNG
     config = LlamaConfig(vocab_size=VOCAB_SIZE, max_seq_len=SEQ_LEN)
     model = TinyLlama(config)
-    print(f"TinyLlama: {count_parameters(model):,} parameters")
+    print(f"TinyLlama: {sum(p.numel() for p in model.parameters()):,} parameters")
     opt = make_optimizer(model)
     model.train()
     pbar = tqdm(range(steps), desc="pretrain")
@@ -108,7 +108,7 @@ def main() -> None:
         "pretrain_accuracy": accs,
         "finetune_task": FINETUNE_TASK,
         "finetune_task_accuracy": ft_acc,
-        "parameters": count_parameters(model),
+        "parameters": sum(p.numel() for p in model.parameters()),
         "steps": args.steps,
         "seed": args.seed,
     }

@@ -112,9 +112,9 @@ class LoRALayer(nn.Module):
         self.r, self.lora_alpha = r, lora_alpha
         self.scaling = lora_alpha / r
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-        weight = _base_weight_like(base_layer)  # LoRA lives in fp32 on the base layer's device
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=weight.device))  # (r, in)
-        self.lora_B = nn.Parameter(torch.empty(out_features, r, device=weight.device))  # (out, r)
+        placement = adapter_placement(base_layer)  # the base's device; fp32 unless the base is fp64
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, **placement))  # (r, in)
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, **placement))  # (out, r)
         self.merged = False
         self.reset_lora_parameters(init_lora_weights)
         # END SOLUTION
@@ -174,9 +174,11 @@ class LoRALayer(nn.Module):
             return result
         x = self.lora_dropout(x).to(self.lora_A.dtype)  # autocast, if on, casts it back down
         z = F.linear(x, self.lora_A)  # (..., r)
+        if not adds_in_place_safely(self.base_layer):
+            return result + self.scaling * F.linear(z, self.lora_B).to(result.dtype)  # (..., out)
         # result += scaling · z Bᵀ as one fused matmul-add into result's own memory: no (..., out)
-        # temporary and no extra pass over it (in place is safe: a linear layer's backward does
-        # not need its output). This keeps LoRA's overhead near its 3 % of the FLOPs on a CPU.
+        # temporary and no extra pass over it. In-place ops are not autocast-eligible, hence the
+        # explicit casts to result's dtype. This keeps LoRA's overhead near its 3 % of the FLOPs.
         result.view(-1, self.out_features).addmm_(
             z.reshape(-1, self.r).to(result.dtype), self.lora_B.T.to(result.dtype), alpha=self.scaling
         )
@@ -238,11 +240,28 @@ def _check_lora_args(
         raise ValueError(f"init_lora_weights must be one of {INIT_METHODS}, got {init!r}")
 
 
-def _base_weight_like(base_layer: nn.Module) -> torch.Tensor:
-    """Any tensor of the base layer, to learn its device (parameters first, then buffers)."""
+def adapter_placement(base_layer: nn.Module) -> dict[str, object]:
+    """Given: where A and B live: ``{"device": ..., "dtype": ...}`` for ``torch.empty``.
+
+    The base layer's device (its first parameter or buffer). Its dtype if that is float32 or
+    float64; otherwise (a half-precision or a 4-bit base) float32: trainable adapters keep fp32
+    master weights, as PEFT's ``autocast_adapter_dtype`` does.
+    """
     for tensor in [*base_layer.parameters(), *base_layer.buffers()]:
-        return tensor
-    return torch.empty(0)
+        dtype = tensor.dtype if tensor.dtype in (torch.float32, torch.float64) else torch.float32
+        return {"device": tensor.device, "dtype": dtype}
+    return {"device": torch.device("cpu"), "dtype": torch.float32}
+
+
+def adds_in_place_safely(base_layer: nn.Module) -> bool:
+    """Given: may the forward add LoRA's term into the base layer's output in place?
+
+    Only for bases known to return a fresh tensor that their backward does not need: a plain
+    ``nn.Linear``, or a layer that says so with ``output_is_fresh = True`` (``NF4Linear``). An
+    identity-like base returns its input (adding in place would overwrite the caller's x); others
+    may save their output for backward. Everything else takes the out-of-place sum.
+    """
+    return type(base_layer) is nn.Linear or getattr(base_layer, "output_is_fresh", False) is True
 
 
 def _mergeable_weight(base_layer: nn.Module) -> torch.Tensor:

@@ -355,16 +355,9 @@ def dequantize_nf4(
         raise ValueError(
             f"packed must be uint8 with ceil({numel} / 2) bytes for shape {tuple(shape)}, got {packed.numel()}"
         )
-    code = cached_code_book("nf4", packed.device)
-    # Row b of this (256, 2) table holds the levels of b's high and low nibble (the layout of
-    # unpack_nibbles), so one lookup per byte decodes two weights: half the gathers.
-    byte_table = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)
-    values = F.embedding(packed.reshape(-1).int(), byte_table).reshape(-1)[:numel]  # (numel,)
-    n_blocks = -(-numel // block_size)
-    if absmax.numel() != n_blocks:
-        raise ValueError(f"absmax needs one value per block: {n_blocks} for {numel} weights, got {absmax.numel()}")
-    blocks = to_blocks(values, block_size) * absmax.reshape(-1, 1).float()  # (n_blocks, block_size)
-    return from_blocks(blocks, shape).to(dtype)
+    codes = unpack_nibbles(packed, numel)  # (numel,) uint8 in 0..15
+    values = dequantize_blockwise(codes, absmax, cached_code_book("nf4", packed.device), block_size)
+    return values.view(shape).to(dtype)
     # END SOLUTION
 
 
@@ -461,6 +454,8 @@ class NF4Linear(nn.Module):
     ``absmax_offset`` float32 ().
     """
 
+    output_is_fresh = True  # forward returns a new tensor its backward does not need (LoRA may add in place)
+
     def __init__(
         self,
         in_features: int,
@@ -521,8 +516,8 @@ class NF4Linear(nn.Module):
         return layer
         # END SOLUTION
 
-    def block_absmax(self) -> torch.Tensor:
-        """The per-block absmax (dequantized first when double quantization is on)."""
+    def dequantized_absmax(self) -> torch.Tensor:
+        """The per-block absmax, float32 (n_blocks,): double-dequantized first when DQ is on."""
         # BEGIN SOLUTION 3.6: absmax, possibly double-dequantized
         if self.double_quant:
             return double_dequantize(self.absmax_codes, self.absmax_scale, self.absmax_offset)
@@ -533,7 +528,7 @@ class NF4Linear(nn.Module):
         """The weight Ŵ, (out_features, in_features), in ``dtype`` (default: compute_dtype)."""
         # BEGIN SOLUTION 3.6: dequantize_nf4 with this layer's constants
         shape = (self.out_features, self.in_features)
-        return dequantize_nf4(self.packed, self.block_absmax(), shape, self.block_size, dtype or self.compute_dtype)
+        return dequantize_nf4(self.packed, self.dequantized_absmax(), shape, self.block_size, dtype or self.compute_dtype)
         # END SOLUTION
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -27,14 +27,14 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from model.lora import DEFAULT_TARGET_MODULES, get_lora_model, lora_layers, merge_and_unload, save_lora
+from model.lora import DEFAULT_TARGET_MODULES, get_lora_model, lora_layers, matches_target, merge_and_unload, save_lora
 from model.quant import NF4Linear, bits_per_parameter
 from training.data import exact_match_accuracy, lm_loss
 
@@ -47,33 +47,38 @@ DEVICES = ("auto", "cpu", "cuda")
 # ---- Exercise 4.1: the configuration ----------------------------------------------------------
 
 
+def option(default, help: str):
+    """A TrainConfig field with its help text (shown by ``--help``; written once, here)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
     """Everything a run needs; ``python -m training.qlora_trainer --help`` lists these fields."""
 
-    r: int = 8  # LoRA rank
-    lora_alpha: float = 16  # LoRA scale numerator: the update is multiplied by lora_alpha / r
-    lora_dropout: float = 0.0  # dropout on the LoRA input, in [0, 1)
-    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES  # module names that get adapters
-    learning_rate: float = 3e-3  # peak learning rate (after warmup)
-    max_steps: int = 300  # optimizer steps (each one sees gradient_accumulation_steps micro-batches)
-    batch_size: int = 64  # examples per micro-batch
-    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
-    weight_decay: float = 0.0  # AdamW decay on the LoRA matrices (never on biases and norms)
-    warmup_ratio: float = 0.05  # fraction of max_steps with a linear warmup from 0
-    lr_scheduler: str = "linear"  # after warmup: linear | cosine decay to 0, or constant
-    max_grad_norm: float | None = 1.0  # clip the global gradient norm to this; None = no clipping
-    loraplus_lr_ratio: float | None = None  # LoRA+: B's learning rate = ratio × learning_rate
-    precision: str = "bf16"  # fp32 | bf16 (autocast) | fp16 (autocast + GradScaler, CUDA only)
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
-    quantize: str = "nf4"  # nf4: QLoRA (4-bit frozen base) | none: plain LoRA
-    double_quant: bool = True  # quantize the NF4 absmax constants too (4.127 instead of 4.5 bits)
-    block_size: int = 64  # NF4 block size
-    device: str = "auto"  # auto (cuda if present, else cpu) | cpu | cuda
-    seed: int = 0  # seeds the adapters' init, dropout and the data order
-    log_every: int = 10  # optimizer steps between log lines in metrics.jsonl
-    output_dir: str = "runs/qlora"  # metrics.jsonl, loss_curve.png, adapter/, checkpoints
-    progress: bool = True  # show a tqdm progress bar (on a terminal; never in a log file)
+    r: int = option(8, "LoRA rank")
+    lora_alpha: float = option(16, "LoRA scale numerator: the update is multiplied by lora_alpha / r")
+    lora_dropout: float = option(0.0, "dropout on the LoRA input, in [0, 1)")
+    target_modules: tuple[str, ...] = option(DEFAULT_TARGET_MODULES, "module names that get adapters")
+    learning_rate: float = option(3e-3, "peak learning rate (after warmup)")
+    max_steps: int = option(300, "optimizer steps (each one sees gradient_accumulation_steps micro-batches)")
+    batch_size: int = option(64, "examples per micro-batch")
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
+    weight_decay: float = option(0.0, "AdamW decay on the LoRA matrices (never on biases and norms)")
+    warmup_ratio: float = option(0.05, "fraction of max_steps with a linear warmup from 0")
+    lr_scheduler: str = option("linear", "after warmup: linear | cosine decay to 0, or constant")
+    max_grad_norm: float | None = option(1.0, "clip the global gradient norm to this; None = no clipping")
+    loraplus_lr_ratio: float | None = option(None, "LoRA+: B's learning rate = ratio × learning_rate")
+    precision: str = option("bf16", "fp32 | bf16 (autocast) | fp16 (autocast + GradScaler loss scaling)")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, more time")
+    quantize: str = option("nf4", "nf4: QLoRA (4-bit frozen base) | none: plain LoRA")
+    double_quant: bool = option(True, "quantize the NF4 absmax constants too (4.127 instead of 4.5 bits)")
+    block_size: int = option(64, "NF4 block size")
+    device: str = option("auto", "auto (cuda if present, else cpu) | cpu | cuda")
+    seed: int = option(0, "seeds the adapters' init, dropout and the data order")
+    log_every: int = option(10, "optimizer steps between log lines in metrics.jsonl")
+    output_dir: str = option("runs/qlora", "metrics.jsonl, loss_curve.png, adapter/, checkpoints")
+    progress: bool = option(True, "show a tqdm progress bar (on a terminal; never in a log file)")
 
     def __post_init__(self) -> None:
         """Check every field; raise a ValueError naming the field and its allowed values."""
@@ -109,21 +114,16 @@ class TrainConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not self.target_modules:
             raise ValueError("target_modules must name at least one module")
-        if self.precision == "fp16" and self.device == "cpu":
-            raise ValueError("precision='fp16' needs CUDA (GradScaler); on the CPU use precision='bf16' or 'fp32'")
         # END SOLUTION
 
 
 def resolve_device(config: TrainConfig) -> torch.device:
-    """The device to train on; fp16 without CUDA is refused (use bf16, which needs no loss scaling)."""
+    """The device to train on: "auto" is CUDA when present, else the CPU; "cuda" without a GPU is refused."""
     # BEGIN SOLUTION 4.1: auto → cuda if available; refuse what cannot run
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but CUDA is not available; use device='auto' or 'cpu'")
     use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if use_cuda else "cpu")
-    if config.precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision='fp16' needs CUDA (GradScaler); on the CPU use precision='bf16' or 'fp32'")
-    return device
+    return torch.device("cuda" if use_cuda else "cpu")
     # END SOLUTION
 
 
@@ -152,7 +152,7 @@ def prepare_qlora_model(
         linears = [
             (name, module)
             for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and not any(name == s or name.endswith("." + s) for s in skip_modules)
+            if isinstance(module, nn.Linear) and not any(matches_target(name, skip) for skip in skip_modules)
         ]
         for name, linear in linears:
             quantized = NF4Linear.from_linear(linear, config.block_size, config.double_quant, compute_dtype)
@@ -231,7 +231,7 @@ class QLoRATrainer:
     ``load_checkpoint`` make a run resumable with the same result as an uninterrupted one.
 
     Attributes: model, config, device, optimizer, scheduler (LambdaLR over ``lr_factor``),
-    scaler (a GradScaler, enabled for fp16 only), step, skipped_steps (non-finite steps), history.
+    scaler (a GradScaler, enabled for fp16 only, on any device), step, skipped_steps (non-finite steps), history.
     """
 
     def __init__(
@@ -251,7 +251,7 @@ class QLoRATrainer:
         self.model = model.to(self.device)
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, config))
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")  # any device
         self.step = 0  # optimizer steps taken (including skipped ones)
         self.skipped_steps = 0
         self.history: list[dict[str, float]] = []
@@ -512,30 +512,15 @@ def config_parser() -> argparse.ArgumentParser:
         description="QLoRA fine-tuning of the bundled base model on the bundled task.",
     )
     for f in dataclasses.fields(TrainConfig):
-        comment = _field_comments().get(f.name, "")
-        option = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        option, default, help_text = "--" + f.name.replace("_", "-"), f.default, f.metadata["help"]
         if isinstance(default, bool):
-            parser.add_argument(option, type=_parse_bool, default=default, help=f"{comment} (default: {default})")
+            parser.add_argument(option, type=_parse_bool, default=default, help=f"{help_text} (default: {default})")
         elif isinstance(default, tuple):
-            parser.add_argument(option, nargs="+", default=default, help=f"{comment} (default: {' '.join(default)})")
+            parser.add_argument(option, nargs="+", default=default, help=f"{help_text} (default: {' '.join(default)})")
         else:
             kind = float if f.name in ("max_grad_norm", "loraplus_lr_ratio") else type(default)
-            parser.add_argument(option, type=_optional(kind), default=default, help=f"{comment} (default: {default})")
+            parser.add_argument(option, type=_optional(kind), default=default, help=f"{help_text} (default: {default})")
     return parser
-
-
-def _field_comments() -> dict[str, str]:
-    """The ``# comment`` after each TrainConfig field, read from this file (docs written once)."""
-    comments, inside = {}, False
-    for line in Path(__file__).read_text().splitlines():
-        if line.startswith("class TrainConfig"):
-            inside = True
-        elif inside and line.strip().startswith("def "):
-            break
-        elif inside and ":" in line and "  # " in line and not line.strip().startswith(("#", '"')):
-            comments[line.split(":", 1)[0].strip()] = line.split("  # ", 1)[1].strip()
-    return comments
 
 
 def _parse_bool(text: str) -> bool:

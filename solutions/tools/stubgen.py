@@ -13,10 +13,12 @@ becomes, in ``<path>``, one line at the same indentation:
 Everything outside the blocks (imports, signatures, docstrings, worked neighbours) is copied
 unchanged, so docstrings are written once, in the reference.
 
-    python -m testcases.tools.stubgen            write the student files (refuses to overwrite
+    python -m solutions.tools.stubgen            write the student files (refuses to overwrite
                                                  an exercise a student has filled in)
-    python -m testcases.tools.stubgen --force    overwrite anyway
-    python -m testcases.tools.stubgen --check    exit 1 if a student file differs from its stub
+    python -m solutions.tools.stubgen --force    overwrite anyway
+    python -m solutions.tools.stubgen --check    exit 1 if a student file differs from its stub
+
+The student files, their lesson pages and the exercises come from testcases/manifest.py.
 """
 
 from __future__ import annotations
@@ -27,23 +29,18 @@ import re
 import sys
 from collections import Counter
 
-from model._impl import REPO, STUDENT_MODULES
+from testcases.manifest import REPO, STAGES, STUB_PATTERN, exercises, student_files
 
 LINE_LENGTH = 120  # ruff's line-length in pyproject.toml
 BEGIN = re.compile(r"^(?P<indent>\s*)# BEGIN SOLUTION (?P<ex>\d+\.\d+): (?P<what>.+)$")
 END = re.compile(r"^\s*# END SOLUTION\s*$")
-STUB = re.compile(r'NotImplementedError\(\s*"Exercise (\d+\.\d+):')
-TUTORIAL_PAGES = {
-    "1": "tutorial/01-lora-layer.md",
-    "2": "tutorial/02-lora-in-a-model.md",
-    "3": "tutorial/03-quantization.md",
-    "4": "tutorial/04-qlora-training.md",
-}
 
 
 def stub_line(indent: str, exercise: str, what: str) -> str:
     """The ``raise`` that replaces one solution block, wrapped as ruff would wrap it."""
-    page = TUTORIAL_PAGES[exercise.split(".")[0]]
+    if exercise not in exercises():
+        raise ValueError(f"BEGIN SOLUTION {exercise}: no such exercise in testcases/manifest.py")
+    page = next(s.lesson for s in STAGES if any(e.id == exercise for e in s.exercises))
     message = f'"Exercise {exercise}: {what} — see {page}"'
     line = f"{indent}raise NotImplementedError({message})\n"
     if len(line) - 1 <= LINE_LENGTH:
@@ -72,7 +69,7 @@ def make_stub(reference: str, source: str = "reference") -> str:
 
 def filled_in(current: str, stub: str) -> list[str]:
     """Exercises whose stubs have been replaced in ``current`` (a student's work)."""
-    have, want = Counter(STUB.findall(current)), Counter(STUB.findall(stub))
+    have, want = Counter(STUB_PATTERN.findall(current)), Counter(STUB_PATTERN.findall(stub))
     return sorted(ex for ex, n in want.items() if have[ex] < n)
 
 
@@ -82,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="overwrite student work")
     args = parser.parse_args(argv)
     status = 0
-    for relative in STUDENT_MODULES.values():
+    for relative in student_files():
         reference_path, student_path = REPO / "solutions" / relative, REPO / relative
         stub = make_stub(reference_path.read_text(), source=str(reference_path.relative_to(REPO)))
         current = student_path.read_text() if student_path.exists() else ""

@@ -1,0 +1,104 @@
+"""Keep student code from bending the checks: detect and undo rebinding of what the tests rely on.
+
+A snapshot, taken before any student file is imported, holds the objects bound to every name in
+the namespaces the tests trust: the test modules and their helpers (``testcases.*``), the given
+course code, ``builtins``, ``math``, and torch's core namespaces and classes (``torch.isclose``,
+``torch.Tensor.__eq__``, ``nn.Module.__call__``, ...). After the student files load, and after
+every test, ``check()`` compares each name with the snapshot, puts the original back, and says
+what had changed. The plugin fails the test during which it happened ("this test does not count")
+and reports a change made at import time as a note; the rest of the run uses the originals.
+
+This is a tripwire for patching, not a sandbox: code that deliberately digs into the
+interpreter's objects can still find ways around it. The instructor section of README.md states
+the threat model.
+"""
+
+from __future__ import annotations
+
+import builtins
+import inspect
+import math
+import sys
+from types import ModuleType
+
+# Module name prefixes whose every binding is protected, additions included.
+GIVEN_PREFIXES = ("testcases", "model", "training")
+# Torch namespaces whose existing bindings are protected (torch adds attributes lazily, so
+# additions there are not flagged).
+TORCH_MODULES = ("torch", "torch.nn", "torch.nn.functional", "torch.nn.init", "torch.testing", "torch.linalg", "torch.autograd")
+
+
+IGNORED = {"__warningregistry__", "__loader__", "__spec__", "__cached__"}
+
+
+def _torch_classes() -> list[type]:
+    import torch
+    from torch import nn
+
+    return [torch.Tensor, torch._C.TensorBase, nn.Module, nn.Linear, nn.Parameter, nn.Embedding, nn.Dropout]
+
+
+class Guard:
+    def __init__(self, student_modules: set[str]) -> None:
+        self.student_modules = set(student_modules)
+        self.saved: dict[str, tuple[object, dict[str, object], bool]] = self._take()
+
+    def _namespaces(self) -> dict[str, tuple[object, bool]]:
+        """label -> (module or class, whether added names count as tampering)."""
+        spaces: dict[str, tuple[object, bool]] = {"builtins": (builtins, True), "math": (math, True)}
+        for name, module in list(sys.modules.items()):
+            if not isinstance(module, ModuleType) or name in self.student_modules:
+                continue
+            given = name.split(".")[0] in GIVEN_PREFIXES and name not in self.student_modules
+            if given or name in TORCH_MODULES or name in ("pytest", "_pytest.python_api", "_pytest.outcomes"):
+                spaces[name] = (module, given)
+                if given:
+                    for attr, value in list(vars(module).items()):
+                        if inspect.isclass(value) and value.__module__ == name:
+                            spaces[f"{name}.{attr}"] = (value, True)
+        for cls in _torch_classes():
+            spaces[f"{cls.__module__}.{cls.__qualname__}"] = (cls, False)
+        return spaces
+
+    def _take(self) -> dict[str, tuple[object, dict[str, object], bool]]:
+        return {label: (obj, dict(vars(obj)), strict) for label, (obj, strict) in self._namespaces().items()}
+
+    def check(self) -> list[str]:
+        """Names rebound, removed or (where strict) added since the snapshot; each is put back."""
+        changed = []
+        for label, (obj, before, strict) in self.saved.items():
+            now = vars(obj)
+            for name, value in before.items():
+                if name in IGNORED or isinstance(value, ModuleType):
+                    continue  # submodules appear and reappear on packages as they are imported
+                if name not in now or now[name] is not value:
+                    changed.append(f"{label}.{name}")
+                    _restore(obj, name, value)
+            if strict:
+                added = [n for n, v in now.items() if n not in before and not n.startswith("__")]
+                for name in [n for n in added if not isinstance(now[n], ModuleType)]:
+                    changed.append(f"{label}.{name} (added)")
+                    _delete(obj, name)
+        for name in [n for n in self.saved if n in sys.modules and sys.modules[n] is not self.saved[n][0]]:
+            changed.append(f"sys.modules[{name!r}]")
+            sys.modules[name] = self.saved[name][0]  # type: ignore[assignment]
+        return changed
+
+
+def _restore(obj: object, name: str, value: object) -> None:
+    try:
+        setattr(obj, name, value)
+    except (AttributeError, TypeError):
+        pass
+
+
+def _delete(obj: object, name: str) -> None:
+    try:
+        delattr(obj, name)
+    except (AttributeError, TypeError):
+        pass
+
+
+def describe(changed: list[str], limit: int = 4) -> str:
+    more = f" and {len(changed) - limit} more" if len(changed) > limit else ""
+    return ", ".join(changed[:limit]) + more

@@ -1,0 +1,415 @@
+"""Stage 4 advanced tests: every config field, preparation details, fp16 loss scaling, non-finite steps,
+resuming, optimizer groups, the headline run, export with biases and dtypes, the memory breakdown."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from testcases import helpers
+from testcases.helpers import copy_of, make_trainer, observe, randomize_lora, record_optimizer_steps, word
+from testcases.stage4.basic import exact_network
+from testcases.tolerances import assert_close, fp32_network_bound, reference
+
+# ---- Exercise 4.1: TrainConfig -------------------------------------------------------------
+
+
+@pytest.mark.exercise("4.1")
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"lora_dropout": 1.0}, "lora_dropout"),
+        ({"lora_alpha": 0}, "lora_alpha"),
+        ({"warmup_ratio": 1.5}, "warmup_ratio"),
+        ({"lr_scheduler": "step"}, "lr_scheduler"),
+        ({"quantize": "int8"}, "quantize"),
+        ({"device": "tpu"}, "device"),
+        ({"max_grad_norm": 0.0}, "max_grad_norm"),
+        ({"loraplus_lr_ratio": -1.0}, "loraplus_lr_ratio"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+        ({"max_steps": 0}, "max_steps"),
+        ({"batch_size": 2.5}, "batch_size"),
+        ({"block_size": 0}, "block_size"),
+        ({"log_every": 0}, "log_every"),
+        ({"target_modules": ()}, "target_modules"),
+    ],
+)
+def test_train_config_names_the_field(trainer, kwargs, field):
+    """Each field is checked; the ValueError names the field."""
+    with pytest.raises(ValueError, match=word(field)):
+        trainer.TrainConfig(**kwargs)
+
+
+@pytest.mark.exercise("4.1")
+def test_train_config_accepts_a_string_target(trainer):
+    """target_modules='q_proj' becomes the tuple ('q_proj',); fp16 on the CPU is a valid config."""
+    config = trainer.TrainConfig(target_modules="q_proj", precision="fp16", device="cpu")
+    assert config.target_modules == ("q_proj",), f"a single string is one target, got {config.target_modules!r}"
+
+
+@pytest.mark.exercise("4.1")
+def test_resolve_device_refuses_missing_cuda(trainer):
+    """device='cuda' without a GPU raises a ValueError naming cuda (where a GPU exists, it is used)."""
+    if torch.cuda.is_available():
+        assert trainer.resolve_device(trainer.TrainConfig(device="cuda")).type == "cuda"
+        return
+    with pytest.raises(ValueError, match=word("cuda")):
+        trainer.resolve_device(trainer.TrainConfig(device="cuda"))
+
+
+@pytest.mark.exercise("4.1")
+def test_command_line_exposes_train_config(trainer):
+    """python -m training.qlora_trainer --r 4 --max-steps 7 builds a valid TrainConfig."""
+    parser = trainer.config_parser()
+    args = parser.parse_args(["--r", "4", "--max-steps", "7", "--precision", "fp32"])
+    config = trainer.TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()})
+    assert (config.r, config.max_steps, config.precision) == (4, 7, "fp32"), f"got {config}"
+    assert "LoRA rank" in parser.format_help(), "each option's help is the field's help text"
+
+
+# ---- Exercise 4.2: prepare_qlora_model ---------------------------------------------------------
+
+
+@pytest.mark.exercise("4.2")
+def test_prepared_model_starts_as_the_quantized_base(trainer, tiny_model, token_ids):
+    """At init (B = 0) the prepared model computes exactly what the NF4-quantized base computes."""
+    from model.lora import LoRALayer
+    from model.quant import dequantize_nf4, quantize_nf4
+
+    originals = {n: m.weight.detach().clone() for n, m in tiny_model.named_modules() if isinstance(m, nn.Linear)}
+    model = trainer.prepare_qlora_model(tiny_model, trainer.TrainConfig(r=2, precision="fp32", double_quant=False)).eval()
+    for name, layer in ((n, m) for n, m in model.named_modules() if isinstance(m, LoRALayer)):
+        expected = dequantize_nf4(*quantize_nf4(originals[name]), originals[name].shape)
+        assert torch.equal(layer.base_layer.dequantize_weight(torch.float32), expected), (
+            f"{name}: the base must be NF4Linear.from_linear of the original weight (block_size 64, no DQ here)"
+        )
+        assert torch.count_nonzero(layer.lora_B) == 0, f"{name}: B starts at zero"
+    exact = exact_network(model)
+    reference64 = exact(token_ids).detach()
+    bound = fp32_network_bound(copy_of(exact).float()(token_ids), reference64)
+    assert_close(model(token_ids), reference64, "prepared model at init vs the NF4 round-tripped base", bound=bound)
+
+
+@pytest.mark.exercise("4.2")
+def test_prepare_respects_targets_precision_and_checkpointing(trainer, tiny_model):
+    """Non-targets are quantized too, compute in the precision's dtype, norms stay fp32, checkpointing is set."""
+    from model.lora import LoRALayer
+    from model.quant import NF4Linear
+
+    config = trainer.TrainConfig(r=2, target_modules=("q_proj", "v_proj"), precision="bf16", gradient_checkpointing=True)
+    model = trainer.prepare_qlora_model(tiny_model, config)
+    o_proj = model.layers[0].self_attn.o_proj
+    assert isinstance(o_proj, NF4Linear), f"a non-target linear is still quantized (NF4Linear), got {type(o_proj).__name__}"
+    assert o_proj.compute_dtype == torch.bfloat16, "precision='bf16': the NF4 layers compute in bf16"
+    assert isinstance(model.layers[0].self_attn.v_proj, LoRALayer), "targets get adapters"
+    assert model.gradient_checkpointing is True, "config.gradient_checkpointing must switch it on in the model"
+    norms = [p.dtype for n, p in model.named_parameters() if "norm" in n]
+    assert norms and all(d == torch.float32 for d in norms), "norms stay fp32"
+    with pytest.raises(ValueError, match=word("LoRA")):
+        trainer.prepare_qlora_model(model, config)
+
+
+@pytest.mark.exercise("4.2")
+def test_prepare_passes_the_lora_settings(trainer, wide_model):
+    """r, lora_alpha and lora_dropout from the config reach every adapter; block_size reaches every NF4 base."""
+    from model.lora import lora_layers
+
+    config = trainer.TrainConfig(r=3, lora_alpha=5, lora_dropout=0.2, block_size=128, precision="fp32")
+    model = trainer.prepare_qlora_model(wide_model, config)
+    layers = list(lora_layers(model))
+    assert len(layers) == 14, f"the seven projections of both layers get adapters, got {len(layers)}"
+    for path, layer in layers:
+        assert layer.r == 3 and layer.scaling == pytest.approx(5 / 3, rel=1e-12), f"{path}: r=3, scaling 5/3 expected"
+        assert isinstance(layer.lora_dropout, nn.Dropout) and layer.lora_dropout.p == 0.2, f"{path}: lora_dropout 0.2"
+        assert layer.base_layer.block_size == 128, f"{path}: config.block_size (128) must reach NF4Linear.from_linear"
+
+
+@pytest.mark.exercise("4.2")
+def test_prepare_keeps_biases_frozen_in_the_nf4_bases(trainer, biased_model):
+    """A model whose linears have biases: each NF4 base keeps its bias, frozen; the head stays full precision."""
+    from model.quant import NF4Linear
+
+    biases = {n: m.bias.detach().clone() for n, m in biased_model.named_modules() if isinstance(m, nn.Linear)}
+    config = trainer.TrainConfig(r=2, precision="fp32", target_modules=("gate_proj", "up_proj", "down_proj"))
+    model = trainer.prepare_qlora_model(biased_model, config)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        base = model.get_submodule(name).base_layer
+        assert isinstance(base, NF4Linear), f"{name} must be quantized"
+        assert base.bias is not None and torch.equal(base.bias, biases[name]) and not base.bias.requires_grad, (
+            f"{name}: the bias is kept unchanged and frozen in the NF4 base"
+        )
+    assert type(model.lm_head) is nn.Linear, "lm_head stays full precision"
+
+
+@pytest.mark.exercise("4.2")
+def test_prepare_on_device(trainer, tiny_model, device):
+    """On every device the prepared model runs there."""
+    config = trainer.TrainConfig(r=2, precision="fp32")
+    model = trainer.prepare_qlora_model(tiny_model.to(device), config)
+    ids = torch.randint(0, 18, (2, 8), device=device)
+    assert model(ids).device.type == device.type, f"the prepared model must run on {device.type}"
+
+
+# ---- Exercise 4.3: the trainer -----------------------------------------------------------------
+
+
+@pytest.mark.exercise("4.3")
+def test_first_step_uses_the_configured_learning_rate(trainer, tiny_model, task_data, tmp_path):
+    """With no warmup, AdamW's first step moves each B entry by the learning rate (its first update is lr·sign(g))."""
+    lr = 2e-3
+    t = make_trainer(trainer, tiny_model, task_data, learning_rate=lr, warmup_ratio=0.0, max_grad_norm=None,
+                     output_dir=str(tmp_path))  # fmt: skip
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters() if n.endswith("lora_B")}
+    t.train_step([t.micro_batch(0)])
+    moved = torch.cat([(p.detach() - before[n]).abs().flatten() for n, p in t.model.named_parameters() if n in before])
+    # AdamW's first update is lr · g / (|g| + eps) per element: lr (1 − eps/|g|) where g ≠ 0.
+    largest = moved.max().item()
+    assert largest == pytest.approx(lr, rel=1e-3), (
+        f"the largest change of a B entry after the first step is {largest:.3g}, expected the learning rate {lr:g}: "
+        "pass learning_rate to AdamW and start the schedule at factor 1 when there is no warmup"
+    )
+
+
+@pytest.mark.exercise("4.3")
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_fp16_loss_scaling_unscales_before_clipping(trainer, tiny_model, task_data, tmp_path):
+    """fp16 on the CPU with a GradScaler: gradients are unscaled before clipping, so the clipped norm is max_grad_norm."""
+    t = make_trainer(trainer, tiny_model, task_data, precision="fp16", device="cpu", max_grad_norm=1e-3,
+                     output_dir=str(tmp_path))  # fmt: skip
+    assert t.scaler.is_enabled() and t.scaler.get_scale() > 1, "precision='fp16' needs an enabled GradScaler (loss scaling)"
+    seen = record_optimizer_steps(t.optimizer)
+    loss = t.train_step([t.micro_batch(0)])
+    assert math.isfinite(loss) and len(seen) == 1, f"an fp16 step must run (loss {loss}, optimizer steps {len(seen)})"
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in seen[0]])).item()
+    # clip_grad_norm_ scales by max_norm / (norm + 1e-6): the clipped norm is within 1e-6/norm + rounding of 1e-3.
+    assert norm == pytest.approx(1e-3, rel=1e-3), (
+        f"the optimizer saw a gradient norm of {norm:.3g}, expected max_grad_norm = 1e-3: unscale the gradients "
+        "(scaler.unscale_) BEFORE clipping, or the clip acts on gradients multiplied by the loss scale"
+    )
+
+
+@pytest.mark.exercise("4.3")
+def test_non_finite_loss_skips_the_step(trainer, tiny_model, task_data, tmp_path):
+    """A NaN loss: the step is skipped and counted, nothing changes, gradients are cleared, training goes on."""
+    t = make_trainer(trainer, tiny_model, task_data, output_dir=str(tmp_path))
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters() if p.requires_grad}
+    handle = t.model.lm_head.register_forward_hook(lambda module, args, out: out * float("nan"))
+    loss = t.train_step([t.micro_batch(0)])
+    handle.remove()
+    assert math.isnan(loss) and t.skipped_steps == 1, f"a NaN loss skips the step and counts it (skipped_steps={t.skipped_steps})"
+    for name, param in t.model.named_parameters():
+        if name in before:
+            assert torch.equal(param, before[name]), f"{name} changed although the step was skipped"
+            assert param.grad is None or not param.grad.abs().sum() > 0, "gradients must be cleared after a skip"
+    t.train_step([t.micro_batch(1)])
+    assert all(torch.isfinite(p).all() for p in t.model.parameters()), "training goes on normally afterwards"
+
+
+@pytest.mark.exercise("4.3")
+def test_non_finite_gradient_skips_the_step(trainer, tiny_model, task_data, tmp_path):
+    """A finite loss with a NaN in one gradient: the step is skipped too (check the gradients, not just the loss)."""
+    t = make_trainer(trainer, tiny_model, task_data, output_dir=str(tmp_path))
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters() if p.requires_grad}
+    victim = t.model.layers[0].self_attn.q_proj.lora_B
+    handle = victim.register_hook(lambda grad: grad * float("nan"))
+    loss = t.train_step([t.micro_batch(0)])
+    handle.remove()
+    assert t.skipped_steps == 1, (
+        f"loss {loss:.3f} was finite but a gradient held NaN: the step must be skipped and counted "
+        f"(skipped_steps={t.skipped_steps}); check every gradient after unscaling"
+    )
+    for name, param in t.model.named_parameters():
+        if name in before:
+            assert torch.equal(param, before[name]), f"{name} changed although the step was skipped"
+
+
+def resume_trainer(trainer, tiny_model, task_data, tmp_path):
+    return make_trainer(trainer, copy_of(tiny_model), task_data, lora_dropout=0.1, gradient_accumulation_steps=2,
+                        max_steps=6, warmup_ratio=0.05, learning_rate=3e-3, output_dir=str(tmp_path))  # fmt: skip
+
+
+@pytest.mark.exercise("4.3")
+def test_resume_equals_uninterrupted(trainer, tiny_model, task_data, tmp_path):
+    """Saving after 3 of 6 steps and resuming gives bit-identical adapters and history, with the right schedule."""
+    straight = resume_trainer(trainer, tiny_model, task_data, tmp_path)
+    straight.train()
+    first = resume_trainer(trainer, tiny_model, task_data, tmp_path)
+    first.train(steps=3)
+    path = first.save_checkpoint(tmp_path / "ckpt" / "state.pt")
+    assert path.exists() and not list((tmp_path / "ckpt").glob("*.tmp")), "write atomically: no temp file left"
+    torch.manual_seed(1234)  # disturb the global RNG: the checkpoint must restore it
+    resumed = resume_trainer(trainer, tiny_model, task_data, tmp_path)
+    resumed.load_checkpoint(path)
+    resumed.train()
+    assert resumed.step == straight.step == 6, f"both runs end at step 6, got {resumed.step} and {straight.step}"
+    for (name, a), b in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        if a.requires_grad:
+            assert torch.equal(a, b), (
+                f"{name} differs between the uninterrupted and the resumed run: save and restore the adapter, "
+                "optimizer, scheduler, scaler, RNG states and step"
+            )
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history], (
+        "the resumed run's loss history must equal the uninterrupted one's (restore the history too)"
+    )
+    # The schedule, written out independently: 1 warmup step (ceil(0.05 · 6)), then linear decay over 5.
+    # history[i]["lr"] is the rate after step i + 1's scheduler update, i.e. the factor at step index i + 1.
+    factors = [1 - (s - 1) / 5 for s in range(1, 7)]
+    lrs = [h["lr"] for h in straight.history]
+    assert lrs == pytest.approx([3e-3 * f for f in factors], abs=1e-12), (
+        f"learning rates per step {lrs} do not follow warmup (1 step) then linear decay from 3e-3: check lr_factor and "
+        "that the scheduler steps once per optimizer step"
+    )
+
+
+@pytest.mark.exercise("4.3")
+def test_training_runs_in_train_mode(trainer, tiny_model, task_data, tmp_path):
+    """train_step runs the model in train mode (dropout active), whatever mode it was in before."""
+    t = make_trainer(trainer, tiny_model, task_data, lora_dropout=0.5, output_dir=str(tmp_path))
+    modes = []
+    layer = t.model.layers[0].self_attn.q_proj
+    handle = layer.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    t.model.eval()
+    t.train_step([t.micro_batch(0)])
+    handle.remove()
+    assert modes and all(modes), "train_step must put the model in train mode (model.train()) so dropout acts"
+
+
+@pytest.mark.exercise("4.3")
+def test_bf16_autocast_trains_on_cpu_with_fp32_adapters(trainer, tiny_model, task_data, tmp_path):
+    """A bf16 autocast step on the CPU gives a finite loss; the adapters keep fp32 master weights."""
+    t = make_trainer(trainer, tiny_model, task_data, precision="bf16", device="cpu", output_dir=str(tmp_path))
+    loss = t.train_step([t.micro_batch(0)])
+    assert math.isfinite(loss), "a bf16 step on the CPU must give a finite loss"
+    lora = [p for n, p in t.model.named_parameters() if n.endswith(("lora_A", "lora_B"))]
+    assert all(p.dtype == torch.float32 for p in lora), "adapters keep fp32 master weights; autocast casts copies"
+
+
+@pytest.mark.exercise("4.3")
+def test_optimizer_groups_weight_decay_and_loraplus(trainer):
+    """Frozen tensors stay out; biases get no decay; B gets lr × loraplus_lr_ratio; A gets lr and decay."""
+    from model.lora import get_lora_model, mark_only_lora_as_trainable
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    get_lora_model(model, r=2, target_modules=["0", "1"])
+    mark_only_lora_as_trainable(model, bias="all")
+    config = trainer.TrainConfig(learning_rate=1e-3, weight_decay=0.1, loraplus_lr_ratio=16)
+    optimizer = trainer.build_optimizer(model, config)
+    by_param = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            assert id(p) not in by_param, f"{name} is frozen and must not be in the optimizer"
+            continue
+        assert id(p) in by_param, f"{name} is trainable and must be in the optimizer"
+        group = by_param[id(p)]
+        if name.endswith("bias"):
+            assert group["weight_decay"] == 0, f"{name}: no weight decay on biases and norms"
+        elif name.endswith("lora_B"):
+            assert group["lr"] == pytest.approx(16e-3) and group["weight_decay"] == 0.1, f"{name}: LoRA+ lr = 16 × lr"
+        else:
+            assert group["lr"] == pytest.approx(1e-3) and group["weight_decay"] == 0.1, f"{name}: lr, weight decay"
+
+
+@pytest.mark.exercise("4.3")
+def test_metrics_and_loss_curve_are_written(trainer, tiny_model, task_data, tmp_path):
+    """metrics.jsonl gets a line every log_every steps (step, loss, lr, tokens_per_s); the loss curve is a PNG."""
+    t = make_trainer(trainer, tiny_model, task_data, max_steps=4, log_every=2, output_dir=str(tmp_path))
+    t.train()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [2, 4] and {"loss", "lr", "tokens_per_s"} <= set(lines[0]), f"got {lines}"
+    assert t.save_loss_curve().stat().st_size > 1000, "a PNG of the loss curve"
+
+
+@pytest.mark.exercise("4.3")
+@pytest.mark.timeout(180)
+def test_qlora_learns_the_task(trainer, tmp_path):
+    """The headline: 120 QLoRA steps on the bundled base lift exact-match accuracy on the new task."""
+    from model.tiny_llama import load_base_model
+    from training.data import exact_match_accuracy, finetune_data
+
+    train_data, eval_data = finetune_data("train"), finetune_data("eval", n=200)
+    model = load_base_model()
+    before = exact_match_accuracy(model, eval_data)
+    config = trainer.TrainConfig(r=8, precision="fp32", max_steps=120, batch_size=64, learning_rate=3e-3,
+                                 warmup_ratio=0.05, progress=False, output_dir=str(tmp_path), seed=helpers.SEED_OFFSET)  # fmt: skip
+    t = trainer.QLoRATrainer(trainer.prepare_qlora_model(model, config), config, train_data, eval_data)
+    t.train()
+    after = t.evaluate()["accuracy"]
+    observe("4.3 accuracy before the headline run", before)
+    observe("4.3 accuracy after 120 QLoRA steps", after)
+    # Over 60 seeds the reference went from 0 % to 97–100 % (solutions/tools/calibrate.py); 80 % is far inside.
+    assert before <= 0.3 and after >= 0.8, f"exact-match accuracy {before:.0%} -> {after:.0%} (expected ≤ 30 % -> ≥ 80 %)"
+
+
+# ---- Exercise 4.4: merge_and_export ------------------------------------------------------------
+
+
+@pytest.mark.exercise("4.4")
+def test_merge_and_export_weights_and_dtype(trainer, tiny_model):
+    """Each exported weight is dequant(W0) + ΔW, frozen, without history; non-targets are dequantized too."""
+    model = trainer.prepare_qlora_model(tiny_model, trainer.TrainConfig(r=2, precision="fp32", target_modules=("q_proj",)))
+    randomize_lora(model, std=0.2)
+    q = model.layers[0].self_attn.q_proj
+    W0 = q.base_layer.dequantize_weight(torch.float32)
+    ref = reference(lambda W, B, A: W + 8.0 * (B @ A), W0, q.lora_B, q.lora_A, dtype=torch.float32, steps=2 + 2)
+    plain = trainer.merge_and_export(model, dtype=torch.float32)
+    weight = plain.layers[0].self_attn.q_proj.weight
+    assert_close(weight, ref.value, "exported q_proj weight", bound=ref.bound, hint="W = dequant(W0) + ΔW")
+    assert not weight.requires_grad and weight.grad_fn is None, "exported weights are frozen and carry no autograd history"
+    k_proj = plain.layers[0].self_attn.k_proj
+    assert type(k_proj) is nn.Linear and not k_proj.weight.requires_grad, "non-target NF4 layers are dequantized too"
+
+
+@pytest.mark.exercise("4.4")
+def test_merge_and_export_keeps_the_biases(trainer, biased_model):
+    """A model with biases: every exported nn.Linear keeps its original bias and the exact merged weight."""
+    biases = {n: m.bias.detach().clone() for n, m in biased_model.named_modules() if isinstance(m, nn.Linear)}
+    config = trainer.TrainConfig(r=3, lora_alpha=5, precision="fp32", target_modules=("gate_proj", "up_proj", "down_proj"))
+    model = trainer.prepare_qlora_model(biased_model, config)
+    randomize_lora(model, std=0.2)
+    expected = {n: (m.base_layer.dequantize_weight(torch.float32), m) for n, m in model.named_children() if hasattr(m, "lora_A")}
+    plain = trainer.merge_and_export(model)
+    for name, bias in biases.items():
+        layer = plain.get_submodule(name)
+        assert type(layer) is nn.Linear and layer.bias is not None, f"{name} must be an nn.Linear with its bias"
+        assert torch.equal(layer.bias, bias), f"{name}: the bias must be exported unchanged"
+    for name, (W0, lora_layer) in expected.items():
+        ref = reference(lambda W, B, A: W + (5 / 3) * (B @ A), W0, lora_layer.lora_B, lora_layer.lora_A,
+                        dtype=torch.float32, steps=3 + 2)  # fmt: skip
+        assert_close(plain.get_submodule(name).weight, ref.value, f"exported {name} weight", bound=ref.bound)
+
+
+@pytest.mark.exercise("4.4")
+def test_merge_and_export_to_bf16(trainer, tiny_model):
+    """dtype=bfloat16: every exported projection holds a bf16 weight."""
+    model = trainer.prepare_qlora_model(tiny_model, trainer.TrainConfig(r=2, precision="fp32"))
+    plain = trainer.merge_and_export(model, dtype=torch.bfloat16)
+    dtypes = {m.weight.dtype for n, m in plain.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+    assert dtypes == {torch.bfloat16}, f"dtype=bfloat16: every exported projection holds a bf16 weight, got {dtypes}"
+
+
+# ---- Exercise 4.5: estimate_memory -------------------------------------------------------------
+
+
+@pytest.mark.exercise("4.5")
+def test_estimate_memory_breakdown(trainer):
+    """LoRA: 2 B per base parameter + 16 B per adapter parameter; QLoRA: NF4 bits + the same 16 B; bad method refused."""
+    lora = trainer.estimate_memory(7e9, "lora", trainable_params=20e6)
+    assert lora["weights"] == pytest.approx(2 * 7e9 + 4 * 20e6, rel=1e-12), "LoRA: bf16 base (2 B) + fp32 adapters (4 B)"
+    assert lora["gradients"] == pytest.approx(4 * 20e6) and lora["optimizer"] == pytest.approx(8 * 20e6), (
+        "gradients and Adam states exist for the trainable (adapter) parameters only"
+    )
+    assert lora["total"] == pytest.approx(lora["weights"] + lora["gradients"] + lora["optimizer"], rel=1e-12)
+    qlora = trainer.estimate_memory(7e9, "qlora", trainable_params=20e6, block_size=128)
+    nf4 = 7e9 * (4 + 8 / 128 + 32 / (128 * 256)) / 8
+    assert qlora["weights"] == pytest.approx(nf4 + 4 * 20e6, rel=1e-12), (
+        "QLoRA with block_size 128: 7e9 · (4 + 8/128 + 32/(128·256)) / 8 bytes of NF4 + 4 B per adapter parameter"
+    )
+    assert qlora["optimizer"] == pytest.approx(8 * 20e6, rel=1e-12), "two fp32 Adam states per adapter parameter"
+    no_dq = trainer.estimate_memory(65e9, "qlora", double_quant=False)
+    assert no_dq["weights"] == pytest.approx(65e9 * 4.5 / 8, rel=1e-12), "without double quantization NF4 costs 4.5 bits"
+    with pytest.raises(ValueError, match=word("method")):
+        trainer.estimate_memory(1e9, "adapter")
