@@ -1,26 +1,35 @@
-# LoRA & QLoRA from scratch: every entry point. `make help` lists them.
+# LoRA & QLoRA from scratch: every entry point. `make help` lists the ones this checkout offers.
 # The first target that needs Python creates .venv and installs requirements.txt into it.
+#
+# Variables (set them on the command line: make grade EX=1.2):
+#   IMPL       which student files run: student | solutions | DIR (a clone, or a folder of the files).
+#              Unset: make grade grades your files; demo, notebooks and bench show the reference
+#              where this checkout has it (model/_impl.py states the rule).
+#   EX         grade one exercise (1.2), a stage (1) or a list (1,2.3)
+#   RESULTS    where make grade writes Gradescope's results.json
+#   PRECISION  make bench: fp32 | bf16 | fp16
+#   SEEDS      make stress: how many seed offsets (each run under 1 and 2 threads)
+#   FORCE      make stubs: overwrite filled-in exercises
 
 PY        ?= python3
 VENV      := .venv
 PYTHON    := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
-IMPL      ?= solutions              # demo / notebooks / bench: solutions (reference) or student
-EX        ?=                        # grade one exercise (1.2), a stage (1) or a list (1,2.3)
-SUBMISSION ?=                       # grade another checkout's three student files
+IMPL      ?=
+EX        ?=
 RESULTS   ?= runs/grade/results.json
+PRECISION ?= fp32
+SEEDS     ?= 10
 FORCE     ?=
-PYTEST    := $(PYTHON) -m pytest -p no:nbmake
-GRADED    := testcases/basic_test.py testcases/advanced_test.py
-GRADE_IMPL = $(if $(strip $(SUBMISSION)),$(abspath $(strip $(SUBMISSION))),student)
+SHOW       = $(if $(IMPL),LORA_IMPL=$(IMPL))
+INSTRUCTOR := $(wildcard solutions/tools/variants.py)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test grade stubs check-stubs notebooks lint format pretrain bench \
-        mutants solution-branch handout clean
+.PHONY: help setup grade demo notebooks bench lint format pretrain clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
-	@echo "  variables: IMPL=solutions|student  EX=1.2  SUBMISSION=dir  RESULTS=path  FORCE=1"
+	@echo "  variables: IMPL=student|solutions|DIR  EX=1.2  RESULTS=path  PRECISION=bf16$(if $(INSTRUCTOR),  SEEDS=10  FORCE=1)"
 
 setup: $(STAMP) ## create .venv and install requirements.txt (done automatically)
 
@@ -30,29 +39,17 @@ $(STAMP): requirements.txt
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	@touch $(STAMP)
 
+grade: $(STAMP) ## grade the student files (EX=1.2, IMPL=dir, RESULTS=path); exits non-zero unless full marks
+	$(PYTHON) -m testcases.grade --impl $(or $(IMPL),student) $(if $(EX),--ex $(EX)) --results $(RESULTS)
+
 demo: $(STAMP) ## fine-tune the bundled base model: full vs LoRA vs QLoRA (IMPL=student for your code)
-	LORA_IMPL=$(strip $(IMPL)) $(PYTHON) -m training.demo
-
-test: $(STAMP) ## the self-test: reference passes, stubs score 0, mutants caught, notebooks run, stubs in sync
-	@echo "== 1/6 student files in sync with the reference";  $(PYTHON) -m testcases.tools.stubgen --check
-	@echo "== 2/6 lint";                                       $(MAKE) --no-print-directory lint
-	@echo "== 3/6 the reference passes every test";           $(PYTEST) -q testcases --impl solutions
-	@echo "== 4/6 the untouched stubs score zero";             $(PYTEST) -q -rN --tb=no $(GRADED) --impl student --expect-not-attempted --results-json runs/selftest/stubs.json
-	@echo "== 5/6 every mutant is caught";                     $(PYTHON) -m testcases.mutants.run
-	@echo "== 6/6 the notebooks run on the reference";         LORA_IMPL=solutions $(PYTHON) -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=600 notebooks
-	@echo "make test: all checks passed"
-
-grade: $(STAMP) ## grade the student files (EX=1.2, SUBMISSION=dir, RESULTS=path); exits non-zero unless all pass
-	$(PYTEST) -q -rN --tb=short $(GRADED) --impl $(GRADE_IMPL) $(if $(strip $(EX)),--ex $(strip $(EX))) --results-json $(RESULTS)
-
-stubs: $(STAMP) ## regenerate the student files from solutions/ (FORCE=1 overwrites filled-in work)
-	$(PYTHON) -m testcases.tools.stubgen $(if $(FORCE),--force)
-
-check-stubs: $(STAMP) ## fail if a student file differs from the stub generated from solutions/
-	$(PYTHON) -m testcases.tools.stubgen --check
+	$(SHOW) $(PYTHON) -m training.demo
 
 notebooks: $(STAMP) ## open Jupyter Lab on notebooks/ (IMPL=student runs them on your code)
-	LORA_IMPL=$(strip $(IMPL)) $(VENV)/bin/jupyter lab notebooks
+	$(SHOW) $(VENV)/bin/jupyter lab notebooks
+
+bench: $(STAMP) ## timings: LoRA layer overhead, NF4 throughput, LoRA vs QLoRA step (PRECISION=bf16)
+	$(SHOW) BENCH_PRECISION=$(PRECISION) $(PYTHON) -m training.bench
 
 lint: $(STAMP) ## ruff check and ruff format --check
 	$(VENV)/bin/ruff check .
@@ -65,25 +62,52 @@ format: $(STAMP) ## ruff format and ruff check --fix
 pretrain: $(STAMP) ## rebuild the bundled base checkpoint model/checkpoints/ (deterministic)
 	$(PYTHON) -m training.pretrain
 
-bench: $(STAMP) ## timings: LoRA layer overhead, NF4 throughput, LoRA vs QLoRA training step
-	LORA_IMPL=$(strip $(IMPL)) $(PYTHON) -m training.bench
-
-mutants: $(STAMP) ## run the suites against every mutant in testcases/mutants/
-	$(PYTHON) -m testcases.mutants.run
-
-solution-branch: ## instructors: a local branch `solution` whose student files hold the reference
-	@git rev-parse --verify -q solution >/dev/null && { echo "branch 'solution' exists; delete it first: git branch -D solution"; exit 1; } || true
-	@tmp=$$(mktemp -d) && git worktree add -q -b solution $$tmp HEAD && \
-	  for f in model/lora.py model/quant.py training/qlora_trainer.py; do cp solutions/$$f $$tmp/$$f; done && \
-	  git -C $$tmp commit -q -am "Reference solutions in the student files" && \
-	  git worktree remove $$tmp && echo "created branch 'solution' (git switch solution)"
-
-handout: ## instructors: build/handout/, a copy of HEAD without solutions/ and the mutants
-	rm -rf build/handout && mkdir -p build/handout
-	git archive HEAD | tar -x -C build/handout
-	rm -rf build/handout/solutions build/handout/.ci build/handout/testcases/mutants build/handout/testcases/tools \
-	       build/handout/testcases/support_test.py
-	@echo "build/handout/: hand this out (students run make grade; make test needs solutions/)"
-
 clean: ## remove generated output (runs/, build/); keeps .venv
 	rm -rf runs build
+
+ifneq ($(INSTRUCTOR),)
+# ---- Instructors and maintainers (this part needs solutions/; a handout does not have it) ----------
+.PHONY: test stress stubs check-stubs mutants equivalents hostile calibrate handout gradescope solution-branch
+
+test: $(STAMP) ## the self-test: every check below; what CI runs
+	@echo "== 1/9 student files in sync with the reference";         $(PYTHON) -m solutions.tools.stubgen --check
+	@echo "== 2/9 lint";                                              $(MAKE) --no-print-directory lint
+	@echo "== 3/9 the course is consistent; the reference passes every test"; $(PYTHON) -m pytest -q -p no:nbmake testcases --impl solutions
+	@echo "== 4/9 the untouched stubs score zero (isolated grader)";  $(PYTHON) -m testcases.grade --impl student --expect-not-attempted --details 0 --results runs/selftest/stubs.json
+	@echo "== 5/9 every mutant is caught, every equivalent keeps full marks"; $(PYTHON) -m solutions.tools.variants
+	@echo "== 6/9 hostile submissions get the right score";           $(PYTHON) -m solutions.tools.hostile
+	@echo "== 7/9 instructor commands: a clone, Gradescope, the handout"; $(PYTHON) -m pytest -q -p no:nbmake solutions/tools
+	@echo "== 8/9 other seeds and thread counts (make stress runs more)"; $(PYTHON) -m solutions.tools.stress --seeds 1
+	@echo "== 9/9 the notebooks run on the reference";                LORA_IMPL=solutions $(PYTHON) -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=600 notebooks
+	@echo "make test: all checks passed"
+
+stress: $(STAMP) ## the reference under SEEDS seed offsets × 1 and 2 torch threads
+	$(PYTHON) -m solutions.tools.stress --seeds $(SEEDS)
+
+stubs: $(STAMP) ## regenerate the student files from solutions/ (FORCE=1 overwrites filled-in work)
+	$(PYTHON) -m solutions.tools.stubgen $(if $(FORCE),--force)
+
+check-stubs: $(STAMP) ## fail if a student file differs from the stub generated from solutions/
+	$(PYTHON) -m solutions.tools.stubgen --check
+
+mutants: $(STAMP) ## run the suites against every mutant in solutions/mutants/
+	$(PYTHON) -m solutions.tools.variants --mutants
+
+equivalents: $(STAMP) ## run the suites against every correct variant in solutions/equivalents/
+	$(PYTHON) -m solutions.tools.variants --equivalents
+
+hostile: $(STAMP) ## grade the hostile submissions in solutions/hostile/ and check their scores
+	$(PYTHON) -m solutions.tools.hostile
+
+calibrate: $(STAMP) ## measure the statistical thresholds over 60 seeds (slow)
+	$(PYTHON) -m solutions.tools.calibrate
+
+handout: $(STAMP) ## build/handout/: this checkout without solutions/, with the students' README
+	$(PYTHON) -m solutions.tools.handout build/handout
+
+gradescope: $(STAMP) ## build/gradescope/autograder.zip (setup.sh, run_autograder) for Gradescope
+	$(PYTHON) -m solutions.tools.gradescope build/gradescope
+
+solution-branch: $(STAMP) ## a local branch `solution` whose student files hold the reference (an answer key)
+	$(PYTHON) -m solutions.tools.handout --solution-branch
+endif

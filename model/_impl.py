@@ -28,7 +28,7 @@ import os
 import sys
 from pathlib import Path
 
-from testcases.manifest import student_modules
+from testcases.manifest import STAGES, stubbed_exercises, student_modules
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = "LORA_IMPL"
@@ -81,6 +81,17 @@ def implementation_file(module: str, choice: str | None = None) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+def missing_exercises() -> list[str]:
+    """Exercises whose stub still stands in the files the switch loads now (a missing file: all of its)."""
+    missing = []
+    for module, relative in student_modules().items():
+        file = implementation_file(module)
+        mine = [e.id for s in STAGES if s.student_file == relative for e in s.exercises]
+        stubbed = set(stubbed_exercises(file.read_text())) if file else set(mine)
+        missing += [ex for ex in mine if ex in stubbed]
+    return missing
 
 
 _broken: dict[str, str] = {}  # module -> why it cannot be imported in this process

@@ -33,6 +33,7 @@ throwaway container (Gradescope does) when grades matter.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import queue
@@ -51,7 +52,6 @@ from testcases.scoring import BLOCKED, CRASHED, NOT_ATTEMPTED, NOT_RUN, SKIPPED,
 
 GIVEN = ("model", "training", "testcases", "pyproject.toml")  # copied into every sandbox
 IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", ".ipynb_checkpoints", "runs")
-GRACE = 10.0  # seconds past a test's own budget before the scorer kills the child
 # The waiting process: it sets the limits the test process inherits, then waits for it. Student code
 # that kills its parent (os.getppid()) kills this one, not the scorer.
 NANNY = """
@@ -128,7 +128,7 @@ class Child:
     phase: tuple | None = None  # ("load", file, t0) | ("test", nodeid, t0)
     done: bool = False  # the child said it finished its run
     finished: bool = False  # its report pipe is closed
-    exited: float | None = None  # when the scorer saw its waiting process end
+    last_event: float = 0.0
     restarts: int = 0
     reported: set[str] = field(default_factory=set)
 
@@ -189,15 +189,14 @@ class Scorer:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("LORA_", "PYTEST_", "CALIBRATE_"))}
         env.update(PYTHONPATH=str(child.sandbox), HOME=str(child.sandbox / "home"), MPLBACKEND="Agg",
                    OMP_NUM_THREADS=str(self.args.threads), PYTHONDONTWRITEBYTECODE="1")  # fmt: skip
-        log = open(child.log, "ab")
-        child.process = subprocess.Popen(
-            [sys.executable, "-c", NANNY, str(int(self.args.memory * 2**30)), *self.command(child, write_fd)],
-            cwd=child.sandbox, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            pass_fds=(write_fd,), start_new_session=True,
-        )  # fmt: skip
-        log.close()
+        with open(child.log, "ab") as log:
+            child.process = subprocess.Popen(
+                [sys.executable, "-c", NANNY, str(int(self.args.memory * 2**30)), *self.command(child, write_fd)],
+                cwd=child.sandbox, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                pass_fds=(write_fd,), start_new_session=True,
+            )  # fmt: skip
         os.close(write_fd)
-        child.read_fd, child.started = read_fd, time.monotonic()
+        child.read_fd, child.started, child.last_event = read_fd, time.monotonic(), time.monotonic()
         threading.Thread(target=self.read, args=(child, read_fd), daemon=True).start()
         self.children.append(child)
 
@@ -229,11 +228,12 @@ class Scorer:
 
     def handle(self, child: Child, event: dict) -> None:
         kind, now = event.get("event"), time.monotonic()
+        child.last_event = now
         if kind == "plan" and not child.run:
             for test in event.get("tests", []):
-                if isinstance(test, dict) and test.get("exercise") in exercises() and "nodeid" in test:
-                    if exercises()[test["exercise"]] in child.stage.exercises:
-                        self.plan.setdefault(test["nodeid"], test)
+                known = isinstance(test, dict) and "nodeid" in test and test.get("exercise") in exercises()
+                if known and exercises()[test["exercise"]] in child.stage.exercises:
+                    self.plan.setdefault(test["nodeid"], test)
             child.run = [t for t, p in self.plan.items() if p["exercise"] in {e.id for e in child.stage.exercises}]
         elif kind == "load":
             child.phase = ("load", str(event.get("file")), now)
@@ -284,28 +284,33 @@ class Scorer:
         for child in list(self.children):
             phase = child.phase
             if phase and phase[0] == "test":
-                budget = float(self.plan.get(phase[1], {}).get("timeout") or self.args.timeout) + GRACE
+                budget = float(self.plan.get(phase[1], {}).get("timeout") or self.args.timeout) + self.args.grace
                 if now - phase[2] > budget:
-                    self.finish(child, f"killed after {now - phase[2]:.0f} s (its budget is {budget - GRACE:g} s): "
+                    self.finish(child, f"killed after {now - phase[2]:.0f} s (its budget is {budget - self.args.grace:g} s): "
                                 "an endless loop, or code that blocks the test's own timer?")  # fmt: skip
                     continue
-            if phase and phase[0] == "load" and now - phase[2] > self.args.timeout + GRACE:
+            if phase and phase[0] == "load" and now - phase[2] > self.args.timeout + self.args.grace:
                 self.finish(child, f"{phase[1]} could not be imported: it took more than {self.args.timeout:g} s")
                 continue
-            if child.process.poll() is not None:
-                if child.exited is None:
-                    child.exited = now
-                    self.kill(child)  # whatever the waiting process left behind in its session
-                if child.finished or now - child.exited > 5:
-                    self.finish(child, "")
+            if child.finished:  # the report pipe is closed: the test process is done or dead
+                self.finish(child, "")
+            elif child.done and now - child.last_event > 5:
+                self.finish(child, "")  # it finished but something it started still holds the pipe
+            elif not phase and now - child.last_event > self.args.timeout + self.args.grace:
+                self.finish(child, "")  # silent between tests for too long
 
     def finish(self, child: Child, why: str) -> None:
         """The child is gone (or must go): account for what it was doing, then restart its stage if needed."""
+        if child.finished and not why:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.process.wait(timeout=3)  # its pipe closed: let the waiting process report the exit status
+        code = child.process.poll()
         self.kill(child)
         if child in self.children:
             self.children.remove(child)
-        code = child.process.returncode
         how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with status {code}"
+        if child.done and code is not None and code < 0:
+            self.note(f"stage {child.stage.number}: the grader's waiting process was killed ({how}); the tests ran on")
         phase, child.phase = child.phase, None
         if phase and phase[0] == "test" and phase[1] in self.plan and phase[1] not in self.outcomes:
             nodeid, planned = phase[1], self.plan[phase[1]]
@@ -314,7 +319,9 @@ class Scorer:
                 f"the test process {how} during this test (sys.exit, os._exit, a kill, or memory beyond the "
                 f"{self.args.memory:g} GiB limit?)"
             )
-            self.outcomes[nodeid] = Outcome(nodeid, planned["function"], planned["exercise"], float(planned["weight"]), status, text)
+            self.outcomes[nodeid] = Outcome(
+                nodeid, planned["function"], planned["exercise"], float(planned["weight"]), status, text
+            )
             verb = "timed out" if status == TIMED_OUT else "ended the test process"
             self.stopped.setdefault(planned["exercise"], f"an earlier test of exercise {planned['exercise']} {verb}")
         elif phase and phase[0] == "load":
@@ -324,7 +331,9 @@ class Scorer:
         elif not child.done:
             self.note(f"stage {child.stage.number}: the test process {how} between tests; the rest ran in a new one")
         if not child.run:
-            self.note(f"stage {child.stage.number}: the test process {how} before it reported its tests; see {child.log}")
+            self.note(
+                f"stage {child.stage.number}: the test process {how} before it reported its tests; see {child.log}"
+            )
             return
         remaining = []
         for nodeid in (t for t in child.run if t not in self.outcomes):
@@ -338,21 +347,19 @@ class Scorer:
             if child.restarts >= 50:
                 self.note(f"stage {child.stage.number}: gave up after 50 restarts")
                 return
-            again = Child(child.stage, child.sandbox, remaining, dict(child.broken), child.log, restarts=child.restarts + 1)
+            again = Child(
+                child.stage, child.sandbox, remaining, dict(child.broken), child.log, restarts=child.restarts + 1
+            )
             self.waiting.insert(0, again)
 
     def kill(self, child: Child) -> None:
         if child.process and child.process.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(child.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             child.process.wait()
         elif child.process:
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(child.process.pid, signal.SIGKILL)  # the child may outlive its waiting process
-            except (ProcessLookupError, PermissionError):
-                pass
 
     def note(self, text: str) -> None:
         if text not in self.notes:
@@ -366,8 +373,19 @@ class Scorer:
         for nodeid, planned in self.plan.items():
             outcome = self.outcomes.get(nodeid)
             if outcome is None:
-                why = f"the overall time budget ({self.args.budget:g} s) ran out" if spent else "the test process never reported it"
-                outcome = Outcome(nodeid, planned["function"], planned["exercise"], float(planned["weight"]), NOT_RUN, f"not run: {why}")
+                why = (
+                    f"the overall time budget ({self.args.budget:g} s) ran out"
+                    if spent
+                    else "the test process never reported it"
+                )
+                outcome = Outcome(
+                    nodeid,
+                    planned["function"],
+                    planned["exercise"],
+                    float(planned["weight"]),
+                    NOT_RUN,
+                    f"not run: {why}",
+                )
             book.add(outcome)
         for stage in STAGES:  # a stage whose child never reported a plan still shows, with no points
             if any(e.id in self.wanted for e in stage.exercises) and not any(
@@ -395,10 +413,8 @@ def become_subreaper() -> None:
     if sys.platform.startswith("linux"):
         import ctypes
 
-        try:
+        with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-        except (OSError, AttributeError):
-            pass
 
 
 def reap_orphans() -> None:
@@ -426,11 +442,16 @@ def reap_orphans() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m testcases.grade", description=__doc__.splitlines()[0])
-    parser.add_argument("--impl", default="student", help="student (default) | solutions | DIR (a clone or loose files)")
+    parser.add_argument(
+        "--impl", default="student", help="student (default) | solutions | DIR (a clone or loose files)"
+    )
     parser.add_argument("--ex", default="", help="an exercise (1.2), a stage (1) or a list (1,2.3); default: all")
     parser.add_argument("--results", default="runs/grade/results.json", help="where to write Gradescope's results.json")
     parser.add_argument("--seed", type=int, default=0, help="shift every seed the tests use (grading keeps 0)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per test (a test may ask for more)")
+    parser.add_argument(
+        "--grace", type=float, default=10.0, help="seconds past a test's budget before its process is killed"
+    )
     parser.add_argument("--budget", type=float, default=900.0, help="seconds for the whole run")
     parser.add_argument("--jobs", type=int, default=2, help="stages graded at once")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per test process")

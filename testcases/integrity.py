@@ -16,6 +16,7 @@ the threat model.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import inspect
 import math
 import sys
@@ -25,7 +26,15 @@ from types import ModuleType
 GIVEN_PREFIXES = ("testcases", "model", "training")
 # Torch namespaces whose existing bindings are protected (torch adds attributes lazily, so
 # additions there are not flagged).
-TORCH_MODULES = ("torch", "torch.nn", "torch.nn.functional", "torch.nn.init", "torch.testing", "torch.linalg", "torch.autograd")
+TORCH_MODULES = (
+    "torch",
+    "torch.nn",
+    "torch.nn.functional",
+    "torch.nn.init",
+    "torch.testing",
+    "torch.linalg",
+    "torch.autograd",
+)
 
 
 IGNORED = {"__warningregistry__", "__loader__", "__spec__", "__cached__"}
@@ -86,17 +95,13 @@ class Guard:
 
 
 def _restore(obj: object, name: str, value: object) -> None:
-    try:
+    with contextlib.suppress(AttributeError, TypeError):
         setattr(obj, name, value)
-    except (AttributeError, TypeError):
-        pass
 
 
 def _delete(obj: object, name: str) -> None:
-    try:
+    with contextlib.suppress(AttributeError, TypeError):
         delattr(obj, name)
-    except (AttributeError, TypeError):
-        pass
 
 
 def describe(changed: list[str], limit: int = 4) -> str:

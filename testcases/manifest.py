@@ -205,15 +205,3 @@ def select(spec: str | None) -> list[str]:
 def stubbed_exercises(text: str) -> list[str]:
     """Exercise ids whose generated stub still stands in a student file's text."""
     return sorted(set(STUB_PATTERN.findall(text)), key=lambda ex: tuple(int(p) for p in ex.split(".")))
-
-
-def missing_exercises(root: Path = REPO, ids: Iterable[str] | None = None) -> list[str]:
-    """Which of ``ids`` (default: all) are still stubs in the student files under ``root``."""
-    stubbed: set[str] = set()
-    for path in student_files():
-        file = root / path
-        stubbed |= set(stubbed_exercises(file.read_text())) if file.is_file() else {
-            e.id for s in STAGES if s.student_file == path for e in s.exercises
-        }
-    wanted = exercises() if ids is None else ids
-    return [ex for ex in wanted if ex in stubbed]

@@ -307,7 +307,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         report.outcome, report.longrepr = "failed", outcome.message
     outcome.function, outcome.weight, outcome.seconds = item.originalname, weight, call.duration
     if outcome.status in (NOT_ATTEMPTED, BLOCKED):
-        report.longrepr = f"{outcome.status}{' by ' + outcome.blocked_by if outcome.blocked_by else ''}: {outcome.message}"
+        report.longrepr = (
+            f"{outcome.status}{' by ' + outcome.blocked_by if outcome.blocked_by else ''}: {outcome.message}"
+        )
     if outcome.status == TIMED_OUT:
         item.config.stash.setdefault(STOPPED, {}).setdefault(ex, f"an earlier test of exercise {ex} timed out")
     book = item.config.stash[BOOK]
@@ -376,7 +378,9 @@ def test_frame(excinfo: pytest.ExceptionInfo) -> str:
     for entry in reversed(excinfo.traceback):
         path = Path(str(entry.path))
         if "testcases" in path.parts and path.name not in ("tolerances.py", "helpers.py", "plugin.py"):
-            return f"\n  (the check is at testcases/{path.relative_to(_testcases_root()).as_posix()}:{entry.lineno + 1})"
+            return (
+                f"\n  (the check is at testcases/{path.relative_to(_testcases_root()).as_posix()}:{entry.lineno + 1})"
+            )
     return ""
 
 

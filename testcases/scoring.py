@@ -151,7 +151,9 @@ class Gradebook:
         skipped = sum(o.status == SKIPPED for o in self.outcomes.values())
         lines.append("-" * (width + 40))
         total = f"{self.earned() / 100:>6.2f} / {self.possible() / 100:<5.2f}"
-        lines.append(f"{'total':<{width + 11}}{total}" + (f"  ({skipped} skipped: not applicable here)" if skipped else ""))
+        lines.append(
+            f"{'total':<{width + 11}}{total}" + (f"  ({skipped} skipped: not applicable here)" if skipped else "")
+        )
         lines.extend(self.notes)
         return "\n".join(lines)
 

@@ -1,114 +1,185 @@
-"""Tests of the course machinery and the given code (not graded; `make test` runs them).
+"""Tests of the course machinery a student's copy also has (not graded; `make test` runs them).
 
-The switch, the stub generator, the grading plugin's bookkeeping, the mutant catalogue, the
-bundled base model and the task data.
+The manifest against the files, the graded test modules' conventions, the switch, the scoring,
+the given model and data. Checks that need solutions/ live in solutions/tools/tools_test.py.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from model._impl import REPO, STUDENT_MODULES, implementation_file
-from testcases.grading import NOT_ATTEMPTED, Gradebook, Result
-from testcases.points import EXERCISES
-from testcases.tools.stubgen import filled_in, make_stub
+from model import _impl
+from testcases.manifest import REPO, STAGES, dependencies, exercises, module_name, select, student_files
+from testcases.scoring import BLOCKED, FAILED, NOT_ATTEMPTED, PASSED, SKIPPED, Gradebook, Outcome, split_cents
 
-# ---- the switch ---------------------------------------------------------------------------------
-
-
-def test_switch_picks_the_files(monkeypatch, tmp_path):
-    monkeypatch.setenv("LORA_IMPL", "solutions")
-    assert implementation_file("model.lora") == REPO / "solutions" / "model" / "lora.py"
-    monkeypatch.setenv("LORA_IMPL", "student")
-    assert implementation_file("training.qlora_trainer") == REPO / "training" / "qlora_trainer.py"
-    (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "quant.py").write_text("")
-    monkeypatch.setenv("LORA_IMPL", str(tmp_path))
-    assert implementation_file("model.quant") == tmp_path / "model" / "quant.py"
-    assert implementation_file("model.lora") == REPO / "model" / "lora.py", "a missing file falls back to the stub"
-    monkeypatch.setenv("LORA_IMPL", str(tmp_path / "nowhere"))
-    with pytest.raises(ValueError, match="LORA_IMPL"):
-        implementation_file("model.lora")
+# ---- the manifest against the files ---------------------------------------------------------------
 
 
-# ---- the stub generator ---------------------------------------------------------------------------
+def test_every_stage_has_its_files():
+    """Each stage's student file, lesson, notebook and test modules exist; exercise ids follow the stage."""
+    for stage in STAGES:
+        for path in (stage.student_file, stage.lesson, stage.notebook, *stage.tests):
+            assert (REPO / path).is_file(), f"stage {stage.number}: {path} is missing (testcases/manifest.py names it)"
+        for number, exercise in enumerate(stage.exercises, start=1):
+            assert exercise.id == f"{stage.number}.{number}", (
+                f"stage {stage.number}: exercise {exercise.id} out of order"
+            )
+            assert exercise.points > 0, f"{exercise.id}: points must be positive"
+    assert len(exercises()) == sum(len(s.exercises) for s in STAGES), "exercise ids must be unique"
 
-REFERENCE = '''def f(x):
-    """Doc."""
-    # BEGIN SOLUTION 1.2: double it
-    y = 2 * x
-    return y
-    # END SOLUTION
-'''
+
+def test_dependencies_point_backwards():
+    """An exercise depends only on exercises that come before it (so the course has an order)."""
+    order = list(exercises())
+    for ex, exercise in exercises().items():
+        for need in exercise.needs:
+            assert need in order and order.index(need) < order.index(ex), (
+                f"{ex} needs {need}, which does not come first"
+            )
+        assert ex not in dependencies(ex), f"{ex} depends on itself"
 
 
-def test_make_stub_replaces_the_block():
-    stub = make_stub(REFERENCE)
-    assert stub == (
-        'def f(x):\n    """Doc."""\n'
-        '    raise NotImplementedError("Exercise 1.2: double it — see tutorial/01-lora-layer.md")\n'
+def test_only_the_known_test_modules_exist():
+    """A new test file cannot go ungraded: the only *_test.py files are the two L14 entry points and this one."""
+    found = sorted(p.name for p in (REPO / "testcases").rglob("*_test.py"))
+    assert found == ["advanced_test.py", "basic_test.py", "support_test.py"], (
+        f"unexpected test modules {found}: a stage's tests go in testcases/stage<N>/basic.py or advanced.py"
     )
-    assert filled_in(
-        REFERENCE.replace("# BEGIN SOLUTION 1.2: double it\n", "").replace("# END SOLUTION\n", ""), stub
-    ) == ["1.2"]
-    assert filled_in(stub, stub) == []
+    stage_dirs = sorted(p.name for p in (REPO / "testcases").glob("stage*") if p.is_dir())
+    assert stage_dirs == [f"stage{s.number}" for s in STAGES], (
+        f"stage test folders {stage_dirs} do not match the manifest"
+    )
 
 
-def test_make_stub_rejects_unbalanced_markers():
-    with pytest.raises(ValueError, match="without END"):
-        make_stub(REFERENCE.replace("    # END SOLUTION\n", ""))
+def graded_functions():
+    for stage in STAGES:
+        for path in stage.tests:
+            tree = ast.parse((REPO / path).read_text())
+            for node in tree.body:
+                if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+                    yield stage, path, node
 
 
-def test_committed_stubs_are_generated_from_the_reference():
-    for relative in STUDENT_MODULES.values():
-        stub = make_stub((REPO / "solutions" / relative).read_text())
-        assert (REPO / relative).read_text() == stub, f"{relative} drifted from solutions/{relative}: run make stubs"
-        assert "BEGIN SOLUTION" not in stub
+def test_graded_tests_follow_the_conventions():
+    """Every graded test: an exercise marker of its own stage, a one-line docstring, a message on every assert."""
+    problems = []
+    for stage, path, node in graded_functions():
+        where = f"{path}::{node.name}"
+        markers = [
+            d for d in node.decorator_list
+            if isinstance(d, ast.Call) and getattr(d.func, "attr", "") == "exercise"
+        ]  # fmt: skip
+        ids = [m.args[0].value for m in markers if m.args and isinstance(m.args[0], ast.Constant)]
+        if len(ids) != 1 or ids[0] not in exercises() or not ids[0].startswith(f"{stage.number}."):
+            problems.append(f"{where}: needs exactly one @pytest.mark.exercise('{stage.number}.x')")
+        doc = ast.get_docstring(node)
+        if not doc or not doc.strip():
+            problems.append(f"{where}: needs a docstring (its first line is what lessons list under 'The tests check')")
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.Assert) and sub.msg is None:
+                problems.append(f"{where}:{sub.lineno}: an assert without a message teaches nothing")
+    assert not problems, "\n".join(problems)
 
 
-# ---- the grading bookkeeping -----------------------------------------------------------------------
+def test_every_exercise_has_tests_at_both_levels():
+    """Each exercise has at least one basic and one advanced test."""
+    seen: dict[str, set[str]] = {ex: set() for ex in exercises()}
+    for _, path, node in graded_functions():
+        for d in node.decorator_list:
+            if isinstance(d, ast.Call) and getattr(d.func, "attr", "") == "exercise":
+                seen[d.args[0].value].add(Path(path).stem)
+    missing = [
+        f"{ex}: {sorted({'basic', 'advanced'} - levels)}"
+        for ex, levels in seen.items()
+        if levels != {"basic", "advanced"}
+    ]
+    assert not missing, f"exercises without tests at a level: {missing}"
 
 
-def test_gradebook_shares_points_among_tests_that_ran():
+def test_select_reads_exercises_and_stages():
+    """--ex / EX= accepts an exercise, a stage or a list, and names what matched nothing."""
+    assert select("1.2") == ["1.2"]
+    assert select("3") == [e.id for e in STAGES[2].exercises]
+    assert select("1.1, 4") == ["1.1", *[e.id for e in STAGES[3].exercises]]
+    with pytest.raises(ValueError, match="EX=9"):
+        select("9")
+
+
+# ---- the switch ---------------------------------------------------------------------------------------
+
+
+def test_switch_picks_the_files(tmp_path, monkeypatch):
+    """student, solutions and a directory (a clone or loose files) resolve to the right files; a missing one is None."""
+    name = module_name(student_files()[0])
+    assert _impl.implementation_file(name, "student") == REPO / student_files()[0]
+    (tmp_path / "clone" / "model").mkdir(parents=True)
+    (tmp_path / "clone" / "model" / "quant.py").write_text("")
+    assert (
+        _impl.implementation_file("model.quant", str(tmp_path / "clone")) == tmp_path / "clone" / "model" / "quant.py"
+    )
+    (tmp_path / "loose").mkdir()
+    (tmp_path / "loose" / "lora.py").write_text("")
+    assert _impl.implementation_file("model.lora", str(tmp_path / "loose")) == tmp_path / "loose" / "lora.py"
+    assert _impl.implementation_file("model.lora", str(tmp_path / "clone")) is None, (
+        "a missing file is missing, not the stub"
+    )
+    with pytest.raises(ValueError, match="impl"):
+        _impl.implementation_root(str(tmp_path / "nowhere"))
+    monkeypatch.setattr(_impl, "REPO", tmp_path)  # a checkout without solutions/, like a handout
+    with pytest.raises(ValueError, match="no solutions/"):
+        _impl.implementation_root("solutions")
+    assert _impl.default_choice("show") == "student", "without the reference, demos show the student's files"
+
+
+# ---- scoring --------------------------------------------------------------------------------------------
+
+
+def test_split_cents_adds_up():
+    """Points are split in hundredths by largest remainder: the parts always add up to the whole."""
+    for total in (800, 400, 1400, 100):
+        for n in range(1, 23):
+            parts = split_cents(total, [1.0] * n)
+            assert sum(parts) == total and max(parts) - min(parts) <= 1, (total, n, parts)
+    assert split_cents(1000, [2.0, 1.0, 1.0]) == [500, 250, 250]
+
+
+def test_gradebook_statuses_weights_and_json():
+    """Points by function (cases share), skipped cases excluded; statuses; table and results.json agree."""
     book = Gradebook()
-    book.results = {
-        "a::t1": Result("1.1", "passed"),
-        "a::t2": Result("1.1", "failed", "boom"),
-        "a::t3": Result("1.1", "skipped", "no GPU"),
-        "a::t4": Result("1.2", NOT_ATTEMPTED, "not attempted: Exercise 1.2: ...\nmore"),
-    }
-    results = book.gradescope()
-    scores = {t["name"].split(" :: ")[-1]: (t["score"], t["max_score"], t["status"]) for t in results["tests"]}
-    half = EXERCISES["1.1"][0] / 2
-    assert scores == {"t1": (half, half, "passed"), "t2": (0, half, "failed"), "t4": (0, EXERCISES["1.2"][0], "failed")}
-    assert results["score"] == half and json.dumps(results)
-    assert "not attempted" in book.table() and "failed (1/2 tests pass)" in book.table()
+    book.add(Outcome("a::t1[x]", "t1", "1.1", 1.0, PASSED))
+    book.add(Outcome("a::t1[y]", "t1", "1.1", 1.0, FAILED, "boom"))
+    book.add(Outcome("a::t1[cuda]", "t1", "1.1", 1.0, SKIPPED, "no GPU"))
+    book.add(Outcome("a::t2", "t2", "1.1", 2.0, PASSED))
+    book.add(Outcome("a::t3", "t3", "1.2", 1.0, BLOCKED, "stub", blocked_by="1.1"))
+    book.add(Outcome("a::t4", "t4", "1.3", 1.0, NOT_ATTEMPTED, "Exercise 1.3: ..."))
+    book.add(Outcome("a::t5", "t5", "1.3", 1.0, BLOCKED, "stub", blocked_by="1.2"))
+    cents = book.cents()
+    t1_share, t2_share = split_cents(exercises()["1.1"].points * 100, [1.0, 2.0])  # t1 weight 1, t2 weight 2
+    assert cents["a::t2"] == (t2_share, t2_share)
+    assert cents["a::t1[x]"][1] + cents["a::t1[y]"][1] == t1_share and "a::t1[cuda]" not in cents
+    rows = {row.exercise: row.status for row in book.rows()}
+    assert rows["1.1"].startswith("failed (2/3")
+    assert rows["1.2"] == "blocked by 1.1 (still a stub)"
+    assert rows["1.3"] == NOT_ATTEMPTED
+    results = book.results_json(1.0)
+    assert round(sum(t["score"] for t in results["tests"]), 2) == results["score"] == book.earned() / 100
+    assert sum(t["max_score"] for t in results["tests"]) == pytest.approx(book.possible() / 100)
+    assert json.dumps(results) and "blocked by 1.1" in json.dumps(results)
 
 
-# ---- the mutant catalogue ------------------------------------------------------------------------
-
-
-def test_every_mutant_applies_and_changes_the_reference():
-    from testcases.mutants.run import CATALOGUE
-
-    names = [m.name for m in CATALOGUE]
-    assert len(names) == len(set(names)), "mutant names must be unique"
-    for mutant in CATALOGUE:
-        source = (REPO / "solutions" / mutant.file).read_text()
-        assert mutant.apply(source) != source, f"{mutant.name} changes nothing"
-        compile(mutant.apply(source), mutant.name, "exec")
-    for file in STUDENT_MODULES.values():
-        assert sum(m.file == file for m in CATALOGUE) >= 10, f"at least ten mutants for {file}"
-
-
-# ---- the given model and data ----------------------------------------------------------------------
+# ---- the given model and data ------------------------------------------------------------------------------
 
 
 def test_bundled_base_model():
+    """The committed checkpoint is small, loads, and refuses sequences longer than it was built for."""
     from model.tiny_llama import BASE_MODEL_PATH, load_base_model
 
     assert BASE_MODEL_PATH.stat().st_size <= 5 * 2**20, "the committed checkpoint stays under 5 MB"
@@ -121,6 +192,7 @@ def test_bundled_base_model():
 
 
 def test_base_model_knows_the_pretraining_tasks_but_not_the_new_one():
+    """The base solves copy/reverse/sort and fails the fine-tuning task."""
     from model.tiny_llama import load_base_model
     from training.data import FINETUNE_TASK, PRETRAIN_TASKS, per_task_accuracy
 
@@ -129,7 +201,19 @@ def test_base_model_knows_the_pretraining_tasks_but_not_the_new_one():
     assert accuracy[FINETUNE_TASK] <= 0.30, accuracy
 
 
+def test_float64_model_keeps_float64():
+    """The given model runs in float64 end to end (norms and loss too), so tests can compare networks exactly."""
+    from model.tiny_llama import load_base_model
+    from training.data import finetune_data, lm_loss
+
+    model = load_base_model().double()
+    data = finetune_data("eval", n=4)
+    logits = model(data["input_ids"])
+    assert logits.dtype == torch.float64 and lm_loss(logits, data["labels"]).dtype == torch.float64
+
+
 def test_task_data_is_deterministic_and_the_splits_are_disjoint():
+    """The task data is the same on every call, and no eval problem appears in training."""
     from training.data import finetune_data
 
     a, b = finetune_data("train", n=300), finetune_data("train", n=300)
@@ -139,22 +223,33 @@ def test_task_data_is_deterministic_and_the_splits_are_disjoint():
 
 
 def test_no_network_or_cuda_assumption_in_the_code():
+    """No .cuda() and no download anywhere in the course code."""
     for path in [*REPO.glob("model/*.py"), *REPO.glob("training/*.py"), *REPO.glob("solutions/**/*.py")]:
         text = path.read_text()
         assert ".cuda()" not in text, f"{path.relative_to(REPO)}: use devices from tensors, not .cuda()"
         assert "from_pretrained(" not in text and "urlopen(" not in text, f"{path.relative_to(REPO)}: no downloads"
 
 
-def test_cli_help_lists_the_config():
-    import subprocess
-    import sys
+def test_tests_and_notebooks_never_import_solutions():
+    """Only the switch reaches the reference: tests, notebooks and given code never import solutions.*."""
+    for path in [
+        *REPO.glob("testcases/**/*.py"),
+        *REPO.glob("model/*.py"),
+        *REPO.glob("training/*.py"),
+        *REPO.glob("notebooks/*.ipynb"),
+    ]:
+        if path.name == "support_test.py":
+            continue
+        text = path.read_text()
+        assert "import solutions" not in text and "from solutions" not in text, (
+            f"{path.relative_to(REPO)} imports solutions"
+        )
 
+
+def test_cli_help_lists_the_config():
+    """python -m training.qlora_trainer --help lists every TrainConfig field with its help."""
     out = subprocess.run(
         [sys.executable, "-m", "training.qlora_trainer", "--help"],
-        cwd=REPO,
-        env={**os.environ, "LORA_IMPL": "solutions"},
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    assert "--gradient-accumulation-steps" in out and "--precision" in out
+        cwd=REPO, env={k: v for k, v in os.environ.items() if k != "LORA_IMPL"}, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert "--gradient-accumulation-steps" in out and "--precision" in out and "LoRA rank" in out

@@ -82,7 +82,9 @@ def shape_of(tensor: object) -> str:
     return tuple(tensor.shape).__repr__() if isinstance(tensor, torch.Tensor) else type(tensor).__name__
 
 
-def expect_tensor(actual: object, shape: tuple[int, ...], what: str, hint: str = "", dtype: torch.dtype | None = None) -> None:
+def expect_tensor(
+    actual: object, shape: tuple[int, ...], what: str, hint: str = "", dtype: torch.dtype | None = None
+) -> None:
     """Type, shape, then dtype: checked before any value is computed from ``actual``."""
     __tracebackhide__ = True
     hint = f"\nLikely cause: {hint}" if hint else ""
@@ -115,7 +117,9 @@ def assert_close(
     error = (a - e).abs()
     bad = ~(error <= allowed)  # NaN counts as bad
     if bad.any():
-        excess = torch.where(bad, torch.nan_to_num(error - allowed, nan=float("inf")), torch.tensor(-1.0, dtype=torch.float64))
+        excess = torch.where(
+            bad, torch.nan_to_num(error - allowed, nan=float("inf")), torch.tensor(-1.0, dtype=torch.float64)
+        )
         worst = int(excess.flatten().argmax())
         index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), a.shape)) if a.dim() else ()
         hint = f"\nLikely cause: {hint}" if hint else ""

@@ -10,24 +10,35 @@ Runs on the CPU by default (CUDA when present). On a CPU the demo computes in fp
 trained ~2.5× slower than fp32 on the 2-core CPUs we measured (small matmuls plus the casts);
 on CUDA it uses bf16 autocast.
 
-    python -m training.demo            (reference code: LORA_IMPL=solutions, as `make demo` sets)
-    make demo IMPL=student             (your code)
+    make demo                          (the reference where this checkout has it, else your code)
+    make demo IMPL=student             (your code; python -m training.demo follows the same rule)
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from model.lora import count_parameters
-from model.tiny_llama import load_base_model
-from training.data import exact_match_accuracy, finetune_data, lm_loss
-from training.qlora_trainer import QLoRATrainer, TrainConfig, merge_and_export, plot_loss_curves, prepare_qlora_model
+from model._impl import implementation_root, missing_exercises, use_default_for
+
+use_default_for("show")  # the reference where this checkout has it, unless IMPL / LORA_IMPL says otherwise
+
+from model.lora import count_parameters  # noqa: E402  (after the switch is set)
+from model.tiny_llama import load_base_model  # noqa: E402
+from training.data import exact_match_accuracy, finetune_data, lm_loss  # noqa: E402
+from training.qlora_trainer import (  # noqa: E402
+    QLoRATrainer,
+    TrainConfig,
+    merge_and_export,
+    plot_loss_curves,
+    prepare_qlora_model,
+)
 
 OUT = Path(__file__).resolve().parents[1] / "runs" / "demo"
 STEPS = 200  # optimizer steps per method (all three reach 100 % by step ~100 on a quiet 2-core CPU)
@@ -142,7 +153,23 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
+def refuse_stubs() -> None:
+    """Say which exercises the demo still needs, instead of failing deep inside the first stub."""
+    if missing := missing_exercises():
+        hint = (
+            " or see the reference first: make demo IMPL=solutions"
+            if (Path(__file__).parents[1] / "solutions").is_dir()
+            else ""
+        )
+        print(
+            f"make demo runs the files in {implementation_root()}, where exercises {', '.join(missing)} are still stubs.\n"
+            f"The demo needs all of Stages 1-4: finish them (make grade shows what each test expects){hint}."
+        )
+        sys.exit(2)
+
+
 def main() -> dict[str, dict]:
+    refuse_stubs()
     started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = "bf16" if device.type == "cuda" else "fp32"

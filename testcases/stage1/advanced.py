@@ -50,7 +50,8 @@ def test_kaiming_init_has_the_right_spread(lora):
     bound = 1 / math.sqrt(1024)
     std = layer.lora_A.detach().std().item()
     observe("1.1 Kaiming std / expected", std / (bound / math.sqrt(3)))
-    # 65,536 uniform draws: the sample std has a relative spread of about 0.3 %; 5 % is > 15 spreads.
+    # 65,536 uniform draws: the sample std has a relative spread of about 0.3 % (55 seeds: 0.997 to 1.005 of
+    # the expected value, make calibrate); 5 % is > 15 spreads.
     assert abs(std - bound / math.sqrt(3)) < 0.05 * bound / math.sqrt(3), (
         f"Kaiming-uniform(a=√5) on (r, in) draws U(±1/√in): std should be {bound / math.sqrt(3):.5f}, got {std:.5f}. "
         "Did you initialise with the wrong fan (out or r) or a normal distribution?"
@@ -64,8 +65,11 @@ def test_gaussian_init_option(lora):
     expect_tensor(layer.lora_A, (4, 256), "lora_A")
     std = layer.lora_A.detach().std().item()
     observe("1.1 gaussian std / expected", std * 4)
-    # 1,024 normal draws: the sample std has a relative spread of about 2.2 %; 10 % is > 4 spreads.
-    assert abs(std - 1 / 4) < 0.1 / 4, f"'gaussian' draws A ~ N(0, (1/r)^2) = N(0, 0.0625), as PEFT does; std {std:.4f}"
+    # 1,024 normal draws: the sample std has a relative spread of about 2.2 % (55 seeds: 0.955 to 1.048 of
+    # the expected value, make calibrate); 15 % is almost 7 spreads.
+    assert abs(std - 1 / 4) < 0.15 / 4, (
+        f"'gaussian' draws A ~ N(0, (1/r)^2) = N(0, 0.0625), as PEFT does; std {std:.4f}"
+    )
     assert torch.count_nonzero(layer.lora_B) == 0, "B is zero for every init method"
 
 
@@ -153,7 +157,7 @@ def test_dropout_rate_and_rescaling(lora):
     )
     share = (update.abs() < 1e-4).double().mean().item()
     observe("1.2 share dropped with lora_dropout 0.3", share)
-    # 6,400 Bernoulli(0.3) draws: standard deviation 0.0057; ±0.035 is six of them.
+    # 6,400 Bernoulli(0.3) draws: standard deviation 0.0057; ±0.035 is six of them (55 seeds: 0.280 to 0.313).
     assert abs(share - p) < 0.035, f"{share:.1%} of the inputs were dropped, expected about {p:.0%} (lora_dropout)"
 
 
@@ -336,7 +340,10 @@ def test_merged_forward_runs_the_base_only(lora):
 def formula_reference_for_merged(layer, x):
     """Extra rounding of a merged weight: ΔW (R + 1) and W0 + ΔW (1), then the product over IN."""
     W0, B, A = layer.base_layer.weight, layer.lora_B, layer.lora_A
-    magnitude = x.detach().double().abs() @ (W0.detach().double().abs() + (ALPHA / R) * B.detach().double().abs() @ A.detach().double().abs()).T
+    magnitude = (
+        x.detach().double().abs()
+        @ (W0.detach().double().abs() + (ALPHA / R) * B.detach().double().abs() @ A.detach().double().abs()).T
+    )
     return (IN + R + 4) * UNIT_ROUNDOFF[torch.float32] * magnitude
 
 

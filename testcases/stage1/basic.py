@@ -31,7 +31,9 @@ def formula_reference(layer, x, dtype=torch.float32):
 def test_lora_layer_shapes_and_scaling(lora):
     """A is (r, in_features), B is (out_features, r), the base is nn.Linear(in, out), scaling = lora_alpha / r."""
     layer = lora.LoRALayer(IN, OUT, r=R, lora_alpha=ALPHA)
-    expect_tensor(layer.lora_A, (R, IN), "lora_A", "A maps the input down to r dimensions: (r, in_features), as in PEFT")
+    expect_tensor(
+        layer.lora_A, (R, IN), "lora_A", "A maps the input down to r dimensions: (r, in_features), as in PEFT"
+    )
     expect_tensor(layer.lora_B, (OUT, R), "lora_B", "B maps r dimensions up to the output: (out_features, r)")
     assert isinstance(layer.base_layer, nn.Linear) and tuple(layer.base_layer.weight.shape) == (OUT, IN), (
         f"base_layer must be an nn.Linear({IN}, {OUT}) (weight of shape ({OUT}, {IN}))"
@@ -121,7 +123,9 @@ def test_forward_matches_the_formula(lora):
     out = layer(x)
     ref = formula_reference(layer, x)
     expect_tensor(out, (5, OUT), "LoRALayer(x) for x of shape (5, 16)")
-    W, b, A, B = (t.detach().double() for t in (layer.base_layer.weight, layer.base_layer.bias, layer.lora_A, layer.lora_B))
+    W, b, A, B = (
+        t.detach().double() for t in (layer.base_layer.weight, layer.base_layer.bias, layer.lora_A, layer.lora_B)
+    )
     x64 = x.double()
     cause = diagnose(out, {
         "the update is scaled by lora_alpha instead of lora_alpha / r": lora_formula(x64, W, b, A, B, ALPHA),
@@ -140,7 +144,9 @@ def test_forward_keeps_leading_dimensions(lora):
     randomize_lora(layer)
     x = torch.randn(2, 3, 7, IN)
     out = layer(x)
-    expect_tensor(out, (2, 3, 7, OUT), "LoRALayer(x) for x of shape (2, 3, 7, 16)", "treat every leading dimension as batch")
+    expect_tensor(
+        out, (2, 3, 7, OUT), "LoRALayer(x) for x of shape (2, 3, 7, 16)", "treat every leading dimension as batch"
+    )
     ref = formula_reference(layer, x)
     assert_close(out, ref.value, "LoRALayer(x) on a 4-d input", bound=ref.bound)
 

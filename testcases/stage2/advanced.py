@@ -69,7 +69,8 @@ def test_get_lora_model_passes_the_init(lora, wide_model):
     for path, layer in lora.lora_layers(wide_model):
         largest = layer.lora_A.detach().abs().max().item()
         observe("2.1 max |A| with gaussian init, over Kaiming's bound", largest * math.sqrt(48))
-        # 144 draws of N(0, 1/9): all of them inside Kaiming's ±1/√48 = ±0.144 has probability 0.33^144.
+        # 144 draws of N(0, 1/9): all of them inside Kaiming's ±1/√48 = ±0.144 has probability 0.33^144
+        # (55 seeds: max |A| was 4.8 to 9.1 times the bound).
         assert largest > 1 / math.sqrt(48), (
             f"{path}: max |A| = {largest:.3f} fits Kaiming-uniform's ±{1 / math.sqrt(48):.3f}: "
             "init_lora_weights='gaussian' was not passed on (A ~ N(0, 1/r²))"
@@ -132,8 +133,10 @@ def test_lora_model_trains_on_a_batch(lora, tiny_model, token_ids):
         optimizer.step()
         losses.append(loss.item())
     observe("2.1 loss drop after 20 adapter-only steps", losses[0] - losses[-1])
-    # Over 60 seeds the reference lowered the loss by 1.0 to 1.3 (solutions/tools/calibrate.py); 0.3 is far inside.
-    assert losses[-1] < losses[0] - 0.3, f"the loss should fall when only LoRA trains: {losses[0]:.3f} -> {losses[-1]:.3f}"
+    # Over 55 seeds the reference lowered the loss by 0.16 to 0.29 (make calibrate); 0.05 is far inside.
+    assert losses[-1] < losses[0] - 0.05, (
+        f"the loss should fall when only LoRA trains: {losses[0]:.3f} -> {losses[-1]:.3f}"
+    )
     for key, value in base.items():
         wrapped = key.replace("_proj.weight", "_proj.base_layer.weight")
         now = model.state_dict().get(wrapped, model.state_dict().get(key))
@@ -150,7 +153,9 @@ def test_count_parameters_counts_shared_tensors_once(lora):
     head = nn.Linear(4, 10, bias=False)
     head.weight = embed.weight  # tied, as in many language models
     model = nn.Sequential(embed, head)
-    assert lora.count_parameters(model) == (40, 40), f"a tied weight is one tensor: count it once, got {lora.count_parameters(model)}"
+    assert lora.count_parameters(model) == (40, 40), (
+        f"a tied weight is one tensor: count it once, got {lora.count_parameters(model)}"
+    )
 
 
 @pytest.mark.exercise("2.2")
@@ -213,7 +218,9 @@ def test_merge_and_unload_leaves_only_plain_linear_layers(lora, tiny_model64, to
     leftovers = [n for n in names if "lora" in n or "base_layer" in n]
     assert not leftovers, f"LoRA leftovers: {leftovers[:3]}"
     q_proj = plain.layers[0].self_attn.q_proj
-    assert type(q_proj) is nn.Linear and q_proj.weight.shape == (16, 16), "q_proj is an nn.Linear of the base shape again"
+    assert type(q_proj) is nn.Linear and q_proj.weight.shape == (16, 16), (
+        "q_proj is an nn.Linear of the base shape again"
+    )
     assert_network_close(plain(token_ids), expected, "logits of the unloaded model")
 
 
@@ -223,7 +230,9 @@ def test_merge_and_unload_keeps_the_biases(lora, biased_model):
     model = biased_model.double()
     lora.get_lora_model(model, r=3, lora_alpha=5, target_modules=["gate_proj", "up_proj", "down_proj"])
     randomize_lora(model, std=0.3)
-    biases = {n.replace(".base_layer", ""): p.detach().clone() for n, p in model.named_parameters() if n.endswith("bias")}
+    biases = {
+        n.replace(".base_layer", ""): p.detach().clone() for n, p in model.named_parameters() if n.endswith("bias")
+    }
     x = torch.randn(6, 24, dtype=torch.float64, generator=generator(3))
     expected = model(x).detach()
     plain = lora.merge_and_unload(model)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from torch import nn
 
 from testcases.helpers import copy_of, randomize_lora
@@ -30,9 +29,13 @@ def test_get_lora_model_wraps_the_seven_projections(lora, tiny_model):
     """By default every q/k/v/o/gate/up/down projection of every layer is wrapped, lm_head is not."""
     model = lora.get_lora_model(tiny_model, r=2, lora_alpha=4)
     assert model is tiny_model, "get_lora_model modifies the model in place and returns it"
-    expected = sorted(f"layers.{i}.{'self_attn' if p in ATTENTION else 'mlp'}.{p}" for i in range(2) for p in PROJECTIONS)
+    expected = sorted(
+        f"layers.{i}.{'self_attn' if p in ATTENTION else 'mlp'}.{p}" for i in range(2) for p in PROJECTIONS
+    )
     wrapped = wrapped_paths(lora, model)
-    assert wrapped == expected, f"by default the seven projections of every layer are wrapped;\nexpected {expected}\ngot {wrapped}"
+    assert wrapped == expected, (
+        f"by default the seven projections of every layer are wrapped;\nexpected {expected}\ngot {wrapped}"
+    )
     assert type(model.lm_head) is nn.Linear, "lm_head is not a default target and must stay a plain nn.Linear"
 
 
@@ -50,7 +53,9 @@ def test_get_lora_model_keeps_the_output(lora, tiny_model64, token_ids):
     """Fresh adapters (B = 0) leave the model's logits unchanged."""
     before = tiny_model64(token_ids).detach()
     model = lora.get_lora_model(tiny_model64, r=2)
-    assert_network_close(model(token_ids), before, "logits right after get_lora_model", "fresh adapters (B = 0) change nothing")
+    assert_network_close(
+        model(token_ids), before, "logits right after get_lora_model", "fresh adapters (B = 0) change nothing"
+    )
 
 
 @pytest.mark.exercise("2.1")
@@ -58,8 +63,15 @@ def test_target_modules_match_by_last_components(lora, tiny_model):
     """A target names modules by whole last path components: "self_attn.v_proj" and "down_proj"."""
     lora.get_lora_model(tiny_model, r=2, target_modules=["self_attn.v_proj", "down_proj"])
     wrapped = wrapped_paths(lora, tiny_model)
-    expected = ["layers.0.mlp.down_proj", "layers.0.self_attn.v_proj", "layers.1.mlp.down_proj", "layers.1.self_attn.v_proj"]
-    assert wrapped == expected, f"a target names modules by their last path component(s); expected {expected}, got {wrapped}"
+    expected = [
+        "layers.0.mlp.down_proj",
+        "layers.0.self_attn.v_proj",
+        "layers.1.mlp.down_proj",
+        "layers.1.self_attn.v_proj",
+    ]
+    assert wrapped == expected, (
+        f"a target names modules by their last path component(s); expected {expected}, got {wrapped}"
+    )
 
 
 # ---- Exercise 2.2: counting parameters -------------------------------------------------------
@@ -71,7 +83,9 @@ def test_count_parameters(lora):
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     lora.get_lora_model(model, r=8, target_modules=["0"])
     counts = lora.count_parameters(model)
-    assert isinstance(counts, tuple) and len(counts) == 2, f"count_parameters returns (trainable, total), got {counts!r}"
+    assert isinstance(counts, tuple) and len(counts) == 2, (
+        f"count_parameters returns (trainable, total), got {counts!r}"
+    )
     trainable, total = counts
     assert trainable == 8 * (64 + 64), f"trainable must be r·(in + out) = 1,024, got {trainable:,}"
     assert total == 64 * 64 + 64 + 64 * 10 + 10 + 1024, f"total must count every parameter once (5,834), got {total:,}"
@@ -100,7 +114,9 @@ def test_merge_and_unload_gives_a_plain_model_with_the_same_outputs(lora, tiny_m
     plain = lora.merge_and_unload(tiny_model64)
     left = wrapped_paths(lora, plain)
     assert not left, f"merge_and_unload must replace every LoRALayer by its base layer; still there: {left[:3]}"
-    assert_network_close(plain(token_ids), expected, "logits after merge_and_unload", "merge ΔW into each base layer, then unwrap it")
+    assert_network_close(
+        plain(token_ids), expected, "logits after merge_and_unload", "merge ΔW into each base layer, then unwrap it"
+    )
 
 
 @pytest.mark.exercise("2.3")

@@ -21,7 +21,9 @@ def test_uniform_error_bound_for_every_width(quant, num_bits):
     x = torch.randn(1000) * 2 - 0.7
     q, scale, zero_point = quant.quantize_tensor(x, num_bits=num_bits, block_size=128)
     expect_tensor(scale, (8,), "scale (1000 elements in blocks of 128)")
-    assert int(q.max()) <= 2**num_bits - 1, f"{num_bits}-bit codes must stay in [0, {2**num_bits - 1}], got max {int(q.max())}"
+    assert int(q.max()) <= 2**num_bits - 1, (
+        f"{num_bits}-bit codes must stay in [0, {2**num_bits - 1}], got max {int(q.max())}"
+    )
     x_hat = quant.dequantize_tensor(q, scale, zero_point, block_size=128)
     assert_close(x_hat, x, f"{num_bits}-bit round trip", bound=half_step_bound(scale, 128, 1000, 2**num_bits - 1),
                  hint="clamp to [0, 2^b − 1] after adding the zero point, and round the zero point itself")  # fmt: skip
@@ -64,13 +66,20 @@ def test_uniform_zero_is_exact_and_constant_blocks_work(quant):
                  hint="with the range widened to include 0, max maps to qmax exactly")  # fmt: skip
     zeros = torch.zeros(10)
     q, scale, zero_point = quant.quantize_tensor(zeros, num_bits=8)
-    assert torch.equal(quant.dequantize_tensor(q, scale, zero_point), zeros), "an all-zero tensor must not divide by zero"
+    assert torch.equal(quant.dequantize_tensor(q, scale, zero_point), zeros), (
+        "an all-zero tensor must not divide by zero"
+    )
 
 
 @pytest.mark.exercise("3.1")
 @pytest.mark.parametrize(
     "kwargs, argument",
-    [({"num_bits": 1}, "num_bits"), ({"num_bits": 9}, "num_bits"), ({"num_bits": 4.0}, "num_bits"), ({"block_size": 0}, "block_size")],
+    [
+        ({"num_bits": 1}, "num_bits"),
+        ({"num_bits": 9}, "num_bits"),
+        ({"num_bits": 4.0}, "num_bits"),
+        ({"block_size": 0}, "block_size"),
+    ],
 )
 def test_uniform_rejects_bad_arguments(quant, kwargs, argument):
     """num_bits outside 2…8 or not an int, block_size < 1: a ValueError naming the argument."""
@@ -115,9 +124,13 @@ def test_absmax_all_negative_block(quant):
     """A block of negative values: scale = max |x| / qmax > 0 and the most negative value maps to −qmax."""
     x = -(torch.rand(64, generator=generator(5)) + 0.5)
     q, scale = quant.absmax_quantize(x, num_bits=8)
-    assert scale.item() > 0, f"scale = max |x| / 127 must be positive, got {scale.item():.4g} (max(x) instead of max |x|?)"
+    assert scale.item() > 0, (
+        f"scale = max |x| / 127 must be positive, got {scale.item():.4g} (max(x) instead of max |x|?)"
+    )
     assert int(q.min()) == -127, f"the most negative value maps to -127, got {int(q.min())}"
-    assert_close(quant.absmax_dequantize(q, scale), x, "all-negative round trip", bound=half_step_bound(scale, 64, 64, 127))
+    assert_close(
+        quant.absmax_dequantize(q, scale), x, "all-negative round trip", bound=half_step_bound(scale, 64, 64, 127)
+    )
 
 
 @pytest.mark.exercise("3.2")
@@ -160,8 +173,8 @@ def test_nf4_beats_fp4_and_int4_on_gaussian_weights(quant):
     errors["int4"] = (quant.absmax_dequantize(q, scale, block_size=64) - x).abs().mean().item()
     observe("3.3 FP4 error / NF4 error", errors["fp4"] / errors["nf4"])
     observe("3.3 int4 error / NF4 error", errors["int4"] / errors["nf4"])
-    # Measured on 32,768 normal draws: NF4 ≈ 0.072, FP4 ≈ 0.088, int4 ≈ 0.094 (×absmax-normalised); the gaps are
-    # ~20 standard errors wide, so the order holds for every seed.
+    # Over 55 seeds (32,768 normal draws each) FP4's mean error was 1.09–1.12× NF4's and int4's 1.24–1.27×
+    # (make calibrate): the order never changed.
     assert errors["nf4"] < errors["fp4"] and errors["nf4"] < errors["int4"], (
         f"NF4 is information-theoretically optimal for normal weights (QLoRA §3): mean |error| {errors}"
     )
@@ -248,7 +261,9 @@ def test_nf4_all_negative_blocks(quant):
     assert (absmax > 0).all(), f"absmax = max |x| must be positive for negative blocks, got {absmax.tolist()}"
     codes = quant.unpack_nibbles(packed, x.numel())
     assert int(codes.max()) <= 7, f"negative values take the levels ≤ 0 (codes 0…7), got a code {int(codes.max())}"
-    assert (codes.view(3, 64)[torch.arange(3), x.argmin(dim=1)] == 0).all(), "each block's most negative value is −1 · absmax (code 0)"
+    assert (codes.view(3, 64)[torch.arange(3), x.argmin(dim=1)] == 0).all(), (
+        "each block's most negative value is −1 · absmax (code 0)"
+    )
     out = quant.dequantize_nf4(packed, absmax, x.shape)
     assert_close(out, x, "NF4 round trip of negative blocks", bound=nf4_bound(quant, absmax, 64, x.numel()).view(3, 64))
 
@@ -299,7 +314,9 @@ def test_double_quantization_against_bitsandbytes(quant, golden, case):
     assert same > 0.99, f"only {same:.1%} of the 8-bit codes equal bitsandbytes' (dynamic code, blocks of 256)"
     ours = quant.double_dequantize(codes, scale, offset)
     theirs = golden[f"{case}.absmax_dequant"]
-    assert ((ours - absmax).abs() <= (theirs - absmax).abs() + 4 * U32 * absmax).all(), "the nearest code is never worse than bnb's"
+    assert ((ours - absmax).abs() <= (theirs - absmax).abs() + 4 * U32 * absmax).all(), (
+        "the nearest code is never worse than bnb's"
+    )
     replay = quant.double_dequantize(golden[f"{case}.qabsmax"], golden[f"{case}.absmax2"], golden[f"{case}.offset"][0])
     assert torch.equal(replay, theirs), "double_dequantize: code[q] · scale + offset, in float32"
 
@@ -425,5 +442,6 @@ def test_fake_quantize_blocks_dtype_and_training(quant):
         loss.backward()
         opt.step()
     observe("3.7 QAT loss after 50 SGD steps", loss.item())
-    # Over 60 seeds the reference ends between 2e-6 and 1e-4 (solutions/tools/calibrate.py); 0.01 is far above.
+    # Over 55 seeds the reference ended at 2.5e-4 every time (the quantization error of the fixed target;
+    # make calibrate); 0.01 is 40 times that.
     assert loss.item() < 0.01, f"QAT with the straight-through estimator must still learn (loss {loss.item():.3g})"

@@ -71,7 +71,9 @@ def test_absmax_int8_per_tensor(quant):
     q, scale = quant.absmax_quantize(x, num_bits=8)
     expect_tensor(q, (4,), "absmax codes", dtype=torch.int8, hint="absmax codes are signed")
     expected_scale = reference(lambda a: a / 127, torch.tensor([1.27]), dtype=torch.float32, steps=2)
-    assert_close(scale, expected_scale.value, "scale", bound=expected_scale.bound, hint="scale = absmax / 127 = 1.27 / 127")
+    assert_close(
+        scale, expected_scale.value, "scale", bound=expected_scale.bound, hint="scale = absmax / 127 = 1.27 / 127"
+    )
     assert q.tolist() == [50, -127, 1, 100], f"q = round(x / scale) = [50, -127, 1, 100], got {q.tolist()}"
     x_hat = quant.absmax_dequantize(q, scale)
     assert_close(x_hat, x, "absmax_dequantize", bound=half_step_bound(scale, 4, 4, 127), hint="x̂ = q · scale")
@@ -89,7 +91,8 @@ def test_absmax_blocks_contain_an_outlier(quant):
         q, scale = quant.absmax_quantize(x, num_bits=8, block_size=block_size)
         errors[block_size] = (quant.absmax_dequantize(q, scale, block_size=block_size) - x)[others].abs().mean().item()
     observe("3.2 outlier: error per tensor / error per block of 64", errors[None] / errors[64])
-    # Per tensor the step is 100/127 ≈ 0.79 (mean error ≈ 0.2); per block about 3/127 (≈ 0.006): ~30×.
+    # Per tensor the step is 100/127 ≈ 0.79; per block about 3/127. Over 55 seeds the ratio of mean errors was
+    # 10.0 to 13.3 (make calibrate); 5 is far inside.
     assert errors[64] < errors[None] / 5, (
         f"with blocks of 64 the outlier only coarsens its own block: mean error per tensor {errors[None]:.4f}, "
         f"per block {errors[64]:.4f} (expected at least 5× smaller)"
@@ -243,7 +246,9 @@ def test_nf4_linear_is_frozen_and_passes_gradients_to_the_input(quant):
     assert not any(p.requires_grad for p in layer.parameters()), "nothing in an NF4Linear is trainable"
     x = torch.randn(4, 64, requires_grad=True)
     layer(x).sum().backward()
-    assert x.grad is not None and x.grad.abs().sum() > 0, "the gradient must reach the input (LoRA layers below need it)"
+    assert x.grad is not None and x.grad.abs().sum() > 0, (
+        "the gradient must reach the input (LoRA layers below need it)"
+    )
 
 
 @pytest.mark.exercise("3.6")

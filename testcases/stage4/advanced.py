@@ -55,7 +55,7 @@ def test_train_config_accepts_a_string_target(trainer):
 def test_resolve_device_refuses_missing_cuda(trainer):
     """device='cuda' without a GPU raises a ValueError naming cuda (where a GPU exists, it is used)."""
     if torch.cuda.is_available():
-        assert trainer.resolve_device(trainer.TrainConfig(device="cuda")).type == "cuda"
+        assert trainer.resolve_device(trainer.TrainConfig(device="cuda")).type == "cuda", "device='cuda' uses the GPU"
         return
     with pytest.raises(ValueError, match=word("cuda")):
         trainer.resolve_device(trainer.TrainConfig(device="cuda"))
@@ -81,7 +81,9 @@ def test_prepared_model_starts_as_the_quantized_base(trainer, tiny_model, token_
     from model.quant import dequantize_nf4, quantize_nf4
 
     originals = {n: m.weight.detach().clone() for n, m in tiny_model.named_modules() if isinstance(m, nn.Linear)}
-    model = trainer.prepare_qlora_model(tiny_model, trainer.TrainConfig(r=2, precision="fp32", double_quant=False)).eval()
+    model = trainer.prepare_qlora_model(
+        tiny_model, trainer.TrainConfig(r=2, precision="fp32", double_quant=False)
+    ).eval()
     for name, layer in ((n, m) for n, m in model.named_modules() if isinstance(m, LoRALayer)):
         expected = dequantize_nf4(*quantize_nf4(originals[name]), originals[name].shape)
         assert torch.equal(layer.base_layer.dequantize_weight(torch.float32), expected), (
@@ -100,10 +102,14 @@ def test_prepare_respects_targets_precision_and_checkpointing(trainer, tiny_mode
     from model.lora import LoRALayer
     from model.quant import NF4Linear
 
-    config = trainer.TrainConfig(r=2, target_modules=("q_proj", "v_proj"), precision="bf16", gradient_checkpointing=True)
+    config = trainer.TrainConfig(
+        r=2, target_modules=("q_proj", "v_proj"), precision="bf16", gradient_checkpointing=True
+    )
     model = trainer.prepare_qlora_model(tiny_model, config)
     o_proj = model.layers[0].self_attn.o_proj
-    assert isinstance(o_proj, NF4Linear), f"a non-target linear is still quantized (NF4Linear), got {type(o_proj).__name__}"
+    assert isinstance(o_proj, NF4Linear), (
+        f"a non-target linear is still quantized (NF4Linear), got {type(o_proj).__name__}"
+    )
     assert o_proj.compute_dtype == torch.bfloat16, "precision='bf16': the NF4 layers compute in bf16"
     assert isinstance(model.layers[0].self_attn.v_proj, LoRALayer), "targets get adapters"
     assert model.gradient_checkpointing is True, "config.gradient_checkpointing must switch it on in the model"
@@ -180,7 +186,9 @@ def test_fp16_loss_scaling_unscales_before_clipping(trainer, tiny_model, task_da
     """fp16 on the CPU with a GradScaler: gradients are unscaled before clipping, so the clipped norm is max_grad_norm."""
     t = make_trainer(trainer, tiny_model, task_data, precision="fp16", device="cpu", max_grad_norm=1e-3,
                      output_dir=str(tmp_path))  # fmt: skip
-    assert t.scaler.is_enabled() and t.scaler.get_scale() > 1, "precision='fp16' needs an enabled GradScaler (loss scaling)"
+    assert t.scaler.is_enabled() and t.scaler.get_scale() > 1, (
+        "precision='fp16' needs an enabled GradScaler (loss scaling)"
+    )
     seen = record_optimizer_steps(t.optimizer)
     loss = t.train_step([t.micro_batch(0)])
     assert math.isfinite(loss) and len(seen) == 1, f"an fp16 step must run (loss {loss}, optimizer steps {len(seen)})"
@@ -200,7 +208,9 @@ def test_non_finite_loss_skips_the_step(trainer, tiny_model, task_data, tmp_path
     handle = t.model.lm_head.register_forward_hook(lambda module, args, out: out * float("nan"))
     loss = t.train_step([t.micro_batch(0)])
     handle.remove()
-    assert math.isnan(loss) and t.skipped_steps == 1, f"a NaN loss skips the step and counts it (skipped_steps={t.skipped_steps})"
+    assert math.isnan(loss) and t.skipped_steps == 1, (
+        f"a NaN loss skips the step and counts it (skipped_steps={t.skipped_steps})"
+    )
     for name, param in t.model.named_parameters():
         if name in before:
             assert torch.equal(param, before[name]), f"{name} changed although the step was skipped"
@@ -341,7 +351,9 @@ def test_qlora_learns_the_task(trainer, tmp_path):
     observe("4.3 accuracy before the headline run", before)
     observe("4.3 accuracy after 120 QLoRA steps", after)
     # Over 60 seeds the reference went from 0 % to 97–100 % (solutions/tools/calibrate.py); 80 % is far inside.
-    assert before <= 0.3 and after >= 0.8, f"exact-match accuracy {before:.0%} -> {after:.0%} (expected ≤ 30 % -> ≥ 80 %)"
+    assert before <= 0.3 and after >= 0.8, (
+        f"exact-match accuracy {before:.0%} -> {after:.0%} (expected ≤ 30 % -> ≥ 80 %)"
+    )
 
 
 # ---- Exercise 4.4: merge_and_export ------------------------------------------------------------
@@ -350,7 +362,9 @@ def test_qlora_learns_the_task(trainer, tmp_path):
 @pytest.mark.exercise("4.4")
 def test_merge_and_export_weights_and_dtype(trainer, tiny_model):
     """Each exported weight is dequant(W0) + ΔW, frozen, without history; non-targets are dequantized too."""
-    model = trainer.prepare_qlora_model(tiny_model, trainer.TrainConfig(r=2, precision="fp32", target_modules=("q_proj",)))
+    model = trainer.prepare_qlora_model(
+        tiny_model, trainer.TrainConfig(r=2, precision="fp32", target_modules=("q_proj",))
+    )
     randomize_lora(model, std=0.2)
     q = model.layers[0].self_attn.q_proj
     W0 = q.base_layer.dequantize_weight(torch.float32)
@@ -358,7 +372,9 @@ def test_merge_and_export_weights_and_dtype(trainer, tiny_model):
     plain = trainer.merge_and_export(model, dtype=torch.float32)
     weight = plain.layers[0].self_attn.q_proj.weight
     assert_close(weight, ref.value, "exported q_proj weight", bound=ref.bound, hint="W = dequant(W0) + ΔW")
-    assert not weight.requires_grad and weight.grad_fn is None, "exported weights are frozen and carry no autograd history"
+    assert not weight.requires_grad and weight.grad_fn is None, (
+        "exported weights are frozen and carry no autograd history"
+    )
     k_proj = plain.layers[0].self_attn.k_proj
     assert type(k_proj) is nn.Linear and not k_proj.weight.requires_grad, "non-target NF4 layers are dequantized too"
 
@@ -367,10 +383,14 @@ def test_merge_and_export_weights_and_dtype(trainer, tiny_model):
 def test_merge_and_export_keeps_the_biases(trainer, biased_model):
     """A model with biases: every exported nn.Linear keeps its original bias and the exact merged weight."""
     biases = {n: m.bias.detach().clone() for n, m in biased_model.named_modules() if isinstance(m, nn.Linear)}
-    config = trainer.TrainConfig(r=3, lora_alpha=5, precision="fp32", target_modules=("gate_proj", "up_proj", "down_proj"))
+    config = trainer.TrainConfig(
+        r=3, lora_alpha=5, precision="fp32", target_modules=("gate_proj", "up_proj", "down_proj")
+    )
     model = trainer.prepare_qlora_model(biased_model, config)
     randomize_lora(model, std=0.2)
-    expected = {n: (m.base_layer.dequantize_weight(torch.float32), m) for n, m in model.named_children() if hasattr(m, "lora_A")}
+    expected = {
+        n: (m.base_layer.dequantize_weight(torch.float32), m) for n, m in model.named_children() if hasattr(m, "lora_A")
+    }
     plain = trainer.merge_and_export(model)
     for name, bias in biases.items():
         layer = plain.get_submodule(name)
@@ -398,11 +418,15 @@ def test_merge_and_export_to_bf16(trainer, tiny_model):
 def test_estimate_memory_breakdown(trainer):
     """LoRA: 2 B per base parameter + 16 B per adapter parameter; QLoRA: NF4 bits + the same 16 B; bad method refused."""
     lora = trainer.estimate_memory(7e9, "lora", trainable_params=20e6)
-    assert lora["weights"] == pytest.approx(2 * 7e9 + 4 * 20e6, rel=1e-12), "LoRA: bf16 base (2 B) + fp32 adapters (4 B)"
+    assert lora["weights"] == pytest.approx(2 * 7e9 + 4 * 20e6, rel=1e-12), (
+        "LoRA: bf16 base (2 B) + fp32 adapters (4 B)"
+    )
     assert lora["gradients"] == pytest.approx(4 * 20e6) and lora["optimizer"] == pytest.approx(8 * 20e6), (
         "gradients and Adam states exist for the trainable (adapter) parameters only"
     )
-    assert lora["total"] == pytest.approx(lora["weights"] + lora["gradients"] + lora["optimizer"], rel=1e-12)
+    assert lora["total"] == pytest.approx(lora["weights"] + lora["gradients"] + lora["optimizer"], rel=1e-12), (
+        "total = weights + gradients + optimizer states"
+    )
     qlora = trainer.estimate_memory(7e9, "qlora", trainable_params=20e6, block_size=128)
     nf4 = 7e9 * (4 + 8 / 128 + 32 / (128 * 256)) / 8
     assert qlora["weights"] == pytest.approx(nf4 + 4 * 20e6, rel=1e-12), (
@@ -410,6 +434,8 @@ def test_estimate_memory_breakdown(trainer):
     )
     assert qlora["optimizer"] == pytest.approx(8 * 20e6, rel=1e-12), "two fp32 Adam states per adapter parameter"
     no_dq = trainer.estimate_memory(65e9, "qlora", double_quant=False)
-    assert no_dq["weights"] == pytest.approx(65e9 * 4.5 / 8, rel=1e-12), "without double quantization NF4 costs 4.5 bits"
+    assert no_dq["weights"] == pytest.approx(65e9 * 4.5 / 8, rel=1e-12), (
+        "without double quantization NF4 costs 4.5 bits"
+    )
     with pytest.raises(ValueError, match=word("method")):
         trainer.estimate_memory(1e9, "adapter")

@@ -41,7 +41,9 @@ def test_resolve_device(trainer):
     """device='auto' is CUDA when present, else the CPU; 'cpu' is the CPU; fp16 is allowed on either."""
     auto = trainer.resolve_device(trainer.TrainConfig(device="auto"))
     assert isinstance(auto, torch.device), f"resolve_device returns a torch.device, got {type(auto).__name__}"
-    assert auto.type == ("cuda" if torch.cuda.is_available() else "cpu"), f"auto: cuda when present, else cpu; got {auto}"
+    assert auto.type == ("cuda" if torch.cuda.is_available() else "cpu"), (
+        f"auto: cuda when present, else cpu; got {auto}"
+    )
     cpu = trainer.resolve_device(trainer.TrainConfig(device="cpu", precision="fp16"))
     assert cpu.type == "cpu", f"device='cpu' (fp16 with a CPU GradScaler works in torch 2.13), got {cpu}"
 
@@ -93,17 +95,20 @@ def test_optimizer_holds_only_the_adapters(trainer, tiny_model, task_data, tmp_p
 
 
 @pytest.mark.exercise("4.3")
-def test_training_lowers_the_loss_and_keeps_the_base_bit_identical(trainer, tiny_model, task_data, tmp_path):
-    """30 steps on one batch lower its loss, and every frozen tensor (NF4 codes included) stays bit-identical."""
+def test_training_lowers_the_loss_and_keeps_the_base_bit_identical(trainer, task_data, tmp_path):
+    """30 QLoRA steps on one batch of the new task lower its loss; every frozen tensor (NF4 codes too) stays bit-identical."""
+    from model.tiny_llama import load_base_model
+
     few = {key: value[:16] for key, value in task_data.items()}  # one batch, seen 30 times: the loss must fall
-    t = make_trainer(trainer, tiny_model, few, r=4, max_steps=30, learning_rate=3e-2, warmup_ratio=0.0, output_dir=str(tmp_path))
+    t = make_trainer(trainer, load_base_model(), few, r=4, max_steps=30, learning_rate=1e-2, warmup_ratio=0.0,
+                     output_dir=str(tmp_path))  # fmt: skip
     frozen = {k: v.clone() for k, v in t.model.state_dict().items() if "lora_" not in k}
     before = t.evaluate()["eval_loss"]
     t.train()
     after = t.evaluate()["eval_loss"]
     observe("4.3 loss drop after 30 steps on one batch", before - after)
-    # Over 60 seeds the reference lowered this loss by 0.26 to 0.45 (solutions/tools/calibrate.py); 0.05 is far inside.
-    assert after < before - 0.05, f"30 steps must lower the loss: {before:.3f} -> {after:.3f}"
+    # Over 60 seeds the reference lowered this loss (about 9.6 at the start) by 8.6 to 9.6 (make calibrate); 2 is far inside.
+    assert after < before - 2.0, f"30 steps must lower the loss: {before:.3f} -> {after:.3f}"
     for key, value in frozen.items():
         assert torch.equal(t.model.state_dict()[key], value), f"frozen tensor {key} changed during training"
 
@@ -161,7 +166,9 @@ def exact_network(model: nn.Module) -> nn.Module:
             if isinstance(module, LoRALayer):
                 weight = module.base_layer.dequantize_weight(torch.float32).double() + module.delta_weight().double()
                 exact.get_submodule(name).weight.copy_(weight)
-            elif isinstance(module, NF4Linear) and not isinstance(model.get_submodule(name.rsplit(".", 1)[0]), LoRALayer):
+            elif isinstance(module, NF4Linear) and not isinstance(
+                model.get_submodule(name.rsplit(".", 1)[0]), LoRALayer
+            ):
                 exact.get_submodule(name).weight.copy_(module.dequantize_weight(torch.float32))
     return exact
 

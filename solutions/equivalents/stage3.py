@@ -1,0 +1,103 @@
+"""Equivalents of Stage 3: correct quantization code written differently; each must keep full marks."""
+
+from solutions.tools.variants import Variant
+
+EQUIVALENTS = [
+    Variant(
+        "uniform_scale_by_reciprocal",
+        "3.1",
+        "q = round(x · (1/scale)) instead of round(x / scale).",
+        (
+            (
+                "q = torch.round(blocks / scale[:, None]) + zero_point[:, None]",
+                "q = torch.round(blocks * (1.0 / scale)[:, None]) + zero_point[:, None]",
+            ),
+        ),
+    ),
+    Variant(
+        "absmax_with_amax_and_div",
+        "3.2",
+        "The block absmax with amax(|x|), the codes with torch.div then round.",
+        (("scale = blocks.abs().max(dim=1).values / qmax", "scale = torch.amax(blocks.abs(), dim=1) / qmax"),),
+    ),
+    Variant(
+        "nearest_by_counting_midpoints",
+        "3.4",
+        "The code index as a count of midpoints strictly below each value (a comparison, not searchsorted).",
+        block="3.4: midpoints, then count those below",
+        code="""
+            midpoints = (code[1:] + code[:-1]) / 2
+            return (values.unsqueeze(-1) > midpoints).sum(dim=-1).to(torch.uint8)
+            """,
+    ),
+    Variant(
+        "nearest_by_bucketize",
+        "3.4",
+        "torch.bucketize on the midpoints (right=False keeps ties on the lower code).",
+        (
+            (
+                "torch.searchsorted(midpoints, values.contiguous(), right=False, out_int32=True)",
+                "torch.bucketize(values, midpoints, right=False, out_int32=True)",
+            ),
+        ),
+    ),
+    Variant(
+        "pack_with_arithmetic",
+        "3.4",
+        "Two codes per byte with arithmetic (16 · high + low) instead of shifts.",
+        (
+            (
+                "return (pairs[:, 0] << 4) | pairs[:, 1]",
+                "return (pairs[:, 0].int() * 16 + pairs[:, 1].int()).to(torch.uint8)",
+            ),
+        ),
+    ),
+    Variant(
+        "dequantize_with_repeat_interleave",
+        "3.4",
+        "Each element's absmax gathered with repeat_interleave instead of reshaping into blocks.",
+        (
+            (
+                "    blocks = to_blocks(values, block_size) * absmax.reshape(-1, 1).float()\n"
+                "    return blocks.reshape(-1)[: codes.numel()]",
+                "    return values * absmax.float().repeat_interleave(block_size)[: codes.numel()]",
+            ),
+        ),
+    ),
+    Variant(
+        "mean_as_sum_over_count",
+        "3.5",
+        "The offset as sum / count in float64, rounded to float32 (another order than torch.mean).",
+        (("    offset = absmax.float().mean()\n", "    offset = (absmax.double().sum() / absmax.numel()).float()\n"),),
+    ),
+    Variant(
+        "nf4_linear_forward_with_matmul",
+        "3.6",
+        "NF4Linear.forward as x @ Wᵀ + b with matmul instead of F.linear.",
+        block="3.6: dequantize on the fly, then F.linear",
+        code="""
+            weight = self.dequantize_weight()
+            out = x.to(self.compute_dtype) @ weight.T
+            return out if self.bias is None else out + self.bias.to(self.compute_dtype)
+            """,
+    ),
+    Variant(
+        "straight_through_autograd_function",
+        "3.7",
+        "The straight-through estimator as a torch.autograd.Function.",
+        block="3.7: quantize-dequantize, straight-through gradient",
+        code="""
+            class _RoundTrip(torch.autograd.Function):
+                @staticmethod
+                def forward(ctx, t):
+                    q, scale, zero_point = quantize_tensor(t, num_bits, block_size)
+                    return dequantize_tensor(q, scale, zero_point, block_size).to(t.dtype)
+
+                @staticmethod
+                def backward(ctx, grad):
+                    return grad
+
+            return _RoundTrip.apply(x)
+            """,
+    ),
+]

@@ -1,0 +1,78 @@
+"""Equivalents of Stage 4: correct trainer code written differently; each must keep full marks."""
+
+from solutions.tools.variants import Variant
+
+EQUIVALENTS = [
+    Variant(
+        "cosine_as_squared_cosine",
+        "4.3",
+        "The cosine decay as cos²(πp/2), the same curve as ½(1 + cos πp).",
+        (
+            (
+                "max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))",
+                "math.cos(math.pi * min(progress, 1.0) / 2) ** 2",
+            ),
+        ),
+    ),
+    Variant(
+        "divide_gradients_after_accumulating",
+        "4.3",
+        "Micro-batch losses summed as they are, the gradients divided by k before unscaling.",
+        (
+            (
+                "            loss = lm_loss(logits, labels) / k  # fp32\n            self.scaler.scale(loss).backward()\n            total += loss.item()\n",
+                "            loss = lm_loss(logits, labels)  # fp32\n            self.scaler.scale(loss).backward()\n            total += loss.item() / k\n",
+            ),
+            (
+                "        self.scaler.unscale_(self.optimizer)  # gradients now in true units (no-op unless fp16)\n",
+                "        for p in self.trainable_parameters():\n            if p.grad is not None:\n                p.grad.div_(k)\n"
+                "        self.scaler.unscale_(self.optimizer)\n",
+            ),
+        ),
+    ),
+    Variant(
+        "memory_from_a_table",
+        "4.5",
+        "estimate_memory from a table of bytes per parameter.",
+        block="4.5: bytes per parameter for each method",
+        code="""
+            base_bytes = {"full": 4.0, "lora": 2.0, "qlora": bits_per_parameter(block_size, double_quant) / 8}
+            if method not in base_bytes:
+                raise ValueError(f"method must be 'full', 'lora' or 'qlora', got {method!r}")
+            trained = n_params if method == "full" else trainable_params
+            parts = {
+                "weights": base_bytes[method] * n_params + (0 if method == "full" else 4 * trainable_params),
+                "gradients": 4 * trained,
+                "optimizer": 2 * 4 * trained,
+            }
+            parts["total"] = sum(parts.values())
+            return parts
+            """,
+    ),
+    Variant(
+        "export_by_building_merged_linears",
+        "4.4",
+        "merge_and_export computes dequant(W0) + ΔW itself and builds each nn.Linear once.",
+        block="4.4: dequantize the bases, then merge and unload",
+        code="""
+            def plain(weight, bias):
+                linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+                linear = linear.to(device=weight.device, dtype=dtype)
+                with torch.no_grad():
+                    linear.weight.copy_(weight)
+                    if bias is not None:
+                        linear.bias.copy_(bias)
+                return linear.requires_grad_(False)
+
+            for name, layer in list(lora_layers(model)):
+                base = layer.base_layer
+                weight = base.dequantize_weight(torch.float32) if isinstance(base, NF4Linear) else base.weight.float()
+                merged = (weight + layer.delta_weight().detach().float()).to(dtype if isinstance(base, NF4Linear) else base.weight.dtype)
+                model.set_submodule(name, plain(merged, base.bias).to(merged.dtype))
+            for name, module in list(model.named_modules()):
+                if isinstance(module, NF4Linear):
+                    model.set_submodule(name, plain(module.dequantize_weight(dtype), module.bias))
+            return model
+            """,
+    ),
+]

@@ -1,0 +1,1 @@
+"""Mutant catalogues, one module per stage (testcases/manifest.py names them); see solutions/tools/variants.py."""

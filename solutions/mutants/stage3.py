@@ -1,0 +1,288 @@
+"""Mutants of Stage 3 (model/quant.py): mistakes students make, each must lose points."""
+
+from solutions.tools.variants import Variant
+
+MUTANTS = [
+    Variant(
+        "uniform_range_without_zero",
+        "3.1",
+        "Uniform quantization uses [min, max] without widening it to include 0 (0 is not exact).",
+        (
+            ("lo = blocks.min(dim=1).values.clamp(max=0)", "lo = blocks.min(dim=1).values"),
+            ("hi = blocks.max(dim=1).values.clamp(min=0)", "hi = blocks.max(dim=1).values"),
+        ),
+    ),
+    Variant(
+        "uniform_max_not_widened",
+        "3.1",
+        "The range is widened below (min ≤ 0) but not above: all-negative data breaks.",
+        (("hi = blocks.max(dim=1).values.clamp(min=0)", "hi = blocks.max(dim=1).values"),),
+    ),
+    Variant(
+        "uniform_zero_point_not_rounded",
+        "3.1",
+        "The zero point is kept as a float instead of an integer code.",
+        (("zero_point = torch.round(-lo / scale).clamp(0, qmax)", "zero_point = (-lo / scale).clamp(0, qmax)"),),
+    ),
+    Variant(
+        "uniform_truncates",
+        "3.1",
+        "x / scale is truncated toward zero instead of rounded (error up to a whole step).",
+        (
+            (
+                "q = torch.round(blocks / scale[:, None]) + zero_point[:, None]",
+                "q = torch.trunc(blocks / scale[:, None]) + zero_point[:, None]",
+            ),
+        ),
+    ),
+    Variant(
+        "uniform_dequantize_skips_the_check",
+        "3.1",
+        "dequantize_tensor accepts constants that do not fit the codes (broadcasts or crashes).",
+        (("    if scale.numel() != blocks.shape[0] or zero_point.numel() != blocks.shape[0]:", "    if False:"),),
+    ),
+    Variant(
+        "absmax_unsigned_qmax",
+        "3.2",
+        "Symmetric quantization uses qmax = 2^b - 1 (the unsigned range) instead of 2^(b-1) - 1.",
+        (("qmax = 2 ** (num_bits - 1) - 1", "qmax = 2**num_bits - 1"),),
+    ),
+    Variant(
+        "absmax_of_signed_values",
+        "3.2",
+        "The scale uses max(x) instead of max |x|: negative blocks break.",
+        (("scale = blocks.abs().max(dim=1).values / qmax", "scale = blocks.max(dim=1).values / qmax"),),
+    ),
+    Variant(
+        "symmetric_nf4_table",
+        "3.3",
+        "The symmetric 15-value 'NF4' table from widely shared notes (7 positive levels instead of 8).",
+        (
+            (
+                "positive = torch.special.ndtri(torch.linspace(NF4_OFFSET, 0.5, 9)[:-1].double())",
+                "positive = torch.special.ndtri(torch.linspace(NF4_OFFSET, 0.5, 8)[:-1].double())",
+            ),
+        ),
+    ),
+    Variant(
+        "nf4_float64_levels",
+        "3.3",
+        "The NF4 probabilities are made in float64, so levels differ from the published table by an ulp.",
+        (
+            (
+                "positive = torch.special.ndtri(torch.linspace(NF4_OFFSET, 0.5, 9)[:-1].double())",
+                "positive = torch.special.ndtri(torch.linspace(NF4_OFFSET, 0.5, 9, dtype=torch.float64)[:-1])",
+            ),
+            (
+                "negative = -torch.special.ndtri(torch.linspace(NF4_OFFSET, 0.5, 8)[:-1].double())",
+                "negative = -torch.special.ndtri(torch.linspace(NF4_OFFSET, 0.5, 8, dtype=torch.float64)[:-1])",
+            ),
+        ),
+    ),
+    Variant(
+        "fp4_without_subnormal",
+        "3.3",
+        "FP4 without its subnormal 0.5 (only 0, 1, 1.5, ...).",
+        (("                magnitudes.append(mantissa * 0.5)", "                magnitudes.append(0.0)"),),
+    ),
+    Variant(
+        "blocks_per_row",
+        "3.4",
+        "Blocks are cut per row of the weight instead of over the flattened tensor.",
+        (
+            (
+                "    return to_blocks(x.float(), block_size).abs().amax(dim=1)",
+                "    rows = x.float().reshape(x.shape[0] if x.dim() > 1 else 1, -1)\n"
+                "    return torch.cat([to_blocks(row, block_size).abs().max(dim=1).values for row in rows])",
+            ),
+        ),
+    ),
+    Variant(
+        "one_absmax_for_the_tensor",
+        "3.4",
+        "One absmax for the whole tensor instead of one per block.",
+        (
+            (
+                "    return to_blocks(x.float(), block_size).abs().amax(dim=1)",
+                "    blocks = to_blocks(x.float(), block_size)\n    return blocks.abs().max().expand(blocks.shape[0]).clone()",
+            ),
+        ),
+    ),
+    Variant(
+        "nf4_absmax_without_abs",
+        "3.4",
+        "The NF4 block constant is max(x), not max |x|: negative blocks break.",
+        (
+            (
+                "    return to_blocks(x.float(), block_size).abs().amax(dim=1)",
+                "    return to_blocks(x.float(), block_size).amax(dim=1)",
+            ),
+        ),
+    ),
+    Variant(
+        "low_nibble_first",
+        "3.4",
+        "The even-indexed code goes into the LOW nibble (bitsandbytes puts it in the high one).",
+        (("return (pairs[:, 0] << 4) | pairs[:, 1]", "return (pairs[:, 1] << 4) | pairs[:, 0]"),),
+    ),
+    Variant(
+        "divide_instead_of_reciprocal",
+        "3.4",
+        "Scaling by x / absmax instead of x * (1 / absmax): codes flip on midpoints.",
+        (
+            (
+                "scaled = (to_blocks(x.float(), block_size) * inverse[:, None]).clamp_(-1, 1)",
+                "scaled = (to_blocks(x.float(), block_size) / torch.where(absmax > 0, absmax, 1.0)[:, None]).clamp_(-1, 1)",
+            ),
+        ),
+    ),
+    Variant(
+        "ties_round_up",
+        "3.4",
+        "A value exactly between two levels takes the upper one (round half up).",
+        (
+            (
+                "torch.searchsorted(midpoints, values.contiguous(), right=False, out_int32=True)",
+                "torch.searchsorted(midpoints, values.contiguous(), right=True, out_int32=True)",
+            ),
+        ),
+    ),
+    Variant(
+        "pad_with_code_zero",
+        "3.4",
+        "An odd count is padded with code 0 (-1.0) instead of the code of 0.0.",
+        (("pack_nibbles(codes, pad=int(nearest_code(torch.zeros(1, device=x.device), code)))", "pack_nibbles(codes)"),),
+    ),
+    Variant(
+        "dequantize_drops_partial_block",
+        "3.4",
+        "Dequantization forgets the last partial block (its values come back as 0).",
+        (
+            (
+                "    blocks = to_blocks(values, block_size) * absmax.reshape(-1, 1).float()\n",
+                "    blocks = to_blocks(values, block_size) * absmax.reshape(-1, 1).float()\n"
+                "    if codes.numel() % block_size:\n        blocks[-1] = 0\n",
+            ),
+        ),
+    ),
+    Variant(
+        "dequantize_ignores_dtype",
+        "3.4",
+        "dequantize_nf4 always returns float32, whatever dtype is asked for.",
+        (("    return values.view(shape).to(dtype)", "    return values.view(shape)"),),
+    ),
+    Variant(
+        "double_quant_without_offset",
+        "3.5",
+        "Double quantization without subtracting the mean of the absmax values.",
+        (("    offset = absmax.float().mean()\n", "    offset = torch.zeros((), device=absmax.device)\n"),),
+    ),
+    Variant(
+        "double_quant_no_offset_back",
+        "3.5",
+        "Double dequantization forgets to add the offset back.",
+        (
+            (
+                'cached_code_book("dynamic", codes.device), block_size) + offset',
+                'cached_code_book("dynamic", codes.device), block_size)',
+            ),
+        ),
+    ),
+    Variant(
+        "double_quant_fixed_block",
+        "3.5",
+        "double_quantize ignores its block_size and always uses 256.",
+        (
+            (
+                'cached_code_book("dynamic", absmax.device), block_size)',
+                'cached_code_book("dynamic", absmax.device), 256)',
+            ),
+        ),
+    ),
+    Variant(
+        "bits_without_dq_scales",
+        "3.5",
+        "Bits per parameter with double quantization forget the second-level fp32 scales.",
+        (("return 4 + 8 / block_size + 32 / (block_size * dq_block_size)", "return 4 + 8 / block_size"),),
+    ),
+    Variant(
+        "bits_fixed_dq_block",
+        "3.5",
+        "Bits per parameter with double quantization ignore dq_block_size (always 256).",
+        (
+            (
+                "return 4 + 8 / block_size + 32 / (block_size * dq_block_size)",
+                "return 4 + 8 / block_size + 32 / (block_size * 256)",
+            ),
+        ),
+    ),
+    Variant(
+        "nf4_linear_drops_bias",
+        "3.6",
+        "NF4Linear.forward ignores the bias.",
+        (
+            (
+                "return F.linear(x.to(self.compute_dtype), weight, bias)",
+                "return F.linear(x.to(self.compute_dtype), weight)",
+            ),
+        ),
+    ),
+    Variant(
+        "nf4_linear_bias_not_copied",
+        "3.6",
+        "from_linear keeps a zero bias instead of copying the layer's.",
+        (("            layer.bias.data.copy_(linear.bias.detach().float())", "            pass"),),
+    ),
+    Variant(
+        "nf4_linear_first_dq_scale_only",
+        "3.6",
+        "The double-dequantized absmax uses the first DQ block's scale for every block.",
+        (
+            (
+                "return double_dequantize(self.absmax_codes, self.absmax_scale, self.absmax_offset)",
+                "return double_dequantize(self.absmax_codes, self.absmax_scale[:1].expand_as(self.absmax_scale), self.absmax_offset)",
+            ),
+        ),
+    ),
+    Variant(
+        "nf4_linear_ignores_block_size",
+        "3.6",
+        "from_linear quantizes in blocks of 64 whatever block_size says.",
+        (
+            (
+                "        packed, absmax = quantize_nf4(weight, block_size)",
+                "        packed, absmax = quantize_nf4(weight)",
+            ),
+        ),
+    ),
+    Variant(
+        "nf4_linear_nbytes_codes_only",
+        "3.6",
+        "weight_nbytes counts the packed codes but not the quantization constants.",
+        (
+            (
+                "return sum(buffer.numel() * buffer.element_size() for buffer in self.buffers())",
+                "return self.packed.numel() * self.packed.element_size()",
+            ),
+        ),
+    ),
+    Variant(
+        "fake_quantize_no_ste",
+        "3.7",
+        "fake_quantize returns the quantized value directly: rounding kills the gradient.",
+        (("return x + (x_hat - x).detach()", "return x_hat"),),
+    ),
+    Variant(
+        "fake_quantize_per_tensor",
+        "3.7",
+        "fake_quantize ignores block_size and quantizes the whole tensor with one scale.",
+        (
+            (
+                "    q, scale, zero_point = quantize_tensor(x.detach(), num_bits, block_size)\n"
+                "    x_hat = dequantize_tensor(q, scale, zero_point, block_size).to(x.dtype)",
+                "    q, scale, zero_point = quantize_tensor(x.detach(), num_bits)\n"
+                "    x_hat = dequantize_tensor(q, scale, zero_point).to(x.dtype)",
+            ),
+        ),
+    ),
+]

@@ -1,0 +1,323 @@
+"""Mutants of Stage 4 (training/qlora_trainer.py): mistakes students make, each must lose points."""
+
+from solutions.tools.variants import Variant
+
+MUTANTS = [
+    Variant(
+        "config_accepts_zero_accumulation",
+        "4.1",
+        "TrainConfig does not check gradient_accumulation_steps (0 micro-batches per step).",
+        (
+            (
+                '"r", "max_steps", "batch_size", "gradient_accumulation_steps", "block_size", "log_every"',
+                '"r", "max_steps", "batch_size", "block_size", "log_every"',
+            ),
+        ),
+    ),
+    Variant(
+        "config_string_target_split",
+        "4.1",
+        "TrainConfig turns target_modules='q_proj' into its letters.",
+        (
+            (
+                "[self.target_modules] if isinstance(self.target_modules, str) else self.target_modules",
+                "self.target_modules",
+            ),
+        ),
+    ),
+    Variant(
+        "config_refuses_fp16_on_cpu",
+        "4.1",
+        "fp16 is refused on the CPU although a CPU GradScaler works (torch 2.13).",
+        (
+            (
+                '        if not self.target_modules:\n            raise ValueError("target_modules must name at least one module")\n',
+                '        if not self.target_modules:\n            raise ValueError("target_modules must name at least one module")\n'
+                '        if self.precision == "fp16" and self.device != "cuda":\n'
+                "            raise ValueError(\"precision='fp16' needs CUDA\")\n",
+            ),
+        ),
+    ),
+    Variant(
+        "config_accepts_zero_alpha",
+        "4.1",
+        "lora_alpha is checked with >= 0 (0 passes).",
+        (
+            (
+                '        for name in ("lora_alpha", "learning_rate"):\n            if not getattr(self, name) > 0:',
+                '        for name in ("lora_alpha", "learning_rate"):\n            if not getattr(self, name) >= 0:',
+            ),
+        ),
+    ),
+    Variant(
+        "lora_on_the_head",
+        "4.2",
+        "prepare_qlora_model also puts LoRA (and NF4) on the output head.",
+        (
+            (
+                "    get_lora_model(model, config.r, config.lora_alpha, config.lora_dropout, config.target_modules)",
+                '    get_lora_model(model, config.r, config.lora_alpha, config.lora_dropout, (*config.target_modules, "lm_head"))',
+            ),
+        ),
+    ),
+    Variant(
+        "adapters_in_bf16",
+        "4.2",
+        "The adapters are cast to the compute dtype: no fp32 master weights.",
+        (
+            (
+                '    if hasattr(model, "gradient_checkpointing"):',
+                "    for name, param in model.named_parameters():\n"
+                "        if param.requires_grad:\n"
+                "            param.data = param.data.to(PRECISIONS[config.precision])\n"
+                '    if hasattr(model, "gradient_checkpointing"):',
+            ),
+        ),
+    ),
+    Variant(
+        "quantize_nothing",
+        "4.2",
+        "prepare_qlora_model adds LoRA but forgets to quantize the base layers.",
+        (('    if config.quantize == "nf4":\n        compute_dtype', "    if False:\n        compute_dtype"),),
+    ),
+    Variant(
+        "prepare_ignores_lora_settings",
+        "4.2",
+        "prepare_qlora_model passes only r on (alpha and dropout keep their defaults).",
+        (
+            (
+                "    get_lora_model(model, config.r, config.lora_alpha, config.lora_dropout, config.target_modules)",
+                "    get_lora_model(model, config.r, target_modules=config.target_modules)",
+            ),
+        ),
+    ),
+    Variant(
+        "prepare_ignores_block_size",
+        "4.2",
+        "prepare_qlora_model quantizes in blocks of 64 whatever config.block_size says.",
+        (
+            (
+                "NF4Linear.from_linear(linear, config.block_size, config.double_quant, compute_dtype)",
+                "NF4Linear.from_linear(linear, 64, config.double_quant, compute_dtype)",
+            ),
+        ),
+    ),
+    Variant(
+        "prepare_computes_in_fp32",
+        "4.2",
+        "The NF4 layers compute in fp32 whatever the precision.",
+        (
+            (
+                "NF4Linear.from_linear(linear, config.block_size, config.double_quant, compute_dtype)",
+                "NF4Linear.from_linear(linear, config.block_size, config.double_quant, torch.float32)",
+            ),
+        ),
+    ),
+    Variant(
+        "frozen_weights_in_optimizer",
+        "4.3",
+        "The optimizer is handed every parameter, frozen ones included.",
+        (
+            (
+                "        if not param.requires_grad:\n            continue\n        if param.ndim < 2:",
+                "        if param.ndim < 2:",
+            ),
+        ),
+    ),
+    Variant(
+        "weight_decay_on_biases",
+        "4.3",
+        "Biases and norms get weight decay too.",
+        (('{"params": vectors, "lr": lr, "weight_decay": 0.0}', '{"params": vectors, "lr": lr, "weight_decay": wd}'),),
+    ),
+    Variant(
+        "learning_rate_not_passed",
+        "4.3",
+        "The optimizer groups carry no learning rate: AdamW's default 1e-3 is used.",
+        (
+            (
+                '        {"params": matrices, "lr": lr, "weight_decay": wd},',
+                '        {"params": matrices, "weight_decay": wd},',
+            ),
+            (
+                "    return torch.optim.AdamW(groups, lr=lr, weight_decay=wd)",
+                "    return torch.optim.AdamW(groups, weight_decay=wd)",
+            ),
+        ),
+    ),
+    Variant(
+        "loraplus_on_a",
+        "4.3",
+        "LoRA+ raises the learning rate of A instead of B.",
+        (
+            (
+                'elif name.endswith("lora_B") and config.loraplus_lr_ratio is not None:',
+                'elif name.endswith("lora_A") and config.loraplus_lr_ratio is not None:',
+            ),
+        ),
+    ),
+    Variant(
+        "warmup_off_by_one",
+        "4.3",
+        "Warmup starts at 1/warmup instead of 0 (step + 1).",
+        (("        return step / warmup", "        return (step + 1) / warmup"),),
+    ),
+    Variant(
+        "cosine_without_half",
+        "4.3",
+        "The cosine schedule forgets the factor 1/2.",
+        (
+            (
+                "max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))",
+                "max(0.0, math.cos(math.pi * min(progress, 1.0)))",
+            ),
+        ),
+    ),
+    Variant(
+        "decay_over_all_steps",
+        "4.3",
+        "The decay runs over max_steps instead of the steps after warmup.",
+        (
+            (
+                "    progress = (step - warmup) / max(1, config.max_steps - warmup)",
+                "    progress = step / config.max_steps",
+            ),
+        ),
+    ),
+    Variant(
+        "loss_not_divided_by_accumulation",
+        "4.3",
+        "Each micro-batch loss is not divided by the number of micro-batches.",
+        (
+            (
+                "            loss = lm_loss(logits, labels) / k  # fp32",
+                "            loss = lm_loss(logits, labels)  # fp32",
+            ),
+        ),
+    ),
+    Variant(
+        "step_every_micro_batch",
+        "4.3",
+        "The optimizer steps after every micro-batch instead of once per accumulation.",
+        (
+            (
+                "            self.scaler.scale(loss).backward()\n",
+                "            self.scaler.scale(loss).backward()\n            self.scaler.step(self.optimizer)\n            self.scaler.update()\n",
+            ),
+        ),
+    ),
+    Variant(
+        "clip_before_unscale",
+        "4.3",
+        "Gradients are clipped while still multiplied by the loss scale.",
+        (
+            (
+                "        self.scaler.unscale_(self.optimizer)  # gradients now in true units (no-op unless fp16)\n",
+                "        torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.config.max_grad_norm or 1e9)\n"
+                "        self.scaler.unscale_(self.optimizer)\n",
+            ),
+        ),
+    ),
+    Variant(
+        "non_finite_not_skipped",
+        "4.3",
+        "A non-finite loss is stepped on like any other (NaN spreads into the adapters).",
+        (("        if not finite:\n", "        if False:\n"),),
+    ),
+    Variant(
+        "non_finite_checks_the_loss_only",
+        "4.3",
+        "Only the loss is checked for NaN/inf, not the gradients.",
+        (
+            (
+                "        finite = math.isfinite(total) and all(p.grad is None or torch.isfinite(p.grad).all() for p in params)",
+                "        finite = math.isfinite(total)",
+            ),
+        ),
+    ),
+    Variant(
+        "no_train_mode",
+        "4.3",
+        "train_step never calls model.train(): dropout stays off after an evaluation.",
+        (("        self.model.train()\n        k, total", "        k, total"),),
+    ),
+    Variant(
+        "checkpoint_without_optimizer",
+        "4.3",
+        "The checkpoint restores the adapter but not the optimizer state.",
+        (('        self.optimizer.load_state_dict(state["optimizer"])\n', ""),),
+    ),
+    Variant(
+        "checkpoint_without_rng",
+        "4.3",
+        "The checkpoint does not restore the RNG state (dropout masks differ after resuming).",
+        (('        torch.set_rng_state(state["rng"]["cpu"])\n', ""),),
+    ),
+    Variant(
+        "checkpoint_without_scheduler",
+        "4.3",
+        "The checkpoint does not restore the schedule (the learning rate restarts its warmup).",
+        (('        self.scheduler.load_state_dict(state["scheduler"])\n', ""),),
+    ),
+    Variant(
+        "checkpoint_without_history",
+        "4.3",
+        "The checkpoint does not restore the loss history.",
+        (('        self.history = list(state["history"])\n', ""),),
+    ),
+    Variant(
+        "merge_into_nf4",
+        "4.4",
+        "merge_and_export merges without dequantizing the 4-bit bases first.",
+        (("        if isinstance(module, NF4Linear):\n            weight", "        if False:\n            weight"),),
+    ),
+    Variant(
+        "export_drops_the_bias",
+        "4.4",
+        "merge_and_export rebuilds each dequantized layer without its bias.",
+        (
+            (
+                "            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)",
+                "            linear = nn.Linear(module.in_features, module.out_features, bias=False)",
+            ),
+        ),
+    ),
+    Variant(
+        "export_ignores_dtype",
+        "4.4",
+        "merge_and_export always exports float32.",
+        (
+            (
+                "            weight = module.dequantize_weight(dtype)",
+                "            weight = module.dequantize_weight(torch.float32)",
+            ),
+            (
+                "            linear = linear.to(device=weight.device, dtype=dtype)",
+                "            linear = linear.to(device=weight.device)",
+            ),
+        ),
+    ),
+    Variant(
+        "full_finetune_12_bytes",
+        "4.5",
+        "Full fine-tuning memory counts fp16 weights and gradients (12 bytes) instead of fp32 AdamW's 16.",
+        (
+            (
+                "weights, gradients, optimizer = 4 * n_params, 4 * n_params, 8 * n_params",
+                "weights, gradients, optimizer = 2 * n_params, 2 * n_params, 8 * n_params",
+            ),
+        ),
+    ),
+    Variant(
+        "qlora_memory_without_dq",
+        "4.5",
+        "QLoRA memory ignores double quantization (always 4.5 bits).",
+        (("bits_per_parameter(block_size, double_quant) / 8", "bits_per_parameter(64) / 8"),),
+    ),
+    Variant(
+        "adapter_weights_not_counted",
+        "4.5",
+        "The adapters' own fp32 weights are left out of the weight bytes.",
+        (("        weights = per_base * n_params + 4 * trainable_params", "        weights = per_base * n_params"),),
+    ),
+]

@@ -1,0 +1,131 @@
+"""Keep the pages in step with the manifest and the tests: generated blocks and checked points.
+
+    python -m solutions.tools.docs            rewrite every generated block (after changing the manifest or a test)
+    python -m solutions.tools.docs --check    exit 1 if a block or a quoted number is out of date (make test)
+
+Generated blocks sit between ``<!-- generated: NAME -->`` and ``<!-- /generated -->`` in README.md and
+tutorial/*.md:
+    course-map        README.md: stage, lesson, student file, exercises and their points
+    stage-table       tutorial/README.md: one row per stage
+    exercise-table    tutorial/README.md: one row per exercise
+    tests-X.Y         a lesson page: what the graded tests of exercise X.Y check, one line per test,
+                      the first line of each test's docstring (so a graded behaviour cannot go
+                      unmentioned, and a mentioned one cannot go ungraded)
+Checked in prose: "Exercise X.Y … (N points)", "exercises X.Y–X.Z, N points" and "N points in all".
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import re
+import sys
+from pathlib import Path
+
+from testcases.manifest import REPO, STAGES, exercises, stage_of, total_points
+
+PAGES = ("README.md", "tutorial/README.md", *(s.lesson for s in STAGES))
+BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /generated -->)", re.DOTALL)
+
+
+def test_lines() -> dict[str, list[tuple[str, str, str]]]:
+    """exercise -> [(level, test name, first docstring line)] from the stage test modules (read, not imported)."""
+    found: dict[str, list[tuple[str, str, str]]] = {ex: [] for ex in exercises()}
+    for stage in STAGES:
+        for path in stage.tests:
+            for node in ast.parse((REPO / path).read_text()).body:
+                if not (isinstance(node, ast.FunctionDef) and node.name.startswith("test_")):
+                    continue
+                for d in node.decorator_list:
+                    if isinstance(d, ast.Call) and getattr(d.func, "attr", "") == "exercise" and d.args:
+                        doc = (ast.get_docstring(node) or "").strip().splitlines()
+                        found[d.args[0].value].append((Path(path).stem, node.name, doc[0] if doc else ""))
+    return found
+
+
+def render(name: str) -> str:
+    if name == "course-map":
+        rows = ["| stage | lesson | you write in | exercises (points) |", "|---|---|---|---|"]
+        for s in STAGES:
+            ex = " · ".join(f"{e.id} {e.title} ({e.points})" for e in s.exercises)
+            rows.append(f"| {s.number} | [{s.title}]({s.lesson}) | `{s.student_file}` | {ex} |")
+        return "\n".join(rows) + f"\n\n{total_points()} points in all.\n"
+    if name == "stage-table":
+        rows = ["| Stage | Page | Student file | Exercises | Points |", "|---|---|---|---|---|"]
+        for s in STAGES:
+            page = Path(s.lesson).name
+            rows.append(f"| {s.number} · {s.title} | [{page}]({page}) | `{s.student_file}` | "
+                        f"{s.exercises[0].id}–{s.exercises[-1].id} | {s.points} |")  # fmt: skip
+        rows.append(f"| | | | **total** | **{total_points()}** |")
+        return "\n".join(rows) + "\n"
+    if name == "exercise-table":
+        rows = ["| Exercise | What you implement | Builds on | Points |", "|---|---|---|---|"]
+        for s in STAGES:
+            rows.append(f"| **Stage {s.number}** · `{s.student_file}` | | | |")
+            for e in s.exercises:
+                rows.append(f"| {e.id} | {e.title} | {', '.join(e.needs) or '—'} | {e.points} |")
+        return "\n".join(rows) + "\n"
+    if name.startswith("tests-"):
+        ex = name.removeprefix("tests-")
+        lines = [f"- {doc} *({level}: `{test}`)*" for level, test, doc in test_lines()[ex]]
+        return (
+            f"The graded tests of {ex} check ({stage_of(ex).tests[0].rsplit('/', 1)[0]}/):\n\n"
+            + "\n".join(lines)
+            + "\n"
+        )
+    raise KeyError(name)
+
+
+def quoted_points(page: str, text: str) -> list[str]:
+    """Points quoted in prose that disagree with the manifest."""
+    problems, table = [], exercises()
+    for m in re.finditer(r"Exercise (\d+\.\d+)\b[^\n]*?\((\d+) points?\)", text):
+        if m.group(1) in table and int(m.group(2)) != table[m.group(1)].points:
+            problems.append(
+                f"{page}: Exercise {m.group(1)} quotes {m.group(2)} points, the manifest says {table[m.group(1)].points}"
+            )
+    for m in re.finditer(r"exercises (\d+)\.\d+[–-]\d+\.\d+, (\d+) points", text):
+        stage = next((s for s in STAGES if str(s.number) == m.group(1)), None)
+        if stage and int(m.group(2)) != stage.points:
+            problems.append(
+                f"{page}: stage {stage.number} quotes {m.group(2)} points, the manifest says {stage.points}"
+            )
+    for m in re.finditer(r"(\d+) points in all", text):
+        if int(m.group(1)) != total_points():
+            problems.append(f"{page}: quotes {m.group(1)} points in all, the manifest says {total_points()}")
+    return problems
+
+
+def sync(write: bool) -> list[str]:
+    problems = []
+    tested = {ex for ex, lines in test_lines().items() if lines}
+    listed = set()
+    for page in PAGES:
+        path = REPO / page
+        text = path.read_text()
+        new = BLOCK.sub(lambda m: m.group(1) + render(m.group("name")) + m.group(4), text)
+        listed |= {
+            m.group("name").removeprefix("tests-") for m in BLOCK.finditer(text) if m.group("name").startswith("tests-")
+        }
+        if new != text:
+            if write:
+                path.write_text(new)
+            else:
+                problems.append(f"{page}: a generated block is out of date (run python -m solutions.tools.docs)")
+        problems += quoted_points(page, new)
+    if missing := sorted(tested - listed, key=lambda e: tuple(map(int, e.split(".")))):
+        problems.append(f"no lesson lists the tests of {', '.join(missing)}: add <!-- generated: tests-X.Y --> blocks")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args(argv)
+    problems = sync(write=not args.check)
+    print("\n".join(problems) if problems else "pages in step with the manifest and the tests")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Tests of the instructors' side: stubs, catalogues, pages, and the commands an instructor runs.
+
+`make test` runs them (step 7). The slow ones grade real folders with the isolated grader: a full
+clone whose own tests are rigged, a folder of loose files, the Gradescope package against a local
+/autograder stand-in, and the handout with every command its README documents.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from solutions.tools import docs, handout
+from solutions.tools.gradescope import build_zip
+from solutions.tools.stubgen import filled_in, make_stub
+from solutions.tools.variants import catalogue, check
+from testcases.manifest import REPO, STAGES, STUB_PATTERN, exercises, student_files, total_points
+
+PYTHON = sys.executable
+
+# ---- stubs ----------------------------------------------------------------------------------------
+
+REFERENCE = '''def f(x):
+    """Doc."""
+    # BEGIN SOLUTION 1.2: double it
+    y = 2 * x
+    return y
+    # END SOLUTION
+'''
+
+
+def test_make_stub_replaces_the_block():
+    stub = make_stub(REFERENCE)
+    assert stub == (
+        'def f(x):\n    """Doc."""\n'
+        '    raise NotImplementedError("Exercise 1.2: double it — see tutorial/01-lora-layer.md")\n'
+    )
+    solved = REFERENCE.replace("# BEGIN SOLUTION 1.2: double it\n", "").replace("# END SOLUTION\n", "")
+    assert filled_in(solved, stub) == ["1.2"] and filled_in(stub, stub) == []
+
+
+def test_make_stub_rejects_unbalanced_markers_and_unknown_exercises():
+    with pytest.raises(ValueError, match="without END"):
+        make_stub(REFERENCE.replace("    # END SOLUTION\n", ""))
+    with pytest.raises(ValueError, match="9.9"):
+        make_stub(REFERENCE.replace("1.2", "9.9"))
+
+
+def test_every_exercise_has_a_stub_in_its_own_file():
+    """Each manifest exercise has at least one stub in its stage's student file, and no stub names an unknown one."""
+    for relative in student_files():
+        stubbed = set(STUB_PATTERN.findall((REPO / relative).read_text()))
+        mine = {e.id for s in STAGES if s.student_file == relative for e in s.exercises}
+        assert stubbed == mine, f"{relative}: stubs for {sorted(stubbed)}, the manifest has {sorted(mine)}"
+
+
+# ---- catalogues -------------------------------------------------------------------------------------
+
+
+def test_catalogues_apply_and_change_the_code():
+    """Every mutant and equivalent applies to the reference, compiles and changes more than comments; names are unique."""
+    variants = catalogue("mutants") + catalogue("equivalents")
+    names = [v.name for v in variants]
+    assert len(names) == len(set(names)), "variant names must be unique"
+    for variant in variants:
+        compile(check(variant), variant.name, "exec")
+        assert variant.exercise in exercises(), f"{variant.name}: unknown exercise {variant.exercise}"
+    for stage in STAGES:
+        mutants = [m for m in catalogue("mutants") if m.exercise.startswith(f"{stage.number}.")]
+        assert len(mutants) >= 2 * len(stage.exercises), f"stage {stage.number}: at least two mutants per exercise"
+        assert {m.exercise for m in mutants} == {e.id for e in stage.exercises}, (
+            f"stage {stage.number}: an exercise has no mutant"
+        )
+        assert any(e.exercise.startswith(f"{stage.number}.") for e in catalogue("equivalents")), (
+            f"stage {stage.number}: no equivalent"
+        )
+
+
+# ---- pages ------------------------------------------------------------------------------------------
+
+
+def test_pages_agree_with_the_manifest_and_the_tests():
+    """Generated tables and test lists are current; every points figure quoted in prose matches the manifest."""
+    problems = docs.sync(write=False)
+    assert not problems, "\n".join(problems)
+
+
+def test_lesson_figures_are_produced_by_the_code():
+    """Every figure a lesson quotes from a run is recomputed (solutions/tools/figures.py)."""
+    proc = subprocess.run([PYTHON, "-m", "solutions.tools.figures"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+
+
+# ---- instructor commands, for real ---------------------------------------------------------------------
+
+
+def grade(impl: Path, results: Path, *extra: str, cwd: Path = REPO) -> tuple[dict, subprocess.CompletedProcess]:
+    proc = subprocess.run([PYTHON, "-m", "testcases.grade", "--impl", str(impl), "--results", str(results), *extra],
+                          cwd=cwd, capture_output=True, text=True)  # fmt: skip
+    return (json.loads(results.read_text()) if results.exists() else {}), proc
+
+
+def per_exercise(results: dict) -> dict[str, float]:
+    points: dict[str, float] = {}
+    for t in results.get("tests", []):
+        points[t["number"]] = round(points.get(t["number"], 0) + t["score"], 2)
+    return points
+
+
+def test_grade_a_full_clone_ignores_its_own_tests(tmp_path):
+    """make grade IMPL=<a clone>: only its student files count; its rigged testcases/ are never run."""
+    clone = tmp_path / "clone"
+    for relative in subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split():
+        if not relative.startswith("solutions/") and (REPO / relative).is_file():
+            (clone / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(REPO / relative, clone / relative)
+    for relative in student_files():
+        shutil.copyfile(REPO / "solutions" / relative, clone / relative)
+    (clone / "testcases" / "stage1" / "basic.py").write_text(
+        "def test_everything():\n    pass\n"
+    )  # would pass anything
+    (clone / "testcases" / "conftest.py").write_text(
+        'raise SystemExit("the clone\'s conftest must never be imported")\n'
+    )
+    results, proc = grade(clone, tmp_path / "out" / "results.json")
+    assert proc.returncode == 0 and results["score"] == total_points(), proc.stdout[-3000:] + proc.stderr[-2000:]
+
+
+def test_grade_a_folder_of_loose_files(tmp_path):
+    """A folder holding only lora.py: stages 1–2 graded from it; quant.py and the trainer count as not attempted."""
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    shutil.copyfile(REPO / "solutions" / "model" / "lora.py", loose / "lora.py")
+    results, proc = grade(loose, tmp_path / "out" / "results.json", "--ex", "1,2,3.1")
+    points = per_exercise(results)
+    assert all(points[e.id] == e.points for s in STAGES[:2] for e in s.exercises), points
+    assert points["3.1"] == 0 and proc.returncode == 1, points
+    assert "not in" in results["output"], "the table notes the missing files"
+
+
+@pytest.fixture(scope="module")
+def built_handout(tmp_path_factory):
+    """The handout of HEAD with this checkout's environment linked in (make handout)."""
+    dest = handout.build(tmp_path_factory.mktemp("handout") / "course")
+    (dest / ".venv").symlink_to(REPO / ".venv")
+    return dest
+
+
+def test_gradescope_package_runs_on_a_local_autograder_tree(tmp_path, built_handout):
+    """make gradescope: setup.sh and run_autograder at the zip's root; run_autograder grades /autograder/submission."""
+    archive = build_zip(tmp_path / "build")
+    root = tmp_path / "autograder"
+    with zipfile.ZipFile(archive) as zf:
+        names = zf.namelist()
+        assert "setup.sh" in names and "run_autograder" in names and not any(n.startswith("solutions/") for n in names)
+        zf.extractall(root / "source")
+    assert subprocess.run(["bash", "-n", str(root / "source" / "setup.sh")]).returncode == 0, "setup.sh is valid bash"
+    (root / "source" / ".venv").symlink_to(REPO / ".venv")  # what setup.sh would install
+    (root / "submission").mkdir()
+    for relative in student_files():  # Gradescope uploads are often loose files
+        shutil.copyfile(REPO / "solutions" / relative, root / "submission" / Path(relative).name)
+    proc = subprocess.run(["bash", str(root / "source" / "run_autograder")], env={**os.environ, "AUTOGRADER_ROOT": str(root)},
+                          capture_output=True, text=True)  # fmt: skip
+    results = json.loads((root / "results" / "results.json").read_text())
+    assert results["score"] == total_points(), proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert {"score", "execution_time", "tests", "output"} <= set(results)
+    assert all({"name", "score", "max_score", "status", "output", "visibility"} <= set(t) for t in results["tests"])
+
+
+def run(cmd: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ, **env})
+
+
+def test_handout_has_no_answers_and_only_working_targets(built_handout):
+    """The handout drops solutions/; its README and Makefile offer only what works without it."""
+    assert not (built_handout / "solutions").exists() and not (built_handout / ".ci").exists()
+    readme = (built_handout / "README.md").read_text()
+    assert "solutions/" not in readme and "make test" not in readme and "<!-- instructor" not in readme
+    targets = run(["make", "help"], built_handout).stdout
+    for target in ("grade", "demo", "notebooks", "bench", "lint"):
+        assert f"make {target} " in targets, f"make {target} is missing from the handout's make help"
+    for target in ("test", "stubs", "mutants", "handout", "gradescope", "stress"):
+        assert f"make {target} " not in targets, (
+            f"make {target} needs solutions/ and must not be offered in the handout"
+        )
+    for command in [line.split("`")[1] for line in readme.splitlines() if line.startswith("| `make ")]:
+        name = command.split()[1]
+        assert f"make {name} " in targets, f"the handout README documents {command!r}, which its Makefile lacks"
+
+
+def test_handout_grade_demo_and_pytest_commands(built_handout):
+    """In the handout: make grade scores the stubs 0 (exit 1), make demo names the missing exercises, pytest runs."""
+    graded = run(["make", "grade"], built_handout)
+    results = json.loads((built_handout / "runs" / "grade" / "results.json").read_text())
+    assert graded.returncode != 0 and results["score"] == 0 and results["tests"], graded.stdout[-2000:]
+    demo = run(["make", "demo"], built_handout)
+    assert demo.returncode != 0 and "still stubs" in demo.stdout + demo.stderr, (
+        demo.stdout[-2000:] + demo.stderr[-2000:]
+    )
+    assert "Traceback" not in demo.stdout + demo.stderr, "make demo on stubs must explain, not crash"
+    basic = run([PYTHON, "-m", "pytest", "-q", "testcases/basic_test.py", "--ex", "1.1"], built_handout)
+    assert basic.returncode != 0 and "not attempted" in basic.stdout, basic.stdout[-2000:]
+    reference = run([PYTHON, "-m", "pytest", "-q", "testcases/basic_test.py", "--impl", "solutions"], built_handout)
+    assert reference.returncode != 0 and "no solutions/" in reference.stdout + reference.stderr, reference.stdout[
+        -1500:
+    ]
+
+
+def test_syntax_of_every_tool_is_python():
+    """Every file under solutions/ parses (a catalogue with a typo would only fail later)."""
+    for path in (REPO / "solutions").rglob("*.py"):
+        ast.parse(path.read_text(), str(path))

@@ -1,0 +1,260 @@
+"""Mutants and equivalents: the grader tested in both directions.
+
+A *mutant* is the reference with one mistake students make (solutions/mutants/stage<N>.py): the
+graded tests must catch it. An *equivalent* is a correct implementation written differently
+(solutions/equivalents/stage<N>.py): it must keep full marks. Both are ``Variant``s: the
+reference with exact text replacements, or with one solution block's body replaced.
+
+    python -m solutions.tools.variants                 everything (two worker processes)
+    python -m solutions.tools.variants --mutants       only the mutants (or --equivalents)
+    python -m solutions.tools.variants NAME [NAME]     only these
+    python -m solutions.tools.variants --list          the catalogues
+
+The reference runs first on every graded test; if it fails anything the run stops (a mutant can
+only be "caught" by a suite the reference passes). A mutant meets the tests of its exercise and of
+every exercise that runs its code (testcases/manifest.py ``dependents``), stopping at the first
+failure, which is printed so you can see which test caught it. An equivalent must pass every test
+of its own exercise alone; then all equivalents of a student file together must pass every test
+that runs that file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+from testcases.manifest import REPO, STAGES, dependents, stage_of, student_files, student_modules
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str  # short id, e.g. "b_random_init"
+    exercise: str  # the exercise whose code it changes, e.g. "1.1"
+    description: str  # the mistake (a mutant) or what is written differently (an equivalent)
+    replace: tuple[tuple[str, str], ...] = ()  # exact (old, new) replacements, each old found once
+    block: str | None = None  # "1.2: the LoRA forward": the BEGIN SOLUTION marker whose body is replaced...
+    code: str = ""  # ...by this code (dedented; indented like the block)
+
+    @property
+    def file(self) -> str:
+        return stage_of(self.exercise).student_file
+
+    def apply(self, source: str) -> str:
+        for old, new in self.replace:
+            count = source.count(old)
+            if count != 1:
+                raise ValueError(f"{self.name}: {old!r} occurs {count} times in {self.file}, expected once")
+            source = source.replace(old, new)
+        if self.block is not None:
+            source = replace_block(source, self.block, self.code, self.name)
+        return source
+
+
+def replace_block(source: str, block: str, code: str, name: str) -> str:
+    lines = source.splitlines(keepends=True)
+    marker = f"# BEGIN SOLUTION {block}"
+    starts = [i for i, line in enumerate(lines) if line.strip() == marker]
+    if len(starts) != 1:
+        raise ValueError(f"{name}: the marker {marker!r} occurs {len(starts)} times, expected once")
+    start = starts[0]
+    end = next(i for i in range(start + 1, len(lines)) if lines[i].strip() == "# END SOLUTION")
+    indent = lines[start][: len(lines[start]) - len(lines[start].lstrip())]
+    body = textwrap.indent(textwrap.dedent(code).strip("\n") + "\n", indent)
+    return "".join(lines[: start + 1]) + body + "".join(lines[end:])
+
+
+def catalogue(kind: str) -> list[Variant]:
+    """Every stage's mutants or equivalents (``solutions/<kind>/stage<N>.py``), in course order."""
+    found: list[Variant] = []
+    for stage in STAGES:
+        path = stage.mutants if kind == "mutants" else stage.equivalents
+        module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+        found.extend(getattr(module, kind.upper()))
+    return found
+
+
+def check(variant: Variant) -> str:
+    """The variant's source, after checking it applies, compiles and changes the code (not just text)."""
+    original = (REPO / "solutions" / variant.file).read_text()
+    changed = variant.apply(original)
+    if ast.dump(ast.parse(changed)) == ast.dump(ast.parse(original)):
+        raise ValueError(f"{variant.name}: changes nothing but comments or layout")
+    return changed
+
+
+# ---- running the suites -------------------------------------------------------------------------
+
+
+class _Recorder:
+    """A pytest plugin that remembers the first failing test and whether everything passed."""
+
+    def __init__(self) -> None:
+        self.failed: list[str] = []
+        self.collection_error: list[str] = []
+
+    def pytest_collectreport(self, report) -> None:
+        if report.failed:
+            self.collection_error = str(report.longrepr).strip().splitlines()[-1:]
+
+    def pytest_runtest_logreport(self, report) -> None:
+        if report.failed:
+            message = str(report.longrepr).strip().splitlines()
+            self.failed.append(f"{report.nodeid.split('::', 1)[-1]}: {message[-1][:110] if message else ''}")
+
+
+def run_suite(files: dict[str, str], selection: list[str], stop_first: bool) -> tuple[int, _Recorder]:
+    """Run the graded tests of ``selection`` in this process on the given student files (path -> text)."""
+    import pytest
+
+    from model import _impl
+
+    with tempfile.TemporaryDirectory(prefix="variant-") as tmp:
+        for relative in student_files():
+            target = Path(tmp) / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(files.get(relative) or (REPO / "solutions" / relative).read_text())
+        for module in student_modules():
+            sys.modules.pop(module, None)
+        _impl._broken.clear()
+        recorder = _Recorder()
+        args = ["-q", "--no-header", "-p", "no:nbmake", "-W", "ignore", "--impl", tmp, "--ex", ",".join(selection)]
+        args += ["-x"] if stop_first else []
+        args += ["testcases/basic_test.py", "testcases/advanced_test.py"]
+        with open(os.devnull, "w") as devnull:
+            stdout, sys.stdout = sys.stdout, devnull
+            try:
+                code = pytest.main(args, plugins=[recorder])
+            finally:
+                sys.stdout = stdout
+    return code, recorder
+
+
+def selection_for(exercise: str) -> list[str]:
+    chosen = {exercise} | dependents(exercise)
+    return [e.id for s in STAGES for e in s.exercises if e.id in chosen]
+
+
+def run_mutant(mutant: Variant) -> tuple[bool, str]:
+    import pytest
+
+    code, recorder = run_suite({mutant.file: check(mutant)}, selection_for(mutant.exercise), stop_first=True)
+    if code == pytest.ExitCode.TESTS_FAILED and recorder.failed:
+        first = recorder.failed[0]
+        if "NameError" in first or "SyntaxError" in first:
+            return False, f"the mutant itself is broken, fix it: {first}"
+        return True, first
+    if code == pytest.ExitCode.OK:
+        return False, "every graded test passed"
+    return False, f"pytest exited with {code!r} {recorder.collection_error}"
+
+
+def run_equivalent(equivalent: Variant) -> tuple[bool, str]:
+    import pytest
+
+    code, recorder = run_suite({equivalent.file: check(equivalent)}, [equivalent.exercise], stop_first=False)
+    if code == pytest.ExitCode.OK:
+        return True, f"full marks on {equivalent.exercise}"
+    return False, "; ".join(recorder.failed[:3]) or f"pytest exited with {code!r} {recorder.collection_error}"
+
+
+def run_combined(file: str, equivalents: list[Variant]) -> tuple[bool, str]:
+    """All equivalents of one student file at once, on every test that runs the file."""
+    import pytest
+
+    text = (REPO / "solutions" / file).read_text()
+    for variant in equivalents:
+        text = variant.apply(text)
+    exercises = {v.exercise for v in equivalents}
+    chosen = sorted({d for ex in exercises for d in selection_for(ex)}, key=lambda e: tuple(map(int, e.split("."))))
+    code, recorder = run_suite({file: text}, chosen, stop_first=False)
+    if code == pytest.ExitCode.OK:
+        return True, f"full marks on {','.join(chosen)}"
+    return False, "; ".join(recorder.failed[:3]) or f"pytest exited with {code!r}"
+
+
+def worker(names: list[str]) -> int:
+    """Run the named variants (``combined:<file>`` for a file's equivalents together); 1 if any went wrong."""
+    mutants = {m.name: m for m in catalogue("mutants")}
+    equivalents = {e.name: e for e in catalogue("equivalents")}
+    bad = 0
+    for name in names:
+        if name == "reference":
+            import pytest
+
+            code, recorder = run_suite({}, [e.id for s in STAGES for e in s.exercises], stop_first=False)
+            ok = code == pytest.ExitCode.OK
+            detail = "passes every graded test" if ok else "; ".join(recorder.failed[:5])
+            print(f"{'ok      ' if ok else 'FAILED  '} {'the reference':<38} {detail}", flush=True)
+        elif name.startswith("combined:"):
+            file = name.split(":", 1)[1]
+            ok, detail = run_combined(file, [e for e in equivalents.values() if e.file == file])
+            print(f"{'ok      ' if ok else 'LOST    '} {'all equivalents of ' + file:<38} {detail}", flush=True)
+        elif name in mutants:
+            ok, detail = run_mutant(mutants[name])
+            print(f"{'caught  ' if ok else 'SURVIVED'} {name:<38} {detail}", flush=True)
+        else:
+            ok, detail = run_equivalent(equivalents[name])
+            print(f"{'ok      ' if ok else 'LOST    '} {name:<38} {detail}", flush=True)
+        bad += not ok
+    return 1 if bad else 0
+
+
+def run_workers(shards: list[list[str]]) -> bool:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two workers × two threads on two cores spin against each other
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "solutions.tools.variants", "--worker", *shard], cwd=REPO, env=env)
+        for shard in shards
+        if shard
+    ]
+    return all(proc.wait() == 0 for proc in procs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Mutants must be caught; equivalents must keep full marks.")
+    parser.add_argument("names", nargs="*", help="run only these variants")
+    parser.add_argument("--mutants", action="store_true", help="only the mutants")
+    parser.add_argument("--equivalents", action="store_true", help="only the equivalents")
+    parser.add_argument("--list", action="store_true", help="print the catalogues and exit")
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker(args.names)
+    mutants, equivalents = catalogue("mutants"), catalogue("equivalents")
+    if args.list:
+        for kind, variants in (("mutant", mutants), ("equivalent", equivalents)):
+            for v in variants:
+                print(f"{kind:<11}{v.exercise:<5}{v.name:<38}{v.description}")
+        return 0
+    known = {v.name for v in mutants + equivalents}
+    if unknown := set(args.names) - known:
+        print(f"unknown variants: {sorted(unknown)}")
+        return 2
+    chosen_m = [] if args.equivalents else [m.name for m in mutants if not args.names or m.name in args.names]
+    chosen_e = [] if args.mutants else [e.name for e in equivalents if not args.names or e.name in args.names]
+    for variant in [*mutants, *equivalents]:  # a drifted anchor is a broken catalogue: say so up front
+        if variant.name in chosen_m + chosen_e:
+            check(variant)
+    print("== the reference on every graded test", flush=True)
+    if not run_workers([["reference"]]):
+        print("the reference fails a graded test: fix that first (mutants cannot be judged against a failing suite)")
+        return 1
+    names = chosen_m + chosen_e
+    if chosen_e and not args.names:
+        names += [f"combined:{f}" for f in student_files() if any(e.file == f for e in equivalents)]
+    print(f"== {len(chosen_m)} mutants, {len(chosen_e)} equivalents", flush=True)
+    ok = run_workers([names[i :: args.jobs] for i in range(args.jobs)])
+    print(f"{len(names)} variants run; " + ("all as expected" if ok else "SOME WENT WRONG (see above)"))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
