@@ -106,7 +106,6 @@ def pytest_configure(config: pytest.Config) -> None:
     helpers.SEED_OFFSET = config.getoption("--seed")
     config.stash[BOOK] = Gradebook()
     config.stash[EVENTS] = Events(config.getoption("--report-fd"))
-    config.pluginmanager.register(StopAfterTimeout(), "grading-stop-after-timeout")
     if config.getoption("--report-fd") is not None:  # the grader prints; keep the child quiet
         config.option.verbose = -1
 
@@ -254,26 +253,15 @@ def _torch_state():
 STOPPED = pytest.StashKey[dict]()  # exercise -> why its remaining tests are not run
 
 
-class StopAfterTimeout:
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
     """After a test of an exercise times out, its remaining tests are not run (one budget per exercise)."""
+    stopped = item.config.stash.setdefault(STOPPED, {})
+    if is_graded(item) and (ex := exercise_of(item)[0]) in stopped:
+        pytest.skip(f"{NOT_RUN_PREFIX}{stopped[ex]}")
 
-    @pytest.hookimpl(tryfirst=True)
-    def pytest_runtest_protocol(self, item: pytest.Item, nextitem):
-        stopped = item.config.stash.setdefault(STOPPED, {})
-        ex, weight = exercise_of(item) if is_graded(item) else (None, 1.0)
-        if ex not in stopped:
-            return None
-        why = f"not run: {stopped[ex]}"
-        outcome = Outcome(item.nodeid, item.originalname, ex, weight, NOT_RUN, why)
-        item.config.stash[BOOK].add(outcome)
-        events = item.config.stash[EVENTS]
-        events.emit("start", nodeid=item.nodeid)
-        events.emit("end", outcome=outcome.to_json())
-        item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
-        report = pytest.TestReport(item.nodeid, item.location, {}, "skipped", ("", 0, why), "call")
-        item.ihook.pytest_runtest_logreport(report=report)
-        item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
-        return True
+
+NOT_RUN_PREFIX = "not run: "
 
 
 @pytest.hookimpl(wrapper=True)
@@ -323,7 +311,8 @@ def classify(item: pytest.Item, call: pytest.CallInfo, report: pytest.TestReport
     outcome = Outcome(item.nodeid, item.originalname, ex, status=PASSED)
     if report.skipped:
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-        outcome.status, outcome.message = SKIPPED, reason.removeprefix("Skipped: ")
+        reason = reason.removeprefix("Skipped: ")
+        outcome.status, outcome.message = (NOT_RUN if reason.startswith(NOT_RUN_PREFIX) else SKIPPED), reason
         return outcome
     if not report.failed or call.excinfo is None:
         if report.failed:

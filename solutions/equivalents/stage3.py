@@ -65,6 +65,17 @@ EQUIVALENTS = [
         ),
     ),
     Variant(
+        "mean_accumulated_in_order",
+        "3.5",
+        "The offset accumulated one value after another in float32 (cumsum), a different order than torch.mean.",
+        (
+            (
+                "    offset = absmax.float().mean()\n",
+                "    offset = torch.cumsum(absmax.float(), dim=0)[-1] / absmax.numel()\n",
+            ),
+        ),
+    ),
+    Variant(
         "mean_as_sum_over_count",
         "3.5",
         "The offset as sum / count in float64, rounded to float32 (another order than torch.mean).",
