@@ -59,6 +59,7 @@ def check_finite(x: torch.Tensor, name: str = "x") -> None:
 
 
 def check_block_size(block_size: int, name: str = "block_size") -> None:
+    """Raise a ValueError unless ``block_size`` is an int >= 1."""
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"{name} must be an int >= 1, got {block_size!r}")
 
@@ -109,7 +110,7 @@ def quantize_tensor(
         x_quant: uint8, same shape as x; scale: float32 (n_blocks,); zero_point: int32 (n_blocks,).
     """
     raise NotImplementedError(
-        "Exercise 3.1: min/max per block, scale, zero point, rounding — see tutorial/03-quantization.md"
+        "Exercise 3.1: min/max per block, scale, zero point, rounding (use check_finite, to_blocks, from_blocks) — see tutorial/03-quantization.md"
     )
 
 
@@ -117,7 +118,9 @@ def dequantize_tensor(
     x_quant: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, block_size: int | None = None
 ) -> torch.Tensor:
     """x̂ = (q − zero_point) · scale, block by block; float32 of x_quant's shape."""
-    raise NotImplementedError("Exercise 3.1: undo the affine map — see tutorial/03-quantization.md")
+    raise NotImplementedError(
+        "Exercise 3.1: undo the affine map (use to_blocks, from_blocks) — see tutorial/03-quantization.md"
+    )
 
 
 # ---- Exercise 3.2: absmax (symmetric) quantization -------------------------------------------
@@ -135,7 +138,9 @@ def absmax_quantize(
 
     Returns: q int8 of x's shape; scale float32 (n_blocks,).
     """
-    raise NotImplementedError("Exercise 3.2: absmax per block, symmetric rounding — see tutorial/03-quantization.md")
+    raise NotImplementedError(
+        "Exercise 3.2: absmax per block, symmetric rounding (use check_finite, to_blocks, from_blocks) — see tutorial/03-quantization.md"
+    )
 
 
 def absmax_dequantize(q: torch.Tensor, scale: torch.Tensor, block_size: int | None = None) -> torch.Tensor:
@@ -193,7 +198,7 @@ def nearest_code(values: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """Two 4-bit codes per byte, the even-indexed code in the HIGH nibble (bitsandbytes' order).
+    """Given (the worked neighbour of pack_nibbles): two 4-bit codes per byte, even index in the HIGH nibble.
 
     packed: uint8 (ceil(numel / 2),) -> codes: uint8 (numel,). This is the inverse of
     ``pack_nibbles``: read it to see the layout you must write.
@@ -225,7 +230,7 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, block_size: int) -> 
     its reciprocal is taken as 0, so every element maps to the level nearest 0.
     """
     raise NotImplementedError(
-        "Exercise 3.4: absmax, multiply by the reciprocal, nearest code — see tutorial/03-quantization.md"
+        "Exercise 3.4: absmax, multiply by the reciprocal, nearest code (use block_absmax, nearest_code) — see tutorial/03-quantization.md"
     )
 
 
@@ -247,7 +252,7 @@ def quantize_nf4(x: torch.Tensor, block_size: int = 64) -> tuple[torch.Tensor, t
     and 2 absmax values.
     """
     raise NotImplementedError(
-        "Exercise 3.4: quantize with the NF4 code book, then pack — see tutorial/03-quantization.md"
+        "Exercise 3.4: quantize with the NF4 code book, then pack (use cached_code_book, quantize_blockwise, pack_nibbles) — see tutorial/03-quantization.md"
     )
 
 
@@ -263,7 +268,7 @@ def dequantize_nf4(
     Returns a tensor of ``shape`` and ``dtype`` (computed in float32, then cast).
     """
     raise NotImplementedError(
-        "Exercise 3.4: look up both nibbles of each byte, scale, reshape — see tutorial/03-quantization.md"
+        "Exercise 3.4: unpack, look up, scale, reshape (use unpack_nibbles, dequantize_blockwise) — see tutorial/03-quantization.md"
     )
 
 
@@ -299,7 +304,7 @@ def dynamic_code_book() -> torch.Tensor:
 
 @functools.cache
 def cached_code_book(name: str, device: torch.device | str = "cpu") -> torch.Tensor:
-    """``nf4_code_book()`` or ``dynamic_code_book()`` on ``device``, built once per process.
+    """Given: ``nf4_code_book()`` or ``dynamic_code_book()`` on ``device``, built once per process.
 
     Dequantization runs in every forward pass of every NF4 layer; rebuilding a code book each
     time would cost more than the dequantization itself. Do not modify the returned tensor.
@@ -320,7 +325,7 @@ def double_quantize(absmax: torch.Tensor, block_size: int = 256) -> tuple[torch.
     Returns: codes uint8 (n,), scale float32 (ceil(n / block_size),), offset float32 ().
     """
     raise NotImplementedError(
-        "Exercise 3.5: subtract the mean, quantize to 8 bits in blocks of 256 — see tutorial/03-quantization.md"
+        "Exercise 3.5: subtract the mean, quantize to 8 bits in blocks (use quantize_blockwise, cached_code_book) — see tutorial/03-quantization.md"
     )
 
 
@@ -389,7 +394,7 @@ class NF4Linear(nn.Module):
     ) -> NF4Linear:
         """Quantize an ``nn.Linear`` (its weight in fp32/fp16/bf16); compute_dtype defaults to the weight's dtype."""
         raise NotImplementedError(
-            "Exercise 3.6: quantize the weight, (double-)quantize absmax, keep the bias — see tutorial/03-quantization.md"
+            "Exercise 3.6: quantize the weight, (double-)quantize absmax, keep the bias (use quantize_nf4, double_quantize) — see tutorial/03-quantization.md"
         )
 
     def dequantized_absmax(self) -> torch.Tensor:
@@ -432,5 +437,5 @@ def fake_quantize(x: torch.Tensor, num_bits: int = 8, block_size: int | None = N
     Same dtype and shape as x.
     """
     raise NotImplementedError(
-        "Exercise 3.7: quantize-dequantize, straight-through gradient — see tutorial/03-quantization.md"
+        "Exercise 3.7: quantize-dequantize, straight-through gradient (use quantize_tensor, dequantize_tensor) — see tutorial/03-quantization.md"
     )

@@ -87,7 +87,7 @@ def expect_tensor(
 ) -> None:
     """Type, shape, then dtype: checked before any value is computed from ``actual``."""
     __tracebackhide__ = True
-    hint = f"\nLikely cause: {hint}" if hint else ""
+    hint = f"\nHint: {hint}" if hint else ""
     if not isinstance(actual, torch.Tensor):
         raise AssertionError(f"{what}: expected a tensor of shape {shape}, got {type(actual).__name__}{hint}")
     if tuple(actual.shape) != tuple(shape):
@@ -103,12 +103,14 @@ def assert_close(
     *,
     bound: torch.Tensor | float,
     hint: str = "",
+    cause: str = "",
     dtype: torch.dtype | None = None,
 ) -> None:
     """Shape (and ``dtype`` if given), then every |actual − expected| ≤ bound.
 
     On a mismatch the message names ``what``, how many elements differ, the worst one (index,
-    expected, got, allowed) and ``hint``, and nothing else.
+    expected, got, allowed), then ``cause`` ("Likely cause": only what the output itself shows,
+    see helpers.diagnose) or else ``hint`` (the rule the check holds the code to), and nothing else.
     """
     __tracebackhide__ = True
     expect_tensor(actual, tuple(expected.shape), what, hint, dtype)
@@ -122,7 +124,7 @@ def assert_close(
         )
         worst = int(excess.flatten().argmax())
         index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), a.shape)) if a.dim() else ()
-        hint = f"\nLikely cause: {hint}" if hint else ""
+        hint = f"\nLikely cause: {cause}" if cause else f"\nHint: {hint}" if hint else ""
         raise AssertionError(
             f"{what}: {int(bad.sum())} of {a.numel()} values are wrong; worst at index {index}: "
             f"expected {e.flatten()[worst].item():.6g}, got {a.flatten()[worst].item():.6g} "

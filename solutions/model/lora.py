@@ -54,6 +54,85 @@ PEFT_KEY_PREFIX = "base_model.model."
 INIT_METHODS = ("kaiming", "gaussian")
 
 
+# ---- Given: helpers the exercises call ------------------------------------------------------
+
+
+def check_lora_args(
+    in_features: int, out_features: int, r: int, lora_alpha: float, lora_dropout: float, init: str
+) -> None:
+    """Given: raise a ValueError that names the bad argument and the allowed values."""
+    for name, value in (("in_features", in_features), ("out_features", out_features)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"r must be an int >= 1 (the rank of the update), got {r!r}")
+    if not (isinstance(lora_alpha, (int, float)) and math.isfinite(lora_alpha) and lora_alpha > 0):
+        raise ValueError(f"lora_alpha must be a finite number > 0, got {lora_alpha!r}")
+    if not (isinstance(lora_dropout, (int, float)) and 0 <= lora_dropout < 1):
+        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+    if init not in INIT_METHODS:
+        raise ValueError(f"init_lora_weights must be one of {INIT_METHODS}, got {init!r}")
+
+
+def adapter_placement(base_layer: nn.Module) -> dict[str, object]:
+    """Given: where A and B live: ``{"device": ..., "dtype": ...}`` for ``torch.empty``.
+
+    The base layer's device (its first parameter or buffer). Its dtype if that is float32 or
+    float64; otherwise (a half-precision or a 4-bit base) float32: trainable adapters keep fp32
+    master weights, as PEFT's ``autocast_adapter_dtype`` does.
+    """
+    for tensor in [*base_layer.parameters(), *base_layer.buffers()]:
+        dtype = tensor.dtype if tensor.dtype in (torch.float32, torch.float64) else torch.float32
+        return {"device": tensor.device, "dtype": dtype}
+    return {"device": torch.device("cpu"), "dtype": torch.float32}
+
+
+def adds_in_place_safely(base_layer: nn.Module) -> bool:
+    """Given: may the forward add LoRA's term into the base layer's output in place?
+
+    Only for bases known to return a fresh tensor that their backward does not need: a plain
+    ``nn.Linear``, or a layer that says so with ``output_is_fresh = True`` (``NF4Linear``). An
+    identity-like base returns its input (adding in place would overwrite the caller's x); others
+    may save their output for backward. Everything else takes the out-of-place sum.
+    """
+    return type(base_layer) is nn.Linear or getattr(base_layer, "output_is_fresh", False) is True
+
+
+def mergeable_weight(base_layer: nn.Module) -> torch.Tensor:
+    """Given: the base layer's weight, if it is a plain ``nn.Linear`` that ΔW can be added to (else a TypeError)."""
+    if not isinstance(base_layer, nn.Linear):
+        raise TypeError(
+            f"merge() adds ΔW to an nn.Linear weight, but the base layer is a {type(base_layer).__name__}. "
+            "Merge into a full-precision copy instead (a 4-bit base: training.qlora_trainer.merge_and_export)."
+        )
+    return base_layer.weight
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """Given: an ``nn.Linear``, or a layer that acts like one (``NF4Linear``): LoRA can wrap it."""
+    if isinstance(module, LoRALayer):
+        return False
+    return isinstance(module, nn.Linear) or all(
+        isinstance(getattr(module, name, None), int) for name in ("in_features", "out_features")
+    )
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
+    """Given: (module path, layer) for every LoRALayer in ``model``, in ``named_modules`` order."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALayer):
+            yield name, module
+
+
+def matches_target(module_path: str, target: str) -> bool:
+    """Given: True if ``target`` names the module at ``module_path`` by its last component(s).
+
+    "q_proj" matches "layers.0.self_attn.q_proj"; "self_attn.q_proj" matches it too;
+    "proj" does not (whole components only, as in PEFT).
+    """
+    return module_path == target or module_path.endswith("." + target)
+
+
 # ---- Exercise 1.1: the LoRA layer -----------------------------------------------------------
 
 
@@ -101,8 +180,8 @@ class LoRALayer(nn.Module):
         base_layer: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        # BEGIN SOLUTION 1.1: check the arguments, freeze the base layer, create lora_A and lora_B
-        _check_lora_args(in_features, out_features, r, lora_alpha, lora_dropout, init_lora_weights)
+        # BEGIN SOLUTION 1.1: check the arguments, freeze the base, create A and B (use check_lora_args, adapter_placement)
+        check_lora_args(in_features, out_features, r, lora_alpha, lora_dropout, init_lora_weights)
         if base_layer is None:
             base_layer = nn.Linear(in_features, out_features)
         for param in base_layer.parameters():
@@ -199,10 +278,10 @@ class LoRALayer(nn.Module):
         After merging, ``forward`` runs the base layer only, so inference costs nothing extra.
         Exact up to rounding: unmerge() restores W0 to within one rounding step.
         """
-        # BEGIN SOLUTION 1.3: add the update to the base weight once
+        # BEGIN SOLUTION 1.3: add the update to the base weight once (use mergeable_weight)
         if self.merged:
             return
-        weight = _mergeable_weight(self.base_layer)
+        weight = mergeable_weight(self.base_layer)
         with torch.no_grad():
             weight += self.delta_weight().to(weight.dtype)
         self.merged = True
@@ -210,10 +289,10 @@ class LoRALayer(nn.Module):
 
     def unmerge(self) -> None:
         """Undo ``merge``: W0 ← W0 − ΔW. Safe to call twice; a no-op when not merged."""
-        # BEGIN SOLUTION 1.3: subtract the update once
+        # BEGIN SOLUTION 1.3: subtract the update once (use mergeable_weight)
         if not self.merged:
             return
-        weight = _mergeable_weight(self.base_layer)
+        weight = mergeable_weight(self.base_layer)
         with torch.no_grad():
             weight -= self.delta_weight().to(weight.dtype)
         self.merged = False
@@ -223,83 +302,7 @@ class LoRALayer(nn.Module):
         return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, merged={self.merged}"
 
 
-def _check_lora_args(
-    in_features: int, out_features: int, r: int, lora_alpha: float, lora_dropout: float, init: str
-) -> None:
-    """Raise a ValueError that names the bad argument and the allowed values."""
-    for name, value in (("in_features", in_features), ("out_features", out_features)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"r must be an int >= 1 (the rank of the update), got {r!r}")
-    if not (isinstance(lora_alpha, (int, float)) and math.isfinite(lora_alpha) and lora_alpha > 0):
-        raise ValueError(f"lora_alpha must be a finite number > 0, got {lora_alpha!r}")
-    if not (isinstance(lora_dropout, (int, float)) and 0 <= lora_dropout < 1):
-        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
-    if init not in INIT_METHODS:
-        raise ValueError(f"init_lora_weights must be one of {INIT_METHODS}, got {init!r}")
-
-
-def adapter_placement(base_layer: nn.Module) -> dict[str, object]:
-    """Given: where A and B live: ``{"device": ..., "dtype": ...}`` for ``torch.empty``.
-
-    The base layer's device (its first parameter or buffer). Its dtype if that is float32 or
-    float64; otherwise (a half-precision or a 4-bit base) float32: trainable adapters keep fp32
-    master weights, as PEFT's ``autocast_adapter_dtype`` does.
-    """
-    for tensor in [*base_layer.parameters(), *base_layer.buffers()]:
-        dtype = tensor.dtype if tensor.dtype in (torch.float32, torch.float64) else torch.float32
-        return {"device": tensor.device, "dtype": dtype}
-    return {"device": torch.device("cpu"), "dtype": torch.float32}
-
-
-def adds_in_place_safely(base_layer: nn.Module) -> bool:
-    """Given: may the forward add LoRA's term into the base layer's output in place?
-
-    Only for bases known to return a fresh tensor that their backward does not need: a plain
-    ``nn.Linear``, or a layer that says so with ``output_is_fresh = True`` (``NF4Linear``). An
-    identity-like base returns its input (adding in place would overwrite the caller's x); others
-    may save their output for backward. Everything else takes the out-of-place sum.
-    """
-    return type(base_layer) is nn.Linear or getattr(base_layer, "output_is_fresh", False) is True
-
-
-def _mergeable_weight(base_layer: nn.Module) -> torch.Tensor:
-    """The base layer's weight, if it is a plain ``nn.Linear`` that ΔW can be added to."""
-    if not isinstance(base_layer, nn.Linear):
-        raise TypeError(
-            f"merge() adds ΔW to an nn.Linear weight, but the base layer is a {type(base_layer).__name__}. "
-            "Merge into a full-precision copy instead (a 4-bit base: training.qlora_trainer.merge_and_export)."
-        )
-    return base_layer.weight
-
-
-def is_linear_like(module: nn.Module) -> bool:
-    """An ``nn.Linear``, or a layer that acts like one (``NF4Linear``): LoRA can wrap it."""
-    if isinstance(module, LoRALayer):
-        return False
-    return isinstance(module, nn.Linear) or all(
-        isinstance(getattr(module, name, None), int) for name in ("in_features", "out_features")
-    )
-
-
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
-    """(module path, layer) for every LoRALayer in ``model``, in ``named_modules`` order."""
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALayer):
-            yield name, module
-
-
 # ---- Exercise 2.1: LoRA in a model ------------------------------------------------------------
-
-
-def matches_target(module_path: str, target: str) -> bool:
-    """True if ``target`` names the module at ``module_path`` by its last component(s).
-
-    "q_proj" matches "layers.0.self_attn.q_proj"; "self_attn.q_proj" matches it too;
-    "proj" does not (whole components only, as in PEFT).
-    """
-    return module_path == target or module_path.endswith("." + target)
 
 
 def get_lora_model(
@@ -326,7 +329,7 @@ def get_lora_model(
             names matches nothing); a matched module is not an ``nn.Linear``; a matched module
             is already wrapped.
     """
-    # BEGIN SOLUTION 2.1: find the targets, check them all, then wrap them and freeze the rest
+    # BEGIN SOLUTION 2.1: find the targets, check them all, then wrap them and freeze the rest (use matches_target, is_linear_like)
     explicit = target_modules is not None
     targets = [target_modules] if isinstance(target_modules, str) else list(target_modules or DEFAULT_TARGET_MODULES)
     if not targets:
@@ -417,7 +420,7 @@ def print_trainable_parameters(model: nn.Module) -> str:
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Merge every LoRALayer (``merge`` on each; safe to call twice). Returns the model."""
-    # BEGIN SOLUTION 2.3: merge each layer
+    # BEGIN SOLUTION 2.3: merge each layer (use lora_layers)
     for _, layer in lora_layers(model):
         layer.merge()
     return model

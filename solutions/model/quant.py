@@ -59,6 +59,7 @@ def check_finite(x: torch.Tensor, name: str = "x") -> None:
 
 
 def check_block_size(block_size: int, name: str = "block_size") -> None:
+    """Raise a ValueError unless ``block_size`` is an int >= 1."""
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"{name} must be an int >= 1, got {block_size!r}")
 
@@ -108,7 +109,7 @@ def quantize_tensor(
     Returns:
         x_quant: uint8, same shape as x; scale: float32 (n_blocks,); zero_point: int32 (n_blocks,).
     """
-    # BEGIN SOLUTION 3.1: min/max per block, scale, zero point, rounding
+    # BEGIN SOLUTION 3.1: min/max per block, scale, zero point, rounding (use check_finite, to_blocks, from_blocks)
     if isinstance(num_bits, bool) or not isinstance(num_bits, int) or not 2 <= num_bits <= 8:
         raise ValueError(f"num_bits must be an int from 2 to 8, got {num_bits!r}")
     check_finite(x)
@@ -131,7 +132,7 @@ def dequantize_tensor(
     x_quant: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, block_size: int | None = None
 ) -> torch.Tensor:
     """x̂ = (q − zero_point) · scale, block by block; float32 of x_quant's shape."""
-    # BEGIN SOLUTION 3.1: undo the affine map
+    # BEGIN SOLUTION 3.1: undo the affine map (use to_blocks, from_blocks)
     block_size = x_quant.numel() if block_size is None else block_size
     check_block_size(block_size)
     blocks = to_blocks(x_quant, block_size).float()  # (n_blocks, block_size)
@@ -160,7 +161,7 @@ def absmax_quantize(
 
     Returns: q int8 of x's shape; scale float32 (n_blocks,).
     """
-    # BEGIN SOLUTION 3.2: absmax per block, symmetric rounding
+    # BEGIN SOLUTION 3.2: absmax per block, symmetric rounding (use check_finite, to_blocks, from_blocks)
     if isinstance(num_bits, bool) or not isinstance(num_bits, int) or not 2 <= num_bits <= 8:
         raise ValueError(f"num_bits must be an int from 2 to 8, got {num_bits!r}")
     check_finite(x)
@@ -256,7 +257,7 @@ def nearest_code(values: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """Two 4-bit codes per byte, the even-indexed code in the HIGH nibble (bitsandbytes' order).
+    """Given (the worked neighbour of pack_nibbles): two 4-bit codes per byte, even index in the HIGH nibble.
 
     packed: uint8 (ceil(numel / 2),) -> codes: uint8 (numel,). This is the inverse of
     ``pack_nibbles``: read it to see the layout you must write.
@@ -293,7 +294,7 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, block_size: int) -> 
     [−1, 1]; code index = nearest level, ties to the lower. An all-zero block has absmax 0:
     its reciprocal is taken as 0, so every element maps to the level nearest 0.
     """
-    # BEGIN SOLUTION 3.4: absmax, multiply by the reciprocal, nearest code
+    # BEGIN SOLUTION 3.4: absmax, multiply by the reciprocal, nearest code (use block_absmax, nearest_code)
     check_finite(x)
     check_block_size(block_size)
     absmax = block_absmax(x, block_size)  # (n_blocks,)
@@ -331,7 +332,7 @@ def quantize_nf4(x: torch.Tensor, block_size: int = 64) -> tuple[torch.Tensor, t
     Example: a (7, 13) weight has 91 elements → 2 blocks of 64 (the second holds 27) → 46 bytes
     and 2 absmax values.
     """
-    # BEGIN SOLUTION 3.4: quantize with the NF4 code book, then pack
+    # BEGIN SOLUTION 3.4: quantize with the NF4 code book, then pack (use cached_code_book, quantize_blockwise, pack_nibbles)
     code = cached_code_book("nf4", x.device)
     codes, absmax = quantize_blockwise(x, code, block_size)
     return pack_nibbles(codes, pad=int(nearest_code(torch.zeros(1, device=x.device), code))), absmax
@@ -349,7 +350,7 @@ def dequantize_nf4(
 
     Returns a tensor of ``shape`` and ``dtype`` (computed in float32, then cast).
     """
-    # BEGIN SOLUTION 3.4: look up both nibbles of each byte, scale, reshape
+    # BEGIN SOLUTION 3.4: unpack, look up, scale, reshape (use unpack_nibbles, dequantize_blockwise)
     numel = math.prod(shape)
     if packed.dtype != torch.uint8 or packed.numel() != (numel + 1) // 2:
         raise ValueError(
@@ -393,7 +394,7 @@ def dynamic_code_book() -> torch.Tensor:
 
 @functools.cache
 def cached_code_book(name: str, device: torch.device | str = "cpu") -> torch.Tensor:
-    """``nf4_code_book()`` or ``dynamic_code_book()`` on ``device``, built once per process.
+    """Given: ``nf4_code_book()`` or ``dynamic_code_book()`` on ``device``, built once per process.
 
     Dequantization runs in every forward pass of every NF4 layer; rebuilding a code book each
     time would cost more than the dequantization itself. Do not modify the returned tensor.
@@ -413,7 +414,7 @@ def double_quantize(absmax: torch.Tensor, block_size: int = 256) -> tuple[torch.
 
     Returns: codes uint8 (n,), scale float32 (ceil(n / block_size),), offset float32 ().
     """
-    # BEGIN SOLUTION 3.5: subtract the mean, quantize to 8 bits in blocks of 256
+    # BEGIN SOLUTION 3.5: subtract the mean, quantize to 8 bits in blocks (use quantize_blockwise, cached_code_book)
     check_finite(absmax, "absmax")
     offset = absmax.float().mean()
     codes, scale = quantize_blockwise(absmax.float() - offset, cached_code_book("dynamic", absmax.device), block_size)
@@ -491,7 +492,7 @@ class NF4Linear(nn.Module):
         compute_dtype: torch.dtype | None = None,
     ) -> NF4Linear:
         """Quantize an ``nn.Linear`` (its weight in fp32/fp16/bf16); compute_dtype defaults to the weight's dtype."""
-        # BEGIN SOLUTION 3.6: quantize the weight, (double-)quantize absmax, keep the bias
+        # BEGIN SOLUTION 3.6: quantize the weight, (double-)quantize absmax, keep the bias (use quantize_nf4, double_quantize)
         weight = linear.weight.detach()
         layer = cls(
             linear.in_features,
@@ -528,7 +529,9 @@ class NF4Linear(nn.Module):
         """The weight Ŵ, (out_features, in_features), in ``dtype`` (default: compute_dtype)."""
         # BEGIN SOLUTION 3.6: dequantize_nf4 with this layer's constants
         shape = (self.out_features, self.in_features)
-        return dequantize_nf4(self.packed, self.dequantized_absmax(), shape, self.block_size, dtype or self.compute_dtype)
+        return dequantize_nf4(
+            self.packed, self.dequantized_absmax(), shape, self.block_size, dtype or self.compute_dtype
+        )
         # END SOLUTION
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -564,7 +567,7 @@ def fake_quantize(x: torch.Tensor, num_bits: int = 8, block_size: int | None = N
     Written as ``x + (x̂ − x).detach()``: the value is x̂, the graph is the identity.
     Same dtype and shape as x.
     """
-    # BEGIN SOLUTION 3.7: quantize-dequantize, straight-through gradient
+    # BEGIN SOLUTION 3.7: quantize-dequantize, straight-through gradient (use quantize_tensor, dequantize_tensor)
     q, scale, zero_point = quantize_tensor(x.detach(), num_bits, block_size)
     x_hat = dequantize_tensor(q, scale, zero_point, block_size).to(x.dtype)
     return x + (x_hat - x).detach()

@@ -90,10 +90,23 @@ def quoted_points(page: str, text: str) -> list[str]:
             problems.append(
                 f"{page}: stage {stage.number} quotes {m.group(2)} points, the manifest says {stage.points}"
             )
+    counts = catalogue_counts()
+    for pattern, key in ((r"holds (\d+) mistakes students make", "mutants"), (r"holds (\d+) correct implementations", "equivalents"),
+                         (r"proves it on (\d+) submissions", "hostile")):  # fmt: skip
+        for m in re.finditer(pattern, text):
+            if int(m.group(1)) != counts[key]:
+                problems.append(f"{page}: quotes {m.group(1)} {key}, the catalogue has {counts[key]}")
     for m in re.finditer(r"(\d+) points in all", text):
         if int(m.group(1)) != total_points():
             problems.append(f"{page}: quotes {m.group(1)} points in all, the manifest says {total_points()}")
     return problems
+
+
+def catalogue_counts() -> dict[str, int]:
+    from solutions.hostile.cases import CASES
+    from solutions.tools.variants import catalogue
+
+    return {"mutants": len(catalogue("mutants")), "equivalents": len(catalogue("equivalents")), "hostile": len(CASES)}
 
 
 def sync(write: bool) -> list[str]:

@@ -60,10 +60,10 @@ class Variant:
 
 def replace_block(source: str, block: str, code: str, name: str) -> str:
     lines = source.splitlines(keepends=True)
-    marker = f"# BEGIN SOLUTION {block}"
-    starts = [i for i, line in enumerate(lines) if line.strip() == marker]
+    marker = f"# BEGIN SOLUTION {block}"  # the marker's text up to the end, or a prefix of it that is unique
+    starts = [i for i, line in enumerate(lines) if line.strip().startswith(marker)]
     if len(starts) != 1:
-        raise ValueError(f"{name}: the marker {marker!r} occurs {len(starts)} times, expected once")
+        raise ValueError(f"{name}: a marker starting {marker!r} occurs {len(starts)} times, expected once")
     start = starts[0]
     end = next(i for i in range(start + 1, len(lines)) if lines[i].strip() == "# END SOLUTION")
     indent = lines[start][: len(lines[start]) - len(lines[start].lstrip())]

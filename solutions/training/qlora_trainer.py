@@ -234,6 +234,8 @@ class QLoRATrainer:
     scaler (a GradScaler, enabled for fp16 only, on any device), step, skipped_steps (non-finite steps), history.
     """
 
+    # ---- Given: construction, data, precision, the training loop, evaluation, outputs ----------
+
     def __init__(
         self,
         model: nn.Module,
@@ -276,47 +278,12 @@ class QLoRATrainer:
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
-    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        """One optimizer step over ``micro_batches``; returns the mean loss (NaN if skipped).
-
-        Each micro-batch's loss is divided by their number before backward, so the summed
-        gradient is the gradient of the mean loss (k micro-batches of b = one batch of k·b).
-        Order: backward (scaled) → unscale → finite check (skip and count) → clip → step →
-        scheduler → zero_grad.
-        """
-        # BEGIN SOLUTION 4.3: accumulate, unscale, check, clip, step
-        self.model.train()
-        k, total = len(micro_batches), 0.0
-        for input_ids, labels in micro_batches:
-            with self.autocast():
-                logits = self.model(input_ids)  # (B, T, V)
-            loss = lm_loss(logits, labels) / k  # fp32
-            self.scaler.scale(loss).backward()
-            total += loss.item()
-        self.scaler.unscale_(self.optimizer)  # gradients now in true units (no-op unless fp16)
-        params = self.trainable_parameters()
-        finite = math.isfinite(total) and all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
-        if not finite:
-            self.skipped_steps += 1
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.update()  # fp16: lowers the scale; otherwise a no-op
-            with warnings.catch_warnings():  # the schedule counts attempted steps, skipped ones too
-                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
-                self.scheduler.step()
-            self.step += 1
-            return float("nan")
-        if self.config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        return total
-        # END SOLUTION
-
     def train(self, steps: int | None = None) -> dict[str, float]:
-        """Run ``steps`` more optimizer steps (default: until ``config.max_steps``)."""
+        """Run ``steps`` more optimizer steps (default: until ``config.max_steps``).
+
+        Each step appends {"step", "loss", "lr", "tokens_per_s"} to ``history``; "lr" is the rate
+        after the step's scheduler update, i.e. the one the next step uses (as HF's Trainer logs it).
+        """
         config = self.config
         stop = config.max_steps if steps is None else min(config.max_steps, self.step + steps)
         tokens_per_step = config.batch_size * config.gradient_accumulation_steps * self.train_data["input_ids"].shape[1]
@@ -357,6 +324,55 @@ class QLoRATrainer:
         with self.autocast():
             accuracy = exact_match_accuracy(self.model, data)
         return {"eval_loss": loss, "accuracy": accuracy}
+
+    def save_adapter(self) -> Path:
+        """The adapter alone, in PEFT's format, under output_dir/adapter."""
+        return save_lora(self.model, self.output_dir / "adapter")
+
+    def save_loss_curve(self, path: str | Path | None = None) -> Path:
+        """A PNG of the training loss per optimizer step."""
+        return plot_loss_curves({"loss": self.history}, path or self.output_dir / "loss_curve.png")
+
+    # ---- Exercise 4.3 (continued): one optimizer step, and checkpoints that resume exactly --------
+
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """One optimizer step over ``micro_batches``; returns the mean loss (NaN if skipped).
+
+        Each micro-batch's loss is divided by their number before backward, so the summed
+        gradient is the gradient of the mean loss (k micro-batches of b = one batch of k·b).
+        Order: backward (scaled) → unscale → finite check (skip and count) → clip → step →
+        scheduler → zero_grad.
+        """
+        # BEGIN SOLUTION 4.3: accumulate, unscale, check, clip, step
+        self.model.train()
+        k, total = len(micro_batches), 0.0
+        for input_ids, labels in micro_batches:
+            with self.autocast():
+                logits = self.model(input_ids)  # (B, T, V)
+            loss = lm_loss(logits, labels) / k  # fp32
+            self.scaler.scale(loss).backward()
+            total += loss.item()
+        self.scaler.unscale_(self.optimizer)  # gradients now in true units (no-op unless fp16)
+        params = self.trainable_parameters()
+        finite = math.isfinite(total) and all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
+        if not finite:
+            self.skipped_steps += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.update()  # fp16: lowers the scale; otherwise a no-op
+            with warnings.catch_warnings():  # the schedule counts attempted steps, skipped ones too
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+                self.scheduler.step()
+            self.step += 1
+            return float("nan")
+        if self.config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return total
+        # END SOLUTION
 
     def save_checkpoint(self, path: str | Path) -> Path:
         """Write everything a resumed run needs to ``path``, atomically (temp file, then rename).
@@ -405,14 +421,6 @@ class QLoRATrainer:
         self.step, self.skipped_steps = state["step"], state["skipped_steps"]
         self.history = list(state["history"])
         # END SOLUTION
-
-    def save_adapter(self) -> Path:
-        """The adapter alone, in PEFT's format, under output_dir/adapter."""
-        return save_lora(self.model, self.output_dir / "adapter")
-
-    def save_loss_curve(self, path: str | Path | None = None) -> Path:
-        """A PNG of the training loss per optimizer step."""
-        return plot_loss_curves({"loss": self.history}, path or self.output_dir / "loss_curve.png")
 
 
 def plot_loss_curves(histories: dict[str, list[dict[str, float]]], path: str | Path) -> Path:

@@ -134,7 +134,8 @@ def test_forward_matches_the_formula(lora):
         "the base layer's output is missing (only the LoRA branch is returned)": lora_formula(x64, 0 * W, 0 * b, A, B),
         "the LoRA branch is missing (only the base layer runs)": lora_formula(x64, W, b, A, 0 * B),
     }, bound=ref.bound)  # fmt: skip
-    assert_close(out, ref.value, "LoRALayer(x)", bound=ref.bound, hint=cause, dtype=torch.float32)
+    assert_close(out, ref.value, "LoRALayer(x)", bound=ref.bound, cause=cause, dtype=torch.float32,
+                 hint="h = W0 x + b + (lora_alpha / r) · B (A x), with A (r, in) and B (out, r)")  # fmt: skip
 
 
 @pytest.mark.exercise("1.2")
