@@ -28,7 +28,7 @@ INSTRUCTOR := $(wildcard solutions/tools/variants.py)
 .PHONY: help setup grade demo notebooks bench lint format pretrain clean
 
 help: ## list the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+	@awk -F':.*## ' -v all=$(if $(INSTRUCTOR),1,0) '/^ifneq / && !all {exit} /^[a-z-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' Makefile
 	@echo "  variables: IMPL=student|solutions|DIR  EX=1.2  RESULTS=path  PRECISION=bf16$(if $(INSTRUCTOR),  SEEDS=10  FORCE=1)"
 
 setup: $(STAMP) ## create .venv and install requirements.txt (done automatically)
