@@ -31,6 +31,8 @@ Paper: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", 2021,
 https://arxiv.org/abs/2106.09685
 """
 
+# ruff: noqa: F401, F841  (a generated stub: imports and names the solution uses look unused here)
+
 from __future__ import annotations
 
 import json

@@ -13,7 +13,8 @@ Paths follow from the stage number and the entry's fields:
     tests             testcases/stage<N>/basic.py, testcases/stage<N>/advanced.py
     mutants           solutions/mutants/stage<N>.py
     equivalents       solutions/equivalents/stage<N>.py
-    lesson, notebook  as given in the entry
+    lesson            tutorial/<NN>-<name>.md
+    notebook          notebooks/<NN>_<name>.ipynb
 
 This module imports nothing heavy (no torch): the grader's scoring process reads it.
 """
@@ -36,14 +37,23 @@ class Exercise:
     needs: tuple[str, ...] = ()  # exercises whose code this one's tests run (direct dependencies)
 
 
+def _path(template: str) -> property:
+    """A path that follows from the stage's number and name (see the table in the module docstring)."""
+    return property(lambda s: template.format(n=s.number, name=s.name, snake=s.name.replace("-", "_")))
+
+
 @dataclass(frozen=True)
 class Stage:
     number: int
+    name: str  # the slug of its lesson and notebook: tutorial/01-<name>.md, notebooks/01_<name>.ipynb
     title: str
-    student_file: str  # the file the student writes, relative to the repository root
-    lesson: str  # tutorial page
-    notebook: str  # the stage's notebook
+    student_file: str  # the file the student writes, relative to the repository root (stages may share one)
     exercises: tuple[Exercise, ...] = field(default_factory=tuple)
+
+    lesson = _path("tutorial/{n:02d}-{name}.md")
+    notebook = _path("notebooks/{n:02d}_{snake}.ipynb")
+    mutants = _path("solutions/mutants/stage{n}.py")
+    equivalents = _path("solutions/equivalents/stage{n}.py")
 
     @property
     def tests(self) -> tuple[str, str]:
@@ -51,74 +61,43 @@ class Stage:
         return (f"testcases/stage{self.number}/basic.py", f"testcases/stage{self.number}/advanced.py")
 
     @property
-    def mutants(self) -> str:
-        return f"solutions/mutants/stage{self.number}.py"
-
-    @property
-    def equivalents(self) -> str:
-        return f"solutions/equivalents/stage{self.number}.py"
-
-    @property
     def points(self) -> int:
         return sum(e.points for e in self.exercises)
 
 
+LORA_LAYER = (
+    Exercise("1.1", "LoRALayer: arguments, frozen base, init of A and B", 8),
+    Exercise("1.2", "LoRALayer.forward", 8, needs=("1.1",)),
+    Exercise("1.3", "delta_weight, merge, unmerge", 8, needs=("1.1", "1.2")),
+)
+LORA_IN_A_MODEL = (
+    Exercise("2.1", "get_lora_model, mark_only_lora_as_trainable", 10, needs=("1.1", "1.2")),
+    Exercise("2.2", "count_parameters, print_trainable_parameters", 4, needs=("2.1",)),
+    Exercise("2.3", "merge_lora, unmerge_lora, merge_and_unload", 6, needs=("1.3", "2.1")),
+    Exercise("2.4", "save_lora, load_lora in PEFT's format", 8, needs=("2.1",)),
+)
+QUANTIZATION = (
+    Exercise("3.1", "uniform (affine) quantization", 5),
+    Exercise("3.2", "absmax quantization, per tensor and per block", 5),
+    Exercise("3.3", "the NF4 and FP4 code books", 4),
+    Exercise("3.4", "NF4 blockwise quantization", 10, needs=("3.3",)),
+    Exercise("3.5", "double quantization", 6, needs=("3.4",)),
+    Exercise("3.6", "NF4Linear", 8, needs=("3.4", "3.5")),
+    Exercise("3.7", "fake quantization with a straight-through estimator", 4, needs=("3.1",)),
+)
+QLORA_TRAINING = (
+    Exercise("4.1", "TrainConfig checks", 4),
+    Exercise("4.2", "prepare_qlora_model", 8, needs=("4.1", "2.1", "3.6")),
+    Exercise("4.3", "the mixed-precision trainer", 14, needs=("4.2",)),
+    Exercise("4.4", "merge_and_export", 4, needs=("4.2", "2.3")),
+    Exercise("4.5", "estimate_memory", 4, needs=("3.5",)),
+)
+
 STAGES: tuple[Stage, ...] = (
-    Stage(
-        1,
-        "The LoRA layer",
-        "model/lora.py",
-        "tutorial/01-lora-layer.md",
-        "notebooks/01_lora_layer.ipynb",
-        (
-            Exercise("1.1", "LoRALayer: arguments, frozen base, init of A and B", 8),
-            Exercise("1.2", "LoRALayer.forward", 8, needs=("1.1",)),
-            Exercise("1.3", "delta_weight, merge, unmerge", 8, needs=("1.1", "1.2")),
-        ),
-    ),
-    Stage(
-        2,
-        "LoRA in a model",
-        "model/lora.py",
-        "tutorial/02-lora-in-a-model.md",
-        "notebooks/02_lora_in_a_model.ipynb",
-        (
-            Exercise("2.1", "get_lora_model, mark_only_lora_as_trainable", 10, needs=("1.1", "1.2")),
-            Exercise("2.2", "count_parameters, print_trainable_parameters", 4, needs=("2.1",)),
-            Exercise("2.3", "merge_lora, unmerge_lora, merge_and_unload", 6, needs=("1.3", "2.1")),
-            Exercise("2.4", "save_lora, load_lora in PEFT's format", 8, needs=("2.1",)),
-        ),
-    ),
-    Stage(
-        3,
-        "Quantization: from int8 to NF4",
-        "model/quant.py",
-        "tutorial/03-quantization.md",
-        "notebooks/03_quantization.ipynb",
-        (
-            Exercise("3.1", "uniform (affine) quantization", 5),
-            Exercise("3.2", "absmax quantization, per tensor and per block", 5),
-            Exercise("3.3", "the NF4 and FP4 code books", 4),
-            Exercise("3.4", "NF4 blockwise quantization", 10, needs=("3.3",)),
-            Exercise("3.5", "double quantization", 6, needs=("3.4",)),
-            Exercise("3.6", "NF4Linear", 8, needs=("3.4", "3.5")),
-            Exercise("3.7", "fake quantization with a straight-through estimator", 4, needs=("3.1",)),
-        ),
-    ),
-    Stage(
-        4,
-        "QLoRA training",
-        "training/qlora_trainer.py",
-        "tutorial/04-qlora-training.md",
-        "notebooks/04_qlora_training.ipynb",
-        (
-            Exercise("4.1", "TrainConfig checks", 4),
-            Exercise("4.2", "prepare_qlora_model", 8, needs=("4.1", "2.1", "3.6")),
-            Exercise("4.3", "the mixed-precision trainer", 14, needs=("4.2",)),
-            Exercise("4.4", "merge_and_export", 4, needs=("4.2", "2.3")),
-            Exercise("4.5", "estimate_memory", 4, needs=("3.5",)),
-        ),
-    ),
+    Stage(1, "lora-layer", "The LoRA layer", "model/lora.py", LORA_LAYER),
+    Stage(2, "lora-in-a-model", "LoRA in a model", "model/lora.py", LORA_IN_A_MODEL),
+    Stage(3, "quantization", "Quantization: from int8 to NF4", "model/quant.py", QUANTIZATION),
+    Stage(4, "qlora-training", "QLoRA training", "training/qlora_trainer.py", QLORA_TRAINING),
 )
 
 # The stub the generator writes for a solution block: `raise NotImplementedError("Exercise 1.2: ...")`.

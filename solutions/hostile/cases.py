@@ -30,8 +30,12 @@ class Hostile:
 
 
 LORA = "model/lora.py"
-# Stage 3 must keep full marks whatever model/lora.py does.
+# Stage 3 must keep full marks whatever model/lora.py does; a file that cannot run costs Stage 1 everything.
 STAGE3_FULL = {"3.1": 5, "3.2": 5, "3.3": 4, "3.4": 10, "3.5": 6, "3.6": 8, "3.7": 4}
+LORA_LOST = {"1.1": 0, "1.2": 0, "1.3": 0, **STAGE3_FULL}
+# Tampering must neither earn nor cost points: Stage 1 scores what the same files score without it.
+AS_TWIN = {"1.1": "twin", "1.2": "twin", "1.3": "twin"}
+WRONG = "scaling_alpha_not_alpha_over_r"  # a wrong answer to defend: its honest score is below full marks
 
 FIND_RESULTS = """
 def _scorer_results_path():
@@ -75,45 +79,45 @@ CASES = [
         "Importing model/lora.py sleeps for an hour.",
         LORA,
         append="import time\n\ntime.sleep(3600)\n",
-        expect={"1.1": 0, "1.2": 0, "1.3": 0, **STAGE3_FULL},
+        expect=LORA_LOST,
     ),
     Hostile(
         "sys_exit_at_import",
         "Importing model/lora.py calls sys.exit(0).",
         LORA,
         append="import sys\n\nsys.exit(0)\n",
-        expect={"1.1": 0, "1.2": 0, "1.3": 0, **STAGE3_FULL},
+        expect=LORA_LOST,
     ),
     Hostile(
         "os_exit_at_import",
         "Importing model/lora.py calls os._exit(0): the process vanishes.",
         LORA,
         append="import os\n\nos._exit(0)\n",
-        expect={"1.1": 0, "1.2": 0, "1.3": 0, **STAGE3_FULL},
+        expect=LORA_LOST,
     ),
     Hostile(
         "kill_the_parent",
         "Importing model/lora.py kills its parent process.",
         LORA,
         append="import os\nimport signal\n\nos.kill(os.getppid(), signal.SIGKILL)\n",
-        expect={"1.1": "twin", "1.2": "twin", "1.3": "twin", **STAGE3_FULL},
+        expect={**AS_TWIN, **STAGE3_FULL},
     ),
     Hostile(
         "patch_torch_checks",
         "A wrong forward, and torch.isclose/allclose/equal patched at import to always agree.",
         LORA,
-        base_mutant="scaling_alpha_not_alpha_over_r",
+        base_mutant=WRONG,
         append=(
             "import torch as _torch\n\n_torch.isclose = lambda a, b, *args, **kw: _torch.ones_like(a, dtype=_torch.bool)\n"
             "_torch.allclose = lambda *args, **kw: True\n_torch.equal = lambda *args, **kw: True\n"
         ),
-        expect={"1.1": "twin", "1.2": "twin", "1.3": "twin"},
+        expect=AS_TWIN,
     ),
     Hostile(
         "patch_test_helpers",
         "A wrong forward, and the tests' comparison helpers replaced through sys.modules.",
         LORA,
-        base_mutant="scaling_alpha_not_alpha_over_r",
+        base_mutant=WRONG,
         append=(
             "import sys as _sys\n\nfor _name, _module in list(_sys.modules.items()):\n"
             "    if _name.startswith('testcases') and hasattr(_module, 'assert_close'):\n"
@@ -121,13 +125,13 @@ CASES = [
             "    if _name.startswith('testcases') and hasattr(_module, 'expect_tensor'):\n"
             "        _module.expect_tensor = lambda *args, **kw: None\n"
         ),
-        expect={"1.1": "twin", "1.2": "twin", "1.3": "twin"},
+        expect=AS_TWIN,
     ),
     Hostile(
         "patch_during_a_test",
         "A wrong forward that replaces torch.isclose whenever it runs.",
         LORA,
-        base_mutant="scaling_alpha_not_alpha_over_r",
+        base_mutant=WRONG,
         replace=(
             (
                 "        result = self.base_layer(x)  # (..., out)\n",
@@ -141,23 +145,23 @@ CASES = [
         "write_results_json",
         "A wrong forward that overwrites the grader's results.json with full marks at import.",
         LORA,
-        base_mutant="scaling_alpha_not_alpha_over_r",
+        base_mutant=WRONG,
         append=FIND_RESULTS + "\n_forge()\n",
-        expect={"1.1": "twin", "1.2": "twin", "1.3": "twin"},
+        expect=AS_TWIN,
     ),
     Hostile(
         "write_results_json_at_exit",
         "The same forgery from an atexit handler, as the test process ends.",
         LORA,
-        base_mutant="scaling_alpha_not_alpha_over_r",
+        base_mutant=WRONG,
         append=FIND_RESULTS + "\nimport atexit\n\natexit.register(_forge)\n",
-        expect={"1.1": "twin", "1.2": "twin", "1.3": "twin"},
+        expect=AS_TWIN,
     ),
     Hostile(
         "daemon_writes_later",
         "A forked daemon that forges results.json after the grader has finished.",
         LORA,
-        base_mutant="scaling_alpha_not_alpha_over_r",
+        base_mutant=WRONG,
         append=FIND_RESULTS
         + (
             "\nimport os as _os\nimport time as _time\n\n"
@@ -165,7 +169,7 @@ CASES = [
             "        _time.sleep(6)\n        if _path:\n            open(_path, 'w').write('{\"score\": 128.0, \"tests\": []}')\n"
             "        _os._exit(0)\n    _os._exit(0)\n"
         ),
-        expect={"1.1": "twin", "1.2": "twin", "1.3": "twin"},
+        expect=AS_TWIN,
     ),
     Hostile(
         "torch_global_state",
@@ -175,7 +179,7 @@ CASES = [
             "import torch as _torch\n\n_torch.set_default_dtype(_torch.float64)\n_torch.set_grad_enabled(False)\n"
             "_torch.set_num_threads(1)\n_torch.manual_seed(7)\n"
         ),
-        expect={"1.1": "twin", "1.2": "twin", "1.3": "twin"},
+        expect=AS_TWIN,
     ),
     Hostile(
         "allocate_20_gb",

@@ -78,14 +78,13 @@ MUTANTS = [
         "dropout_on_output",
         "1.2",
         "Dropout applied to the LoRA output instead of its input.",
-        block="1.2: the LoRA forward",
-        code="""
-            result = self.base_layer(x)
-            if self.merged:
-                return result
-            update = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
-            return result + self.scaling * self.lora_dropout(update).to(result.dtype)
-            """,
+        (
+            ("x = self.lora_dropout(x).to(self.lora_A.dtype)", "x = x.to(self.lora_A.dtype)"),
+            (
+                "        z = F.linear(x, self.lora_A)  # (..., r)\n",
+                "        return result + self.scaling * self.lora_dropout(F.linear(F.linear(x, self.lora_A), self.lora_B))\n",
+            ),
+        ),
     ),
     Variant(
         "dropout_without_rescaling",
@@ -108,14 +107,12 @@ MUTANTS = [
         "forms_delta_in_forward",
         "1.2",
         "The forward forms ΔW = B @ A on every call (the lesson says never).",
-        block="1.2: the LoRA forward",
-        code="""
-            result = self.base_layer(x)
-            if self.merged:
-                return result
-            x = self.lora_dropout(x).to(self.lora_A.dtype)
-            return result + F.linear(x, self.delta_weight()).to(result.dtype)
-            """,
+        (
+            (
+                "        z = F.linear(x, self.lora_A)  # (..., r)\n",
+                "        return result + F.linear(x, self.delta_weight()).to(result.dtype)\n",
+            ),
+        ),
     ),
     Variant(
         "adds_in_place_into_any_base",

@@ -64,7 +64,18 @@ def make_stub(reference: str, source: str = "reference") -> str:
             raise ValueError(f"{source}:{number}: BEGIN SOLUTION inside the block opened at line {block}")
     if block is not None:
         raise ValueError(f"{source}:{block}: BEGIN SOLUTION without END SOLUTION")
-    return "".join(out)
+    return with_lint_waiver("".join(out))
+
+
+LINT_WAIVER = "# ruff: noqa: F401, F841  (a generated stub: imports and names the solution uses look unused here)\n"
+
+
+def with_lint_waiver(stub: str) -> str:
+    """The stub with a file-level ruff waiver after its module docstring (no per-file list to keep in step)."""
+    if not stub.startswith('"""') or stub.count('"""') < 2:
+        return LINT_WAIVER + stub
+    end = stub.index('"""', 3) + 3
+    return stub[:end] + "\n\n" + LINT_WAIVER.rstrip("\n") + stub[end:]
 
 
 def filled_in(current: str, stub: str) -> list[str]:

@@ -39,10 +39,10 @@ REFERENCE = '''def f(x):
 
 def test_make_stub_replaces_the_block():
     stub = make_stub(REFERENCE)
-    assert stub == (
+    assert stub.endswith(
         'def f(x):\n    """Doc."""\n'
         '    raise NotImplementedError("Exercise 1.2: double it — see tutorial/01-lora-layer.md")\n'
-    )
+    ) and stub.startswith("# ruff: noqa")
     solved = REFERENCE.replace("# BEGIN SOLUTION 1.2: double it\n", "").replace("# END SOLUTION\n", "")
     assert filled_in(solved, stub) == ["1.2"] and filled_in(stub, stub) == []
 

@@ -174,40 +174,25 @@ def test_gradient_of_A_is_zero_at_init(lora):
 
 
 @pytest.mark.exercise("1.2")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_forward_keeps_a_low_precision_input_dtype(lora, dtype):
-    """A half-precision base and input give a half-precision output; A and B stay fp32."""
-    layer = lora.LoRALayer(IN, OUT, r=R, lora_alpha=ALPHA)
-    randomize_lora(layer)
-    layer.base_layer.to(dtype)  # a half-precision base; LoRA stays fp32
-    x = torch.randn(3, IN).to(dtype)
-    out = layer(x)
-    expect_tensor(out, (3, OUT), f"{dtype} forward")
-    assert out.dtype == dtype, f"input {dtype} must give output {dtype}, got {out.dtype} (cast the LoRA result back)"
-    # The base runs in `dtype` (a reduction over IN in its precision), A and B may be rounded to it,
-    # the LoRA term is cast and added: IN + R + 6 roundings of the half-precision unit at most.
-    ref = reference(lora_formula, x, layer.base_layer.weight, layer.base_layer.bias, layer.lora_A, layer.lora_B,
-                    dtype=dtype, steps=IN + R + 6)  # fmt: skip
-    assert_close(out, ref.value, f"{dtype} forward", bound=ref.bound,
-                 hint="compute the LoRA branch, then cast it to the base output's dtype")  # fmt: skip
-
-
-@pytest.mark.exercise("1.2")
-def test_forward_under_bf16_autocast(lora, device):
-    """Under bf16 autocast the output is bf16, the formula holds to bf16 rounding, and A, B stay fp32."""
+@pytest.mark.parametrize("route", ["bf16 base", "fp16 base", "bf16 autocast"])
+def test_forward_in_half_precision(lora, device, route):
+    """A bf16/fp16 base or bf16 autocast gives a half-precision output within its rounding; A and B stay fp32."""
     layer = lora.LoRALayer(IN, OUT, r=R, lora_alpha=ALPHA).to(device)
     randomize_lora(layer)
+    dtype = torch.float16 if route.startswith("fp16") else torch.bfloat16
     x = torch.randn(3, IN, device=device)
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+    if route.endswith("base"):
+        layer.base_layer.to(dtype)  # a half-precision base; LoRA stays fp32
+        x = x.to(dtype)
+    with torch.autocast(device_type=device.type, dtype=dtype, enabled=route.endswith("autocast")):
         out = layer(x)
-    expect_tensor(out, (3, OUT), "bf16 autocast forward")
-    assert out.dtype == torch.bfloat16, f"under bf16 autocast the output is bf16, got {out.dtype}"
+    expect_tensor(out, (3, OUT), f"forward with a {route}")
+    assert out.dtype == dtype, f"{route}: the output must be {dtype}, got {out.dtype} (cast the LoRA term to it)"
     assert layer.lora_A.dtype == torch.float32, "the trainable LoRA weights stay fp32 (autocast casts copies)"
-    # Inputs rounded to bf16 (2 per product), reductions over IN and R, casts and the add: IN + R + 6.
-    ref = reference(lora_formula, x, layer.base_layer.weight, layer.base_layer.bias, layer.lora_A, layer.lora_B,
-                    dtype=torch.bfloat16, steps=IN + R + 6)  # fmt: skip
-    assert_close(out, ref.value, "bf16 autocast forward", bound=ref.bound,
-                 hint="in-place ops are not autocast-eligible: cast the LoRA term to the output's dtype")  # fmt: skip
+    ref = formula_reference(layer, x, dtype=dtype, steps=IN + R + 6)  # the inputs are rounded to `dtype` too
+    assert_close(out, ref.value, f"forward with a {route}", bound=ref.bound,
+                 hint="compute the LoRA term, then cast it to the base output's dtype: in-place ops are not "
+                      "autocast-eligible, so a fused add needs explicit casts")  # fmt: skip
 
 
 @pytest.mark.exercise("1.2")

@@ -18,10 +18,13 @@ def lora_formula(x, W, b, A, B, scaling=ALPHA / R):
     return x @ W.T + b + scaling * ((x @ A.T) @ B.T)
 
 
-def formula_reference(layer, x, dtype=torch.float32):
-    """The exact LoRA output and its rounding bound (steps: a reduction over IN, then over R, then 4 more)."""
+def formula_reference(layer, x, dtype=torch.float32, steps=IN + R + 4):
+    """The exact LoRA output and its rounding bound (steps: a reduction over IN, then over R, then 4 more).
+
+    In half precision (a half-precision base, or autocast) the inputs are rounded too and the LoRA term
+    is cast before the add: IN + R + 6 roundings of that dtype's unit at most."""
     W, b, A, B = layer.base_layer.weight, layer.base_layer.bias, layer.lora_A, layer.lora_B
-    return reference(lora_formula, x, W, b, A, B, dtype=dtype, steps=IN + R + 4)
+    return reference(lora_formula, x, W, b, A, B, dtype=dtype, steps=steps)
 
 
 # ---- Exercise 1.1: the LoRA layer -----------------------------------------------------------

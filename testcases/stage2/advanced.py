@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from testcases.helpers import assert_unchanged, copy_of, generator, observe, randomize_lora, snapshot, word
-from testcases.stage2.basic import wrapped_paths
+from testcases.stage2.basic import with_trained_adapters, wrapped_paths
 from testcases.tolerances import assert_network_close
 
 # ---- Exercise 2.1: LoRA in a model -----------------------------------------------------------
@@ -199,9 +199,7 @@ def test_print_trainable_parameters_returns_the_line(lora, capsys):
 @pytest.mark.exercise("2.3")
 def test_merge_lora_twice_is_safe(lora, tiny_model64, token_ids):
     """merge_lora called twice merges once: the logits stay the same."""
-    lora.get_lora_model(tiny_model64, r=2)
-    randomize_lora(tiny_model64, std=0.2)
-    expected = tiny_model64(token_ids).detach()
+    expected = with_trained_adapters(lora, tiny_model64, token_ids)
     lora.merge_lora(tiny_model64)
     lora.merge_lora(tiny_model64)
     assert_network_close(tiny_model64(token_ids), expected, "logits after merge_lora twice", "merge must be idempotent")
@@ -210,9 +208,7 @@ def test_merge_lora_twice_is_safe(lora, tiny_model64, token_ids):
 @pytest.mark.exercise("2.3")
 def test_merge_and_unload_leaves_only_plain_linear_layers(lora, tiny_model64, token_ids):
     """After merge_and_unload no parameter is named lora_* or base_layer.*; q_proj is an nn.Linear again."""
-    lora.get_lora_model(tiny_model64, r=2)
-    randomize_lora(tiny_model64, std=0.2)
-    expected = tiny_model64(token_ids).detach()
+    expected = with_trained_adapters(lora, tiny_model64, token_ids)
     plain = lora.merge_and_unload(tiny_model64)
     names = [name for name, _ in plain.named_parameters()]
     leftovers = [n for n in names if "lora" in n or "base_layer" in n]
@@ -263,27 +259,19 @@ def test_load_lora_into_a_model_that_already_has_lora(lora, tiny_model64, token_
 
 
 @pytest.mark.exercise("2.4")
-def test_load_lora_rejects_a_wrong_rank(lora, tiny_model, tmp_path):
-    """An adapter of rank 2 into LoRA layers of rank 4: ValueError naming r, model untouched."""
+@pytest.mark.parametrize(
+    "saved, existing, argument",
+    [({"r": 2}, {"r": 4}, "r"), ({"r": 2, "lora_alpha": 4}, {"r": 2, "lora_alpha": 16}, "lora_alpha")],
+)
+def test_load_lora_rejects_another_rank_or_alpha(lora, tiny_model, tmp_path, saved, existing, argument):
+    """An adapter of another rank, or another lora_alpha (another scaling): ValueError naming it, model untouched."""
     target = copy_of(tiny_model)
-    saved_adapter(lora, tiny_model, tmp_path, r=2)
-    lora.get_lora_model(target, r=4)
+    saved_adapter(lora, tiny_model, tmp_path, **saved)
+    lora.get_lora_model(target, **existing)
     before = snapshot(target)
-    with pytest.raises(ValueError, match=word("r")):
+    with pytest.raises(ValueError, match=word(argument)):
         lora.load_lora(target, tmp_path)
-    assert_unchanged(target, before, "load_lora with the wrong rank")
-
-
-@pytest.mark.exercise("2.4")
-def test_load_lora_rejects_a_different_alpha(lora, tiny_model, tmp_path):
-    """A different lora_alpha means a different scaling: ValueError naming lora_alpha, model untouched."""
-    target = copy_of(tiny_model)
-    saved_adapter(lora, tiny_model, tmp_path, r=2, lora_alpha=4)
-    lora.get_lora_model(target, r=2, lora_alpha=16)
-    before = snapshot(target)
-    with pytest.raises(ValueError, match=word("lora_alpha")):
-        lora.load_lora(target, tmp_path)
-    assert_unchanged(target, before, "load_lora with a different lora_alpha (a different scaling)")
+    assert_unchanged(target, before, f"load_lora with another {argument}")
 
 
 @pytest.mark.exercise("2.4")

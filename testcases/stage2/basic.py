@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from torch import nn
 
 from testcases.helpers import copy_of, randomize_lora
@@ -19,6 +20,13 @@ ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 def wrapped_paths(lora, model) -> list[str]:
     return sorted(name for name, m in model.named_modules() if isinstance(m, lora.LoRALayer))
+
+
+def with_trained_adapters(lora, model, token_ids, **kwargs) -> torch.Tensor:
+    """get_lora_model(model, r=2, **kwargs) with random adapters (as if trained); returns the logits to keep."""
+    lora.get_lora_model(model, **{"r": 2, **kwargs})
+    randomize_lora(model, std=0.2)
+    return model(token_ids).detach()
 
 
 # ---- Exercise 2.1: LoRA in a model -----------------------------------------------------------
@@ -108,9 +116,7 @@ def test_print_trainable_parameters_uses_peft_format(lora, capsys):
 @pytest.mark.exercise("2.3")
 def test_merge_and_unload_gives_a_plain_model_with_the_same_outputs(lora, tiny_model64, token_ids):
     """merge_and_unload returns a model without LoRALayers that computes the same logits."""
-    lora.get_lora_model(tiny_model64, r=2)
-    randomize_lora(tiny_model64, std=0.2)
-    expected = tiny_model64(token_ids).detach()
+    expected = with_trained_adapters(lora, tiny_model64, token_ids)
     plain = lora.merge_and_unload(tiny_model64)
     left = wrapped_paths(lora, plain)
     assert not left, f"merge_and_unload must replace every LoRALayer by its base layer; still there: {left[:3]}"
@@ -122,9 +128,7 @@ def test_merge_and_unload_gives_a_plain_model_with_the_same_outputs(lora, tiny_m
 @pytest.mark.exercise("2.3")
 def test_merge_lora_and_unmerge_lora(lora, tiny_model64, token_ids):
     """merge_lora merges every layer and keeps the logits; unmerge_lora undoes it."""
-    lora.get_lora_model(tiny_model64, r=2)
-    randomize_lora(tiny_model64, std=0.2)
-    expected = tiny_model64(token_ids).detach()
+    expected = with_trained_adapters(lora, tiny_model64, token_ids)
     lora.merge_lora(tiny_model64)
     assert all(layer.merged for _, layer in lora.lora_layers(tiny_model64)), "merge_lora must merge every LoRA layer"
     assert_network_close(tiny_model64(token_ids), expected, "logits after merge_lora", "merge each LoRALayer once")
@@ -161,9 +165,7 @@ def test_save_lora_writes_peft_files(lora, tiny_model, tmp_path):
 def test_load_lora_restores_the_outputs(lora, tiny_model64, token_ids, tmp_path):
     """A saved adapter loaded into a fresh copy of the base gives the same logits."""
     fresh = copy_of(tiny_model64)
-    lora.get_lora_model(tiny_model64, r=3, lora_alpha=5)
-    randomize_lora(tiny_model64, std=0.2)
-    expected = tiny_model64(token_ids).detach()
+    expected = with_trained_adapters(lora, tiny_model64, token_ids, r=3, lora_alpha=5)
     lora.save_lora(tiny_model64, tmp_path)
     loaded = lora.load_lora(fresh, tmp_path)
     assert_network_close(loaded(token_ids), expected, "logits of base + loaded adapter",

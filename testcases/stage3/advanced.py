@@ -70,19 +70,11 @@ def test_uniform_zero_is_exact_and_constant_blocks_work(quant):
 
 
 @pytest.mark.exercise("3.1")
-@pytest.mark.parametrize(
-    "kwargs, argument",
-    [
-        ({"num_bits": 1}, "num_bits"),
-        ({"num_bits": 9}, "num_bits"),
-        ({"num_bits": 4.0}, "num_bits"),
-        ({"block_size": 0}, "block_size"),
-    ],
-)
-def test_uniform_rejects_bad_arguments(quant, kwargs, argument):
+@pytest.mark.parametrize("argument, value", [("num_bits", 1), ("num_bits", 9), ("num_bits", 4.0), ("block_size", 0)])
+def test_uniform_rejects_bad_arguments(quant, argument, value):
     """num_bits outside 2…8 or not an int, block_size < 1: a ValueError naming the argument."""
     with pytest.raises(ValueError, match=word(argument)):
-        quant.quantize_tensor(torch.randn(8), **kwargs)
+        quant.quantize_tensor(torch.randn(8), **{argument: value})
 
 
 @pytest.mark.exercise("3.1")

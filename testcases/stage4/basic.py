@@ -131,7 +131,6 @@ def test_lr_schedule_values(trainer, scheduler, step, factor):
 
 
 @pytest.mark.exercise("4.3")
-@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 def test_gradient_accumulation_matches_one_big_batch(trainer, tiny_model, task_data, tmp_path):
     """Two micro-batches of 8 give the gradient of one batch of 16 (each loss divided by their number)."""
     ids, labels = task_data["input_ids"][:16], task_data["labels"][:16]
