@@ -14,29 +14,32 @@ import pytest
 import torch
 from torch import nn
 
+from testcases.manifest import student_modules
+
 pytest_plugins = ["testcases.plugin"]
 
 DEVICES = ["cpu", "cuda"]
 
 
-def import_student(name: str) -> ModuleType:
-    """``model.lora`` / ``model.quant`` / ``training.qlora_trainer`` under the switch."""
-    return importlib.import_module(name)
+def student_fixture(module: str):
+    """A fixture returning the student module ``module`` (``model.lora``, ...) as the switch loads it."""
+
+    @pytest.fixture(name=module.rsplit(".", 1)[-1])
+    def fixture() -> ModuleType:
+        return importlib.import_module(module)
+
+    return fixture
+
+
+# One fixture per student file in the manifest, named after the file: lora, quant, qlora_trainer, ...
+for _module in student_modules():
+    globals()[f"_student_{_module.replace('.', '_')}"] = student_fixture(_module)
 
 
 @pytest.fixture
-def lora() -> ModuleType:
-    return import_student("model.lora")
-
-
-@pytest.fixture
-def quant() -> ModuleType:
-    return import_student("model.quant")
-
-
-@pytest.fixture
-def trainer() -> ModuleType:
-    return import_student("training.qlora_trainer")
+def trainer(qlora_trainer) -> ModuleType:
+    """The Stage 4 student module under its short name."""
+    return qlora_trainer
 
 
 @pytest.fixture(params=DEVICES)
