@@ -153,6 +153,7 @@ class Scorer:
     # -- setting up -------------------------------------------------------------------------------
 
     def prepare(self) -> None:
+        shutil.rmtree(self.logs, ignore_errors=True)  # this run's logs only
         self.logs.mkdir(parents=True, exist_ok=True)
         for stage in STAGES:
             mine = [e.id for e in stage.exercises if e.id in self.wanted]

@@ -71,9 +71,18 @@ def reference(
     with every − written as + (what cancels still carried rounding). A small floor (``steps``
     smallest normal numbers) keeps an exact zero comparable.
     """
+    __tracebackhide__ = True
     exact = [t.detach().double().cpu() for t in tensors]
-    value = formula(*exact)
-    magnitude = (magnitude or formula)(*(t.abs() for t in exact))
+    try:
+        value = formula(*exact)
+        magnitude = (magnitude or formula)(*(t.abs() for t in exact))
+    except RuntimeError as error:  # a wrong shape gets a sentence, not an error from the test's own line
+        shapes = ", ".join(str(tuple(t.shape)) for t in exact)
+        raise AssertionError(
+            f"the expected value cannot even be computed: the tensors this check reads have shapes {shapes}, which "
+            f"do not fit its formula ({str(error).splitlines()[0]}). Check the shapes and orientation (A is "
+            "(r, in_features), B is (out_features, r), weights are (out_features, in_features))"
+        ) from None
     bound = steps * UNIT_ROUNDOFF[dtype] * magnitude + steps * torch.finfo(dtype).tiny
     return Reference(value, bound)
 

@@ -24,7 +24,15 @@ def formula_reference(layer, x, dtype=torch.float32, steps=IN + R + 4):
     In half precision (a half-precision base, or autocast) the inputs are rounded too and the LoRA term
     is cast before the add: IN + R + 6 roundings of that dtype's unit at most."""
     W, b, A, B = layer.base_layer.weight, layer.base_layer.bias, layer.lora_A, layer.lora_B
+    check_factors(layer, W.shape[1], W.shape[0])
     return reference(lora_formula, x, W, b, A, B, dtype=dtype, steps=steps)
+
+
+def check_factors(layer, in_features: int, out_features: int) -> None:
+    """A is (r, in) and B is (out, r): checked before any expected value is computed from them."""
+    r = layer.lora_A.shape[0] if layer.lora_A.dim() == 2 else -1
+    expect_tensor(layer.lora_A, (r, in_features), "lora_A", "A is (r, in_features), as in the lesson and PEFT")
+    expect_tensor(layer.lora_B, (out_features, r), "lora_B", "B is (out_features, r), as in the lesson and PEFT")
 
 
 # ---- Exercise 1.1: the LoRA layer -----------------------------------------------------------
@@ -173,6 +181,7 @@ def test_delta_weight_is_scaled_B_times_A(lora):
     """delta_weight() = (lora_alpha / r) · B @ A, of shape (out_features, in_features)."""
     layer = lora.LoRALayer(IN, OUT, r=R, lora_alpha=ALPHA)
     randomize_lora(layer)
+    check_factors(layer, IN, OUT)
     delta = layer.delta_weight()
     ref = reference(lambda B, A: (ALPHA / R) * (B @ A), layer.lora_B, layer.lora_A, dtype=torch.float32, steps=R + 1)
     assert_close(delta, ref.value, "delta_weight()", bound=ref.bound,
@@ -185,6 +194,7 @@ def test_merge_keeps_outputs_and_updates_weight(lora):
     layer = lora.LoRALayer(IN, OUT, r=R, lora_alpha=ALPHA)
     randomize_lora(layer)
     x = torch.randn(5, IN)
+    check_factors(layer, IN, OUT)
     W0 = layer.base_layer.weight.detach().clone()
     layer.merge()
     assert layer.merged is True, "merge() must set merged = True"
@@ -203,6 +213,7 @@ def test_unmerge_restores_the_base_weight(lora):
     """merge() then unmerge() gives W0 back (up to rounding) and sets merged = False."""
     layer = lora.LoRALayer(IN, OUT, r=R, lora_alpha=ALPHA)
     randomize_lora(layer)
+    check_factors(layer, IN, OUT)
     W0 = layer.base_layer.weight.detach().clone()
     layer.merge()
     layer.unmerge()

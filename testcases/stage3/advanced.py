@@ -114,6 +114,7 @@ def test_absmax_all_negative_block(quant):
     """A block of negative values: scale = max |x| / qmax > 0 and the most negative value maps to −qmax."""
     x = -(torch.rand(64, generator=generator(5)) + 0.5)
     q, scale = quant.absmax_quantize(x, num_bits=8)
+    expect_tensor(scale, (1,), "scale of one block")
     assert scale.item() > 0, (
         f"scale = max |x| / 127 must be positive, got {scale.item():.4g} (max(x) instead of max |x|?)"
     )
@@ -308,6 +309,7 @@ def test_double_quantization_needs_the_offset(quant):
     """absmax values are all positive: quantize absmax − mean and add the mean back (within 8-bit precision)."""
     absmax = torch.rand(1024, generator=generator(7)) * 0.1 + 1.0  # all around 1.05
     codes, scale, offset = quant.double_quantize(absmax)
+    expect_tensor(scale, (4,), "scales of 1,024 values in blocks of 256")
     mean = reference(lambda a: a.mean(), absmax, dtype=torch.float32, steps=1024 + 1)
     assert_close(offset, mean.value, "offset", bound=mean.bound, hint="offset must be the mean of the absmax values")
     restored = quant.double_dequantize(codes, scale, offset)
@@ -359,6 +361,7 @@ def test_nf4_linear_with_several_dq_blocks_and_a_bias(quant):
         "the stored constants must double-dequantize to double_dequantize(double_quantize(absmax)) (2 blocks of 256)"
     )
     weight = layer.dequantize_weight()
+    expect_tensor(weight, (120, 144), "dequantize_weight()", dtype=torch.float32)
     bound = nf4_bound(quant, absmax, 64, weight.numel()) + per_element((dq_absmax - absmax).abs(), 64, weight.numel())
     assert_close(weight, linear.weight, "weight after NF4 + double quantization", bound=bound.view(120, 144))
     assert layer.bias is not None and not layer.bias.requires_grad, "the bias is kept, frozen"

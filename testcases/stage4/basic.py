@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from testcases.helpers import copy_of, make_trainer, observe, randomize_lora, record_optimizer_steps, word
-from testcases.tolerances import assert_close, assert_network_close, fp32_network_bound
+from testcases.tolerances import assert_close, assert_network_close, expect_tensor, fp32_network_bound
 
 
 def float64_lora_trainer(trainer, model, data, **overrides):
@@ -163,8 +163,11 @@ def exact_network(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for name, module in model.named_modules():
             if isinstance(module, LoRALayer):
-                weight = module.base_layer.dequantize_weight(torch.float32).double() + module.delta_weight().double()
-                exact.get_submodule(name).weight.copy_(weight)
+                shape = tuple(exact.get_submodule(name).weight.shape)
+                base, delta = module.base_layer.dequantize_weight(torch.float32), module.delta_weight()
+                expect_tensor(base, shape, f"{name}: the NF4 base's dequantize_weight()")
+                expect_tensor(delta, shape, f"{name}: delta_weight()")
+                exact.get_submodule(name).weight.copy_(base.double() + delta.double())
             elif isinstance(module, NF4Linear) and not isinstance(
                 model.get_submodule(name.rsplit(".", 1)[0]), LoRALayer
             ):
