@@ -34,7 +34,7 @@ help: ## list the targets
 setup: $(STAMP) ## create .venv and install requirements.txt (done automatically)
 
 $(STAMP): requirements.txt
-	@$(PY) -c 'import sys; assert sys.version_info >= (3, 10), f"Python >= 3.10 needed, found {sys.version.split()[0]}"'
+	@$(PY) -c 'import sys; assert sys.version_info >= (3, 11), f"Python >= 3.11 needed, found {sys.version.split()[0]}"'
 	@test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	@touch $(STAMP)

@@ -5,7 +5,8 @@
 Gradescope unzips the archive into /autograder/source, runs ``setup.sh`` once when it builds the
 image, and for every submission runs ``run_autograder``, which must write
 /autograder/results/results.json; the student's files are in /autograder/submission (loose, or in
-a copy of the repository: the grader finds model/lora.py or lora.py either way). The archive holds
+a copy of the repository: the grader finds model/lora.py or lora.py either way). Pick a base image
+with Python 3.11 or newer (Ubuntu 24.04). The archive holds
 the handout (no solutions/), so a student who downloads the autograder learns nothing new.
 ``AUTOGRADER_ROOT`` (default /autograder) lets a test run ``run_autograder`` against a local
 stand-in of that tree.
@@ -23,6 +24,7 @@ from solutions.tools.handout import build
 
 SETUP_SH = """#!/usr/bin/env bash
 # Gradescope runs this once, as root, while it builds the autograder image; the course is in /autograder/source.
+# Choose a base image with Python >= 3.11 (Ubuntu 24.04 ships 3.12): the pinned numpy has no 3.10 wheels.
 set -euo pipefail
 apt-get update
 apt-get install -y --no-install-recommends python3 python3-venv python3-pip
