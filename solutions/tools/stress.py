@@ -7,7 +7,8 @@ test, the tests' own generators and the trainer's seed) and each torch thread co
 suites run on the reference in one pytest process. One line per combination; exit 1 if any fails.
 ``make test`` runs one offset; ../shared/tools/seed-shift is an independent check of the same kind.
 The combinations run one after another: two torch processes with two threads each on two cores spin
-against each other and run many times slower.
+against each other and run many times slower. Numerics are the point here, not speed, so each test
+may take up to 900 s (grading keeps its 60 s budget).
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         for threads in args.threads:
             t0 = time.monotonic()
             proc = subprocess.run(
-                [sys.executable, "-m", "pytest", "-q", "-p", "no:nbmake", "--no-header", "-rN", "--tb=line",
+                [sys.executable, "-m", "pytest", "-q", "-p", "no:nbmake", "--no-header", "-rf", "--tb=line",
                  "testcases/basic_test.py", "testcases/advanced_test.py", "--impl", "solutions", "--seed", str(seed),
-                 "--details", "0"],
+                 "--details", "0", "--timeout", "900"],
                 cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, capture_output=True, text=True,
             )  # fmt: skip
             ok = proc.returncode == 0
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             if not ok:
-                lines = [line for line in proc.stdout.splitlines() if "Error" in line or line.startswith("FAILED")]
+                lines = [line for line in proc.stdout.splitlines() if line.startswith("FAILED")]
                 print("    " + "\n    ".join(lines[:10]))
     total = args.seeds * len(args.threads)
     print(f"{total - failed} of {total} combinations pass ({time.monotonic() - started:.0f} s)")
