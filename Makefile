@@ -78,7 +78,7 @@ test: $(STAMP) ## the self-test: every check below; what CI runs
 	@echo "== 6/9 hostile submissions get the right score";           $(PYTHON) -m solutions.tools.hostile
 	@echo "== 7/9 instructor commands: a clone, Gradescope, the handout"; $(PYTHON) -m pytest -q -p no:nbmake solutions/tools
 	@echo "== 8/9 other seeds and thread counts (make stress runs more)"; $(PYTHON) -m solutions.tools.stress --seeds 1
-	@echo "== 9/9 the notebooks run on the reference";                LORA_IMPL=solutions $(PYTHON) -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=600 notebooks
+	@echo "== 9/9 the notebooks run on the reference";                LORA_IMPL=solutions $(PYTHON) -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=600 --timeout 900 notebooks
 	@echo "make test: all checks passed"
 
 stress: $(STAMP) ## the reference under SEEDS seed offsets × 1 and 2 torch threads

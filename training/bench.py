@@ -1,34 +1,56 @@
 """Benchmarks (`make bench`): speed lives here, never in the graded tests.
 
-1. LoRA layer forward vs its base nn.Linear (1024 tokens, 512 → 512, r = 8, fp32, 2 threads),
-   unmerged and merged. The LoRA branch adds 2·r·(k + d) / (2·k·d) ≈ 3 % FLOPs, so the aim is
-   ≤ 1.10× unmerged and ≤ 1.02× merged. (PEFT's LoRA layer, if installed, measured alongside.)
+1. LoRA layer forward vs its base nn.Linear (1024 tokens, 512 → 512, r = 8, fp32, 2 threads):
+   the reference forward (fused in-place add), the plain out-of-place sum
+   ``base(x) + scaling · B(A(x))`` with the same weights (a local function below), and the
+   merged layer. The LoRA branch adds 2·r·(k + d) / (2·k·d) ≈ 3 % FLOPs, so the aim is
+   ≤ 1.10× unmerged and ≤ 1.02× merged. PEFT's LoRA layer is timed alongside only when
+   ``peft`` is importable; otherwise a line says it was skipped.
 2. NF4 quantize / dequantize throughput on a 4096 × 4096 fp32 weight (and the ratio to
    bitsandbytes on the CPU when it is installed), NF4Linear forward vs nn.Linear, and bits per
    parameter measured from ``weight_nbytes()`` (4.127 with double quantization, 4.5 without).
 3. One training step on the bundled model: LoRA vs QLoRA (the cost of dequantizing on the fly;
-   aim ≤ 1.5×).
+   aim ≤ 1.5×), in the precision named by the environment variable ``BENCH_PRECISION``
+   (fp32, bf16 or fp16; default fp32). ``make bench PRECISION=bf16`` sets it.
 
 Every number is the median of repeated runs in one process (torch.utils.benchmark).
 Run it on a quiet machine: other processes using the cores distort every timing.
+
+    python -m training.bench                        (fp32 training steps)
+    BENCH_PRECISION=bf16 python -m training.bench   (bf16 autocast training steps)
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import statistics
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.benchmark import Timer
 
-from model.lora import LoRALayer
-from model.quant import NF4Linear, bits_per_parameter, dequantize_nf4, quantize_nf4
-from model.tiny_llama import load_base_model
-from training.data import finetune_data
-from training.qlora_trainer import QLoRATrainer, TrainConfig, prepare_qlora_model
+from model._impl import use_default_for
+
+use_default_for("show")  # the reference where this checkout has it, unless IMPL / LORA_IMPL says otherwise
+
+from model.lora import LoRALayer  # noqa: E402  (after the switch is set)
+from model.quant import NF4Linear, bits_per_parameter, dequantize_nf4, quantize_nf4  # noqa: E402
+from model.tiny_llama import load_base_model  # noqa: E402
+from training.data import finetune_data  # noqa: E402
+from training.qlora_trainer import PRECISIONS, QLoRATrainer, TrainConfig, prepare_qlora_model  # noqa: E402
 
 THREADS = 2
+PRECISION_ENV = "BENCH_PRECISION"
+
+
+def bench_precision() -> str:
+    """The training-step precision from $BENCH_PRECISION (fp32 when unset); a clear error otherwise."""
+    precision = os.environ.get(PRECISION_ENV, "").strip() or "fp32"
+    if precision not in PRECISIONS:
+        raise SystemExit(f"{PRECISION_ENV}={precision!r}: expected one of {', '.join(PRECISIONS)}")
+    return precision
 
 
 def median_seconds(fn, min_run_time: float = 1.0) -> float:
@@ -47,6 +69,26 @@ def interleaved(fns: dict[str, object], rounds: int = 5) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def plain_lora_forward(layer: LoRALayer, x: torch.Tensor) -> torch.Tensor:
+    """The readable out-of-place LoRA forward, with ``layer``'s weights: base(x) + scaling · B(A(x)).
+
+    No dropout (the benchmarked layer has none) and no in-place add: the version Exercise 1.2's
+    recipe describes, timed next to the reference's fused ``addmm_``.
+    """
+    z = F.linear(x, layer.lora_A)  # (tokens, r)
+    return layer.base_layer(x) + layer.scaling * F.linear(z, layer.lora_B)  # (tokens, out)
+
+
+def peft_lora_model(base: nn.Linear):
+    """PEFT's LoRA layer around a copy of ``base`` (r = 8, alpha = 16), or None without peft."""
+    try:  # dev-only comparison; the course never needs peft
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        return None
+    model = get_peft_model(nn.Sequential(copy.deepcopy(base)), LoraConfig(r=8, lora_alpha=16, target_modules=["0"]))
+    return model
+
+
 def lora_layer_overhead() -> None:
     torch.manual_seed(0)
     base = nn.Linear(512, 512)
@@ -55,25 +97,27 @@ def lora_layer_overhead() -> None:
     merged = copy.deepcopy(layer)
     merged.merge()
     x = torch.randn(1024, 512)
-    fns = {"nn.Linear": lambda: base(x), "LoRALayer unmerged": lambda: layer(x), "LoRALayer merged": lambda: merged(x)}
-    try:  # dev-only comparison with PEFT's LoRA layer
-        from peft import LoraConfig, get_peft_model
-
-        peft_model = get_peft_model(
-            nn.Sequential(copy.deepcopy(base)), LoraConfig(r=8, lora_alpha=16, target_modules=["0"])
-        )
+    with torch.no_grad():
+        fused, plain = layer(x), plain_lora_forward(layer, x)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5, msg="fused and plain forwards disagree")
+    fns = {
+        "nn.Linear": lambda: base(x),
+        "LoRALayer (fused)": lambda: layer(x),
+        "plain out-of-place": lambda: plain_lora_forward(layer, x),
+        "LoRALayer merged": lambda: merged(x),
+    }
+    peft_model = peft_lora_model(base)
+    if peft_model is not None:
         fns["PEFT lora.Linear"] = lambda: peft_model(x)
-    except ImportError:
-        pass
     with torch.no_grad():
         times = interleaved(fns)
-    aims = {"LoRALayer unmerged": "   (aim <= 1.10x)", "LoRALayer merged": "   (aim <= 1.02x)"}
+    aims = {"LoRALayer (fused)": "   (aim <= 1.10x)", "LoRALayer merged": "   (aim <= 1.02x)"}
     print("1. LoRA layer forward, 1024 tokens, 512 -> 512, r = 8, fp32, 2 threads (median of 5 rounds)")
     for name, seconds in times.items():
         ratio = seconds / times["nn.Linear"]
         print(f"   {name:<20} {seconds * 1e3:8.3f} ms   {ratio:5.2f}x{aims.get(name, '')}")
-    if "PEFT lora.Linear" not in times:
-        print("   (PEFT not installed: pip install peft to compare its LoRA layer)")
+    if peft_model is None:
+        print("   PEFT lora.Linear     skipped: peft is not installed (pip install peft to compare its LoRA layer)")
 
 
 def nf4_throughput() -> None:
@@ -109,26 +153,31 @@ def nf4_throughput() -> None:
                   f"(analytic {bits_per_parameter(64, dq):.4f})")  # fmt: skip
 
 
-def training_step() -> None:
+def training_step(precision: str) -> None:
     data = finetune_data("train")
     times = {}
+    print(f"\n3. One training step of the bundled model, batch 64, {precision}, CPU (median)")
     for quantize in ("none", "nf4"):
-        config = TrainConfig(quantize=quantize, precision="fp32", max_steps=10_000, batch_size=64, progress=False,
-                             device="cpu", output_dir="runs/bench")  # fmt: skip
+        try:
+            config = TrainConfig(quantize=quantize, precision=precision, max_steps=10_000, batch_size=64,
+                                 progress=False, device="cpu", output_dir="runs/bench")  # fmt: skip
+        except ValueError as error:  # a trainer that refuses this precision on the CPU
+            print(f"   skipped: TrainConfig(precision={precision!r}, device='cpu') was refused: {error}")
+            return
         trainer = QLoRATrainer(prepare_qlora_model(load_base_model(), config), config, data)
         batch = [trainer.micro_batch(0)]
         trainer.train_step(batch)  # warm up
         times[quantize] = median_seconds(lambda trainer=trainer, batch=batch: trainer.train_step(batch), 3.0)
-    print("\n3. One training step of the bundled model, batch 64, fp32, CPU (median)")
     print(f"   LoRA   {times['none'] * 1e3:7.1f} ms")
     print(f"   QLoRA  {times['nf4'] * 1e3:7.1f} ms   {times['nf4'] / times['none']:4.2f}x LoRA   (aim <= 1.5x)")
 
 
 def main() -> None:
+    precision = bench_precision()
     torch.set_num_threads(THREADS)
     lora_layer_overhead()
     nf4_throughput()
-    training_step()
+    training_step(precision)
 
 
 if __name__ == "__main__":

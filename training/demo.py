@@ -6,9 +6,9 @@ weights, peak training memory and seconds. Written to runs/demo/: metrics.json
 ({"full": {...}, "lora": {...}, "qlora": {...}}), loss_curves.png, and the LoRA and QLoRA
 adapters in PEFT's format. The QLoRA model is also merged (dequantize + merge) and checked.
 
-Runs on the CPU by default (CUDA when present). On a CPU the demo computes in fp32: bf16 autocast
-trained ~2.5× slower than fp32 on the 2-core CPUs we measured (small matmuls plus the casts);
-on CUDA it uses bf16 autocast.
+Runs on the CPU by default (CUDA when present). On a CPU the demo computes in fp32: a bf16 autocast
+step took 1.5-2× as long as an fp32 step on the 2-core CPU we measured (small matmuls plus the casts;
+make bench PRECISION=bf16). On CUDA it uses bf16 autocast.
 
     make demo                          (the reference where this checkout has it, else your code)
     make demo IMPL=student             (your code; python -m training.demo follows the same rule)

@@ -42,7 +42,7 @@ def test_uniform_range_includes_zero(quant):
 
 @pytest.mark.exercise("3.1")
 def test_uniform_all_negative_data(quant):
-    """All-negative data: the range is widened to [min, 0], so zero_point = qmax and 0 stays exact."""
+    """All-negative data: the range is widened to [min, 0], so zero_point = qmax and every value comes back within half a step."""
     x = -(torch.rand(64, generator=generator(4)) + 0.1)  # every value in [-1.1, -0.1]
     q, scale, zero_point = quant.quantize_tensor(x, num_bits=4)
     assert zero_point.tolist() == [15], (
