@@ -29,7 +29,8 @@ EQUIVALENTS = [
                 if not any(matches_target(p, name) for p in chosen):
                     raise ValueError(f"target_modules entry {name!r} matches no linear layer")
             if not chosen:
-                raise ValueError(f"target_modules {names} match no linear layer")
+                linear = sorted({p.rsplit(".", 1)[-1] for p, m in modules.items() if is_linear_like(m)})
+                raise ValueError(f"target_modules {names} match no linear layer; the model's linear layers: {linear}")
             wrappers = {p: LoRALayer.from_linear(m, r, lora_alpha, lora_dropout, init_lora_weights) for p, m in chosen.items()}
             for path, wrapper in wrappers.items():
                 parent, _, child = path.rpartition(".")

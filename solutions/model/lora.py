@@ -331,9 +331,10 @@ def get_lora_model(
     """
     # BEGIN SOLUTION 2.1: find the targets, check them all, then wrap them and freeze the rest (use matches_target, is_linear_like)
     explicit = target_modules is not None
-    targets = [target_modules] if isinstance(target_modules, str) else list(target_modules or DEFAULT_TARGET_MODULES)
+    names = DEFAULT_TARGET_MODULES if target_modules is None else target_modules
+    targets = [names] if isinstance(names, str) else list(names)
     if not targets:
-        raise ValueError("target_modules must name at least one module, got an empty list")
+        raise ValueError("target_modules must name at least one module, got an empty list (None means the defaults)")
     wrapped = {path for path, _ in lora_layers(model)}
     inside_lora = tuple(path + "." for path in wrapped)
     found: dict[str, nn.Module] = {}

@@ -200,4 +200,35 @@ MUTANTS = [
             ),
         ),
     ),
+    # Promises of lesson 01 that the suites grade (issue: every promise graded).
+    Variant(
+        "attribute_renamed",
+        "1.1",
+        "lora_alpha is stored as self.alpha (the given repr and save_lora read lora_alpha).",
+        (("        self.r, self.lora_alpha = r, lora_alpha", "        self.r, self.alpha = r, lora_alpha"),),
+    ),
+    Variant(
+        "reset_accepts_any_init",
+        "1.1",
+        "reset_lora_parameters treats an unknown init as Kaiming instead of refusing it.",
+        (
+            (
+                '                raise ValueError(f"init_lora_weights must be one of {INIT_METHODS}, got {init_lora_weights!r}")',
+                "                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))",
+            ),
+        ),
+    ),
+    Variant(
+        "eval_merges_like_loralib",
+        "1.3",
+        "train(False) merges and train(True) unmerges, as loralib does.",
+        (
+            (
+                "    def extra_repr(self) -> str:",
+                "    def train(self, mode: bool = True):\n        super().train(mode)\n"
+                "        if isinstance(self.base_layer, nn.Linear):\n            (self.unmerge if mode else self.merge)()\n"
+                "        return self\n\n    def extra_repr(self) -> str:",
+            ),
+        ),
+    ),
 ]

@@ -33,8 +33,8 @@ MUTANTS = [
         "A single string target_modules is iterated letter by letter.",
         (
             (
-                "targets = [target_modules] if isinstance(target_modules, str) else list(target_modules or DEFAULT_TARGET_MODULES)",
-                "targets = list(target_modules or DEFAULT_TARGET_MODULES)",
+                "targets = [names] if isinstance(names, str) else list(names)",
+                "targets = list(names)",
             ),
         ),
     ),
@@ -198,5 +198,96 @@ MUTANTS = [
         "2.4",
         "save_lora writes A and B although other parameters train (they are lost).",
         (("    if others:\n        raise ValueError(", "    if False:\n        raise ValueError("),),
+    ),
+    # Promises of lesson 02 that the suites grade.
+    Variant(
+        "targets_by_substring",
+        "2.1",
+        "A target matches any module path that contains it ('proj' matches every projection).",
+        (
+            (
+                "        if path.startswith(inside_lora) or not any(matches_target(path, t) for t in targets):",
+                "        if path.startswith(inside_lora) or not any(t in path for t in targets):",
+            ),
+        ),
+    ),
+    Variant(
+        "wraps_inside_lora_layers",
+        "2.1",
+        "Modules inside an existing LoRA layer (its base_layer) are candidates too.",
+        (
+            (
+                "        if path.startswith(inside_lora) or not any(matches_target(path, t) for t in targets):",
+                "        if not any(matches_target(path, t) for t in targets):",
+            ),
+        ),
+    ),
+    Variant(
+        "empty_target_list_means_defaults",
+        "2.1",
+        "target_modules=[] silently wraps the default projections.",
+        (
+            (
+                "    names = DEFAULT_TARGET_MODULES if target_modules is None else target_modules",
+                "    names = target_modules or DEFAULT_TARGET_MODULES",
+            ),
+        ),
+    ),
+    Variant(
+        "mark_only_freezes",
+        "2.1",
+        "mark_only_lora_as_trainable only freezes, never sets requires_grad back to True (loralib).",
+        (
+            (
+                '        param.requires_grad_(name.endswith(("lora_A", "lora_B")))',
+                '        if not name.endswith(("lora_A", "lora_B")):\n            param.requires_grad_(False)',
+            ),
+        ),
+    ),
+    Variant(
+        "count_includes_buffers",
+        "2.2",
+        "count_parameters counts the state dict, buffers included.",
+        (
+            (
+                "    params = list(model.parameters())  # .parameters() already yields a shared tensor once",
+                "    params = list(model.parameters()) + list(model.buffers())",
+            ),
+        ),
+    ),
+    Variant(
+        "merge_lora_returns_nothing",
+        "2.3",
+        "merge_lora merges but returns None instead of the model.",
+        (
+            (
+                "    for _, layer in lora_layers(model):\n        layer.merge()\n    return model",
+                "    for _, layer in lora_layers(model):\n        layer.merge()",
+            ),
+        ),
+    ),
+    Variant(
+        "config_init_as_kaiming",
+        "2.4",
+        "adapter_config.json writes init_lora_weights='kaiming', which PEFT rejects.",
+        (('        "init_lora_weights": True,', '        "init_lora_weights": "kaiming",'),),
+    ),
+    Variant(
+        "save_ignores_mixed_ranks",
+        "2.4",
+        "save_lora writes the first layer's r for every layer, even when they differ.",
+        (("    if len(settings) > 1:", "    if False:"),),
+    ),
+    Variant(
+        "save_without_metadata",
+        "2.4",
+        "The safetensors file is written without PEFT's metadata {'format': 'pt'}.",
+        ((', metadata={"format": "pt"})', ")"),),
+    ),
+    Variant(
+        "load_ignores_extra_tensors",
+        "2.4",
+        "load_lora ignores tensors for modules that have no LoRA layer in the model.",
+        (("    if missing := sorted(in_file - planned.keys()):", "    if missing := []:"),),
     ),
 ]

@@ -285,4 +285,55 @@ MUTANTS = [
             ),
         ),
     ),
+    # Promises of lesson 03 that the suites grade.
+    Variant(
+        "zero_point_as_float",
+        "3.1",
+        "The zero point is returned as float32 instead of int32.",
+        (
+            (
+                "    return from_blocks(q, x.shape), scale, zero_point.to(torch.int32)",
+                "    return from_blocks(q, x.shape), scale, zero_point",
+            ),
+        ),
+    ),
+    Variant(
+        "absmax_scale_in_input_dtype",
+        "3.2",
+        "absmax quantization computes (and returns) the scale in the input's dtype.",
+        (
+            (
+                "    qmax = 2 ** (num_bits - 1) - 1\n    blocks = to_blocks(x.float(), block_size)",
+                "    qmax = 2 ** (num_bits - 1) - 1\n    blocks = to_blocks(x, block_size)",
+            ),
+        ),
+    ),
+    Variant(
+        "pack_ignores_pad",
+        "3.4",
+        "pack_nibbles always pads with 7, whatever pad says.",
+        (("        flat = F.pad(flat, (0, 1), value=pad)", "        flat = F.pad(flat, (0, 1), value=7)"),),
+    ),
+    Variant(
+        "nf4_linear_caches_weight",
+        "3.6",
+        "NF4Linear keeps its first dequantized weight and reuses it (stale after load_state_dict).",
+        (
+            (
+                "        weight = self.dequantize_weight()  # (out, in), never stored",
+                "        if not hasattr(self, '_cached'):\n            self._cached = self.dequantize_weight()\n        weight = self._cached",
+            ),
+        ),
+    ),
+    Variant(
+        "compute_dtype_defaults_to_fp32",
+        "3.6",
+        "from_linear computes in float32 by default instead of in the weight's dtype.",
+        (
+            (
+                "            compute_dtype=compute_dtype or weight.dtype,",
+                "            compute_dtype=compute_dtype or torch.float32,",
+            ),
+        ),
+    ),
 ]

@@ -320,4 +320,111 @@ MUTANTS = [
         "The adapters' own fp32 weights are left out of the weight bytes.",
         (("        weights = per_base * n_params + 4 * trainable_params", "        weights = per_base * n_params"),),
     ),
+    # Promises of lesson 04 that the suites grade.
+    Variant(
+        "skip_modules_ignored",
+        "4.2",
+        "Only lm_head is kept full precision, whatever skip_modules says.",
+        (("not any(matches_target(name, skip) for skip in skip_modules)", 'not matches_target(name, "lm_head")'),),
+    ),
+    Variant(
+        "fp16_computes_in_bf16",
+        "4.2",
+        "Every half precision becomes bf16: precision='fp16' computes in bf16.",
+        (
+            (
+                "        compute_dtype = PRECISIONS[config.precision]",
+                "        compute_dtype = torch.float32 if config.precision == 'fp32' else torch.bfloat16",
+            ),
+        ),
+    ),
+    Variant(
+        "prepare_checks_lora_too_late",
+        "4.2",
+        "A model with LoRA is quantized first and only then refused (it is left changed).",
+        (
+            (
+                '    if any(True for _ in lora_layers(model)):\n        raise ValueError("the model already has LoRA layers; prepare a fresh base model")\n',
+                "",
+            ),
+        ),
+    ),
+    Variant(
+        "no_autocast_in_train_step",
+        "4.3",
+        "train_step runs the forward without autocast (bf16 and fp16 do nothing).",
+        (
+            (
+                "            with self.autocast():\n                logits = self.model(input_ids)  # (B, T, V)",
+                "            logits = self.model(input_ids)  # (B, T, V)",
+            ),
+        ),
+    ),
+    Variant(
+        "skip_without_scaler_update",
+        "4.3",
+        "A skipped step does not update the GradScaler: fp16 keeps overflowing.",
+        (("            self.scaler.update()  # fp16: lowers the scale; otherwise a no-op\n", ""),),
+    ),
+    Variant(
+        "skip_does_not_count_the_step",
+        "4.3",
+        "A skipped step does not advance step or the schedule.",
+        (
+            (
+                "            with warnings.catch_warnings():  # the schedule counts attempted steps, skipped ones too\n"
+                '                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")\n'
+                "                self.scheduler.step()\n            self.step += 1\n",
+                "",
+            ),
+        ),
+    ),
+    Variant(
+        "returns_sum_of_losses",
+        "4.3",
+        "train_step returns the sum of the micro-batch losses, not their mean.",
+        (("        self.step += 1\n        return total\n", "        self.step += 1\n        return total * k\n"),),
+    ),
+    Variant(
+        "schedule_goes_negative",
+        "4.3",
+        "The linear decay goes below zero after max_steps.",
+        (("        return max(0.0, 1.0 - progress)", "        return 1.0 - progress"),),
+    ),
+    Variant(
+        "empty_groups_kept",
+        "4.3",
+        "build_optimizer keeps empty parameter groups.",
+        (('    groups = [g for g in groups if g["params"]]\n', ""),),
+    ),
+    Variant(
+        "checkpoint_written_in_place",
+        "4.3",
+        "The checkpoint is written straight to its final path.",
+        (('        tmp = path.with_name(path.name + ".tmp")', "        tmp = path"),),
+    ),
+    Variant(
+        "checkpoint_without_scaler",
+        "4.3",
+        "The checkpoint does not restore the GradScaler (fp16's scale restarts).",
+        (('        self.scaler.load_state_dict(state["scaler"])\n', ""),),
+    ),
+    Variant(
+        "checkpoint_skips_unknown_parameters",
+        "4.3",
+        "load_checkpoint skips parameters the model lacks instead of refusing the file.",
+        (
+            ('        if missing := sorted(set(state["trainable"]) - set(params)):', "        if missing := []:"),
+            (
+                "                params[name].copy_(tensor)",
+                "                if name in params:\n                    params[name].copy_(tensor)",
+            ),
+        ),
+    ),
+    Variant(
+        "export_casts_the_whole_model",
+        "4.4",
+        "merge_and_export casts the whole model to dtype, norms and head included.",
+        (("    return merge_and_unload(model)", "    return merge_and_unload(model).to(dtype)"),),
+    ),
 ]

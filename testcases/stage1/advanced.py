@@ -74,6 +74,34 @@ def test_gaussian_init_option(lora):
 
 
 @pytest.mark.exercise("1.1")
+def test_layer_attributes_and_repr(lora):
+    """The layer keeps in_features, out_features, r and lora_alpha; dropout 0 is nn.Identity; repr works."""
+    layer = lora.LoRALayer(IN, OUT, r=R, lora_alpha=ALPHA)
+    got = (layer.in_features, layer.out_features, layer.r, layer.lora_alpha)
+    assert got == (IN, OUT, R, ALPHA), (
+        f"(in_features, out_features, r, lora_alpha) must be {(IN, OUT, R, ALPHA)}, got {got}"
+    )
+    assert isinstance(layer.lora_dropout, nn.Identity), (
+        f"lora_dropout=0 needs no dropout at all: use nn.Identity(), got {type(layer.lora_dropout).__name__}"
+    )
+    assert "r=3" in repr(layer), "the given extra_repr reads self.r, self.lora_alpha, self.scaling and self.merged"
+
+
+@pytest.mark.exercise("1.1")
+def test_reset_lora_parameters_resets_and_checks_its_argument(lora):
+    """reset_lora_parameters zeroes B again and redraws A; an unknown init raises a ValueError naming init_lora_weights."""
+    layer = lora.LoRALayer(64, 32, r=4)
+    randomize_lora(layer)
+    layer.reset_lora_parameters("gaussian")
+    assert torch.count_nonzero(layer.lora_B) == 0, "reset_lora_parameters must set B back to zero"
+    assert layer.lora_A.detach().abs().max() > 1 / 64**0.5, (
+        "'gaussian' redraws A from N(0, 1/r²) (beyond Kaiming's bound)"
+    )
+    with pytest.raises(ValueError, match=word("init_lora_weights")):
+        layer.reset_lora_parameters("xavier")
+
+
+@pytest.mark.exercise("1.1")
 def test_adapters_follow_the_base_device_and_dtype(lora):
     """A and B sit on the base's device, in its dtype for fp32/fp64 bases, in fp32 for half-precision bases."""
     cases = [
@@ -333,13 +361,31 @@ def formula_reference_for_merged(layer, x):
 
 
 @pytest.mark.exercise("1.3")
+def test_eval_never_merges_implicitly(lora):
+    """model.eval() changes nothing but dropout: no implicit merge (loralib's habit), the weight stays bit-identical."""
+    layer = lora.LoRALayer(IN, OUT, r=R, lora_alpha=ALPHA)
+    randomize_lora(layer)
+    weight = layer.base_layer.weight.detach().clone()
+    layer.eval()
+    layer(torch.randn(2, IN))
+    layer.train()
+    assert layer.merged is False and torch.equal(layer.base_layer.weight, weight), (
+        "eval() / train() must not merge or unmerge: merging is always an explicit merge() call"
+    )
+
+
+@pytest.mark.exercise("1.3")
 def test_merge_leaves_the_base_frozen_without_history(lora):
     """merge() and unmerge() change the weight under no_grad: still a frozen Parameter, no grad_fn."""
     layer = lora.LoRALayer(IN, OUT, r=R)
     randomize_lora(layer)
+    original = layer.base_layer.weight
     for action in ("merge", "unmerge"):
         getattr(layer, action)()
         weight = layer.base_layer.weight
+        assert weight is original, (
+            f"{action}() must change the weight in place: replacing the Parameter breaks tied weights and optimizers"
+        )
         assert weight.grad_fn is None and not weight.requires_grad, (
             f"after {action}() the base weight has grad_fn={weight.grad_fn} and requires_grad={weight.requires_grad}: "
             "ΔW carries gradient history from A and B, so add it under torch.no_grad() (or to weight.data)"
@@ -358,6 +404,7 @@ def test_unmerge_twice_changes_nothing_and_bias_is_untouched(lora):
     layer.merge()
     assert torch.equal(layer.base_layer.bias, bias), "ΔW changes the weight only, never the bias"
     layer.unmerge()
+    assert torch.equal(layer.base_layer.bias, bias), "unmerge() must not touch the bias either"
     once = layer.base_layer.weight.detach().clone()
     layer.unmerge()
     assert torch.equal(layer.base_layer.weight, once), "a second unmerge() must change nothing (the merged flag)"

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from testcases.conftest import tiny_config
 from testcases.helpers import assert_unchanged, copy_of, generator, observe, randomize_lora, snapshot, word
 from testcases.stage2.basic import with_trained_adapters, wrapped_paths
 from testcases.tolerances import assert_network_close
@@ -25,6 +27,8 @@ from testcases.tolerances import assert_network_close
         ({"target_modules": "nonexistent"}, "nonexistent"),  # a single string is one name
         ({"target_modules": ["mlp"]}, "mlp"),  # not a linear layer
         ({"target_modules": ["embed_tokens"]}, "embed_tokens"),
+        ({"target_modules": ["proj"]}, "proj"),  # whole path components only, never substrings
+        ({"target_modules": []}, "target_modules"),  # an empty list is not "the defaults"
         ({"r": 0}, "r"),
         ({"lora_dropout": 1.0}, "lora_dropout"),
     ],
@@ -35,6 +39,21 @@ def test_get_lora_model_bad_input_leaves_the_model_unchanged(lora, tiny_model, k
     with pytest.raises(ValueError, match=word(match)):
         lora.get_lora_model(tiny_model, **kwargs)
     assert_unchanged(tiny_model, before, "get_lora_model")
+
+
+@pytest.mark.exercise("2.1")
+def test_targets_match_whole_components_and_nothing_inside_lora(lora):
+    """Target "1" wraps layer 1, not 10 or 11; the layers inside a LoRALayer are never targets; no match lists the names."""
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(12)])
+    lora.get_lora_model(model, r=1, target_modules=["1"])
+    assert wrapped_paths(lora, model) == ["1"], f"target '1' names module 1 only, got {wrapped_paths(lora, model)}"
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=word("base_layer")):
+        lora.get_lora_model(model, r=1, target_modules=["base_layer"])  # inside the LoRA layer: not a candidate
+    assert_unchanged(model, before, "get_lora_model on a name inside a LoRA layer")
+    with pytest.raises(ValueError, match=word("q_proj")) as error:
+        lora.get_lora_model(nn.Sequential(nn.Linear(4, 4)))  # no default target anywhere
+    assert "0" in str(error.value), f"the message should list the model's linear layers (here '0'), got: {error.value}"
 
 
 @pytest.mark.exercise("2.1")
@@ -90,6 +109,21 @@ def test_mark_only_lora_as_trainable_bias_modes(lora, bias, trainable_biases):
     trainable = sorted(name for name, p in model.named_parameters() if p.requires_grad)
     expected = sorted(["0.lora_A", "0.lora_B", *trainable_biases])
     assert trainable == expected, f"bias={bias!r}: expected trainable {expected}, got {trainable}"
+
+
+@pytest.mark.exercise("2.1")
+def test_mark_only_lora_as_trainable_sets_both_ways(lora):
+    """It makes A and B trainable even after everything was frozen, and freezes everything else."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    lora.get_lora_model(model, r=2, target_modules=["0"])
+    for start in (False, True):
+        model.requires_grad_(start)
+        lora.mark_only_lora_as_trainable(model)
+        trainable = sorted(name for name, p in model.named_parameters() if p.requires_grad)
+        assert trainable == ["0.lora_A", "0.lora_B"], (
+            f"after requires_grad_({start}), expected exactly A and B trainable, got {trainable}: set requires_grad "
+            "to True for lora_A / lora_B and False for everything else"
+        )
 
 
 @pytest.mark.exercise("2.1")
@@ -169,6 +203,13 @@ def test_count_parameters_on_the_tiny_llama(lora, tiny_model):
         f"expected (trainable, total) = ({2 * per_layer}, {total_before + 2 * per_layer}): r·(in + out) per wrapped "
         f"layer; got {lora.count_parameters(tiny_model)}"
     )
+
+
+@pytest.mark.exercise("2.2")
+def test_count_parameters_ignores_buffers(lora):
+    """Buffers (running statistics, 4-bit codes) are not parameters: BatchNorm1d(4) has (8, 8)."""
+    counts = lora.count_parameters(nn.BatchNorm1d(4))
+    assert counts == (8, 8), f"BatchNorm1d(4) has 8 parameters and 9 buffer values; count parameters only, got {counts}"
 
 
 @pytest.mark.exercise("2.2")
@@ -307,6 +348,10 @@ def test_adapter_for_one_layer_loads_into_a_fresh_base(lora, tiny_model64, token
     lora.load_lora(fresh, tmp_path)
     wrapped = [path for path, _ in lora.lora_layers(fresh)]
     assert wrapped == ["layers.0.self_attn.q_proj"], f"wrap exactly the modules the adapter file has, got {wrapped}"
+    trainable = sorted(name for name, p in fresh.named_parameters() if p.requires_grad)
+    assert trainable == ["layers.0.self_attn.q_proj.lora_A", "layers.0.self_attn.q_proj.lora_B"], (
+        f"after load_lora exactly the LoRA factors train (everything else frozen), got {trainable}"
+    )
     assert_network_close(fresh(token_ids), tiny_model64(token_ids), "logits after loading a one-layer adapter")
 
 
@@ -320,6 +365,58 @@ def test_loaded_adapter_keeps_dropout(lora, tiny_model, tmp_path):
         assert isinstance(layer.lora_dropout, nn.Dropout) and layer.lora_dropout.p == 0.05, (
             f"{path}: the adapter's lora_dropout (0.05) must be passed to the layers load_lora creates"
         )
+
+
+@pytest.mark.exercise("2.4")
+def test_lora_state_dict_and_save_lora_files(lora, tiny_model, tmp_path):
+    """lora_state_dict: two detached, contiguous tensors per layer; save_lora makes the folder, returns it, tags the file."""
+    lora.get_lora_model(tiny_model, r=2, target_modules=["q_proj"])
+    state = lora.lora_state_dict(tiny_model)
+    assert len(state) == 2 * 2, f"two LoRA layers × (A, B) = 4 tensors, got {sorted(state)}"
+    assert all(not t.requires_grad and t.is_contiguous() for t in state.values()), "detached, contiguous tensors"
+    out = lora.save_lora(tiny_model, tmp_path / "a" / "b")
+    assert isinstance(out, Path) and out == tmp_path / "a" / "b", (
+        f"save_lora returns the directory as a Path, got {out!r}"
+    )
+    from safetensors import safe_open
+
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}, (
+            f"save with metadata={{'format': 'pt'}} (PEFT reads it), got {f.metadata()}"
+        )
+
+
+@pytest.mark.exercise("2.4")
+@pytest.mark.parametrize("case", ["no LoRA layer", "two ranks"])
+def test_save_lora_refuses_what_one_config_cannot_describe(lora, tmp_path, case):
+    """No LoRA layer, or layers with different r: save_lora raises and writes nothing."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    if case == "two ranks":
+        lora.get_lora_model(model, r=2, target_modules=["0"])
+        lora.get_lora_model(model, r=4, target_modules=["1"])
+    with pytest.raises(ValueError):
+        lora.save_lora(model, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists(), "a refused save must not leave a half-written adapter folder"
+
+
+@pytest.mark.exercise("2.4")
+@pytest.mark.parametrize(
+    "saved, existing, missing",
+    [({"target_modules": ["q_proj", "v_proj"]}, {"target_modules": ["q_proj"]}, "v_proj"),  # the file has more
+     ({"target_modules": ["q_proj"]}, None, "layers.2")],  # the file names a module the model lacks
+)  # fmt: skip
+def test_load_lora_refuses_weights_the_model_cannot_take(lora, tiny_model, tmp_path, saved, existing, missing):
+    """Weights for modules the model does not have (or that carry no LoRA layer): ValueError naming one, model untouched."""
+    from model.tiny_llama import TinyLlama
+
+    source = TinyLlama(tiny_config(n_layers=3)) if missing == "layers.2" else copy_of(tiny_model)
+    saved_adapter(lora, source, tmp_path, r=2, **saved)
+    if existing:
+        lora.get_lora_model(tiny_model, r=2, **existing)
+    before = snapshot(tiny_model)
+    with pytest.raises(ValueError, match=missing):
+        lora.load_lora(tiny_model, tmp_path)
+    assert_unchanged(tiny_model, before, "load_lora of an adapter with weights the model cannot take")
 
 
 @pytest.mark.exercise("2.4")
@@ -337,11 +434,14 @@ def test_adapter_config_is_what_peft_reads(lora, tiny_model, tmp_path):
     """adapter_config.json has PEFT's values; A is stored (r, in) and B (out, r), with the trained values."""
     saved_adapter(lora, tiny_model, tmp_path, r=3, lora_alpha=5, lora_dropout=0.05)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    for key, value in {"peft_type": "LORA", "r": 3, "lora_alpha": 5, "lora_dropout": 0.05, "bias": "none"}.items():
+    expected = {"peft_type": "LORA", "r": 3, "lora_alpha": 5, "lora_dropout": 0.05, "bias": "none", "task_type": None,
+                "base_model_name_or_path": None, "modules_to_save": None, "fan_in_fan_out": False, "use_rslora": False,
+                "use_dora": False, "init_lora_weights": True, "inference_mode": True}  # fmt: skip
+    for key, value in expected.items():
         assert config.get(key) == value, f"adapter_config.json: {key} should be {value!r}, got {config.get(key)!r}"
-    assert sorted(config["target_modules"]) == sorted(
+    assert config["target_modules"] == sorted(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    ), f"target_modules: the wrapped projections' names, got {config['target_modules']}"
+    ), f"target_modules: the wrapped projections' names, sorted, got {config['target_modules']}"
     from safetensors.torch import load_file
 
     tensors = load_file(tmp_path / "adapter_model.safetensors")

@@ -129,10 +129,10 @@ def test_merge_and_unload_gives_a_plain_model_with_the_same_outputs(lora, tiny_m
 def test_merge_lora_and_unmerge_lora(lora, tiny_model64, token_ids):
     """merge_lora merges every layer and keeps the logits; unmerge_lora undoes it."""
     expected = with_trained_adapters(lora, tiny_model64, token_ids)
-    lora.merge_lora(tiny_model64)
+    assert lora.merge_lora(tiny_model64) is tiny_model64, "merge_lora returns the model it merged"
     assert all(layer.merged for _, layer in lora.lora_layers(tiny_model64)), "merge_lora must merge every LoRA layer"
     assert_network_close(tiny_model64(token_ids), expected, "logits after merge_lora", "merge each LoRALayer once")
-    lora.unmerge_lora(tiny_model64)
+    assert lora.unmerge_lora(tiny_model64) is tiny_model64, "unmerge_lora returns the model"
     assert not any(layer.merged for _, layer in lora.lora_layers(tiny_model64)), "unmerge_lora must unmerge them all"
     assert_network_close(tiny_model64(token_ids), expected, "logits after merge_lora; unmerge_lora")
 

@@ -88,6 +88,16 @@ def test_uniform_rejects_non_finite_input(quant, bad):
 
 
 @pytest.mark.exercise("3.1")
+def test_uniform_dtypes_of_everything(quant):
+    """Whatever x's dtype: codes uint8, scale float32, zero_point int32, dequantized values float32."""
+    q, scale, zero_point = quant.quantize_tensor(torch.randn(100, dtype=torch.float64), num_bits=4, block_size=50)
+    got = (q.dtype, scale.dtype, zero_point.dtype, quant.dequantize_tensor(q, scale, zero_point, block_size=50).dtype)
+    assert got == (torch.uint8, torch.float32, torch.int32, torch.float32), (
+        f"expected (uint8, float32, int32, float32) for codes, scale, zero_point, dequantized; got {got}"
+    )
+
+
+@pytest.mark.exercise("3.1")
 def test_uniform_dequantize_rejects_wrong_constants(quant):
     """dequantize_tensor with a scale per block that does not fit the codes raises a ValueError."""
     q, scale, zero_point = quant.quantize_tensor(torch.randn(100), num_bits=4, block_size=50)
@@ -122,6 +132,14 @@ def test_absmax_all_negative_block(quant):
     assert_close(
         quant.absmax_dequantize(q, scale), x, "all-negative round trip", bound=half_step_bound(scale, 64, 64, 127)
     )
+
+
+@pytest.mark.exercise("3.2")
+def test_absmax_dtypes(quant):
+    """Codes int8 and scale float32 for any input dtype; dequantized values float32."""
+    q, scale = quant.absmax_quantize(torch.randn(64, dtype=torch.float64), num_bits=8)
+    got = (q.dtype, scale.dtype, quant.absmax_dequantize(q, scale).dtype)
+    assert got == (torch.int8, torch.float32, torch.float32), f"expected (int8, float32, float32), got {got}"
 
 
 @pytest.mark.exercise("3.2")
@@ -260,6 +278,20 @@ def test_nf4_all_negative_blocks(quant):
 
 
 @pytest.mark.exercise("3.4")
+def test_pack_nibbles_pad_any_shape_and_code_dtypes(quant):
+    """pack_nibbles honours pad and any input shape; nearest_code gives uint8; dequantize_blockwise float32."""
+    assert quant.pack_nibbles(torch.tensor([1, 2, 3], dtype=torch.uint8), pad=7).tolist() == [0x12, 0x37], (
+        "an odd count is padded with the pad code given (7 here) in the last low nibble"
+    )
+    square = torch.tensor([[1, 2], [3, 4]], dtype=torch.uint8)
+    assert quant.pack_nibbles(square).tolist() == [0x12, 0x34], "codes of any shape are packed in flattened order"
+    codes = quant.nearest_code(torch.tensor([0.1, -0.7]), quant.nf4_code_book())
+    assert codes.dtype == torch.uint8, f"nearest_code returns uint8 codes, got {codes.dtype}"
+    values = quant.dequantize_blockwise(codes, torch.tensor([2.0]), quant.nf4_code_book(), 64)
+    assert values.dtype == torch.float32, f"dequantize_blockwise returns float32, got {values.dtype}"
+
+
+@pytest.mark.exercise("3.4")
 def test_nf4_bad_input(quant):
     """inf input, block_size 0 and a packed tensor of the wrong size raise ValueErrors naming x, block_size, packed."""
     with pytest.raises(ValueError, match=word("x")):
@@ -372,6 +404,23 @@ def test_nf4_linear_with_several_dq_blocks_and_a_bias(quant):
 
 
 @pytest.mark.exercise("3.6")
+def test_nf4_linear_keeps_only_codes_constants_and_bias(quant):
+    """The parameters are the bias alone and the buffers the codes and constants; nothing else (no cached Ŵ)."""
+    for double_quant, buffers in (
+        (False, ["absmax", "packed"]),
+        (True, ["absmax_codes", "absmax_offset", "absmax_scale", "packed"]),
+    ):
+        a = quant.NF4Linear.from_linear(nn.Linear(64, 32), double_quant=double_quant)
+        b = quant.NF4Linear.from_linear(nn.Linear(64, 32), double_quant=double_quant)
+        assert [n for n, _ in a.named_parameters()] == ["bias"], "the bias is the only (frozen) parameter"
+        assert sorted(n for n, _ in a.named_buffers()) == buffers, f"buffers must be exactly {buffers}"
+        x = torch.randn(2, 64)
+        a(x)  # a layer that caches its dequantized weight would keep using it after the load below
+        a.load_state_dict(b.state_dict())
+        assert torch.equal(a(x), b(x)), "after load_state_dict the layer must compute with the new codes: never cache Ŵ"
+
+
+@pytest.mark.exercise("3.6")
 def test_nf4_linear_compute_dtype(quant):
     """compute_dtype=bf16: the output and the dequantized weight are bf16 (fp32 on request)."""
     layer = quant.NF4Linear.from_linear(nn.Linear(64, 16), compute_dtype=torch.bfloat16)
@@ -379,6 +428,8 @@ def test_nf4_linear_compute_dtype(quant):
     assert out.dtype == torch.bfloat16, f"compute_dtype=bfloat16: output must be bf16, got {out.dtype}"
     assert layer.dequantize_weight().dtype == torch.bfloat16, "dequantize_weight() defaults to compute_dtype"
     assert layer.dequantize_weight(torch.float32).dtype == torch.float32, "dequantize_weight(torch.float32) is fp32"
+    default = quant.NF4Linear.from_linear(nn.Linear(64, 16).to(torch.bfloat16))
+    assert default.compute_dtype == torch.bfloat16, "compute_dtype defaults to the weight's dtype (bf16 here)"
 
 
 @pytest.mark.exercise("3.6")

@@ -5,13 +5,24 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from testcases import helpers
-from testcases.helpers import copy_of, make_trainer, observe, randomize_lora, record_optimizer_steps, word
+from testcases.helpers import (
+    assert_unchanged,
+    copy_of,
+    make_trainer,
+    observe,
+    randomize_lora,
+    record_optimizer_steps,
+    snapshot,
+    word,
+)
 from testcases.stage4.basic import exact_network
 from testcases.tolerances import assert_close, fp32_network_bound, reference
 
@@ -49,6 +60,11 @@ def test_train_config_accepts_a_string_target(trainer):
     """target_modules='q_proj' becomes the tuple ('q_proj',); fp16 on the CPU is a valid config."""
     config = trainer.TrainConfig(target_modules="q_proj", precision="fp16", device="cpu")
     assert config.target_modules == ("q_proj",), f"a single string is one target, got {config.target_modules!r}"
+    listed = trainer.TrainConfig(target_modules=["q_proj", "v_proj"]).target_modules
+    assert listed == ("q_proj", "v_proj"), f"a list of targets is stored as a tuple, got {listed!r}"
+    with pytest.raises(ValueError, match=word("r")) as error:
+        trainer.TrainConfig(r=True)  # a bool is not a rank
+    assert any(ch.isdigit() for ch in str(error.value)), f"say the allowed values (r >= 1), got: {error.value}"
 
 
 @pytest.mark.exercise("4.1")
@@ -152,6 +168,30 @@ def test_prepare_keeps_biases_frozen_in_the_nf4_bases(trainer, biased_model):
 
 
 @pytest.mark.exercise("4.2")
+def test_prepare_honours_skip_modules_and_fp16(trainer, tiny_model):
+    """skip_modules keeps those layers full precision; precision='fp16' makes the NF4 layers compute in fp16."""
+    from model.quant import NF4Linear
+
+    config = trainer.TrainConfig(r=2, precision="fp16", target_modules=("q_proj",))
+    model = trainer.prepare_qlora_model(tiny_model, config, skip_modules=("lm_head", "down_proj"))
+    assert type(model.layers[0].mlp.down_proj) is nn.Linear, "a module named in skip_modules is not quantized"
+    o_proj = model.layers[0].self_attn.o_proj
+    assert isinstance(o_proj, NF4Linear) and o_proj.compute_dtype == torch.float16, (
+        f"precision='fp16': the NF4 layers compute in float16, got {getattr(o_proj, 'compute_dtype', None)}"
+    )
+
+
+@pytest.mark.exercise("4.2")
+def test_prepare_refuses_a_model_with_lora_and_changes_nothing(trainer, tiny_model):
+    """A model that already has LoRA layers is refused before anything is quantized."""
+    model = trainer.prepare_qlora_model(tiny_model, trainer.TrainConfig(r=2, precision="fp32", quantize="none"))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=word("LoRA")):
+        trainer.prepare_qlora_model(model, trainer.TrainConfig(r=2, precision="fp32"))
+    assert_unchanged(model, before, "prepare_qlora_model on a model that has LoRA layers")
+
+
+@pytest.mark.exercise("4.2")
 def test_prepare_on_device(trainer, tiny_model, device):
     """On every device the prepared model runs there."""
     config = trainer.TrainConfig(r=2, precision="fp32")
@@ -219,6 +259,33 @@ def test_non_finite_loss_skips_the_step(trainer, tiny_model, task_data, tmp_path
 
 
 @pytest.mark.exercise("4.3")
+def test_fp16_overflow_lowers_the_scale_and_training_goes_on(trainer, tiny_model, task_data, tmp_path):
+    """fp16: a non-finite step halves the loss scale and still advances step and schedule; a checkpoint keeps both."""
+    t = make_trainer(trainer, copy_of(tiny_model), task_data, precision="fp16", device="cpu", output_dir=str(tmp_path))
+    scale = t.scaler.get_scale()
+    handle = t.model.lm_head.register_forward_hook(lambda module, args, out: out * float("inf"))
+    t.train_step([t.micro_batch(0)])
+    handle.remove()
+    assert t.scaler.get_scale() == scale / 2, (
+        f"after an overflow GradScaler lowers its scale ({scale:g} -> {scale / 2:g}); got {t.scaler.get_scale():g}: "
+        "call scaler.update() on a skipped step too"
+    )
+    assert (t.step, t.skipped_steps, t.scheduler.last_epoch) == (1, 1, 1), (
+        f"a skipped step still counts: step, skipped_steps, scheduler steps should be (1, 1, 1), got "
+        f"{(t.step, t.skipped_steps, t.scheduler.last_epoch)}"
+    )
+    assert math.isfinite(t.train_step([t.micro_batch(1)])), "the next fp16 step must run normally"
+    path = t.save_checkpoint(tmp_path / "state.pt")
+    resumed = make_trainer(
+        trainer, copy_of(tiny_model), task_data, precision="fp16", device="cpu", output_dir=str(tmp_path)
+    )
+    resumed.load_checkpoint(path)
+    assert (resumed.scaler.get_scale(), resumed.skipped_steps) == (t.scaler.get_scale(), 1), (
+        "the checkpoint must restore the GradScaler's state and the count of skipped steps"
+    )
+
+
+@pytest.mark.exercise("4.3")
 def test_non_finite_gradient_skips_the_step(trainer, tiny_model, task_data, tmp_path):
     """A finite loss with a NaN in one gradient: the step is skipped too (check the gradients, not just the loss)."""
     t = make_trainer(trainer, tiny_model, task_data, output_dir=str(tmp_path))
@@ -275,6 +342,35 @@ def test_resume_equals_uninterrupted(trainer, tiny_model, task_data, tmp_path):
 
 
 @pytest.mark.exercise("4.3")
+def test_checkpoint_file_is_atomic_plain_and_checked(trainer, tiny_model, task_data, tmp_path):
+    """A failed save leaves the previous checkpoint intact; the file loads with weights_only; a misfit is refused by name."""
+    t = make_trainer(trainer, copy_of(tiny_model), task_data, output_dir=str(tmp_path))
+    t.train_step([t.micro_batch(0)])
+    path = t.save_checkpoint(tmp_path / "state.pt")
+    good = path.read_bytes()
+    state = torch.load(path, weights_only=True)  # tensors, numbers, strings, lists and dicts only
+    assert isinstance(state, dict), f"a checkpoint is a dict, got {type(state).__name__}"
+    real_save = torch.save
+
+    def crash(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs) if not isinstance(f, (str, os.PathLike)) else Path(f).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    torch.save = crash
+    try:
+        with pytest.raises(OSError):
+            t.save_checkpoint(path)
+    finally:
+        torch.save = real_save
+    assert path.read_bytes() == good, (
+        "a save that fails half-way must leave the old checkpoint intact: write a temp file, then rename it"
+    )
+    narrow = make_trainer(trainer, copy_of(tiny_model), task_data, target_modules=("q_proj",), output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"layers\.\d+\."):  # the message names a parameter the model lacks
+        narrow.load_checkpoint(path)  # the checkpoint has adapters on all seven projections
+
+
+@pytest.mark.exercise("4.3")
 def test_training_runs_in_train_mode(trainer, tiny_model, task_data, tmp_path):
     """train_step runs the model in train mode (dropout active), whatever mode it was in before."""
     t = make_trainer(trainer, tiny_model, task_data, lora_dropout=0.5, output_dir=str(tmp_path))
@@ -291,8 +387,14 @@ def test_training_runs_in_train_mode(trainer, tiny_model, task_data, tmp_path):
 def test_bf16_autocast_trains_on_cpu_with_fp32_adapters(trainer, tiny_model, task_data, tmp_path):
     """A bf16 autocast step on the CPU gives a finite loss; the adapters keep fp32 master weights."""
     t = make_trainer(trainer, tiny_model, task_data, precision="bf16", device="cpu", output_dir=str(tmp_path))
+    dtypes = []
+    handle = t.model.lm_head.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
     loss = t.train_step([t.micro_batch(0)])
+    handle.remove()
     assert math.isfinite(loss), "a bf16 step on the CPU must give a finite loss"
+    assert dtypes == [torch.bfloat16], (
+        f"the forward must run under bf16 autocast on the training device (self.autocast()); lm_head gave {dtypes}"
+    )
     lora = [p for n, p in t.model.named_parameters() if n.endswith(("lora_A", "lora_B"))]
     assert all(p.dtype == torch.float32 for p in lora), "adapters keep fp32 master weights; autocast casts copies"
 
@@ -320,6 +422,19 @@ def test_optimizer_groups_weight_decay_and_loraplus(trainer):
             assert group["lr"] == pytest.approx(16e-3) and group["weight_decay"] == 0.1, f"{name}: LoRA+ lr = 16 × lr"
         else:
             assert group["lr"] == pytest.approx(1e-3) and group["weight_decay"] == 0.1, f"{name}: lr, weight decay"
+
+
+@pytest.mark.exercise("4.3")
+def test_optimizer_without_trainable_parameters_is_refused(trainer):
+    """build_optimizer on a model with nothing to train raises; with only A and B no group is empty."""
+    frozen = nn.Linear(4, 4).requires_grad_(False)
+    with pytest.raises(ValueError):
+        trainer.build_optimizer(frozen, trainer.TrainConfig())
+    from model.lora import get_lora_model
+
+    model = get_lora_model(nn.Sequential(nn.Linear(4, 4)), r=1, target_modules=["0"])
+    optimizer = trainer.build_optimizer(model, trainer.TrainConfig())
+    assert all(group["params"] for group in optimizer.param_groups), "leave empty parameter groups out"
 
 
 @pytest.mark.exercise("4.3")
@@ -408,6 +523,10 @@ def test_merge_and_export_to_bf16(trainer, tiny_model):
     plain = trainer.merge_and_export(model, dtype=torch.bfloat16)
     dtypes = {m.weight.dtype for n, m in plain.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
     assert dtypes == {torch.bfloat16}, f"dtype=bfloat16: every exported projection holds a bf16 weight, got {dtypes}"
+    kept = {n: p.dtype for n, p in plain.named_parameters() if "proj" not in n}
+    assert set(kept.values()) == {torch.float32}, (
+        f"layers that were never quantized (embeddings, norms, lm_head) keep their fp32, got {kept}: do not call model.to(dtype)"
+    )
 
 
 # ---- Exercise 4.5: estimate_memory -------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from testcases.helpers import copy_of, make_trainer, observe, randomize_lora, record_optimizer_steps, word
-from testcases.tolerances import assert_close, assert_network_close, expect_tensor, fp32_network_bound
+from testcases.tolerances import NETWORK_RTOL, assert_close, assert_network_close, expect_tensor, fp32_network_bound
 
 
 def float64_lora_trainer(trainer, model, data, **overrides):
@@ -118,7 +118,7 @@ def test_training_lowers_the_loss_and_keeps_the_base_bit_identical(trainer, task
     "scheduler, step, factor",
     [("linear", 0, 0.0), ("linear", 5, 0.5), ("linear", 10, 1.0), ("linear", 55, 0.5), ("linear", 100, 0.0),
      ("cosine", 10, 1.0), ("cosine", 55, 0.5), ("cosine", 32.5, 0.5 + 0.5 * math.cos(math.pi / 4)),
-     ("constant", 70, 1.0)],
+     ("constant", 70, 1.0), ("linear", 150, 0.0), ("cosine", 150, 0.0)],
 )  # fmt: skip
 def test_lr_schedule_values(trainer, scheduler, step, factor):
     """Warmup from 0 over ceil(warmup_ratio · max_steps) steps, then linear / cosine decay to 0, or constant."""
@@ -134,14 +134,17 @@ def test_lr_schedule_values(trainer, scheduler, step, factor):
 def test_gradient_accumulation_matches_one_big_batch(trainer, tiny_model, task_data, tmp_path):
     """Two micro-batches of 8 give the gradient of one batch of 16 (each loss divided by their number)."""
     ids, labels = task_data["input_ids"][:16], task_data["labels"][:16]
-    grads = []
+    grads, losses = [], []
     for micro_batches in ([(ids[:8], labels[:8]), (ids[8:], labels[8:])], [(ids, labels)]):
         t = float64_lora_trainer(trainer, copy_of(tiny_model), task_data, max_grad_norm=None, output_dir=str(tmp_path))
         randomize_lora(t.model, std=0.1)  # B = 0 would give A no gradient to compare
         seen = record_optimizer_steps(t.optimizer)
-        t.train_step(micro_batches)
+        losses.append(t.train_step(micro_batches))
         assert len(seen) == 1, f"one train_step must call optimizer.step once, it was called {len(seen)} times"
         grads.append(seen[0])
+    assert abs(losses[0] - losses[1]) <= NETWORK_RTOL * abs(losses[1]), (
+        f"train_step returns the mean loss: 2 micro-batches of 8 gave {losses[0]:.12g}, one batch of 16 {losses[1]:.12g}"
+    )
     assert len(grads[0]) == len(grads[1]) > 0, "every adapter tensor must have a gradient"
     for g_accumulated, g_big in zip(grads[0], grads[1]):
         assert_network_close(g_accumulated, g_big, "gradient of 2 micro-batches of 8 vs one batch of 16",
