@@ -92,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     for relative in student_files():
         reference_path, student_path = REPO / "solutions" / relative, REPO / relative
+        if not reference_path.is_file():
+            print(f"solutions/{relative} is missing: the reference of {relative} (testcases/manifest.py names it)")
+            status = 1
+            continue
         stub = make_stub(reference_path.read_text(), source=str(reference_path.relative_to(REPO)))
         current = student_path.read_text() if student_path.exists() else ""
         if current == stub:

@@ -76,6 +76,8 @@ def catalogue(kind: str) -> list[Variant]:
     found: list[Variant] = []
     for stage in STAGES:
         path = stage.mutants if kind == "mutants" else stage.equivalents
+        if not (REPO / path).is_file():
+            raise FileNotFoundError(f"{path} is missing: stage {stage.number} needs its {kind} (testcases/manifest.py)")
         module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
         found.extend(getattr(module, kind.upper()))
     return found
