@@ -72,15 +72,17 @@ def implementation_root(choice: str | None = None) -> Path:
     return root
 
 
-def implementation_file(module: str, choice: str | None = None) -> Path | None:
-    """The file ``import <module>`` loads: ``<root>/model/lora.py``, or ``<root>/lora.py`` in a
-    folder of loose files; None when the submission does not have it."""
-    relative = student_modules()[module]
-    root = implementation_root(choice)
+def find_student_file(root: Path, relative: str) -> Path | None:
+    """``root/model/lora.py`` (a clone), or ``root/lora.py`` (a folder of loose files), or None."""
     for candidate in (root / relative, root / Path(relative).name):
         if candidate.is_file():
             return candidate
     return None
+
+
+def implementation_file(module: str, choice: str | None = None) -> Path | None:
+    """The file ``import <module>`` loads under the switch; None when the submission does not have it."""
+    return find_student_file(implementation_root(choice), student_modules()[module])
 
 
 def missing_exercises() -> list[str]:

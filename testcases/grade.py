@@ -47,6 +47,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model._impl import find_student_file, implementation_root
 from testcases.manifest import REPO, STAGES, Stage, exercises, select, student_files
 from testcases.scoring import BLOCKED, CRASHED, NOT_ATTEMPTED, NOT_RUN, SKIPPED, TIMED_OUT, Gradebook, Outcome
 
@@ -66,28 +67,6 @@ sys.exit(subprocess.call(sys.argv[2:], close_fds=False))
 
 
 # ---- the submission ------------------------------------------------------------------------------
-
-
-def implementation_root(choice: str) -> Path:
-    """Where the student files come from: this checkout, the reference or a directory."""
-    if choice == "student":
-        return REPO
-    if choice == "solutions":
-        if not (REPO / "solutions").is_dir():
-            raise SystemExit("--impl solutions: this checkout has no solutions/ folder (a handout has no reference)")
-        return REPO / "solutions"
-    root = Path(choice).expanduser().resolve()
-    if not root.is_dir():
-        raise SystemExit(f"--impl {choice}: expected 'student', 'solutions' or a directory with the student files")
-    return root
-
-
-def find_student_file(root: Path, relative: str) -> Path | None:
-    """``root/model/lora.py`` (a clone), or ``root/lora.py`` (a folder of loose files)."""
-    for candidate in (root / relative, root / Path(relative).name):
-        if candidate.is_file():
-            return candidate
-    return None
 
 
 def make_sandbox(where: Path, root: Path) -> list[str]:
@@ -136,7 +115,10 @@ class Child:
 class Scorer:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.root = implementation_root(args.impl)
+        try:
+            self.root = implementation_root(args.impl)  # the switch's own rule (model/_impl.py); no student code runs
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
         self.wanted = select(args.ex)
         self.plan: dict[str, dict] = {}  # nodeid -> planned test (function, exercise, weight, timeout)
         self.outcomes: dict[str, Outcome] = {}
