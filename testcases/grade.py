@@ -102,8 +102,6 @@ class Child:
     broken: dict[str, str]  # module -> reason, refused without running the file again
     log: Path
     process: subprocess.Popen | None = None
-    read_fd: int = -1
-    started: float = 0.0
     phase: tuple | None = None  # ("load", file, t0) | ("test", nodeid, t0)
     done: bool = False  # the child said it finished its run
     finished: bool = False  # its report pipe is closed
@@ -179,7 +177,7 @@ class Scorer:
                 pass_fds=(write_fd,), start_new_session=True,
             )  # fmt: skip
         os.close(write_fd)
-        child.read_fd, child.started, child.last_event = read_fd, time.monotonic(), time.monotonic()
+        child.last_event = time.monotonic()
         threading.Thread(target=self.read, args=(child, read_fd), daemon=True).start()
         self.children.append(child)
 

@@ -22,6 +22,7 @@ What it does:
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import linecache
@@ -49,6 +50,7 @@ from testcases.scoring import (
     Outcome,
 )
 
+TESTCASES = Path(__file__).resolve().parent
 STUB_MESSAGE = re.compile(r"^Exercise (\d+\.\d+):")
 GRADED_MODULES = re.compile(r"^testcases\.stage\d+\.(basic|advanced)$")
 BOOK = pytest.StashKey[Gradebook]()
@@ -68,15 +70,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="self-test of the stubs: succeed only if every graded test ran into a stub",
     )
     group.addoption("--load-timeout", type=float, default=60.0, help="seconds allowed to import each student file")
-    group.addoption("--report-fd", type=int, help=argparse_suppress())
-    group.addoption("--run-only", help=argparse_suppress())
-    group.addoption("--broken", help=argparse_suppress())
-
-
-def argparse_suppress() -> str:
-    import argparse
-
-    return argparse.SUPPRESS
+    # For testcases/grade.py's child processes only: the report pipe, the tests to run, files known broken.
+    group.addoption("--report-fd", type=int, help=argparse.SUPPRESS)
+    group.addoption("--run-only", help=argparse.SUPPRESS)
+    group.addoption("--broken", help=argparse.SUPPRESS)
 
 
 # ---- configuration and selection -----------------------------------------------------------------
@@ -373,14 +370,8 @@ def test_frame(excinfo: pytest.ExceptionInfo) -> str:
     for entry in reversed(excinfo.traceback):
         path = Path(str(entry.path))
         if "testcases" in path.parts and path.name not in ("tolerances.py", "helpers.py", "plugin.py"):
-            return (
-                f"\n  (the check is at testcases/{path.relative_to(_testcases_root()).as_posix()}:{entry.lineno + 1})"
-            )
+            return f"\n  (the check is at testcases/{path.relative_to(TESTCASES).as_posix()}:{entry.lineno + 1})"
     return ""
-
-
-def _testcases_root() -> Path:
-    return Path(__file__).resolve().parent
 
 
 def failure_message(excinfo: pytest.ExceptionInfo) -> str:
