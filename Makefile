@@ -8,7 +8,7 @@
 #   EX         grade one exercise (1.2), a stage (1) or a list (1,2.3)
 #   RESULTS    where make grade writes Gradescope's results.json
 #   PRECISION  make bench: fp32 | bf16 | fp16
-#   SEEDS      make stress: how many seed offsets (each run under 1 and 2 threads)
+#   SEEDS      make stress: how many seed offsets (each run under 1 and 2 threads); make variants: how many seeds
 #   FORCE      make stubs: overwrite filled-in exercises
 
 PY        ?= python3
@@ -25,11 +25,11 @@ SHOW       = $(if $(IMPL),LORA_IMPL=$(IMPL))
 INSTRUCTOR := $(wildcard solutions/tools/variants.py)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup grade demo notebooks bench lint format pretrain clean
+.PHONY: help setup grade demo variants notebooks bench lint format pretrain clean
 
 help: ## list the targets
 	@awk -F':.*## ' -v all=$(if $(INSTRUCTOR),1,0) '/^ifneq / && !all {exit} /^[a-z-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' Makefile
-	@echo "  variables: IMPL=student|solutions|DIR  EX=1.2  RESULTS=path  PRECISION=bf16$(if $(INSTRUCTOR),  SEEDS=10  FORCE=1)"
+	@echo "  variables: IMPL=student|solutions|DIR  EX=1.2  RESULTS=path  PRECISION=bf16  SEEDS=N$(if $(INSTRUCTOR),  FORCE=1)"
 
 setup: $(STAMP) ## create .venv and install requirements.txt (done automatically)
 
@@ -44,6 +44,9 @@ grade: $(STAMP) ## grade the student files (EX=1.2, IMPL=dir, RESULTS=path); exi
 
 demo: $(STAMP) ## fine-tune the bundled base model: full vs LoRA vs QLoRA (IMPL=student for your code)
 	$(SHOW) $(PYTHON) -m training.demo
+
+variants: $(STAMP) ## the LoRA family (Stage 5) side by side on the harder task (IMPL=student, SEEDS=3 for the spread)
+	$(SHOW) $(PYTHON) -m training.variants $(if $(filter command line,$(origin SEEDS)),--seeds $(SEEDS))
 
 notebooks: $(STAMP) ## open Jupyter Lab on notebooks/ (IMPL=student runs them on your code)
 	$(SHOW) $(VENV)/bin/jupyter lab notebooks
@@ -78,7 +81,7 @@ test: $(STAMP) ## the self-test: every check below; what CI runs
 	@echo "== 6/9 hostile submissions get the right score";           $(PYTHON) -m solutions.tools.hostile
 	@echo "== 7/9 instructor commands: a clone, Gradescope, the handout"; $(PYTHON) -m pytest -q -p no:nbmake solutions/tools
 	@echo "== 8/9 other seeds and thread counts (make stress runs more)"; $(PYTHON) -m solutions.tools.stress --seeds 1
-	@echo "== 9/9 the notebooks run on the reference";                LORA_IMPL=solutions $(PYTHON) -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=600 --timeout 900 notebooks
+	@echo "== 9/9 the notebooks run on the reference (Stage 5: a 20-step smoke run)"; VARIANTS_STEPS=20 LORA_IMPL=solutions $(PYTHON) -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=600 --timeout 900 notebooks
 	@echo "make test: all checks passed"
 
 stress: $(STAMP) ## the reference under SEEDS seed offsets × 1 and 2 torch threads

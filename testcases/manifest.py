@@ -93,11 +93,25 @@ QLORA_TRAINING = (
     Exercise("4.5", "estimate_memory", 4, needs=("3.5",)),
 )
 
+LORA_VARIANTS = (
+    Exercise("5.1", "rsLoRA: rslora_scaling, use_rslora", 4, needs=("2.1",)),
+    Exercise("5.2", "DoRALayer (magnitude, forward, merge), get_dora_model", 10, needs=("2.1", "3.6")),
+    Exercise("5.3", "PiSSA and OLoRA initialisation", 8, needs=("2.1",)),
+    Exercise("5.4", "LoftQ initialisation", 8, needs=("2.1", "3.6")),
+    Exercise("5.5", "LoRA-FA: freeze_lora_A", 3, needs=("2.1",)),
+    Exercise("5.6", "VeRA: shared projections, VeRALayer, get_vera_model", 8, needs=("2.1",)),
+    Exercise("5.7", "AdaLoRA: SVD-form layer, orthogonal regulariser, RankAllocator", 12, needs=("2.1",)),
+    Exercise("5.8", "Delta-LoRA through optimizer hooks", 5, needs=("2.1", "4.3")),
+    Exercise("5.9", "LoRA-drop: output importance, shared adapters", 5, needs=("2.1",)),
+    Exercise("5.10", "rsLoRA, DoRA, PiSSA adapters in PEFT's format", 6, needs=("2.4", "5.1", "5.2", "5.3")),
+)
+
 STAGES: tuple[Stage, ...] = (
     Stage(1, "lora-layer", "The LoRA layer", "model/lora.py", LORA_LAYER),
     Stage(2, "lora-in-a-model", "LoRA in a model", "model/lora.py", LORA_IN_A_MODEL),
     Stage(3, "quantization", "Quantization: from int8 to NF4", "model/quant.py", QUANTIZATION),
     Stage(4, "qlora-training", "QLoRA training", "training/qlora_trainer.py", QLORA_TRAINING),
+    Stage(5, "lora-variants", "The LoRA family", "model/lora_variants.py", LORA_VARIANTS),
 )
 
 # The stub the generator writes for a solution block: `raise NotImplementedError("Exercise 1.2: ...")`.

@@ -222,6 +222,41 @@ def test_task_data_is_deterministic_and_the_splits_are_disjoint():
     assert not any(tuple(r) in train for r in finetune_data("eval")["input_ids"].tolist())
 
 
+def test_hard_task_is_the_reversed_increment_and_new_to_the_base():
+    """Stage 5's harder task: answer = (digits + 1) mod 10 reversed, splits disjoint, the base model fails it."""
+    from model.tiny_llama import load_base_model
+    from training.data import N_DIGITS, Vocab, exact_match_accuracy, hard_finetune_data
+
+    data = hard_finetune_data("train", n=200)
+    assert all(torch.equal(data[k], hard_finetune_data("train", n=200)[k]) for k in data), "not deterministic"
+    digits = data["input_ids"][:, 2 : 2 + N_DIGITS]
+    answers = data["labels"][:, 2 + N_DIGITS : 2 + 2 * N_DIGITS]
+    assert torch.equal(answers, ((digits + 1) % 10).flip(dims=[1])), "the answer is the reversed increment"
+    assert (data["input_ids"][:, 1] == Vocab.PAD).all(), "the task token is PAD (no new vocabulary)"
+    train = {tuple(r) for r in hard_finetune_data("train", n=20_000)["input_ids"].tolist()}
+    held_out = hard_finetune_data("eval")
+    assert len(held_out["input_ids"]) == 500 and not any(tuple(r) in train for r in held_out["input_ids"].tolist())
+    accuracy = exact_match_accuracy(load_base_model(), held_out)
+    assert accuracy <= 0.05, f"the base model already solves {accuracy:.1%} of the harder task"
+
+
+# sha256 of the Stage 1–4 examples below, before Stage 5 added its task (first 16 hex digits)
+DATA_DIGEST = "ce9f7a7e26097276"
+
+
+def test_stage_1_to_4_data_unchanged():
+    """Adding Stage 5's task left the Stage 1–4 data bit for bit as it was (a digest of the tensors)."""
+    import hashlib
+
+    from training.data import finetune_data, make_examples
+
+    digest = hashlib.sha256()
+    for data in (finetune_data("train", n=300), finetune_data("eval", n=100), make_examples("sort", 50, 3)):
+        for key in sorted(data):
+            digest.update(data[key].numpy().tobytes())
+    assert digest.hexdigest()[:16] == DATA_DIGEST, "training/data.py changed the Stage 1–4 examples"
+
+
 def test_no_network_or_cuda_assumption_in_the_code():
     """No .cuda() and no download anywhere in the course code."""
     dev_only = {"check_peft_compat.py"}  # loads a local adapter folder with PEFT's from_pretrained; never run by tests

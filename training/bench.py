@@ -12,6 +12,11 @@
 3. One training step on the bundled model: LoRA vs QLoRA (the cost of dequantizing on the fly;
    aim ≤ 1.5×), in the precision named by the environment variable ``BENCH_PRECISION``
    (fp32, bf16 or fp16; default fp32). ``make bench PRECISION=bf16`` sets it.
+4. One training step per LoRA-family method on the bundled model relative to LoRA, same precision
+   (aim ≤ 1.5× for DoRA, VeRA and AdaLoRA; Stage 5): LoRA and DoRA at r = 8, VeRA at PEFT's
+   default r = 256 (its forward picks the cheaper of two multiplication orders), AdaLoRA from
+   rank 12 towards 8 with its RankAllocator attached (importance and masking after every step),
+   Delta-LoRA with its W0 update attached. Measured in alternating rounds, like section 1.
 
 Every number is the median of repeated runs in one process (torch.utils.benchmark).
 Run it on a quiet machine: other processes using the cores distort every timing.
@@ -172,12 +177,58 @@ def training_step(precision: str) -> None:
     print(f"   QLoRA  {times['nf4'] * 1e3:7.1f} ms   {times['nf4'] / times['none']:4.2f}x LoRA   (aim <= 1.5x)")
 
 
+VARIANT_STEPS = {
+    # label: (apply_variant method, r) — LoRA and DoRA as in section 3; VeRA at PEFT's default rank
+    "LoRA": ("lora", 8),
+    "DoRA": ("dora", 8),
+    "VeRA r=256": ("vera", 256),
+    "AdaLoRA": ("adalora", 8),
+    "Delta-LoRA": ("delta-lora", 8),
+}
+VARIANT_AIMS = {"DoRA": "   (aim <= 1.5x)", "VeRA r=256": "   (aim <= 1.5x)", "AdaLoRA": "   (aim <= 1.5x)"}
+
+
+def variant_steps(precision: str) -> None:
+    data = finetune_data("train")
+    print(f"\n4. One training step per LoRA-family method, bundled model, batch 64, {precision}, CPU "
+          "(median of 5 alternating rounds)")  # fmt: skip
+    fns, hooks = {}, []
+    try:
+        from model.lora_variants import apply_variant  # Stage 5, through the switch; imported here so a
+
+        # submission without it still runs sections 1-3
+        for label, (method, r) in VARIANT_STEPS.items():
+            config = TrainConfig(quantize="none", precision=precision, max_steps=10_000, batch_size=64,
+                                 progress=False, device="cpu", output_dir="runs/bench")  # fmt: skip
+            torch.manual_seed(0)
+            model, attach = apply_variant(load_base_model(), method, r=r, lora_alpha=16, total_step=100_000)
+            trainer = QLoRATrainer(model, config, data)
+            hooks.append(attach(trainer.optimizer))  # AdaLoRA's allocator, Delta-LoRA's W0 update; else None
+            batch = [trainer.micro_batch(0)]
+            trainer.train_step(batch)  # warm up
+            fns[label] = lambda trainer=trainer, batch=batch: trainer.train_step(batch)
+    except (ImportError, NotImplementedError) as error:
+        print(f"   skipped: model/lora_variants.py is missing or not finished ({error})")
+        return
+    except ValueError as error:  # a trainer that refuses this precision on the CPU
+        print(f"   skipped: {error}")
+        return
+    times = interleaved(fns)
+    for label, seconds in times.items():
+        ratio = seconds / times["LoRA"]
+        print(f"   {label:<12} {seconds * 1e3:7.1f} ms   {ratio:4.2f}x LoRA{VARIANT_AIMS.get(label, '')}")
+    for hook in hooks:
+        if hook is not None:
+            hook.detach()
+
+
 def main() -> None:
     precision = bench_precision()
     torch.set_num_threads(THREADS)
     lora_layer_overhead()
     nf4_throughput()
     training_step(precision)
+    variant_steps(precision)
 
 
 if __name__ == "__main__":

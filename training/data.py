@@ -10,10 +10,14 @@ where d1..dn are random digits and a1..an is the answer the task asks for:
     reverse    3 1 4 1 5 9  ->  9 5 1 4 1 3
     sort       3 1 4 1 5 9  ->  1 1 3 4 5 9
     increment  3 1 4 1 5 9  ->  4 2 5 2 6 0    (each digit + 1, mod 10)
+    increment-reverse         ->  0 6 2 5 2 4    (the harder task of Stage 5: increment, then reverse)
 
 The base model is pretrained on the PRETRAIN_TASKS mixture only. FINETUNE_TASK
 has its own task token that the base never sees, so it is a new skill that
-the fine-tuning chapters have to teach.
+the fine-tuning chapters have to teach. HARD_TASK (Stage 5) combines that new
+skill with a known one; its task token is the PAD id, which no sequence uses
+(so the bundled checkpoint needs no new vocabulary). Plain LoRA at rank 1–2
+does not learn it in the variants demo's budget, so the LoRA variants can differ.
 
 Tensors follow the usual next-token-prediction layout: ``input_ids`` is the
 sequence without its last token and ``labels`` the sequence without its
@@ -47,6 +51,7 @@ class Vocab:
 PRETRAIN_TASKS = ("copy", "reverse", "sort")  # what the base model learns
 FINETUNE_TASK = "increment"  # new skill, never seen during pretraining
 TASKS = (*PRETRAIN_TASKS, FINETUNE_TASK)
+HARD_TASK = "increment-reverse"  # Stage 5's harder task: increment each digit, then reverse the answer
 VOCAB_SIZE = Vocab.TASK_BASE + len(TASKS)  # 18
 SEQ_LEN = 2 * N_DIGITS + 4  # BOS, task, n digits, SEP, n digits, EOS
 
@@ -84,26 +89,25 @@ def _answer(task: str, digits: torch.Tensor) -> torch.Tensor:
 
 def _build(tasks: torch.Tensor, digits: torch.Tensor) -> dict[str, torch.Tensor]:
     """Assemble sequences from task indices (N,) and digits (N, n)."""
-    N = digits.shape[0]
     answers = torch.empty_like(digits)
     for i, task in enumerate(TASKS):
         rows = tasks == i
         if rows.any():
             answers[rows] = _answer(task, digits[rows])
+    return _build_with_token(tasks + Vocab.TASK_BASE, digits, answers)
+
+
+def _build_with_token(
+    token: torch.Tensor | int, digits: torch.Tensor, answers: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """BOS <token> digits SEP answers EOS, shifted into input_ids / labels (only the answer is scored)."""
+    N = digits.shape[0]
 
     def col(value: int | torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(value, dtype=torch.long).expand(N).unsqueeze(1)  # (N, 1)
 
     seq = torch.cat(
-        [
-            col(Vocab.BOS),
-            (tasks + Vocab.TASK_BASE).unsqueeze(1),
-            digits,
-            col(Vocab.SEP),
-            answers,
-            col(Vocab.EOS),
-        ],
-        dim=1,
+        [col(Vocab.BOS), col(token), digits, col(Vocab.SEP), answers, col(Vocab.EOS)], dim=1
     )  # (N, SEQ_LEN)
     input_ids = seq[:, :-1].contiguous()  # (N, T)
     labels = seq[:, 1:].clone()  # (N, T) target at position t is token t+1
@@ -130,6 +134,27 @@ def pretraining_data(n: int, seed: int) -> dict[str, torch.Tensor]:
 
 _SPLIT_SEED = {"train": 1_000_001, "eval": 2_000_003}  # keeps the splits' RNG streams apart
 _MAX_TRAIN = 20_000  # eval rows are checked against this many training rows
+
+
+def hard_finetune_data(split: str, n: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The harder task (HARD_TASK): the answer is the reversed increment, the task token is PAD.
+
+    Same layout, sizes and split seeds as ``finetune_data`` (2000 training, 500 evaluation examples);
+    the problems are drawn from their own streams, and eval rows that occur in training are dropped.
+    """
+    if split not in _SPLIT_SEED:
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    default = 2000 if split == "train" else 500
+    n = default if n is None else n
+    g = torch.Generator().manual_seed(_SPLIT_SEED[split] + 7 + 2 * seed)
+    digits = torch.randint(0, 10, (n + (64 if split == "eval" else 0), N_DIGITS), generator=g)
+    data = _build_with_token(Vocab.PAD, digits, ((digits + 1) % 10).flip(dims=[1]))
+    if split == "train":
+        return data
+    train = hard_finetune_data("train", _MAX_TRAIN, seed)
+    seen = {tuple(row) for row in train["input_ids"].tolist()}
+    keep = torch.tensor([tuple(row) not in seen for row in data["input_ids"].tolist()])
+    return {k: v[keep][:n] for k, v in data.items()}
 
 
 def finetune_data(split: str, n: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
