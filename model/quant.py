@@ -210,8 +210,10 @@ def unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
             f"packed must be uint8 with ceil({numel} / 2) = {(numel + 1) // 2} bytes, "
             f"got {packed.dtype} with {packed.numel()}"
         )
-    high, low = packed.reshape(-1) >> 4, packed.reshape(-1) & 0x0F
-    return torch.stack([high, low], dim=1).reshape(-1)[:numel]  # (numel,)
+    codes = torch.empty(packed.numel(), 2, dtype=torch.uint8, device=packed.device)  # (bytes, 2)
+    torch.bitwise_right_shift(packed.reshape(-1), 4, out=codes[:, 0])  # even index: the high nibble
+    torch.bitwise_and(packed.reshape(-1), 0x0F, out=codes[:, 1])  # odd index: the low nibble
+    return codes.view(-1)[:numel]  # (numel,)
 
 
 def pack_nibbles(codes: torch.Tensor, pad: int = 0) -> torch.Tensor:

@@ -105,6 +105,13 @@ LORA_VARIANTS = (
     Exercise("5.9", "LoRA-drop: output importance, shared adapters", 5, needs=("2.1",)),
     Exercise("5.10", "rsLoRA, DoRA, PiSSA adapters in PEFT's format", 6, needs=("2.4", "5.1", "5.2", "5.3")),
 )
+MEMORY = (
+    Exercise("6.1", "8-bit state codes: unsigned dynamic code, lookup table, blockwise", 8, needs=("3.4",)),
+    Exercise("6.2", "AdamW8bit (bitsandbytes' step, bit for bit)", 10, needs=("6.1",)),
+    Exercise("6.3", "PagedOptimizer: states paged between a pool and the device", 8, needs=("6.2",)),
+    Exercise("6.4", "make_optimizer, MemoryConfig, MemoryTrainer", 6, needs=("6.2", "6.3", "4.3")),
+    Exercise("6.5", "memory accounting: state bytes, estimate and measurement", 10, needs=("6.4", "4.2")),
+)
 
 STAGES: tuple[Stage, ...] = (
     Stage(1, "lora-layer", "The LoRA layer", "model/lora.py", LORA_LAYER),
@@ -112,6 +119,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(3, "quantization", "Quantization: from int8 to NF4", "model/quant.py", QUANTIZATION),
     Stage(4, "qlora-training", "QLoRA training", "training/qlora_trainer.py", QLORA_TRAINING),
     Stage(5, "lora-variants", "The LoRA family", "model/lora_variants.py", LORA_VARIANTS),
+    Stage(6, "memory", "QLoRA's memory: 8-bit and paged optimizers, checkpointing", "training/memory.py", MEMORY),
 )
 
 # The stub the generator writes for a solution block: `raise NotImplementedError("Exercise 1.2: ...")`.

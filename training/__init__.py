@@ -1,6 +1,6 @@
-"""Training code: task data and pretraining (given) and the student file qlora_trainer.py.
+"""Training code: task data, pretraining and the demos (given) and the student files qlora_trainer.py and memory.py.
 
-Which qlora_trainer.py is loaded is decided by ``LORA_IMPL`` (see ``model/_impl.py``).
+Which qlora_trainer.py and memory.py are loaded is decided by ``LORA_IMPL`` (see ``model/_impl.py``).
 """
 
 from model._impl import install

@@ -6,9 +6,11 @@
    merged layer. The LoRA branch adds 2·r·(k + d) / (2·k·d) ≈ 3 % FLOPs, so the aim is
    ≤ 1.10× unmerged and ≤ 1.02× merged. PEFT's LoRA layer is timed alongside only when
    ``peft`` is importable; otherwise a line says it was skipped.
-2. NF4 quantize / dequantize throughput on a 4096 × 4096 fp32 weight (and the ratio to
-   bitsandbytes on the CPU when it is installed), NF4Linear forward vs nn.Linear, and bits per
-   parameter measured from ``weight_nbytes()`` (4.127 with double quantization, 4.5 without).
+2. NF4 quantize / dequantize on a 4096 × 4096 fp32 weight, side by side with bitsandbytes'
+   ``quantize_4bit`` / ``dequantize_4bit`` on the CPU when ``bitsandbytes`` is importable (aim:
+   ours / bitsandbytes ≤ 1.00×; measured in alternating rounds, like section 1; ours alone
+   otherwise), NF4Linear forward vs nn.Linear, and bits per parameter measured from
+   ``weight_nbytes()`` (4.127 with double quantization, 4.5 without).
 3. One training step on the bundled model: LoRA vs QLoRA (the cost of dequantizing on the fly;
    aim ≤ 1.5×), in the precision named by the environment variable ``BENCH_PRECISION``
    (fp32, bf16 or fp16; default fp32). ``make bench PRECISION=bf16`` sets it.
@@ -125,26 +127,48 @@ def lora_layer_overhead() -> None:
         print("   PEFT lora.Linear     skipped: peft is not installed (pip install peft to compare its LoRA layer)")
 
 
+def bitsandbytes_nf4(weight: torch.Tensor):
+    """bitsandbytes' CPU ``quantize_4bit`` / ``dequantize_4bit`` of ``weight`` (NF4, blocks of 64),
+    as {"quantize": fn, "dequantize": fn} plus its packed bytes and absmax; None without bitsandbytes."""
+    try:  # dev-only comparison; the course never needs bitsandbytes
+        import bitsandbytes.functional as bnbf
+    except ImportError:
+        return None
+    packed, state = bnbf.quantize_4bit(weight, blocksize=64, quant_type="nf4")
+    fns = {
+        "quantize": lambda: bnbf.quantize_4bit(weight, blocksize=64, quant_type="nf4"),
+        "dequantize": lambda: bnbf.dequantize_4bit(packed, state),
+    }
+    return fns, packed.reshape(-1), state.absmax
+
+
 def nf4_throughput() -> None:
     torch.manual_seed(0)
     weight = torch.randn(4096, 4096) * 0.02
     n = weight.numel()
     packed, absmax = quantize_nf4(weight)
-    t_q = median_seconds(lambda: quantize_nf4(weight), 2.0)
-    t_dq = median_seconds(lambda: dequantize_nf4(packed, absmax, weight.shape), 2.0)
-    print("\n2. NF4 on a 4096 x 4096 fp32 weight (median)")
-    print(f"   quantize_nf4         {t_q * 1e3:8.1f} ms   {n / t_q / 1e6:8.1f} M weights/s")
-    print(f"   dequantize_nf4       {t_dq * 1e3:8.1f} ms   {n / t_dq / 1e6:8.1f} M weights/s")
-    try:
-        import bitsandbytes.functional as bnbf  # dev-only comparison
-    except ImportError:
-        print("   (bitsandbytes not installed: pip install bitsandbytes to compare, aim >= 1x its CPU speed)")
+    ours = {
+        "quantize": lambda: quantize_nf4(weight),
+        "dequantize": lambda: dequantize_nf4(packed, absmax, weight.shape),
+    }
+    theirs = bitsandbytes_nf4(weight)
+    fns = {f"{op} ours": fn for op, fn in ours.items()}
+    if theirs is not None:
+        fns.update({f"{op} bitsandbytes": fn for op, fn in theirs[0].items()})
+    times = interleaved(fns)  # ours and bitsandbytes' in alternating rounds: machine load hits both alike
+    print("\n2. NF4 on a 4096 x 4096 fp32 weight, 2 threads (median of 5 alternating rounds)")
+    for op in ours:
+        t_ours = times[f"{op} ours"]
+        line = f"   {op + '_nf4':<16} {t_ours * 1e3:8.1f} ms   {n / t_ours / 1e6:6.1f} M weights/s"
+        if theirs is not None:
+            t_bnb = times[f"{op} bitsandbytes"]
+            line += f"   bitsandbytes {t_bnb * 1e3:8.1f} ms   ours / bnb {t_ours / t_bnb:4.2f}x   (aim <= 1.00x)"
+        print(line)
+    if theirs is None:
+        print("   bitsandbytes         skipped: not installed (pip install bitsandbytes to time its CPU NF4 alongside)")
     else:
-        t_bq = median_seconds(lambda: bnbf.quantize_4bit(weight, blocksize=64, quant_type="nf4"), 2.0)
-        q, state = bnbf.quantize_4bit(weight, blocksize=64, quant_type="nf4")
-        t_bdq = median_seconds(lambda: bnbf.dequantize_4bit(q, state), 2.0)
-        print(f"   bitsandbytes         quantize {t_bq * 1e3:.1f} ms, dequantize {t_bdq * 1e3:.1f} ms; "
-              f"ours / theirs speed: {t_bq / t_q:.2f}x, {t_bdq / t_dq:.2f}x")  # fmt: skip
+        same = torch.equal(packed, theirs[1]) and torch.equal(absmax, theirs[2])
+        print(f"   packed bytes and absmax {'identical to' if same else 'DIFFER from'} bitsandbytes'")
     linear = nn.Linear(4096, 4096, bias=False)
     x = torch.randn(256, 4096)
     with torch.no_grad():

@@ -2,9 +2,10 @@
 
 From the same bundled base model and seed, each method learns the fine-tuning task that the
 base model never saw. Printed: a table of accuracy before/after, trainable parameters, bytes of
-weights, peak training memory and seconds. Written to runs/demo/: metrics.json
-({"full": {...}, "lora": {...}, "qlora": {...}}), loss_curves.png, and the LoRA and QLoRA
-adapters in PEFT's format. The QLoRA model is also merged (dequantize + merge) and checked.
+weights, bytes of optimizer state after training (AdamW's m, v and step; Stage 6), peak training
+memory and seconds. Written to runs/demo/: metrics.json ({"full": {...}, "lora": {...},
+"qlora": {...}}), loss_curves.png, and the LoRA and QLoRA adapters in PEFT's format. The QLoRA
+model is also merged (dequantize + merge) and checked.
 
 Runs on the CPU by default (CUDA when present). On a CPU the demo computes in fp32: a bf16 autocast
 step took 1.5-2× as long as an fp32 step on the 2-core CPU we measured (small matmuls plus the casts;
@@ -56,6 +57,20 @@ def model_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
+def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the optimizer's state tensors (AdamW: m, v and a 0-d ``step`` per tensor), each storage once.
+
+    Computed here rather than with ``training.memory`` (Stage 6) so that the demo needs Stages 1-4 only.
+    """
+    storages = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for state in optimizer.state.values()
+        for t in state.values()
+        if isinstance(t, torch.Tensor)
+    }
+    return sum(storages.values())
+
+
 def training_memory(trainer: QLoRATrainer) -> int:
     """Peak bytes of one training step.
 
@@ -80,13 +95,7 @@ def training_memory(trainer: QLoRATrainer) -> int:
     params = trainer.trainable_parameters()
     grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
     trainer.optimizer.zero_grad(set_to_none=True)
-    states = sum(
-        t.numel() * t.element_size()
-        for state in trainer.optimizer.state.values()
-        for t in state.values()
-        if isinstance(t, torch.Tensor)
-    )
-    return model_bytes(trainer.model) + grads + states + sum(saved.values())
+    return model_bytes(trainer.model) + grads + optimizer_bytes(trainer.optimizer) + sum(saved.values())
 
 
 def run(method: str, base: nn.Module, device: torch.device, precision: str, data: dict) -> tuple[dict, QLoRATrainer]:
@@ -116,6 +125,7 @@ def run(method: str, base: nn.Module, device: torch.device, precision: str, data
         "accuracy_after": exact_match_accuracy(trainer.model, data["eval"]),
         "trainable_params": trainable,
         "weight_bytes": model_bytes(trainer.model),
+        "optimizer_bytes": optimizer_bytes(trainer.optimizer),
         "peak_memory_bytes": training_memory(trainer),
         "seconds": round(seconds, 2),
         "skipped_steps": trainer.skipped_steps,
@@ -143,19 +153,26 @@ def check_merge(trainer: QLoRATrainer, eval_data: dict, accuracy: float) -> str:
 
 
 def table(results: dict[str, dict]) -> str:
-    head = f"{'method':<7}{'acc before':>11}{'acc after':>11}{'trainable':>12}{'weight bytes':>14}{'peak memory':>13}{'seconds':>9}"
+    head = (
+        f"{'method':<7}{'acc before':>11}{'acc after':>11}{'trainable':>12}{'weight bytes':>14}"
+        f"{'optimizer bytes':>17}{'peak memory':>13}{'seconds':>9}"
+    )
     rows = [head, "-" * len(head)]
     for method, m in results.items():
         rows.append(
             f"{method:<7}{m['accuracy_before']:>11.1%}{m['accuracy_after']:>11.1%}{m['trainable_params']:>12,}"
-            f"{m['weight_bytes']:>14,}{m['peak_memory_bytes']:>13,}{m['seconds']:>9.1f}"
+            f"{m['weight_bytes']:>14,}{m['optimizer_bytes']:>17,}{m['peak_memory_bytes']:>13,}{m['seconds']:>9.1f}"
         )
     return "\n".join(rows)
 
 
 def refuse_stubs() -> None:
-    """Say which exercises the demo still needs, instead of failing deep inside the first stub."""
-    if missing := missing_exercises():
+    """Say which exercises the demo still needs, instead of failing deep inside the first stub.
+
+    Only Stages 1-4 count: the demo imports nothing from Stage 5 (``model/lora_variants.py``) or
+    Stage 6 (``training/memory.py``), so stubs there do not stop it.
+    """
+    if missing := [ex for ex in missing_exercises() if int(ex.split(".")[0]) <= 4]:
         hint = (
             " or see the reference first: make demo IMPL=solutions"
             if (Path(__file__).parents[1] / "solutions").is_dir()

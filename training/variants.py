@@ -381,7 +381,7 @@ def save_comparison_plot(results: dict[str, dict], path: str | Path) -> Path:
 
 def refuse_stubs() -> None:
     """Say which exercises the comparison still needs, instead of failing deep inside the first stub."""
-    if missing := missing_exercises():
+    if missing := [ex for ex in missing_exercises() if int(ex.split(".")[0]) <= 5]:  # Stage 6 is not used here
         hint = (
             " or see the reference first: make variants IMPL=solutions"
             if (Path(__file__).parents[1] / "solutions").is_dir()

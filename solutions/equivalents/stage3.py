@@ -58,8 +58,9 @@ EQUIVALENTS = [
         "Each element's absmax gathered with repeat_interleave instead of reshaping into blocks.",
         (
             (
-                "    blocks = to_blocks(values, block_size) * absmax.reshape(-1, 1).float()\n"
-                "    return blocks.reshape(-1)[: codes.numel()]",
+                "    blocks.view(-1)[codes.numel() :] = 0  # the padding of a partial last block\n"
+                "    blocks *= absmax.reshape(-1, 1).float()  # scale in place: (n_blocks, block_size)\n"
+                "    return values",
                 "    return values * absmax.float().repeat_interleave(block_size)[: codes.numel()]",
             ),
         ),

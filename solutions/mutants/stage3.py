@@ -91,7 +91,8 @@ MUTANTS = [
         "Blocks are cut per row of the weight instead of over the flattened tensor.",
         (
             (
-                "    return to_blocks(x.float(), block_size).abs().amax(dim=1)",
+                "    blocks = to_blocks(x.float(), block_size)  # (n_blocks, block_size)\n"
+                "    return torch.maximum(blocks.amax(dim=1).abs(), blocks.amin(dim=1).abs())  # max |x| without an |x| copy",
                 "    rows = x.float().reshape(x.shape[0] if x.dim() > 1 else 1, -1)\n"
                 "    return torch.cat([to_blocks(row, block_size).abs().max(dim=1).values for row in rows])",
             ),
@@ -103,7 +104,8 @@ MUTANTS = [
         "One absmax for the whole tensor instead of one per block.",
         (
             (
-                "    return to_blocks(x.float(), block_size).abs().amax(dim=1)",
+                "    blocks = to_blocks(x.float(), block_size)  # (n_blocks, block_size)\n"
+                "    return torch.maximum(blocks.amax(dim=1).abs(), blocks.amin(dim=1).abs())  # max |x| without an |x| copy",
                 "    blocks = to_blocks(x.float(), block_size)\n    return blocks.abs().max().expand(blocks.shape[0]).clone()",
             ),
         ),
@@ -114,8 +116,10 @@ MUTANTS = [
         "The NF4 block constant is max(x), not max |x|: negative blocks break.",
         (
             (
-                "    return to_blocks(x.float(), block_size).abs().amax(dim=1)",
-                "    return to_blocks(x.float(), block_size).amax(dim=1)",
+                "    blocks = to_blocks(x.float(), block_size)  # (n_blocks, block_size)\n"
+                "    return torch.maximum(blocks.amax(dim=1).abs(), blocks.amin(dim=1).abs())  # max |x| without an |x| copy",
+                "    blocks = to_blocks(x.float(), block_size)  # (n_blocks, block_size)\n"
+                "    return blocks.amax(dim=1)",
             ),
         ),
     ),
@@ -159,8 +163,8 @@ MUTANTS = [
         "Dequantization forgets the last partial block (its values come back as 0).",
         (
             (
-                "    blocks = to_blocks(values, block_size) * absmax.reshape(-1, 1).float()\n",
-                "    blocks = to_blocks(values, block_size) * absmax.reshape(-1, 1).float()\n"
+                "    blocks *= absmax.reshape(-1, 1).float()  # scale in place: (n_blocks, block_size)\n",
+                "    blocks *= absmax.reshape(-1, 1).float()  # scale in place: (n_blocks, block_size)\n"
                 "    if codes.numel() % block_size:\n        blocks[-1] = 0\n",
             ),
         ),

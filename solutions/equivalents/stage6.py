@@ -1,0 +1,120 @@
+"""Equivalents of Stage 6: correct memory code written differently; each must keep full marks."""
+
+from solutions.tools.variants import Variant
+
+EQUIVALENTS = [
+    Variant(
+        "lut_by_bucketize",
+        "6.1",
+        "The lookup table with torch.bucketize on the float32 midpoints instead of nearest_code.",
+        block="6.1: the bin centres",
+        code="""
+            levels = code.float()
+            centres = torch.arange(LUT_SIZE, dtype=torch.float32, device=code.device) * 2 / (LUT_SIZE - 1) - 1.0
+            midpoints = (levels[1:] + levels[:-1]) / 2  # (255,)
+            return torch.bucketize(centres, midpoints).to(torch.uint8)  # a centre on a midpoint goes to the lower level
+            """,
+    ),
+    Variant(
+        "quantize_with_masks",
+        "6.1",
+        "All-zero blocks handled by torch.where on the codes, the reciprocal by torch.reciprocal, the table by index_select.",
+        block="6.1: absmax, reciprocal",
+        code="""
+            check_block_size(block_size)
+            blocks = to_blocks(x.float(), block_size)  # (n_blocks, block_size)
+            absmax = blocks.abs().amax(dim=1)  # (n_blocks,)
+            nonzero = absmax > 0
+            inverse = torch.reciprocal(torch.where(nonzero, absmax, torch.ones_like(absmax)))
+            scaled = torch.clamp(blocks * inverse.unsqueeze(1), min=-1.0, max=1.0)
+            bins = torch.trunc((scaled + 1.0) * 0.5 * 65535.0 + 0.5).to(torch.int64)
+            codes = torch.index_select(lut.to(x.device), 0, bins.reshape(-1)).view_as(bins)
+            codes = torch.where(nonzero.unsqueeze(1), codes, torch.zeros_like(codes))
+            return codes.flatten()[: x.numel()], absmax
+            """,
+    ),
+    Variant(
+        "unsigned_code_by_list_comprehension",
+        "6.1",
+        "The unsigned code collected in one comprehension over (exponent, fraction) and sorted with torch.sort.",
+        block="6.1: twice the fractions per exponent",
+        code="""
+            parts = []
+            for e in range(7):
+                b = torch.linspace(0.1, 1, 2 ** (e + 1) + 1, dtype=torch.float32)
+                parts.append(10 ** (e - 6) * ((b[:-1] + b[1:]) / 2.0))
+            values = torch.tensor([v for part in parts for v in part.tolist()] + [0.0, 1.0], dtype=torch.float32)
+            return torch.sort(values).values
+            """,
+    ),
+    Variant(
+        "update_with_in_place_chain",
+        "6.2",
+        "The denominator built in place (sqrt, div_, add_) and the bias corrections with math.pow: the same operations.",
+        (
+            (
+                "    correction1 = 1.0 - beta1**step\n    correction2 = math.sqrt(1.0 - beta2**step)\n    denom = (v.sqrt() / correction2).add_(eps)",
+                "    correction1 = 1.0 - math.pow(beta1, step)\n    correction2 = math.sqrt(1.0 - math.pow(beta2, step))\n"
+                "    denom = v.sqrt().div_(correction2).add_(eps)",
+            ),
+        ),
+    ),
+    Variant(
+        "paging_over_state_items",
+        "6.3",
+        "page_in walks state.items() itself and counts with element_size instead of calling paged_tensors / nbytes.",
+        block="6.3: pool → device",
+        code="""
+            moved = 0
+            with self.streams.copying(group["params"][0].device):
+                for p in group["params"]:
+                    state = self.state.get(p)
+                    if not state:
+                        continue
+                    home = self.homes.setdefault(p, {})
+                    for key, value in list(state.items()):
+                        if key == "step" or not torch.is_tensor(value):
+                            continue
+                        home[key] = value
+                        state[key] = value.to(p.device, non_blocking=True)
+                        moved += state[key].numel() * state[key].element_size()
+            self.bytes_paged_in += moved
+            return moved
+            """,
+    ),
+    Variant(
+        "make_optimizer_by_table",
+        "6.4",
+        "make_optimizer looks the base class up in a dict and wraps by a flag.",
+        block="6.4: check the name",
+        code="""
+            bases = {"adamw": torch.optim.AdamW, "adamw8bit": AdamW8bit}
+            if name not in OPTIMIZERS:
+                raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+            paged, kind = name.startswith("paged_"), name.removeprefix("paged_")
+            extra = {"min_8bit_size": min_8bit_size} if kind == "adamw8bit" else {}
+            base = bases[kind](list(param_groups), **extra, **hyper)
+            return PagedOptimizer(base, pool_device) if paged else base
+            """,
+    ),
+    Variant(
+        "state_bytes_closed_form",
+        "6.5",
+        "optimizer_state_bytes as one sum per case (closed forms) instead of a loop with branches.",
+        block="6.5: per tensor, by option",
+        code="""
+            if optimizer not in OPTIMIZERS:
+                raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+            sizes = (
+                [p.numel() for p in tensors.parameters() if p.requires_grad]
+                if isinstance(tensors, nn.Module)
+                else list(tensors)
+            )
+            if not optimizer.endswith("8bit"):
+                return 8 * sum(sizes) + 4 * len(sizes)
+            small = [n for n in sizes if n < min_8bit_size]
+            large = [n for n in sizes if n >= min_8bit_size]
+            return 8 * sum(small) + 2 * sum(large) + 8 * sum(math.ceil(n / STATE_BLOCK_SIZE) for n in large)
+            """,
+    ),
+]
