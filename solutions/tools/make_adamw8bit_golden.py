@@ -20,7 +20,7 @@ Keys ``<case>.<field>_<step>`` (float32 / uint8), and JSON metadata (``meta``, `
     <case>.state1_100 / …                      … and after step 100: its expected output
     (fp32 m and v as state1 / state2 and no absmax for the case under min_8bit_size)
 
-The inputs are NOT stored: ``initial_param`` and ``gradient`` below rebuild them from seeds with
+The inputs are NOT stored: ``initial_param`` and ``gradient`` (testcases/stage6/golden_inputs.py) rebuild them from seeds with
 ``torch.rand`` / ``torch.randint`` and exact float32 arithmetic only, so they are bit-identical on every
 CPU capability (``torch.randn`` is not: its scalar DEFAULT path differs from AVX2/AVX512). The tests copy
 these two functions; the SHA-256 of the inputs is in the metadata, so a test tells "inputs differ" from
@@ -44,10 +44,8 @@ or AVX512 host; a test on another capability should check the 100-step trajector
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
-import math
 import os
 import struct
 import sys
@@ -56,6 +54,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+from testcases.stage6.golden_inputs import gradient, initial_param, sha256  # noqa: E402  (one definition, shared with the tests)
+
 OUT = REPO / "testcases" / "fixtures" / "adamw8bit_golden.safetensors"
 BNB_VERSION = "0.50.2"
 STEPS = 100
@@ -72,37 +73,6 @@ CASES = {
     # 100 < 4096 elements: fp32 states, bitsandbytes' 32-bit formula
     "b10x10": dict(shape=(10, 10), lr=1e-3, weight_decay=0.01, seed=13, zero_prefix=0),
 }
-
-
-# ---- inputs (the tests copy these two functions: no bitsandbytes in them) ------------------------------
-
-
-def irwin_hall(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
-    """≈ N(0, 1/3): the sum of four U(0, 1) minus 2, in a fixed order (capability-independent bits)."""
-    u = torch.rand((4, *shape), generator=g)
-    return ((u[0] + u[1]) + (u[2] + u[3])) - 2.0
-
-
-def initial_param(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    return irwin_hall(shape, torch.Generator().manual_seed(seed)) * 0.1
-
-
-def gradient(shape: tuple[int, ...], seed: int, step: int, zero_prefix: int = 0) -> torch.Tensor:
-    """Step ``step``'s gradient (1-based): noise × a per-row scale 2^k (k ∈ [-4, 3]) × 1e-2 + 1e-3·sin(step/7)."""
-    g = torch.Generator().manual_seed(10_000 * seed + step)
-    x = irwin_hall(shape, g)
-    rows = x.reshape(x.shape[0] if x.dim() > 1 else 1, -1)
-    scale = torch.pow(2.0, torch.randint(-4, 4, (rows.shape[0], 1), generator=g).float())
-    out = (rows * scale).reshape(shape) * 1e-2 + 1e-3 * math.sin(step / 7)
-    out.view(-1)[:zero_prefix] = 0.0
-    return out
-
-
-def sha256(tensors: list[torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 # ---- the reference, through the course's switch ---------------------------------------------------------

@@ -24,8 +24,6 @@ from testcases.stage6.basic import (
     check_parts,
     f32,
     golden_optimizer,
-    gradient,
-    initial_param,
     lut_reference,
     measure_setup,
     memory_config,
@@ -33,11 +31,11 @@ from testcases.stage6.basic import (
     quantize_reference,
     saved_activation_bytes,
     seeded_grads,
-    sha256,
     state_bytes,
     three_groups,
     trainable_state,
 )
+from testcases.stage6.golden_inputs import gradient, initial_param, sha256
 
 # ---- Exercise 6.1: state quantization ------------------------------------------------------------------
 

@@ -3,8 +3,8 @@
 
 bitsandbytes' numbers come from testcases/fixtures/adamw8bit_golden.safetensors, written by
 solutions/tools/make_adamw8bit_golden.py with bitsandbytes 0.50.2 on CPU; the tests never import
-bitsandbytes. The file does not store the inputs: ``initial_param`` and ``gradient`` below are copied
-from that script and rebuild them from its fixed seeds with ``torch.rand`` / ``torch.randint`` and exact
+bitsandbytes. The file does not store the inputs: ``initial_param`` and ``gradient`` (testcases/stage6/golden_inputs.py,
+shared with that script) rebuild them from its fixed seeds with ``torch.rand`` / ``torch.randint`` and exact
 float32 arithmetic, so they are bit-identical on every CPU (the file's metadata holds their SHA-256).
 Those seeds belong to the data, not to the test: ``--seed`` does not shift them.
 
@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import json
-import math
 import weakref
 from pathlib import Path
 
@@ -33,6 +31,7 @@ import torch
 from torch import nn
 
 from testcases.helpers import SEED_OFFSET, copy_of, diagnose, generator
+from testcases.stage6.golden_inputs import gradient, initial_param
 from testcases.tolerances import UNIT_ROUNDOFF, expect_tensor
 
 U32 = UNIT_ROUNDOFF[torch.float32]
@@ -60,35 +59,6 @@ def adamw8bit_golden() -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     """bitsandbytes' tensors (a fresh copy per call) and the cases' metadata (shape, lr, seed, ...)."""
     tensors, cases = _golden_file()
     return {key: value.clone() for key, value in tensors.items()}, copy.deepcopy(cases)
-
-
-def irwin_hall(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
-    """≈ N(0, 1/3): the sum of four U(0, 1) minus 2, in a fixed order (copied from the golden script)."""
-    u = torch.rand((4, *shape), generator=g)
-    return ((u[0] + u[1]) + (u[2] + u[3])) - 2.0
-
-
-def initial_param(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """The golden case's parameter before step 1 (the file's fixed seed: not shifted by --seed)."""
-    return irwin_hall(shape, torch.Generator().manual_seed(seed)) * 0.1
-
-
-def gradient(shape: tuple[int, ...], seed: int, step: int, zero_prefix: int = 0) -> torch.Tensor:
-    """The golden case's gradient of step ``step`` (1-based), as the golden script makes it."""
-    g = torch.Generator().manual_seed(10_000 * seed + step)
-    x = irwin_hall(shape, g)
-    rows = x.reshape(x.shape[0] if x.dim() > 1 else 1, -1)
-    scale = torch.pow(2.0, torch.randint(-4, 4, (rows.shape[0], 1), generator=g).float())
-    out = (rows * scale).reshape(shape) * 1e-2 + 1e-3 * math.sin(step / 7)
-    out.view(-1)[:zero_prefix] = 0.0
-    return out
-
-
-def sha256(tensors: list[torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def golden_optimizer(memory, case: dict, param: torch.Tensor):
