@@ -84,6 +84,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from model.checks import check_int, check_number
 from model.lora import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -107,29 +108,7 @@ MAGNITUDE_KEY = "lora_magnitude_vector"
 VARIANTS = ("lora", "rslora", "dora", "pissa", "olora", "loftq", "lora-fa", "vera", "adalora", "delta-lora")
 
 
-# ---- Given: checks and small helpers the exercises call ---------------------------------------
-
-
-def check_int(name: str, value: object, minimum: int) -> None:
-    """Given: raise a ValueError unless ``value`` is an int >= ``minimum`` (a bool is not an int here)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
-def check_number(
-    name: str, value: object, low: float, high: float, *, open_low: bool = False, open_high: bool = False
-) -> None:
-    """Given: raise a ValueError unless ``value`` is a finite number in [low, high] (an open end if asked)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if open_low else value >= low) and (value < high if open_high else value <= high)
-    if not ok:
-        if math.isinf(low) and math.isinf(high):
-            where = ""
-        elif math.isinf(high):
-            where = f" {'>' if open_low else '>='} {low:g}"
-        else:
-            where = f" in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
-        raise ValueError(f"{name} must be a finite number{where}, got {value!r}")
+# ---- Given: small helpers the exercises call (the argument checks are model/checks.py) ---------
 
 
 def dropout_p(layer: nn.Module) -> float:

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from model.checks import check_int, check_number
 from model.quant import check_block_size, dequantize_blockwise, dynamic_code_book, nearest_code, to_blocks
 from model.tiny_llama import LlamaConfig
 from training.data import lm_loss
@@ -67,22 +68,7 @@ METHODS = ("full", "lora", "qlora")
 NF4_BLOCK_SIZE = 64  # TrainConfig.block_size's default, for the weight estimate
 
 
-# ---- Given: argument checks -------------------------------------------------------------------
-
-
-def check_int(name: str, value: object, minimum: int) -> None:
-    """Given: raise a ValueError unless ``value`` is an int >= ``minimum`` (a bool is not an int here)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
-def check_number(name: str, value: object, low: float, high: float, *, open_high: bool = False) -> None:
-    """Given: raise a ValueError unless ``value`` is a finite number in [low, high] (or [low, high))."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and low <= value and (value < high if open_high else value <= high)
-    if not ok:
-        where = f">= {low:g}" if math.isinf(high) else f"in [{low:g}, {high:g}{')' if open_high else ']'}"
-        raise ValueError(f"{name} must be a finite number {where}, got {value!r}")
+# ---- Given: small helpers (the argument checks are model/checks.py) ---------------------------
 
 
 def nbytes(t: torch.Tensor) -> int:
