@@ -12,6 +12,18 @@ One design rule matters for this course: the forward pass only ever *calls*
 the projection layers (``self.q_proj(x)``), it never reads their ``.weight``.
 That way any ``nn.Linear`` can later be swapped for a LoRA wrapper or a 4-bit
 quantized linear with the same call signature and everything keeps working.
+
+Two extension points serve the prompt-based methods of Stage 7 (``model/peft_methods.py``);
+without them the forward pass is exactly the plain one:
+
+    model(inputs_embeds=x)      x (B, T, C) replaces the embedding lookup: prompt tuning and
+                                P-tuning prepend their virtual tokens' embeddings this way.
+    model(ids, prefix=kv)       kv holds one (key, value) pair per layer, each (B, H, P, hd): P
+                                extra positions every token attends to, as if a KV cache of P
+                                earlier tokens were there (prefix tuning, P-tuning v2). The keys
+                                are used as given (not rotated), and the tokens take positions
+                                P … P+T−1, exactly as transformers' Llama treats a filled cache
+                                (which is how PEFT passes its prefixes).
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 BASE_MODEL_PATH = CHECKPOINT_DIR / "base_model.safetensors"
+KeyValue = tuple[torch.Tensor, torch.Tensor]  # one layer's (key, value) prefix, each (B, H, P, hd)
 
 
 @dataclass
@@ -111,14 +124,24 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, prefix: KeyValue | None = None
+    ) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C). ``prefix``: (key, value), each (B, H, P, hd), put before the keys and values."""
         B, T, C = x.shape  # (B, T, C)
         q = self._split_heads(self.q_proj(x))  # (B, H, T, hd)
         k = self._split_heads(self.k_proj(x))  # (B, H, T, hd)
         v = self._split_heads(self.v_proj(x))  # (B, H, T, hd)
         q = apply_rope(q, cos.to(q.dtype), sin.to(q.dtype))
         k = apply_rope(k, cos.to(k.dtype), sin.to(k.dtype))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hd)
+        if prefix is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hd)
+        else:
+            P = prefix[0].shape[2]
+            k = torch.cat([prefix[0].to(k.dtype), k], dim=2)  # (B, H, P+T, hd)
+            v = torch.cat([prefix[1].to(v.dtype), v], dim=2)  # (B, H, P+T, hd)
+            visible = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)  # every prefix slot
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C) re-assemble the heads
         return self.o_proj(y)
 
@@ -147,8 +170,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)  # (B, T, C)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, prefix: KeyValue | None = None
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, prefix)  # (B, T, C)
         x = x + self.mlp(self.post_attention_layernorm(x))  # (B, T, C)
         return x
 
@@ -182,21 +207,54 @@ class TinyLlama(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        seq_len = input_ids.shape[1]  # input_ids: (B, T)
-        if seq_len > self.config.max_seq_len:
-            raise ValueError(f"sequence length {seq_len} > max_seq_len={self.config.max_seq_len}")
-        x = self.embed_tokens(input_ids)  # (B, T, C)
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        prefix: list[KeyValue] | tuple[KeyValue, ...] | None = None,
+    ) -> torch.Tensor:
+        """Token ids (B, T), or ``inputs_embeds`` (B, T, C), -> logits (B, T, vocab).
+
+        ``prefix``: one (key, value) pair per layer, each (B, H, P, hd); the tokens then sit at
+        positions P … P+T−1 (see the module docstring). P + T must not exceed max_seq_len.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids (B, T) and inputs_embeds (B, T, C)")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        seq_len, past = x.shape[1], 0 if prefix is None else self._check_prefix(prefix, x)
+        if past + seq_len > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence length {seq_len}"
+                + (f" + prefix length {past}" if past else "")
+                + f" > max_seq_len={self.config.max_seq_len}"
+            )
         cos, sin = rope_cos_sin(
-            seq_len, self.config.head_dim, self.config.rope_theta, x.device, x.dtype
-        )  # (T, hd) each
-        for layer in self.layers:
+            past + seq_len, self.config.head_dim, self.config.rope_theta, x.device, x.dtype
+        )  # (P+T, hd) each
+        cos, sin = cos[past:], sin[past:]  # (T, hd): the tokens' own positions
+        for i, layer in enumerate(self.layers):
+            layer_prefix = None if prefix is None else prefix[i]
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, layer_prefix, use_reentrant=False)
             else:
-                x = layer(x, cos, sin)
+                x = layer(x, cos, sin, layer_prefix)
         x = self.norm(x)  # (B, T, C)
         return self.lm_head(x)  # (B, T, vocab)
+
+    def _check_prefix(self, prefix: list[KeyValue] | tuple[KeyValue, ...], x: torch.Tensor) -> int:
+        """The prefix length P, after checking one (key, value) pair of shape (B, H, P, hd) per layer."""
+        config = self.config
+        if len(prefix) != config.n_layers:
+            raise ValueError(f"prefix needs one (key, value) pair per layer ({config.n_layers}), got {len(prefix)}")
+        expected = (x.shape[0], config.n_heads, prefix[0][0].shape[2], config.head_dim)
+        for i, pair in enumerate(prefix):
+            if len(pair) != 2 or any(tuple(t.shape) != expected for t in pair):
+                shapes = [tuple(t.shape) for t in pair]
+                raise ValueError(
+                    f"prefix[{i}] must be (key, value), each of shape (B, H, P, hd) = {expected}, got {shapes}"
+                )
+        return expected[2]
 
 
 # ---------------------------------------------------------------------------

@@ -112,6 +112,15 @@ MEMORY = (
     Exercise("6.4", "make_optimizer, MemoryConfig, MemoryTrainer", 6, needs=("6.2", "6.3", "4.3")),
     Exercise("6.5", "memory accounting: state bytes, estimate and measurement", 10, needs=("6.4", "4.2")),
 )
+PEFT_FAMILY = (
+    Exercise("7.1", "bottleneck adapters (Houlsby, Pfeiffer)", 8, needs=("2.1",)),
+    Exercise("7.2", "prompt tuning: PromptEmbedding, PromptLearningModel", 8),
+    Exercise("7.3", "P-tuning: PromptEncoder (MLP, LSTM)", 6, needs=("7.2",)),
+    Exercise("7.4", "prefix tuning: PrefixEncoder, prefixes per layer, folding", 10, needs=("7.2", "7.3")),
+    Exercise("7.5", "P-tuning v2: deep prompts", 3, needs=("7.4",)),
+    Exercise("7.6", "IA³: IA3Layer, merge, get_ia3_model", 9, needs=("2.1",)),
+    Exercise("7.7", "get_peft_method_model, method_profile", 6, needs=("7.1", "7.2", "7.3", "7.4", "7.5", "7.6")),
+)
 
 STAGES: tuple[Stage, ...] = (
     Stage(1, "lora-layer", "The LoRA layer", "model/lora.py", LORA_LAYER),
@@ -120,6 +129,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(4, "qlora-training", "QLoRA training", "training/qlora_trainer.py", QLORA_TRAINING),
     Stage(5, "lora-variants", "The LoRA family", "model/lora_variants.py", LORA_VARIANTS),
     Stage(6, "memory", "QLoRA's memory: 8-bit and paged optimizers, checkpointing", "training/memory.py", MEMORY),
+    Stage(7, "peft-family", "LoRA among its relatives: adapters, prompts, prefixes, IA³", "model/peft_methods.py", PEFT_FAMILY),
 )
 
 # The stub the generator writes for a solution block: `raise NotImplementedError("Exercise 1.2: ...")`.
