@@ -10,6 +10,8 @@
 #   PRECISION  make bench: fp32 | bf16 | fp16
 #   SEEDS      make stress: how many seed offsets (each run under 1 and 2 threads); make variants: how many seeds
 #   FORCE      make stubs: overwrite filled-in exercises
+#   MODEL DATA ADAPTER PROMPT INPUT   make finetune / generate: a Hugging Face Llama directory, a JSONL file, ...
+#   ARGS       extra options for finetune, generate, ddp (--help lists them); NPROC: make ddp's processes (2)
 
 PY        ?= python3
 VENV      := .venv
@@ -21,15 +23,22 @@ RESULTS   ?= runs/grade/results.json
 PRECISION ?= fp32
 SEEDS     ?= 10
 FORCE     ?=
+MODEL     ?=
+DATA      ?=
+ADAPTER   ?=
+PROMPT    ?=
+INPUT     ?=
+ARGS      ?=
+NPROC     ?= 2
 SHOW       = $(if $(IMPL),LORA_IMPL=$(IMPL))
 INSTRUCTOR := $(wildcard solutions/tools/variants.py)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup grade demo variants notebooks bench lint format pretrain clean
+.PHONY: help setup grade demo variants peft-family finetune generate ddp notebooks bench lint format pretrain clean
 
 help: ## list the targets
 	@awk -F':.*## ' -v all=$(if $(INSTRUCTOR),1,0) '/^ifneq / && !all {exit} /^[a-z-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' Makefile
-	@echo "  variables: IMPL=student|solutions|DIR  EX=1.2  RESULTS=path  PRECISION=bf16  SEEDS=N$(if $(INSTRUCTOR),  FORCE=1)"
+	@echo "  variables: IMPL=student|solutions|DIR  EX=1.2  RESULTS=path  PRECISION=bf16  SEEDS=N  MODEL=dir DATA=file ADAPTER=dir PROMPT=… INPUT=… ARGS=… NPROC=2$(if $(INSTRUCTOR),  FORCE=1)"
 
 setup: $(STAMP) ## create .venv and install requirements.txt (done automatically)
 
@@ -47,6 +56,21 @@ demo: $(STAMP) ## fine-tune the bundled base model: full vs LoRA vs QLoRA (IMPL=
 
 variants: $(STAMP) ## the LoRA family (Stage 5) side by side on the harder task (IMPL=student, SEEDS=3 for the spread)
 	$(SHOW) $(PYTHON) -m training.variants $(if $(filter command line,$(origin SEEDS)),--seeds $(SEEDS))
+
+peft-family: $(STAMP) ## LoRA's relatives (Stage 7) side by side on the harder task (IMPL=student)
+	$(SHOW) $(PYTHON) -m training.peft_family
+
+finetune: $(STAMP) ## QLoRA on a real checkpoint: MODEL=<HF dir> DATA=<file.jsonl> ARGS="--max-steps 200" (no MODEL: a toy one)
+	$(if $(MODEL),$(if $(DATA),,$(error make finetune MODEL=$(MODEL) needs DATA=<file.jsonl> too)))
+	$(if $(MODEL),,$(PYTHON) -m training.toy_checkpoint runs/toy)
+	$(SHOW) $(PYTHON) -m training.finetune --model $(or $(MODEL),runs/toy/model) --data $(or $(DATA),runs/toy/data.jsonl) $(ARGS)
+
+generate: $(STAMP) ## continue PROMPT="…" (INPUT="…") with MODEL=<HF dir>, ADAPTER=<dir> optional (no MODEL: the toy one)
+	$(if $(MODEL),,test -d runs/toy/model || $(PYTHON) -m training.toy_checkpoint runs/toy)
+	$(SHOW) $(PYTHON) -m training.generate --model $(or $(MODEL),runs/toy/model) $(if $(ADAPTER),--adapter $(ADAPTER)) --prompt "$(or $(PROMPT),Reverse the digits.)" $(if $(INPUT),--input "$(INPUT)") $(ARGS)
+
+ddp: $(STAMP) ## QLoRA on the bundled task with NPROC processes under torchrun (DistributedDataParallel; ARGS=…)
+	$(SHOW) $(VENV)/bin/torchrun --nproc_per_node=$(NPROC) -m training.distributed $(ARGS)
 
 notebooks: $(STAMP) ## open Jupyter Lab on notebooks/ (IMPL=student runs them on your code)
 	$(SHOW) $(VENV)/bin/jupyter lab notebooks
@@ -81,7 +105,7 @@ test: $(STAMP) ## the self-test: every check below; what CI runs
 	@echo "== 6/9 hostile submissions get the right score";           $(PYTHON) -m solutions.tools.hostile
 	@echo "== 7/9 instructor commands: a clone, Gradescope, the handout"; $(PYTHON) -m pytest -q -p no:nbmake solutions/tools
 	@echo "== 8/9 other seeds and thread counts (make stress runs more)"; $(PYTHON) -m solutions.tools.stress --seeds 1
-	@echo "== 9/9 the notebooks run on the reference (Stage 5: a 20-step smoke run)"; VARIANTS_STEPS=20 LORA_IMPL=solutions $(PYTHON) -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=600 --timeout 900 notebooks
+	@echo "== 9/9 the notebooks run on the reference (Stages 5 and 7: 20-step smoke runs)"; VARIANTS_STEPS=20 PEFT_FAMILY_STEPS=20 LORA_IMPL=solutions $(PYTHON) -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=600 --timeout 900 notebooks
 	@echo "make test: all checks passed"
 
 stress: $(STAMP) ## the reference under SEEDS seed offsets × 1 and 2 torch threads

@@ -26,6 +26,7 @@ import importlib.machinery
 import importlib.util
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 from testcases.manifest import STAGES, stubbed_exercises, student_modules
@@ -85,15 +86,45 @@ def implementation_file(module: str, choice: str | None = None) -> Path | None:
     return find_student_file(implementation_root(choice), student_modules()[module])
 
 
-def missing_exercises() -> list[str]:
-    """Exercises whose stub still stands in the files the switch loads now (a missing file: all of its)."""
+def missing_exercises(stages: Iterable[int] | None = None) -> list[str]:
+    """Exercises whose stub still stands in the files the switch loads now (a missing file: all of its).
+
+    ``stages``: only the exercises of these stages (default: every stage).
+    """
+    wanted = None if stages is None else set(stages)
     missing = []
     for module, relative in student_modules().items():
         file = implementation_file(module)
-        mine = [e.id for s in STAGES if s.student_file == relative for e in s.exercises]
+        mine = [
+            e.id
+            for s in STAGES
+            if s.student_file == relative and (wanted is None or s.number in wanted)
+            for e in s.exercises
+        ]
+        if not mine:
+            continue
         stubbed = set(stubbed_exercises(file.read_text())) if file else set(mine)
         missing += [ex for ex in mine if ex in stubbed]
     return missing
+
+
+def refuse_stubs(command: str, stages: Iterable[int]) -> None:
+    """Exit (status 2) naming the exercises of ``stages`` that are still stubs, instead of failing deep inside one.
+
+    For the commands that run student code end to end (``make demo``, ``make variants``, …): a
+    command uses some stages only, and stubs elsewhere do not stop it.
+    """
+    stages = sorted(stages)
+    if missing := missing_exercises(stages):
+        hint = f" or see the reference first: {command} IMPL=solutions" if (REPO / "solutions").is_dir() else ""
+        needed = f"Stage {stages[0]}" if len(stages) == 1 else f"Stages {stages[0]}-{stages[-1]}"
+        if stages != list(range(stages[0], stages[-1] + 1)):
+            needed = "Stages " + ", ".join(map(str, stages))
+        print(
+            f"{command} runs the files in {implementation_root()}, where exercises {', '.join(missing)} are still "
+            f"stubs.\nIt needs {needed}: finish them (make grade shows what each test expects){hint}."
+        )
+        sys.exit(2)
 
 
 _broken: dict[str, str] = {}  # module -> why it cannot be imported in this process

@@ -6,8 +6,10 @@ numbers enter the computation. Three families (Lialin et al. 2023, "Scaling Down
     additive        new modules or new inputs:  bottleneck adapters (7.1), prompt tuning (7.2),
                     P-tuning (7.3), prefix tuning (7.4), P-tuning v2 (7.5)
     selective       a chosen subset of the existing weights trains (BitFit, the last layers; not built here)
-    reparameterised the update of existing weights in a cheaper form: LoRA (Stages 1–2), IA³ (7.6)
-                    (IA³ is also "additive" in some surveys: it adds scaling vectors)
+    reparameterised the update of existing weights in a cheaper form: LoRA (Stages 1–2)
+
+IA³ (7.6) adds scaling vectors, so Lialin et al. file it as additive; the course puts it beside LoRA
+because, like LoRA, it merges into W and costs nothing at inference.
 
 Where each one sits in a Llama block (x: the residual stream, (B, T, C)):
 
@@ -29,7 +31,8 @@ The methods in equations (n virtual tokens, C = d_model, L layers, H heads, hd =
     7.1 adapter         h ← h + W_up f(W_down h + b_down) + b_up       W_down (m, C), W_up (C, m) = 0 at init
     7.2 prompt tuning   X = [E_virtual ; E(tokens)]                      E_virtual (n, C) trains
     7.3 P-tuning        E_virtual = MLP(E') or MLP(BiLSTM(E'))           E' (n, C) and the encoder train
-    7.4 prefix tuning   K_l = [P^K_l ; W_k x], V_l = [P^V_l ; W_v x]      [P^K ; P^V] = MLP(E'), E' (n, C)
+    7.4 prefix tuning   K_l = [P^K_l ; R(W_k x)], V_l = [P^V_l ; W_v x]   [P^K ; P^V] = MLP(E'), E' (n, C);
+                                                                      R: RoPE at positions n…n+T−1, P^K not rotated
     7.5 P-tuning v2     the same, with the (n, 2·L·C) prefixes trained directly (no MLP)
     7.6 IA³             k = l_k ⊙ W_k x,  v = l_v ⊙ W_v x,  down_proj(l_ff ⊙ a)   vectors, init 1
 
@@ -207,7 +210,7 @@ def add_adapters(
     argument, a model that already has a method, or a placement that matches nothing.
     """
     raise NotImplementedError(
-        "Exercise 7.1: check, find the projections, wrap them, train only the adapters (use target_paths, mark_trainable) — see tutorial/07-peft-family.md"
+        "Exercise 7.1: check, find the projections, wrap them, train only the adapters (use target_paths, freeze) — see tutorial/07-peft-family.md"
     )
 
 
@@ -452,7 +455,7 @@ def get_prefix_tuning_model(
 
 
 def fold_reparameterization(model: nn.Module) -> nn.Module:
-    """Replace a trained encoder by the table it computes; the function is unchanged, bit for bit.
+    """Replace a trained encoder by the table it computes; the function is unchanged (up to rounding).
 
     Prefix tuning: PrefixEncoder(projection=True) -> PrefixEncoder(projection=False) holding
     ``encoder()`` as its (n, 2·L·C) table. P-tuning: PromptEncoder -> PromptEmbedding holding
@@ -510,13 +513,17 @@ class IA3Layer(nn.Module):
         raise NotImplementedError("Exercise 7.6: scale the input or the output — see tutorial/07-peft-family.md")
 
     def merge(self) -> None:
-        """W ← diag(l) W (output side) or W diag(l) (input side); forward then skips the scaling."""
+        """W ← diag(l) W (output side) or W diag(l) (input side); forward then skips the scaling.
+
+        Safe to call twice (the second is a no-op), as LoRALayer.merge. A 4-bit base cannot absorb
+        l: a TypeError (``mergeable_weight``), and the layer stays unmerged.
+        """
         raise NotImplementedError(
-            "Exercise 7.6: scale W's rows or columns (use mergeable_weight) — see tutorial/07-peft-family.md"
+            "Exercise 7.6: scale W's rows or columns once (use mergeable_weight) — see tutorial/07-peft-family.md"
         )
 
     def unmerge(self) -> None:
-        """Undo ``merge`` by dividing; a zero in l erased its row or column, so it refuses then."""
+        """Undo ``merge`` by dividing (a no-op if not merged); a zero in l erased its row or column: a ValueError."""
         raise NotImplementedError("Exercise 7.6: divide W's rows or columns by l — see tutorial/07-peft-family.md")
 
 

@@ -18,7 +18,7 @@ without them the forward pass is exactly the plain one:
 
     model(inputs_embeds=x)      x (B, T, C) replaces the embedding lookup: prompt tuning and
                                 P-tuning prepend their virtual tokens' embeddings this way.
-    model(ids, prefix=kv)       kv holds one (key, value) pair per layer, each (B, H, P, hd): P
+    model(ids, prefix=kv)       kv holds one (key, value) pair per layer, each (B, H_kv, P, hd): P
                                 extra positions every token attends to, as if a KV cache of P
                                 earlier tokens were there (prefix tuning, P-tuning v2). The keys
                                 are used as given (not rotated), and the tokens take positions
@@ -41,7 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 BASE_MODEL_PATH = CHECKPOINT_DIR / "base_model.safetensors"
-KeyValue = tuple[torch.Tensor, torch.Tensor]  # one layer's (key, value) prefix, each (B, H, P, hd)
+KeyValue = tuple[torch.Tensor, torch.Tensor]  # one layer's (key, value) prefix, each (B, H_kv, P, hd)
 
 
 @dataclass
@@ -54,10 +54,19 @@ class LlamaConfig:
     d_ff: int = 176  # hidden size of the SwiGLU MLP (~8/3 * d_model, as in Llama)
     norm_eps: float = 1e-5  # epsilon inside RMSNorm, avoids division by zero
     rope_theta: float = 10000.0  # base of the rotary position embedding frequencies
+    # Real checkpoints (model/hf_checkpoint.py) need three more; the defaults are the bundled model's.
+    n_kv_heads: int | None = None  # key/value heads (grouped-query attention); None: n_heads
+    tie_word_embeddings: bool = False  # lm_head reuses embed_tokens' weight (SmolLM2, Llama-3.2-1B)
+    rope_scaling: dict | None = None  # None, or Llama 3.1's {"rope_type": "llama3", "factor": …, …}
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Heads of keys and values: n_heads, or fewer with grouped-query attention (each shared by n_heads / kv_heads)."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
 
 # ---------------------------------------------------------------------------
@@ -81,18 +90,46 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(
-    seq_len: int, head_dim: int, theta: float, device: torch.device, dtype: torch.dtype
+    seq_len: int,
+    head_dim: int,
+    theta: float,
+    device: torch.device,
+    dtype: torch.dtype,
+    scaling: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary embedding tables, each of shape (T, head_dim).
 
     Computed in fp32 (positions * frequencies loses precision in bf16) and
     only then cast to the dtype of the activations they will multiply.
+    ``scaling``: None, or Llama 3.1's frequency rescaling (``llama3_frequencies``).
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    if scaling is not None:
+        inv_freq = llama3_frequencies(inv_freq, scaling)
     pos = torch.arange(seq_len, device=device).float()
     freqs = torch.outer(pos, inv_freq)  # (T, head_dim/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # (T, head_dim)
     return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def llama3_frequencies(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1's RoPE rescaling (transformers' ``rope_type="llama3"``), for long contexts.
+
+    Frequencies whose wavelength 2π/f is longer than original_max_position_embeddings /
+    low_freq_factor are divided by ``factor``; those shorter than … / high_freq_factor are kept;
+    in between, a linear blend in (original_max_position_embeddings / wavelength).
+    """
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind != "llama3":
+        raise ValueError(f"rope_scaling: only rope_type 'llama3' is supported, got {kind!r}")
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelength > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelength - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelength >= old_context / high) & (wavelength <= old_context / low)
+    return torch.where(medium, blended, scaled)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -107,39 +144,48 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention with rotary position embeddings."""
+    """Multi-head causal self-attention with rotary position embeddings.
+
+    With grouped-query attention (config.kv_heads < n_heads) k_proj and v_proj make kv_heads heads,
+    each shared by n_heads / kv_heads query heads (repeated before the attention, as transformers does).
+    """
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         assert config.d_model % config.n_heads == 0, "d_model must be divisible by n_heads"
-        self.n_heads = config.n_heads
+        assert config.n_heads % config.kv_heads == 0, "n_heads must be a multiple of n_kv_heads"
+        self.n_heads, self.kv_heads = config.n_heads, config.kv_heads
         self.head_dim = config.head_dim
-        d = config.d_model
+        d, d_kv = config.d_model, config.kv_heads * config.head_dim
         self.q_proj = nn.Linear(d, d, bias=False)
-        self.k_proj = nn.Linear(d, d, bias=False)
-        self.v_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, d_kv, bias=False)
+        self.v_proj = nn.Linear(d, d_kv, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
 
-    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+    def _split_heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
         B, T, _ = x.shape
-        return x.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        return x.view(B, T, heads, self.head_dim).transpose(1, 2)  # (B, heads, T, hd)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, prefix: KeyValue | None = None
     ) -> torch.Tensor:
-        """x (B, T, C) -> (B, T, C). ``prefix``: (key, value), each (B, H, P, hd), put before the keys and values."""
+        """x (B, T, C) -> (B, T, C). ``prefix``: (key, value), each (B, H_kv, P, hd), put before the keys and values."""
         B, T, C = x.shape  # (B, T, C)
-        q = self._split_heads(self.q_proj(x))  # (B, H, T, hd)
-        k = self._split_heads(self.k_proj(x))  # (B, H, T, hd)
-        v = self._split_heads(self.v_proj(x))  # (B, H, T, hd)
+        q = self._split_heads(self.q_proj(x), self.n_heads)  # (B, H, T, hd)
+        k = self._split_heads(self.k_proj(x), self.kv_heads)  # (B, H_kv, T, hd)
+        v = self._split_heads(self.v_proj(x), self.kv_heads)  # (B, H_kv, T, hd)
         q = apply_rope(q, cos.to(q.dtype), sin.to(q.dtype))
         k = apply_rope(k, cos.to(k.dtype), sin.to(k.dtype))
+        P = 0 if prefix is None else prefix[0].shape[2]
+        if prefix is not None:
+            k = torch.cat([prefix[0].to(k.dtype), k], dim=2)  # (B, H_kv, P+T, hd)
+            v = torch.cat([prefix[1].to(v.dtype), v], dim=2)  # (B, H_kv, P+T, hd)
+        if self.kv_heads != self.n_heads:  # grouped-query attention: each key/value head serves a group
+            k = k.repeat_interleave(self.n_heads // self.kv_heads, dim=1)  # (B, H, P+T, hd)
+            v = v.repeat_interleave(self.n_heads // self.kv_heads, dim=1)  # (B, H, P+T, hd)
         if prefix is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hd)
         else:
-            P = prefix[0].shape[2]
-            k = torch.cat([prefix[0].to(k.dtype), k], dim=2)  # (B, H, P+T, hd)
-            v = torch.cat([prefix[1].to(v.dtype), v], dim=2)  # (B, H, P+T, hd)
             visible = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)  # every prefix slot
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C) re-assemble the heads
@@ -193,6 +239,8 @@ class TinyLlama(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight  # one tensor, two uses
         # Set to True to recompute each layer's activations in the backward pass
         # (trades compute for memory; only active in training mode).
         self.gradient_checkpointing = False
@@ -216,7 +264,7 @@ class TinyLlama(nn.Module):
     ) -> torch.Tensor:
         """Token ids (B, T), or ``inputs_embeds`` (B, T, C), -> logits (B, T, vocab).
 
-        ``prefix``: one (key, value) pair per layer, each (B, H, P, hd); the tokens then sit at
+        ``prefix``: one (key, value) pair per layer, each (B, H_kv, P, hd); the tokens then sit at
         positions P … P+T−1 (see the module docstring). P + T must not exceed max_seq_len.
         """
         if (input_ids is None) == (inputs_embeds is None):
@@ -230,7 +278,7 @@ class TinyLlama(nn.Module):
                 + f" > max_seq_len={self.config.max_seq_len}"
             )
         cos, sin = rope_cos_sin(
-            past + seq_len, self.config.head_dim, self.config.rope_theta, x.device, x.dtype
+            past + seq_len, self.config.head_dim, self.config.rope_theta, x.device, x.dtype, self.config.rope_scaling
         )  # (P+T, hd) each
         cos, sin = cos[past:], sin[past:]  # (T, hd): the tokens' own positions
         for i, layer in enumerate(self.layers):
@@ -243,16 +291,16 @@ class TinyLlama(nn.Module):
         return self.lm_head(x)  # (B, T, vocab)
 
     def _check_prefix(self, prefix: list[KeyValue] | tuple[KeyValue, ...], x: torch.Tensor) -> int:
-        """The prefix length P, after checking one (key, value) pair of shape (B, H, P, hd) per layer."""
+        """The prefix length P, after checking one (key, value) pair of shape (B, H_kv, P, hd) per layer."""
         config = self.config
         if len(prefix) != config.n_layers:
             raise ValueError(f"prefix needs one (key, value) pair per layer ({config.n_layers}), got {len(prefix)}")
-        expected = (x.shape[0], config.n_heads, prefix[0][0].shape[2], config.head_dim)
+        expected = (x.shape[0], config.kv_heads, prefix[0][0].shape[2], config.head_dim)
         for i, pair in enumerate(prefix):
             if len(pair) != 2 or any(tuple(t.shape) != expected for t in pair):
                 shapes = [tuple(t.shape) for t in pair]
                 raise ValueError(
-                    f"prefix[{i}] must be (key, value), each of shape (B, H, P, hd) = {expected}, got {shapes}"
+                    f"prefix[{i}] must be (key, value), each of shape (B, H_kv, P, hd) = {expected}, got {shapes}"
                 )
         return expected[2]
 
@@ -275,6 +323,8 @@ def save_model(model: TinyLlama, path: str | Path, metrics: dict | None = None) 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        del tensors["lm_head.weight"]  # the same tensor as embed_tokens.weight (safetensors stores it once)
     save_file(tensors, str(path))
     meta = {"config": asdict(model.config), "metrics": metrics or {}}
     _json_path(path).write_text(json.dumps(meta, indent=2) + "\n")
@@ -285,7 +335,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> TinyLlam
     path = Path(path)
     meta = json.loads(_json_path(path).read_text())
     model = TinyLlama(LlamaConfig(**meta["config"]))
-    model.load_state_dict(load_file(str(path)))
+    tensors = load_file(str(path))
+    if model.config.tie_word_embeddings:
+        tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
+    model.load_state_dict(tensors)
     return model.to(device)
 
 

@@ -119,7 +119,9 @@ PEFT_FAMILY = (
     Exercise("7.4", "prefix tuning: PrefixEncoder, prefixes per layer, folding", 10, needs=("7.2", "7.3")),
     Exercise("7.5", "P-tuning v2: deep prompts", 3, needs=("7.4",)),
     Exercise("7.6", "IA³: IA3Layer, merge, get_ia3_model", 9, needs=("2.1",)),
-    Exercise("7.7", "get_peft_method_model, method_profile", 6, needs=("7.1", "7.2", "7.3", "7.4", "7.5", "7.6")),
+    Exercise(
+        "7.7", "get_peft_method_model, method_profile", 6, needs=("2.2", "7.1", "7.2", "7.3", "7.4", "7.5", "7.6")
+    ),
 )
 
 STAGES: tuple[Stage, ...] = (
@@ -129,7 +131,13 @@ STAGES: tuple[Stage, ...] = (
     Stage(4, "qlora-training", "QLoRA training", "training/qlora_trainer.py", QLORA_TRAINING),
     Stage(5, "lora-variants", "The LoRA family", "model/lora_variants.py", LORA_VARIANTS),
     Stage(6, "memory", "QLoRA's memory: 8-bit and paged optimizers, checkpointing", "training/memory.py", MEMORY),
-    Stage(7, "peft-family", "LoRA among its relatives: adapters, prompts, prefixes, IA³", "model/peft_methods.py", PEFT_FAMILY),
+    Stage(
+        7,
+        "peft-family",
+        "LoRA among its relatives: adapters, prompts, prefixes, IA³",
+        "model/peft_methods.py",
+        PEFT_FAMILY,
+    ),
 )
 
 # The stub the generator writes for a solution block: `raise NotImplementedError("Exercise 1.2: ...")`.

@@ -358,9 +358,12 @@ def config_parser() -> argparse.ArgumentParser:
             parser.add_argument(option, type=_parse_bool, default=default, help=f"{help_text} (default: {default})")
         elif isinstance(default, tuple):
             parser.add_argument(option, nargs="+", default=default, help=f"{help_text} (default: {' '.join(default)})")
-        else:
-            kind = float if f.name in ("max_grad_norm", "loraplus_lr_ratio") else type(default)
-            parser.add_argument(option, type=_optional(kind), default=default, help=f"{help_text} (default: {default})")
+        elif f.name in ("max_grad_norm", "loraplus_lr_ratio"):  # the optional ones: "none" means None
+            parser.add_argument(
+                option, type=_optional(float), default=default, help=f"{help_text} (default: {default})"
+            )
+        else:  # "none" is a value here (--quantize none)
+            parser.add_argument(option, type=type(default), default=default, help=f"{help_text} (default: {default})")
     return parser
 
 

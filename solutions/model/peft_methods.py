@@ -6,8 +6,10 @@ numbers enter the computation. Three families (Lialin et al. 2023, "Scaling Down
     additive        new modules or new inputs:  bottleneck adapters (7.1), prompt tuning (7.2),
                     P-tuning (7.3), prefix tuning (7.4), P-tuning v2 (7.5)
     selective       a chosen subset of the existing weights trains (BitFit, the last layers; not built here)
-    reparameterised the update of existing weights in a cheaper form: LoRA (Stages 1–2), IA³ (7.6)
-                    (IA³ is also "additive" in some surveys: it adds scaling vectors)
+    reparameterised the update of existing weights in a cheaper form: LoRA (Stages 1–2)
+
+IA³ (7.6) adds scaling vectors, so Lialin et al. file it as additive; the course puts it beside LoRA
+because, like LoRA, it merges into W and costs nothing at inference.
 
 Where each one sits in a Llama block (x: the residual stream, (B, T, C)):
 
@@ -29,7 +31,8 @@ The methods in equations (n virtual tokens, C = d_model, L layers, H heads, hd =
     7.1 adapter         h ← h + W_up f(W_down h + b_down) + b_up       W_down (m, C), W_up (C, m) = 0 at init
     7.2 prompt tuning   X = [E_virtual ; E(tokens)]                      E_virtual (n, C) trains
     7.3 P-tuning        E_virtual = MLP(E') or MLP(BiLSTM(E'))           E' (n, C) and the encoder train
-    7.4 prefix tuning   K_l = [P^K_l ; W_k x], V_l = [P^V_l ; W_v x]      [P^K ; P^V] = MLP(E'), E' (n, C)
+    7.4 prefix tuning   K_l = [P^K_l ; R(W_k x)], V_l = [P^V_l ; W_v x]   [P^K ; P^V] = MLP(E'), E' (n, C);
+                                                                      R: RoPE at positions n…n+T−1, P^K not rotated
     7.5 P-tuning v2     the same, with the (n, 2·L·C) prefixes trained directly (no MLP)
     7.6 IA³             k = l_k ⊙ W_k x,  v = l_v ⊙ W_v x,  down_proj(l_ff ⊙ a)   vectors, init 1
 
@@ -210,7 +213,7 @@ def add_adapters(
     of every block; "pfeiffer": after the MLP only. Raises ValueError (model unchanged) for a bad
     argument, a model that already has a method, or a placement that matches nothing.
     """
-    # BEGIN SOLUTION 7.1: check, find the projections, wrap them, train only the adapters (use target_paths, mark_trainable)
+    # BEGIN SOLUTION 7.1: check, find the projections, wrap them, train only the adapters (use target_paths, freeze)
     check_int("bottleneck", bottleneck, 1)
     check_choice("placement", placement, ADAPTER_PLACEMENTS)
     check_choice("activation", activation, ACTIVATIONS)
@@ -614,10 +617,14 @@ class IA3Layer(nn.Module):
         # END SOLUTION
 
     def merge(self) -> None:
-        """W ← diag(l) W (output side) or W diag(l) (input side); forward then skips the scaling."""
-        # BEGIN SOLUTION 7.6: scale W's rows or columns (use mergeable_weight)
+        """W ← diag(l) W (output side) or W diag(l) (input side); forward then skips the scaling.
+
+        Safe to call twice (the second is a no-op), as LoRALayer.merge. A 4-bit base cannot absorb
+        l: a TypeError (``mergeable_weight``), and the layer stays unmerged.
+        """
+        # BEGIN SOLUTION 7.6: scale W's rows or columns once (use mergeable_weight)
         if self.merged:
-            raise ValueError("this IA3Layer is already merged")
+            return
         weight = mergeable_weight(self.base_layer)  # (out, in)
         with torch.no_grad():
             scale = self.ia3_l.to(weight.dtype)
@@ -626,10 +633,10 @@ class IA3Layer(nn.Module):
         # END SOLUTION
 
     def unmerge(self) -> None:
-        """Undo ``merge`` by dividing; a zero in l erased its row or column, so it refuses then."""
+        """Undo ``merge`` by dividing (a no-op if not merged); a zero in l erased its row or column: a ValueError."""
         # BEGIN SOLUTION 7.6: divide W's rows or columns by l
         if not self.merged:
-            raise ValueError("this IA3Layer is not merged")
+            return
         if (self.ia3_l == 0).any():
             raise ValueError("cannot unmerge: ia3_l has a zero, which erased that row or column of the weight")
         weight = mergeable_weight(self.base_layer)

@@ -300,6 +300,17 @@ MUTANTS = [
             """,
     ),
     Variant(
+        "ia3_merge_twice_scales_twice",
+        "7.6",
+        "merge does not check merged: a second merge scales W again.",
+        (
+            (
+                "        if self.merged:\n            return\n        weight = mergeable_weight(self.base_layer)  # (out, in)",
+                "        weight = mergeable_weight(self.base_layer)  # (out, in)",
+            ),
+        ),
+    ),
+    Variant(
         "ia3_forward_scales_twice_after_merge",
         "7.6",
         "forward ignores merged: after merging the scale is applied twice.",

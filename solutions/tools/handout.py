@@ -26,7 +26,7 @@ from pathlib import Path
 from testcases.manifest import REPO, student_files
 
 DROPPED = ("solutions", ".ci")
-STRIPPED = ("README.md", "tutorial/README.md")
+STRIPPED = ("README.md", "tutorial/*.md")  # pages (globs) whose <!-- instructor --> passages a handout drops
 INSTRUCTOR_ONLY = re.compile(r"\n?<!-- instructor -->.*?<!-- /instructor -->\n?", re.DOTALL)
 
 
@@ -45,8 +45,7 @@ def build(dest: Path, ref: str = "HEAD") -> Path:
         tar.extractall(dest, filter="data")
     for name in DROPPED:
         shutil.rmtree(dest / name, ignore_errors=True)
-    for name in STRIPPED:
-        page = dest / name
+    for page in (page for pattern in STRIPPED for page in sorted(dest.glob(pattern))):
         page.write_text(student_text(page.read_text()))
     return dest
 

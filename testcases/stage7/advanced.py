@@ -301,23 +301,28 @@ def test_ia3_custom_targets(peft_methods, tiny_model64, token_ids):
 
 @pytest.mark.exercise("7.6")
 def test_ia3_merge_limits(peft_methods, quant, tiny_model, token_ids):
-    """merge refuses an NF4 base (TypeError) and a second merge; unmerge refuses a zero scale and an unmerged layer."""
+    """merge refuses an NF4 base (TypeError) and is safe twice; unmerge is safe unmerged and refuses a zero scale."""
     layer = peft_methods.IA3Layer(quant.NF4Linear.from_linear(nn.Linear(16, 8, bias=False)))
     x = torch.randn(3, 16)
     before = layer(x)
     with pytest.raises(TypeError):
         layer.merge()
     assert not layer.merged and torch.equal(layer(x), before), "a refused merge leaves the layer unmerged and working"
-    linear = peft_methods.IA3Layer(nn.Linear(16, 8, bias=False))
-    with pytest.raises(ValueError):
-        linear.unmerge()
-    set_param(linear.ia3_l, torch.cat([torch.zeros(1), torch.ones(7)]))
-    linear.merge()
-    with pytest.raises(ValueError):
-        linear.merge()
-    with pytest.raises(ValueError):
-        linear.unmerge()
-    assert linear.merged, "a refused unmerge leaves the layer merged"
+    linear = nn.Linear(16, 8, bias=False)
+    weight = linear.weight.detach().clone()
+    ia3 = peft_methods.IA3Layer(linear)
+    ia3.unmerge()
+    assert not ia3.merged and torch.equal(linear.weight, weight), "unmerge on an unmerged layer changes nothing"
+    set_param(ia3.ia3_l, torch.cat([torch.zeros(1), 2 * torch.ones(7)]))
+    ia3.merge()
+    merged = linear.weight.detach().clone()
+    ia3.merge()
+    assert torch.equal(linear.weight, merged), "merging twice must change nothing (the second merge is a no-op)"
+    with pytest.raises(ValueError, match=word("ia3_l")):
+        ia3.unmerge()
+    assert ia3.merged and torch.equal(linear.weight, merged), (
+        "a refused unmerge leaves the layer merged and W as it was"
+    )
 
 
 @pytest.mark.exercise("7.6")
@@ -393,3 +398,14 @@ def test_prompt_methods_logits_under_gradient_checkpointing(peft_methods, tiny_m
             grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
         for a, b in zip(*grads, strict=True):
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), f"{method}: checkpointing changed a gradient"
+
+
+@pytest.mark.exercise("7.7")
+@pytest.mark.parametrize("method", list(METHOD_OPTIONS))
+def test_every_method_runs_on_the_models_device(peft_methods, tiny_model, token_ids, device, method):
+    """Each method's new parameters are created on the model's device (the CUDA case skips without a GPU)."""
+    tiny_model.to(device)
+    model = peft_methods.get_peft_method_model(tiny_model, method, **METHOD_OPTIONS[method])
+    wrong = [n for n, p in model.named_parameters() if p.device.type != device.type]
+    assert not wrong, f"{method}: parameters left on another device than the model's ({device}): {wrong}"
+    assert model(token_ids.to(device)).device.type == device.type, f"{method}: the logits come out on {device}"
