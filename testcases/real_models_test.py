@@ -252,6 +252,16 @@ def test_finetune_and_generate_end_to_end(tmp_path, stages_done):
     first, second = run(args).stdout, run([*args, "--adapter", str(out / "adapter")]).stdout
     assert "### Response:" in first and "### Response:" in second, "the prompt is printed in the instruction format"
     assert run(args).stdout == first, "greedy decoding is deterministic"
+    ddp = tmp_path / "ddp"
+    torchrun_args = ["--model", str(model_dir), "--data", str(tmp_path / "data.jsonl"), "--output-dir", str(ddp),
+                     "--max-steps", "3", "--batch-size", "8", "--progress", "false", "--max-length", "48"]  # fmt: skip
+    result = run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "training.finetune", *torchrun_args]
+    )
+    assert "2 processes" in result.stdout and result.stdout.count("eval loss") == 1, (
+        "under torchrun rank 0 reports, once"
+    )
+    assert (ddp / "adapter" / "adapter_model.safetensors").is_file(), "rank 0 writes the adapter under torchrun"
 
 
 # ---- more than one process ------------------------------------------------------------------------

@@ -32,7 +32,11 @@ as an uninterrupted run: the Stage 4 checkpoint), and adapter/ in PEFT's format 
 tensor names and ``base_model_name_or_path`` = MODEL, so that PEFT's ``PeftModel.from_pretrained``
 loads it onto transformers' ``AutoModelForCausalLM`` of MODEL (lesson 08 shows the two lines). Every TrainConfig option of Stage 4 is accepted too (``--r``, ``--learning-rate``,
 ``--max-steps``, ``--batch-size``, ``--quantize none`` for plain LoRA, …); ``--help`` lists them.
-``IMPL=student`` (``LORA_IMPL=student``) runs your Stage 1–4 code.
+``IMPL=student`` (``LORA_IMPL=student``) runs your Stage 1–4 code. Under torchrun it trains with
+DistributedDataParallel (``training/distributed.py``): each of the N processes takes every N-th row
+of each micro-batch, rank 0 writes the outputs.
+
+    torchrun --nproc_per_node=2 -m training.finetune --model DIR --data FILE.jsonl
 
     make finetune MODEL=~/models/SmolLM2-135M DATA=my_data.jsonl ARGS="--max-steps 200"
 """
@@ -41,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from pathlib import Path
 
@@ -251,6 +256,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     refuse_stubs("make finetune", range(1, 5))  # the stages it runs
+    distributed = "RANK" in os.environ  # launched by torchrun: one process of N (training/distributed.py)
+    rank, world = 0, 1
+    if distributed:
+        from training.distributed import DistributedTrainer, init_distributed
+
+        rank, world, _ = init_distributed()
     fields = {f for f in TrainConfig.__dataclass_fields__}
     config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in fields})
     tokenizer = load_tokenizer(args.model)
@@ -259,26 +270,35 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     train_data, eval_data = split(
         build_dataset(sequences, args.max_length, eos, args.packing), args.eval_fraction, config.seed
     )
-    config.batch_size = min(config.batch_size, train_data["input_ids"].shape[0])
+    rows = train_data["input_ids"].shape[0]
+    config.batch_size = max(world, min(config.batch_size, rows) // world * world)  # each process gets batch / N rows
     model = load_hf_checkpoint(args.model, dtype=DTYPES[args.dtype])
     model = prepare_qlora_model(model, config)
-    trainer = QLoRATrainer(model, config, train_data, eval_data)
+    trainer = (DistributedTrainer if distributed else QLoRATrainer)(model, config, train_data, eval_data)
+    module = getattr(trainer, "module", trainer.model)  # the model itself, without DDP's wrapper
     checkpoint = Path(config.output_dir) / "checkpoint.pt"
     if args.resume and checkpoint.is_file():
         trainer.load_checkpoint(checkpoint)
         print(f"resumed from {checkpoint} at step {trainer.step}", flush=True)
-    before = evaluate(trainer.model, eval_data)
+    before = evaluate(module, eval_data)
     every = args.save_every or config.max_steps
     while trainer.step < config.max_steps:
         trainer.train(steps=every)
         trainer.save_checkpoint(checkpoint)
-    after = evaluate(trainer.model, eval_data)
-    adapter = save_hf_adapter(trainer.model, Path(config.output_dir) / "adapter", Path(args.model).resolve())
-    trainer.save_loss_curve()
-    print(f"eval loss {before['eval_loss']:.3f} -> {after['eval_loss']:.3f}, response exact match "
-          f"{before['accuracy']:.1%} -> {after['accuracy']:.1%} ({len(sequences)} records, "
-          f"{train_data['input_ids'].shape[0]} train rows of {train_data['input_ids'].shape[1]} tokens)")  # fmt: skip
-    print(f"adapter (PEFT format, base_model_name_or_path={Path(args.model).resolve()}) in {adapter}")
+    after = evaluate(module, eval_data)
+    adapter = Path(config.output_dir) / "adapter"
+    if rank == 0:
+        save_hf_adapter(module, adapter, Path(args.model).resolve())
+        trainer.save_loss_curve()
+        print(f"eval loss {before['eval_loss']:.3f} -> {after['eval_loss']:.3f}, response exact match "
+              f"{before['accuracy']:.1%} -> {after['accuracy']:.1%} ({len(sequences)} records, {rows} train rows "
+              f"of {train_data['input_ids'].shape[1]} tokens, {world} process{'es' * (world > 1)})")  # fmt: skip
+        print(f"adapter (PEFT format, base_model_name_or_path={Path(args.model).resolve()}) in {adapter}")
+    if distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
     return {"eval_loss_before": before["eval_loss"], "eval_loss_after": after["eval_loss"], "step": trainer.step}
 
 
