@@ -92,9 +92,9 @@ from model.peft_methods import (  # noqa: E402
     merge_ia3,
     method_profile,
 )
-from model.tiny_llama import load_base_model  # noqa: E402
 from training.data import HARD_TASK, IGNORE_INDEX, exact_match_accuracy, hard_finetune_data  # noqa: E402
 from training.qlora_trainer import QLoRATrainer, TrainConfig  # noqa: E402
+from training.variants import compare_methods  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "runs" / "peft_family"
 STEPS = 300  # optimizer steps per method (plain LoRA at r = 2 learns the task between step 200 and 300)
@@ -273,16 +273,7 @@ def compare(
     seed: int = SEED,
 ) -> dict[str, dict]:
     """Train every method in ``names`` from the bundled base model; {name: metrics}. Prints one line per method."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    base = load_base_model(device)
-    data = data or {"train": hard_finetune_data("train"), "eval": hard_finetune_data("eval")}
-    results = {}
-    for name in names:
-        results[name], _ = train_method(name, base, data, steps, out, progress, seed)
-        m = results[name]
-        print(f"[{name}] accuracy {m['accuracy_before']:.1%} -> {m['accuracy_after']:.1%}, "
-              f"loss {m['final_loss']:.3f}, {m['seconds_per_step'] * 1e3:.0f} ms/step", flush=True)  # fmt: skip
-    return results
+    return compare_methods(train_method, names, steps, out, progress, data, seed)
 
 
 def table(results: dict[str, dict]) -> str:

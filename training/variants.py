@@ -58,6 +58,7 @@ import copy
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -282,12 +283,29 @@ def compare(
     seed: int = SEED,
 ) -> dict[str, dict]:
     """Train every method in ``names`` from the bundled base model; {name: metrics}. Prints one line per method."""
+    return compare_methods(train_method, names, steps, out, progress, data, seed)
+
+
+def compare_methods(
+    train: Callable[..., tuple[dict, QLoRATrainer]],
+    names: tuple[str, ...] | list[str],
+    steps: int,
+    out: Path,
+    progress: bool,
+    data: dict | None,
+    seed: int,
+) -> dict[str, dict]:
+    """``train(name, base, data, steps, out, progress, seed)`` for each of ``names`` from the bundled base model.
+
+    One base model on the fastest device, the harder task unless ``data`` is given, one printed line
+    per method; {name: metrics}. ``make variants`` and ``make peft-family`` both run their methods so.
+    """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base = load_base_model(device)
     data = data or {"train": hard_finetune_data("train"), "eval": hard_finetune_data("eval")}
     results = {}
     for name in names:
-        results[name], _ = train_method(name, base, data, steps, out, progress, seed)
+        results[name], _ = train(name, base, data, steps, out, progress, seed)
         m = results[name]
         print(f"[{name}] accuracy {m['accuracy_before']:.1%} -> {m['accuracy_after']:.1%}, "
               f"loss {m['final_loss']:.3f}, {m['seconds_per_step'] * 1e3:.0f} ms/step", flush=True)  # fmt: skip
