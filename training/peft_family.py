@@ -94,7 +94,7 @@ from model.peft_methods import (  # noqa: E402
 )
 from training.data import HARD_TASK, IGNORE_INDEX, exact_match_accuracy, hard_finetune_data  # noqa: E402
 from training.qlora_trainer import QLoRATrainer, TrainConfig  # noqa: E402
-from training.variants import compare_methods  # noqa: E402
+from training.variants import compare_methods, methods_parser, parse_methods  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "runs" / "peft_family"
 STEPS = 300  # optimizer steps per method (plain LoRA at r = 2 learns the task between step 200 and 300)
@@ -375,15 +375,10 @@ def save_figure(fig, path: str | Path) -> Path:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "methods", nargs="*", metavar="METHOD", help=f"methods to run (default: all): {', '.join(METHODS)}"
-    )
+    parser = methods_parser(__doc__, METHODS)
     parser.add_argument("--steps", type=int, default=STEPS, help=f"optimizer steps per method (default {STEPS})")
     parser.add_argument("--seed", type=int, default=SEED, help=f"init and data order (default {SEED})")
-    args = parser.parse_args(argv)
-    if unknown := [name for name in args.methods if name not in METHODS]:
-        parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    args = parse_methods(parser, argv, METHODS)
     if args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
     return args

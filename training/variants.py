@@ -430,16 +430,28 @@ def spread_table(spread: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def methods_parser(doc: str, methods: dict) -> argparse.ArgumentParser:
+    """A parser whose positional arguments name some of ``methods`` (none: all), described by ``doc``'s first paragraph."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument(
-        "methods", nargs="*", metavar="METHOD", help=f"methods to run (default: all): {', '.join(METHODS)}"
+        "methods", nargs="*", metavar="METHOD", help=f"methods to run (default: all): {', '.join(methods)}"
     )
+    return parser
+
+
+def parse_methods(parser: argparse.ArgumentParser, argv: list[str] | None, methods: dict) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, refusing a method name that is not in ``methods``."""
+    args = parser.parse_args(argv)
+    if unknown := [name for name in args.methods if name not in methods]:
+        parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(methods)}")
+    return args
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = methods_parser(__doc__, METHODS)
     parser.add_argument("--seeds", type=int, default=1, metavar="N",
                         help="also run seeds 1..N-1 and print the accuracy's spread (default 1: seed 0 only)")  # fmt: skip
-    args = parser.parse_args(argv)
-    if unknown := [name for name in args.methods if name not in METHODS]:
-        parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    args = parse_methods(parser, argv, METHODS)
     if args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
     return args

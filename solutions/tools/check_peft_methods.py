@@ -56,6 +56,7 @@ from peft import (  # noqa: E402
 from torch import nn  # noqa: E402
 
 import model  # noqa: E402, F401  (installs the switch between student files and the reference)
+from model.hf_checkpoint import hf_config_dict, hf_name  # noqa: E402
 from model.tiny_llama import load_base_model  # noqa: E402
 
 TOLERANCE = 1e-5
@@ -77,27 +78,15 @@ def maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def hf_twin(base: nn.Module) -> transformers.LlamaForCausalLM:
-    """A transformers LlamaForCausalLM with the bundled model's architecture and weights (fp32, eval)."""
-    c = base.config
-    config = transformers.LlamaConfig(
-        vocab_size=c.vocab_size,
-        hidden_size=c.d_model,
-        intermediate_size=c.d_ff,
-        num_hidden_layers=c.n_layers,
-        num_attention_heads=c.n_heads,
-        num_key_value_heads=c.n_heads,
-        rms_norm_eps=c.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
-        max_position_embeddings=64,  # room for the virtual tokens; default RoPE does not depend on it
-        tie_word_embeddings=False,
-        attention_bias=False,
-        mlp_bias=False,
-        attn_implementation="sdpa",  # the kernel ours calls; "eager" rounds differently (printed)
-    )
+    """A transformers LlamaForCausalLM with the bundled model's architecture and weights (fp32, eval).
+
+    The config and the tensor names are the ones ``model/hf_checkpoint.py`` writes (``hf_config_dict``, ``hf_name``).
+    """
+    settings = hf_config_dict(base.config) | {"max_position_embeddings": 64}  # room for the virtual tokens
+    config = transformers.LlamaConfig(**settings, attn_implementation="sdpa")  # ours calls SDPA; eager rounds otherwise
     with torch.random.fork_rng(devices=[]):  # its random init is overwritten: leave the global generator alone
         twin = transformers.LlamaForCausalLM(config)
-    state = {(k if k == "lm_head.weight" else "model." + k): v for k, v in base.state_dict().items()}
-    twin.load_state_dict(state, strict=True)
+    twin.load_state_dict({hf_name(k): v for k, v in base.state_dict().items()}, strict=True)
     return twin.float().eval()
 
 
