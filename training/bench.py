@@ -10,7 +10,10 @@
    ``quantize_4bit`` / ``dequantize_4bit`` on the CPU when ``bitsandbytes`` is importable (aim:
    ours / bitsandbytes ≤ 1.00×; measured in alternating rounds, like section 1; ours alone
    otherwise), NF4Linear forward vs nn.Linear, and bits per parameter measured from
-   ``weight_nbytes()`` (4.127 with double quantization, 4.5 without).
+   ``weight_nbytes()`` (4.127 with double quantization, 4.5 without). A "fresh output" line
+   times ``torch.empty`` + ``fill_`` of a 64 MiB fp32 tensor: every dequantize pays for a fresh
+   output's pages, and on the machines we measured that alone is most of bitsandbytes' time
+   (lesson 06, section 7).
 3. One training step on the bundled model: LoRA vs QLoRA (the cost of dequantizing on the fly;
    aim ≤ 1.5×), in the precision named by the environment variable ``BENCH_PRECISION``
    (fp32, bf16 or fp16; default fp32). ``make bench PRECISION=bf16`` sets it.
@@ -155,6 +158,7 @@ def nf4_throughput() -> None:
     fns = {f"{op} ours": fn for op, fn in ours.items()}
     if theirs is not None:
         fns.update({f"{op} bitsandbytes": fn for op, fn in theirs[0].items()})
+    fns["fresh output"] = lambda: torch.empty(n).fill_(1.0)  # the pages of a new fp32 output, written once
     times = interleaved(fns)  # ours and bitsandbytes' in alternating rounds: machine load hits both alike
     print("\n2. NF4 on a 4096 x 4096 fp32 weight, 2 threads (median of 5 alternating rounds)")
     for op in ours:
@@ -164,6 +168,9 @@ def nf4_throughput() -> None:
             t_bnb = times[f"{op} bitsandbytes"]
             line += f"   bitsandbytes {t_bnb * 1e3:8.1f} ms   ours / bnb {t_ours / t_bnb:4.2f}x   (aim <= 1.00x)"
         print(line)
+    t_fresh = times["fresh output"]
+    print(f"   fresh output     {t_fresh * 1e3:8.1f} ms   (torch.empty + fill_ of the {n * 4 >> 20} MiB fp32 result: "
+          f"the floor of any dequantize that allocates)")  # fmt: skip
     if theirs is None:
         print("   bitsandbytes         skipped: not installed (pip install bitsandbytes to time its CPU NF4 alongside)")
     else:

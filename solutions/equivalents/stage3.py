@@ -66,6 +66,20 @@ EQUIVALENTS = [
         ),
     ),
     Variant(
+        "dequantize_nf4_by_unpacking",
+        "3.4",
+        "dequantize_nf4 by the plain route the stub names: unpack_nibbles, then dequantize_blockwise (no word table).",
+        block="3.4: unpack, look up, scale, reshape",
+        code="""
+            numel = math.prod(shape)
+            if packed.dtype != torch.uint8 or packed.numel() != (numel + 1) // 2:
+                raise ValueError(f"packed must be uint8 with ceil({numel} / 2) bytes, got {packed.numel()}")
+            codes = unpack_nibbles(packed, numel)  # (numel,) uint8 in 0..15
+            values = dequantize_blockwise(codes, absmax, cached_code_book("nf4", packed.device), block_size)
+            return values.view(shape).to(dtype)
+        """,
+    ),
+    Variant(
         "mean_accumulated_in_order",
         "3.5",
         "The offset accumulated one value after another in float32 (cumsum), a different order than torch.mean.",

@@ -354,7 +354,11 @@ def dequantize_nf4(
 ) -> torch.Tensor:
     """Inverse of ``quantize_nf4``: unpack, look up the NF4 level, scale by the block's absmax.
 
-    Returns a tensor of ``shape`` and ``dtype`` (computed in float32, then cast).
+    Returns a tensor of ``shape`` and ``dtype`` (computed in float32, then cast). The plain route
+    is ``dequantize_blockwise(unpack_nibbles(packed, numel), absmax, code, block_size)``. The
+    reference takes a faster one to the same values, bit for bit: it reads the packed bytes two
+    at a time as 16-bit words and copies each word's four levels from ``nf4_word_table`` straight
+    into the output, so there is no unpacked copy of the codes (lesson 06, section 7).
     """
     # BEGIN SOLUTION 3.4: unpack, look up, scale, reshape (use unpack_nibbles, dequantize_blockwise)
     numel = math.prod(shape)
@@ -362,9 +366,19 @@ def dequantize_nf4(
         raise ValueError(
             f"packed must be uint8 with ceil({numel} / 2) bytes for shape {tuple(shape)}, got {packed.numel()}"
         )
-    codes = unpack_nibbles(packed, numel)  # (numel,) uint8 in 0..15
-    values = dequantize_blockwise(codes, absmax, cached_code_book("nf4", packed.device), block_size)
-    return values.view(shape).to(dtype)
+    check_block_size(block_size)
+    n_blocks = -(-numel // block_size)
+    if absmax.numel() != n_blocks:
+        raise ValueError(f"absmax needs one value per block: {n_blocks} for {numel} codes, got {absmax.numel()}")
+    data = packed.reshape(-1)
+    if data.numel() % 2 or data.storage_offset() % 2 or not data.is_contiguous():
+        data = torch.cat([data, data.new_zeros(data.numel() % 2)])  # a fresh copy: whole, aligned 16-bit words
+    words = data.view(torch.int16).int().bitwise_and_(0xFFFF)  # (ceil(numel / 4),) each word's row in the table
+    out = torch.empty(max(n_blocks * block_size, 4 * words.numel()), dtype=torch.float32, device=packed.device)
+    torch.index_select(nf4_word_table(packed.device), 0, words, out=out[: 4 * words.numel()].view(-1, 4))  # look up
+    blocks = out[: n_blocks * block_size].view(n_blocks, block_size)  # past numel: padding, never returned
+    blocks *= absmax.reshape(-1, 1).float()  # each block times its absmax, in place
+    return out[:numel].view(shape).to(dtype)
     # END SOLUTION
 
 
@@ -407,6 +421,25 @@ def cached_code_book(name: str, device: torch.device | str = "cpu") -> torch.Ten
     """
     build = {"nf4": nf4_code_book, "dynamic": dynamic_code_book}[name]
     return build().to(device)
+
+
+@functools.cache
+def nf4_word_table(device: torch.device | str = "cpu") -> torch.Tensor:
+    """Given: the four NF4 levels of every 16-bit word of packed bytes, float32 (65536, 4), once per device.
+
+    Two packed bytes hold four codes. Row ``int16_word & 0xFFFF`` of the table holds their levels
+    in memory order (high nibble of the first byte, low nibble, then the second byte), so one
+    ``index_select`` of 16-byte rows decodes four weights. The rows are filled through the same
+    ``view(torch.int16)`` that reads the packed data, which makes the table right on either byte
+    order. 1 MiB; do not modify it.
+    """
+    value = torch.arange(65536, device=device)
+    byte_pairs = torch.stack([value >> 8, value & 0xFF], dim=1).to(torch.uint8)  # (65536, 2): every two bytes
+    nibbles = torch.stack([byte_pairs >> 4, byte_pairs & 0x0F], dim=2).reshape(65536, 4)  # memory order
+    rows = byte_pairs.view(torch.int16).reshape(-1).long() & 0xFFFF  # the word each pair reads as
+    table = torch.empty(65536, 4, dtype=torch.float32, device=device)
+    table[rows] = cached_code_book("nf4", device)[nibbles.long()]
+    return table
 
 
 def double_quantize(absmax: torch.Tensor, block_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -163,9 +163,9 @@ MUTANTS = [
         "Dequantization forgets the last partial block (its values come back as 0).",
         (
             (
-                "    blocks *= absmax.reshape(-1, 1).float()  # scale in place: (n_blocks, block_size)\n",
-                "    blocks *= absmax.reshape(-1, 1).float()  # scale in place: (n_blocks, block_size)\n"
-                "    if codes.numel() % block_size:\n        blocks[-1] = 0\n",
+                "    blocks *= absmax.reshape(-1, 1).float()  # each block times its absmax, in place\n",
+                "    blocks *= absmax.reshape(-1, 1).float()  # each block times its absmax, in place\n"
+                "    if numel % block_size:\n        blocks[-1] = 0\n",
             ),
         ),
     ),
@@ -173,7 +173,7 @@ MUTANTS = [
         "dequantize_ignores_dtype",
         "3.4",
         "dequantize_nf4 always returns float32, whatever dtype is asked for.",
-        (("    return values.view(shape).to(dtype)", "    return values.view(shape)"),),
+        (("    return out[:numel].view(shape).to(dtype)", "    return out[:numel].view(shape)"),),
     ),
     Variant(
         "double_quant_without_offset",
