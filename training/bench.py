@@ -13,7 +13,8 @@
    ``weight_nbytes()`` (4.127 with double quantization, 4.5 without). A "fresh output" line
    times ``torch.empty`` + ``fill_`` of a 64 MiB fp32 tensor: every dequantize pays for a fresh
    output's pages, and on the machines we measured that alone is most of bitsandbytes' time
-   (lesson 06, section 7).
+   (lesson 06, section 7). Then dequantize at the bundled model's largest projection, 1376 × 512:
+   memory that small is reused, so no fresh pages hide the decode's own cost.
 3. One training step on the bundled model: LoRA vs QLoRA (the cost of dequantizing on the fly;
    aim ≤ 1.5×), in the precision named by the environment variable ``BENCH_PRECISION``
    (fp32, bf16 or fp16; default fp32). ``make bench PRECISION=bf16`` sets it.
@@ -176,6 +177,7 @@ def nf4_throughput() -> None:
     else:
         same = torch.equal(packed, theirs[1]) and torch.equal(absmax, theirs[2])
         print(f"   packed bytes and absmax {'identical to' if same else 'DIFFER from'} bitsandbytes'")
+    small_dequantize()
     linear = nn.Linear(4096, 4096, bias=False)
     x = torch.randn(256, 4096)
     with torch.no_grad():
@@ -187,6 +189,25 @@ def nf4_throughput() -> None:
             print(f"   NF4Linear dq={dq!s:<5}  forward {t_nf4 * 1e3:7.1f} ms = {t_nf4 / t_lin:4.2f}x nn.Linear "
                   f"({t_lin * 1e3:.1f} ms, 256 tokens); {bits:.4f} bits/param "
                   f"(analytic {bits_per_parameter(64, dq):.4f})")  # fmt: skip
+
+
+def small_dequantize() -> None:
+    """dequantize_nf4 on the bundled model's largest projection (1376 x 512, a 2.7 MiB result).
+
+    Memory that small is reused by the allocator, so no fresh pages hide the decode's own cost.
+    """
+    torch.manual_seed(0)
+    weight = torch.randn(1376, 512) * 0.02
+    packed, absmax = quantize_nf4(weight)
+    fns = {"ours": lambda: dequantize_nf4(packed, absmax, weight.shape)}
+    theirs = bitsandbytes_nf4(weight)
+    if theirs is not None:
+        fns["bitsandbytes"] = theirs[0]["dequantize"]
+    times = interleaved(fns)
+    line = f"   dequantize_nf4 on 1376 x 512 (the bundled model's largest projection) {times['ours'] * 1e3:6.3f} ms"
+    if theirs is not None:
+        line += f"   bitsandbytes {times['bitsandbytes'] * 1e3:6.3f} ms   ours / bnb {times['ours'] / times['bitsandbytes']:4.2f}x"
+    print(line)
 
 
 def training_step(precision: str) -> None:
