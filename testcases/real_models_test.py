@@ -316,3 +316,51 @@ def test_two_processes_resume_bit_for_bit(tmp_path, stages_done):
     assert (parts / "adapter" / "adapter_config.json").is_file(), "rank 0 writes the adapter"
     lines = (parts / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == len(set(lines)), "only rank 0 logs: no line twice"
+
+
+# ---- memory at real sizes --------------------------------------------------------------------------
+
+MEMORY_CELLS = [(m, p, c) for m in ("full", "lora", "qlora") for p in ("fp32", "bf16") for c in (False, True)]
+
+
+@pytest.mark.parametrize("shape, overrides", [("bundled", {"n_kv_heads": 2, "tie_word_embeddings": True}),
+                                              ("bundled", {"n_kv_heads": 1}),
+                                              ("wide", {"n_kv_heads": 2, "tie_word_embeddings": True})],
+                         ids=["bundled-gqa2-tied", "bundled-gqa1", "wide-gqa2-tied"])  # fmt: skip
+def test_memory_estimate_equals_measurement_with_gqa_and_tying(shape, overrides):
+    """Stage 6's estimate_memory_parts = measure_memory, part by part and to the byte, on grouped-query and
+    tied variants of the bundled shape and of wide_config(), in all 12 cells: lesson 08 §1.5's table rests on it."""
+    import dataclasses
+
+    from model._impl import missing_exercises
+    from model.tiny_llama import TinyLlama, load_base_model
+
+    if missing := missing_exercises([1, 2, 3, 4, 6]):
+        pytest.skip(f"needs Stages 1-4 and 6, where exercises {', '.join(missing[:4])}… are still stubs")
+    from training import memory
+    from training.qlora_trainer import prepare_qlora_model
+
+    base = load_base_model().config if shape == "bundled" else memory.wide_config()
+    config = dataclasses.replace(base, **overrides)
+    wrong = []
+    for method, precision, checkpointing in MEMORY_CELLS:
+        settings = memory.MemoryConfig(quantize="nf4" if method == "qlora" else "none", precision=precision,
+                                       gradient_checkpointing=checkpointing, optimizer="adamw", min_8bit_size=0,
+                                       device="cpu", r=8, progress=False)  # fmt: skip
+        model = TinyLlama(config)  # random weights: bytes do not depend on values
+        if method == "full":
+            model.gradient_checkpointing = checkpointing
+        else:
+            model = prepare_qlora_model(model, settings)
+        ids = torch.randint(0, config.vocab_size, (3, 19), generator=generator(0))
+        measured = memory.measure_memory(model, (ids, ids.clone()), settings)
+        estimated = memory.estimate_memory_parts(config, method, "adamw", 3, 19, precision, checkpointing, 8, 0)
+        off = {part: f"measured {measured[part]:,}, estimated {value:,}" for part, value in estimated.items()
+               if measured[part] != value}  # fmt: skip
+        if off:
+            wrong.append(f"{method}, {precision}, checkpointing={checkpointing}: {off}")
+    assert not wrong, (
+        f"{config.kv_heads} key/value heads of {config.n_heads}, tied={config.tie_word_embeddings}: the estimate "
+        "misses the measurement in these cells (k_proj / v_proj are (kv_heads · head_dim, d); a tied head is the "
+        "embedding, counted once):\n" + "\n".join(wrong)
+    )

@@ -664,10 +664,14 @@ def wide_config() -> LlamaConfig:
 
 
 def projection_shapes(config: LlamaConfig) -> dict[str, tuple[int, int]]:
-    """Given: (out_features, in_features) of the seven projections of one block."""
-    d, f = config.d_model, config.d_ff
+    """Given: (out_features, in_features) of the seven projections of one block.
+
+    k_proj and v_proj make ``config.kv_heads`` heads: d_kv = kv_heads · head_dim, which is d unless
+    the config uses grouped-query attention (Llama 3, Llama-2-70B; lesson 08).
+    """
+    d, f, d_kv = config.d_model, config.d_ff, config.kv_heads * config.head_dim
     return {
-        "q_proj": (d, d), "k_proj": (d, d), "v_proj": (d, d), "o_proj": (d, d),
+        "q_proj": (d, d), "k_proj": (d_kv, d), "v_proj": (d_kv, d), "o_proj": (d, d),
         "gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f),
     }  # fmt: skip
 
@@ -675,8 +679,9 @@ def projection_shapes(config: LlamaConfig) -> dict[str, tuple[int, int]]:
 def trainable_numels(config: LlamaConfig, method: str, r: int = 8) -> list[int]:
     """Given: the element count of every trainable tensor (the optimizer keeps a state per tensor).
 
-    full: every parameter (embedding, norms, projections, head). lora / qlora: A (r, in) and B (out, r)
-    for each of the 7 projections in every block (the default ``target_modules``).
+    full: every parameter (embedding, norms, projections, head; a head tied to the embedding is the
+    embedding, counted once). lora / qlora: A (r, in) and B (out, r) for each of the 7 projections in
+    every block (the default ``target_modules``).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -684,7 +689,8 @@ def trainable_numels(config: LlamaConfig, method: str, r: int = 8) -> list[int]:
     if method == "full":
         d, v = config.d_model, config.vocab_size
         per_block = [d, d] + [out * inp for out, inp in shapes.values()]
-        return [v * d] + per_block * config.n_layers + [d, v * d]
+        head = [] if config.tie_word_embeddings else [v * d]
+        return [v * d] + per_block * config.n_layers + [d] + head
     return [n for out, inp in shapes.values() for n in (r * inp, out * r)] * config.n_layers
 
 
@@ -747,15 +753,20 @@ def activation_bytes(
         SwiGLU             gate(x), silu(gate(x)), up(x): 3cNf
         linear inputs      fp32: norm outputs shared by q/k/v and by gate/up, and down's input: 4·(2Nd + Nf)
                            bf16 (each autocast cast is its own copy): full 2·(5Nd + Nf); LoRA 2·(6Nd + Nf)
-        LoRA               A x for each of the 7 adapters: 7cNr;  bf16 also the casts of A and B: 2r(11d + 3f)
+        LoRA               A x for each of the 7 adapters: 7cNr;  bf16 also the casts of A and B:
+                           2r · Σ (in + out) over the 7 projections = 2r(11d + 3f)
         frozen weights     QLoRA: the dequantized W of each projection, or a bf16 cast under autocast
-                           (full or LoRA): c · (4d² + 3df)
+                           (full or LoRA): c · Σ out·in over the 7 projections = c · (4d² + 3df)
 
     The first block of LoRA / QLoRA gets a frozen embedding (no gradient): its input norm saves nothing,
     and q, k, v keep no weight (nor, in bf16, the cast of A). Once per model: the final norm (x, rsqrt; full: + x̂ and the head's input),
     the RoPE tables (fp32: 2Th · 4; bf16: a cast per block: 4LTh · 2), the head's bf16 weight (bf16: dVc),
     the logits in fp32 (4NV), the labels (8N), one fp32 scalar (4), and for full fine-tuning the token
     ids (8N).
+
+    The sums over the projections use ``projection_shapes``, so grouped-query attention shrinks the k and
+    v terms (d_kv in place of d). Nothing else changes with it: k and v are repeated to every head before
+    the attention, which saves the repeated copies (the 4cNd above). A tied head changes no activation.
 
     With gradient checkpointing only each block's input (4Nd, fp32) is kept through the forward, and
     backward recomputes one block at a time: activations = L · 4Nd + the once-per-model tensors + the
@@ -786,15 +797,13 @@ def activation_bytes(
     attention = 4 * c * N * d + 4 * N * H + (4 * T * h * c if bf16 else 0)  # bf16: RoPE tables cast per block
     mlp = 3 * c * N * f
     inputs = 4 * (2 * N * d + N * f) if not bf16 else 2 * ((5 if full else 6) * N * d + N * f)
-    lora = 0 if full else 7 * c * N * r + (2 * r * (11 * d + 3 * f) if bf16 else 0)
-    frozen = c * (4 * d * d + 3 * d * f) if (method == "qlora" or bf16) else 0
+    shapes = projection_shapes(config)
+    lora = 0 if full else 7 * c * N * r + (2 * r * sum(out + inp for out, inp in shapes.values()) if bf16 else 0)
+    frozen = c * sum(out * inp for out, inp in shapes.values()) if (method == "qlora" or bf16) else 0
+    qkv = sum(out * inp for name, (out, inp) in shapes.items() if name in ("q_proj", "k_proj", "v_proj"))
     block = norms + attention + mlp + inputs + lora + frozen  # (bytes) a block whose input needs a gradient
     # the first block of LoRA / QLoRA: its input has no gradient: no input norm, no W and (bf16) no A cast for q/k/v
-    first = (
-        block
-        if full
-        else block - (4 * N * d + 4 * N) - (3 * c * d * d if frozen else 0) - (3 * c * r * d if bf16 else 0)
-    )
+    first = block if full else block - (4 * N * d + 4 * N) - (c * qkv if frozen else 0) - (3 * c * r * d if bf16 else 0)
     once = 4 * N * d + 4 * N + 4 * N * V + 8 * N + 4  # final norm's x and rsqrt; fp32 logits; labels; a scalar
     if full:
         once += 4 * N * d + c * N * d + 8 * N  # final norm's x̂, the head's input, the token ids
@@ -812,11 +821,13 @@ def weight_bytes(config: LlamaConfig, method: str, r: int = 8, double_quant: boo
 
     full and lora: every base weight fp32 (Stage 4 does not cast the frozen base); lora / qlora add the
     fp32 adapters. qlora: each projection as ``NF4Linear`` buffers (codes ⌈n/2⌉, double-quantized
-    absmax: ⌈n/64⌉ codes + 4 · ⌈⌈n/64⌉/256⌉ scale + 4 offset), the embedding, norms and head fp32.
+    absmax: ⌈n/64⌉ codes + 4 · ⌈⌈n/64⌉/256⌉ scale + 4 offset), the embedding, norms and head fp32
+    (a head tied to the embedding is the same storage, counted once).
     """
     d, v, L = config.d_model, config.vocab_size, config.n_layers
     projections = [out * inp for out, inp in projection_shapes(config).values()]
-    rest = 4 * (2 * v * d + d + 2 * d * L)  # embedding, head, final norm, two norms per block
+    matrices = 1 if config.tie_word_embeddings else 2  # the embedding, and the head unless tied
+    rest = 4 * (matrices * v * d + d + 2 * d * L)  # embedding (and head), final norm, two norms per block
     adapters = 0 if method == "full" else 4 * sum(trainable_numels(config, method, r))
     if method != "qlora":
         return rest + 4 * sum(projections) * L + adapters
