@@ -325,11 +325,13 @@ MEMORY_CELLS = [(m, p, c) for m in ("full", "lora", "qlora") for p in ("fp32", "
 
 @pytest.mark.parametrize("shape, overrides", [("bundled", {"n_kv_heads": 2, "tie_word_embeddings": True}),
                                               ("bundled", {"n_kv_heads": 1}),
-                                              ("wide", {"n_kv_heads": 2, "tie_word_embeddings": True})],
-                         ids=["bundled-gqa2-tied", "bundled-gqa1", "wide-gqa2-tied"])  # fmt: skip
-def test_memory_estimate_equals_measurement_with_gqa_and_tying(shape, overrides):
-    """Stage 6's estimate_memory_parts = measure_memory, part by part and to the byte, on grouped-query and
-    tied variants of the bundled shape and of wide_config(), in all 12 cells: lesson 08 §1.5's table rests on it."""
+                                              ("wide", {"n_kv_heads": 2, "tie_word_embeddings": True}),
+                                              ("bundled", {"n_layers": 2})],
+                         ids=["bundled-gqa2-tied", "bundled-gqa1", "wide-gqa2-tied", "bundled-2-layers"])  # fmt: skip
+def test_memory_estimate_equals_measurement_beyond_the_graded_configs(shape, overrides):
+    """Stage 6's estimate_memory_parts = measure_memory, part by part and to the byte, in all 12 cells, on
+    grouped-query and tied variants of the bundled shape and of wide_config() (lesson 08 §1.5's table rests
+    on it) and on a 2-layer model (where a freed block input's address once hid a saved tensor)."""
     import dataclasses
 
     from model._impl import missing_exercises
@@ -360,7 +362,8 @@ def test_memory_estimate_equals_measurement_with_gqa_and_tying(shape, overrides)
         if off:
             wrong.append(f"{method}, {precision}, checkpointing={checkpointing}: {off}")
     assert not wrong, (
-        f"{config.kv_heads} key/value heads of {config.n_heads}, tied={config.tie_word_embeddings}: the estimate "
-        "misses the measurement in these cells (k_proj / v_proj are (kv_heads · head_dim, d); a tied head is the "
-        "embedding, counted once):\n" + "\n".join(wrong)
+        f"{config.n_layers} layers, {config.kv_heads} key/value heads of {config.n_heads}, "
+        f"tied={config.tie_word_embeddings}: the estimate misses the measurement in these cells (k_proj / v_proj "
+        "are (kv_heads · head_dim, d); a tied head is the embedding, counted once; largest_block_recompute "
+        "holds the blocks' inputs until it counts):\n" + "\n".join(wrong)
     )

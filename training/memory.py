@@ -763,10 +763,13 @@ def largest_block_recompute(
 
     Runs the forward once more with checkpointing off, attributing each saved storage to the first
     block that saved it (forward pre/post hooks on ``model.layers``), counted alive (``live_bytes``).
+    The blocks' inputs are held until the count: the first block's input (the embedding's output) is
+    freed during the forward when nothing saves it, and a tensor a later block saves may get its
+    address, which would then be excluded as an input (a 2-layer LoRA model in bf16 lost 2·N·d bytes).
     """
     per_block: dict[int, list[weakref.ref]] = {}
     current: list[int] = []
-    inputs: set[int] = set()
+    inputs: list[torch.Tensor] = []  # held until the count: a freed input's address could go to a saved tensor
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         if current:
@@ -776,7 +779,7 @@ def largest_block_recompute(
     def enter(i: int):
         def hook(module, args):
             current.append(i)
-            inputs.update(a.untyped_storage().data_ptr() for a in args if torch.is_tensor(a))
+            inputs.extend(a for a in args if torch.is_tensor(a))
 
         return hook
 
@@ -791,7 +794,7 @@ def largest_block_recompute(
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
             logits = model(input_ids)  # kept: the graph, and what it saved, stays alive while counting
-        seen = own | inputs
+        seen = own | {t.untyped_storage().data_ptr() for t in inputs}
         largest = 0
         for i in sorted(per_block):  # a storage counts for the first block that saved it
             largest = max(largest, live_bytes(per_block[i], seen))
