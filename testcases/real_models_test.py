@@ -8,9 +8,11 @@
   made on the spot (``training/toy_checkpoint.py``; nothing is downloaded).
 - ``training/distributed.py``: two torchrun processes (gloo) train as one process with the same
   global batch, and resume from a checkpoint bit for bit.
+- Stage 6's memory estimate equals its measurement beyond the graded configs (grouped-query
+  attention, tied embeddings, two layers): lesson 08's table of 1B / 7B / 70B rests on it.
 
-These run Stages 1–4 (whichever implementation ``--impl`` / LORA_IMPL selects); where those are
-still stubs the tests skip, saying so.
+These run Stages 1–4 (the memory test also Stage 6), in whichever implementation ``--impl`` /
+LORA_IMPL selects; where those are still stubs the tests skip, saying so.
 """
 
 from __future__ import annotations
