@@ -96,13 +96,12 @@ def token_ids() -> torch.Tensor:
 
 
 @pytest.fixture(scope="session")
-def golden() -> dict[str, torch.Tensor]:
-    """Golden vectors made by bitsandbytes 0.50.2 (solutions/tools/make_nf4_golden.py made them)."""
-    from pathlib import Path
+def golden():
+    """Golden vectors made by bitsandbytes 0.50.2 (solutions/tools/make_nf4_golden.py made them), each key read
+    under the rule testcases/tolerances.py names for it (FIXTURE_RULES), a fresh copy per read."""
+    from testcases.tolerances import fixture
 
-    from safetensors.torch import load_file
-
-    return load_file(Path(__file__).parent / "fixtures" / "nf4_golden.safetensors")
+    return fixture("nf4_golden.safetensors")
 
 
 @pytest.fixture

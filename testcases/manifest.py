@@ -107,7 +107,7 @@ LORA_VARIANTS = (
 )
 MEMORY = (
     Exercise("6.1", "8-bit state codes: unsigned dynamic code, lookup table, blockwise", 8, needs=("3.4",)),
-    Exercise("6.2", "AdamW8bit (bitsandbytes' step, bit for bit)", 10, needs=("6.1",)),
+    Exercise("6.2", "AdamW8bit: bitsandbytes' step", 10, needs=("6.1",)),
     Exercise("6.3", "PagedOptimizer: states paged between a pool and the device", 8, needs=("6.2",)),
     Exercise("6.4", "make_optimizer, MemoryConfig, MemoryTrainer", 6, needs=("6.2", "6.3", "4.3")),
     Exercise("6.5", "memory accounting: state bytes, estimate and measurement", 10, needs=("6.4", "4.2")),

@@ -7,6 +7,7 @@ the given model and data. Checks that need solutions/ live in solutions/tools/to
 from __future__ import annotations
 
 import ast
+import importlib
 import json
 import os
 import subprocess
@@ -19,6 +20,22 @@ import torch
 from model import _impl
 from testcases.manifest import REPO, STAGES, dependencies, exercises, module_name, select, student_files
 from testcases.scoring import BLOCKED, FAILED, NOT_ATTEMPTED, PASSED, SKIPPED, Gradebook, Outcome, split_cents
+from testcases.tolerances import (
+    DERIVED,
+    EXACT,
+    FIXTURE_RULES,
+    FIXTURES,
+    INPUT,
+    NETWORK,
+    ORACLE,
+    START,
+    UNUSED,
+    Fixture,
+    assert_network_close,
+    fixture,
+    rule_for,
+)
+from testcases.tolerances import _read as read_fixture
 
 # ---- the manifest against the files ---------------------------------------------------------------
 
@@ -294,3 +311,123 @@ def test_cli_help_lists_the_config():
         cwd=REPO, env={k: v for k, v in os.environ.items() if k != "LORA_IMPL"}, capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     assert "--gradient-accumulation-steps" in out and "--precision" in out and "LoRA rank" in out
+
+
+# ---- stored values: every fixture comparison follows a rule that holds on every CPU -----------------
+
+FIXTURE_FILES = sorted(p.name for p in FIXTURES.glob("*.safetensors"))
+RECORDS = sorted((FIXTURES / "cpu-records").glob("*.safetensors"))
+
+
+def test_every_fixture_key_names_its_rule():
+    """Each key of each fixture matches a rule in testcases/tolerances.py; no rule is stale; checkers exist."""
+    assert sorted(FIXTURE_RULES) == FIXTURE_FILES, (
+        f"FIXTURE_RULES covers {sorted(FIXTURE_RULES)}, the fixtures are {FIXTURE_FILES}"
+    )
+    for file in FIXTURE_FILES:
+        used = {rule_for(file, key).pattern for key in fixture(file)}
+        stale = [r.pattern for r in FIXTURE_RULES[file] if r.pattern not in used]
+        assert not stale, f"{file}: rules that match no key (the first matching rule wins): {stale}"
+        for entry in FIXTURE_RULES[file]:
+            assert entry.rule in (INPUT, START, EXACT, NETWORK, DERIVED, ORACLE, UNUSED), f"{file}: {entry}"
+            assert bool(entry.checker) == (entry.rule in (DERIVED, ORACLE)), (
+                f"{file} {entry.pattern}: derived and oracle rules name a checker, the others none"
+            )
+            if entry.checker:
+                checker_of(entry)
+
+
+def test_a_key_without_a_rule_is_refused():
+    """Reading a stored value that names no rule fails, before anything can compare with it."""
+    unruled = Fixture("nf4_golden.safetensors", {"new_case.dequant_avx9": torch.zeros(2)}, {})
+    with pytest.raises(KeyError, match="names no rule"):
+        unruled["new_case.dequant_avx9"]
+
+
+def test_fixtures_are_read_only_through_their_rules():
+    """No test module opens testcases/fixtures/ itself: every read goes through tolerances.fixture (and its rules)."""
+    for path in sorted((REPO / "testcases").rglob("*.py")):
+        if path.name in ("tolerances.py", "support_test.py"):  # the loader, and this check
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)) and ast.get_docstring(node) is not None
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                assert "fixtures" not in node.value, (
+                    f"{path.relative_to(REPO)}:{node.lineno}: reads testcases/fixtures/ directly; use "
+                    "testcases.tolerances.fixture(name), which holds each key to its rule"
+                )
+
+
+def checker_of(entry):
+    module, _, name = entry.checker.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@pytest.mark.parametrize("path", [FIXTURES / f for f in FIXTURE_FILES] + RECORDS, ids=lambda p: p.name)
+def test_the_rules_accept_every_recorded_computation(path):
+    """The committed fixture, and the same computation recorded on other CPUs, pass each key's own rule.
+
+    The rules are the graded tests' own: a record from another CPU that a rule refused would mean a correct
+    student on that CPU loses points. Derived and oracle rules run their checker once for all their keys.
+    """
+    file = path.name.split(".")[0] + ".safetensors"
+    golden = fixture(file)
+    tensors, metadata = read_fixture(path)
+    other = Fixture(file, tensors, metadata)
+    assert set(other) <= set(golden), f"{path.name}: keys the fixture lacks {sorted(set(other) - set(golden))}"
+    by_checker: dict[str, list[str]] = {}
+    for key in sorted(other):
+        entry = rule_for(file, key)
+        if entry.rule in (INPUT, EXACT):
+            assert torch.equal(other[key], golden[key]), f"{path.name}: {key} ({entry.rule}) differs: " + (
+                "the record has other inputs, so it is not the same computation" if entry.rule == INPUT else entry.why
+            )
+        elif entry.rule == NETWORK:
+            assert_network_close(other[key], golden[key], f"{path.name}: {key}")
+        elif entry.rule in (DERIVED, ORACLE):
+            by_checker.setdefault(entry.checker, []).append(key)
+    for keys in by_checker.values():
+        checker_of(rule_for(file, keys[0]))(golden, other, keys)
+
+
+def test_nf4_table_is_robust():
+    """bitsandbytes' NF4 table is what EVERY conforming evaluation of Exercise 3.3's recipe rounds to.
+
+    The recipe: probabilities from a float32 linspace, quantiles Φ⁻¹ in float64, cast to float32, divided by
+    the largest in float32. Enumerated here: the step rounded from the exact or the float32 ends, each point
+    start + i·step (first half) or end − j·step (second half, as torch.linspace does) with one rounding (a
+    fused multiply-add) or two, torch's own linspace, and Φ⁻¹ off by ±2 float64 ulps. All give the table bit
+    for bit, so comparing with it exactly (rule "exact") holds on every CPU.
+    """
+    published = fixture("nf4_golden.safetensors")["codebook.nf4"]
+    offset = 0.9677083
+
+    def f32(x: float) -> float:
+        return torch.tensor(x, dtype=torch.float64).float().item()
+
+    def probabilities(n: int) -> list[list[float]]:
+        start, end, found = f32(offset), 0.5, []
+        for step in {f32((end - offset) / (n - 1)), f32((end - start) / (n - 1))}:
+            for fused in (True, False):
+                points = []
+                for i in range(n):
+                    j = n - 1 - i
+                    if i < n / 2:
+                        points.append(f32(start + i * step if fused else start + f32(i * step)))
+                    else:
+                        points.append(f32(end - j * step if fused else end - f32(j * step)))
+                found.append(points)
+        return [*found, torch.linspace(offset, 0.5, n).double().tolist()]
+
+    for pos in probabilities(9):
+        for neg in probabilities(8):
+            for nudge in (-2, 0, 2):
+                up = torch.special.ndtri(torch.tensor(pos[:-1], dtype=torch.float64)) * (1 + nudge * 2.0**-52)
+                down = -torch.special.ndtri(torch.tensor(neg[:-1], dtype=torch.float64)) * (1 + nudge * 2.0**-52)
+                levels = torch.cat([up, torch.zeros(1, dtype=torch.float64), down]).float().sort().values
+                assert torch.equal(levels / levels.max(), published), (pos, neg, nudge)

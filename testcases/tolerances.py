@@ -37,8 +37,10 @@ published NF4 table, a frozen weight that must not change, values copied unchang
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -156,3 +158,154 @@ def fp32_network_bound(reference32: torch.Tensor, reference64: torch.Tensor) -> 
     noise = (reference32.detach().double().cpu() - reference64.detach().double().cpu()).abs().max().item()
     scale = reference64.detach().abs().max().item()
     return FP32_NETWORK_FACTOR * (noise + UNIT_ROUNDOFF[torch.float32] * scale)
+
+
+# ---- Stored values: the rule each comparison with a fixture follows -------------------------------
+#
+# A fixture (testcases/fixtures/*.safetensors) holds numbers that bitsandbytes or PEFT computed on ONE
+# machine. They say WHAT is computed; they are not the bits another machine must reproduce: float32 and
+# float64 results differ between CPUs in the last bits (summation order, fused multiply-adds, torch's
+# DEFAULT vs AVX2 vs AVX512 code paths, LAPACK's blocking), and bitsandbytes' own AdamW8bit step differs
+# between an AMD and an Intel AVX512 CPU. So every key of every fixture names, below, the rule its
+# comparisons follow:
+#
+#   input    an input the test feeds in; the same on every machine (a record with other inputs is not the
+#            same computation);
+#   start    a state one machine reached (bitsandbytes after 99 steps) that a test starts from; another
+#            machine reaches its own; not compared;
+#   exact    integers, published constants, or ONE correctly rounded IEEE 754 operation per element of
+#            stored inputs (absmax = max |x|, code[q] · absmax): every conforming evaluation gives these bits;
+#   network  float64 evaluations of one formula on the same inputs: |Δ| ≤ NETWORK_RTOL · (max |value| + 1);
+#   derived  a bound the test derives from the computation (the named checker states it);
+#   oracle   not compared with the stored bits: the test computes the exact result in the test process from
+#            the same inputs, and the stored value must pass the same check (the named checker);
+#   unused   recorded, compared by no test.
+#
+# ``fixture(name)`` loads a file and refuses a key without a rule. testcases/support_test.py checks that
+# every key has exactly one rule and applies each rule to the same computations recorded on other CPUs
+# (testcases/fixtures/cpu-records/): a rule that holds on every CPU accepts them all.
+
+INPUT, START, EXACT, NETWORK = "input", "start", "exact", "network"
+DERIVED, ORACLE, UNUSED = "derived", "oracle", "unused"
+
+
+@dataclass(frozen=True)
+class FixtureRule:
+    pattern: str  # fnmatch pattern over the file's keys
+    rule: str  # one of the seven above
+    why: str  # why it holds on every CPU
+    checker: str = ""  # derived / oracle: "module:function(key, fixture, other)", raises AssertionError
+
+
+S3, S5, S6 = "testcases.stage3.basic:", "testcases.stage5.basic:", "testcases.stage6.basic:"
+R = FixtureRule
+FIXTURE_RULES: dict[str, tuple[FixtureRule, ...]] = {
+    "nf4_golden.safetensors": (
+        R("*.input", INPUT, "bitsandbytes' inputs, stored"),
+        R("codebook.nf4", EXACT, "bitsandbytes' published table; every conforming evaluation of Exercise 3.3's recipe "
+          "rounds to it (support test: test_nf4_table_is_robust)"),
+        R("codebook.*", UNUSED, "the other code books bitsandbytes defines, for the record"),
+        R("dq_*.absmax_fp32", INPUT, "the NF4 absmax that double quantization starts from"),
+        R("*.absmax", EXACT, "max |x| per block: no rounding at all"),
+        R("*.packed", EXACT, "codes: x · fl(1/absmax), two correctly rounded operations, then comparisons with float32 "
+          "midpoints (a tie to the lower code)"),
+        R("*.codes", EXACT, "the same codes, unpacked"),
+        R("*.q", UNUSED, "8-bit blockwise codes of bitsandbytes' CPU lookup table (Stage 6 computes its own)"),
+        R("*.dequant", EXACT, "code[q] · absmax: one correctly rounded product (then one cast)"),
+        R("*.dequant_bnb_cpu_avx512", UNUSED, "what bitsandbytes' AVX-512 kernel returns (a bnb bug), kept to document it"),
+        R("dq_*.offset", DERIVED, "a mean of n values: any summation order is within (n + 1)·u·mean|absmax| of the "
+          "exact mean", S3 + "check_offset_record"),
+        R("dq_*.absmax2", DERIVED, "max |absmax − offset| per block: moves with the offset, plus a rounding",
+          S3 + "check_scale_record"),
+        R("dq_*.qabsmax", DERIVED, "8-bit codes of bitsandbytes' lookup table: at least 99 % equal (the table misses "
+          "the nearest level for 1 value in 300–500)", S3 + "check_qabsmax_record"),
+        R("dq_*.absmax_dequant", DERIVED, "code[q] · scale + offset: two roundings of terms ≤ |value| + 2·|offset|",
+          S3 + "check_absmax_dequant_record"),
+        R("dq_*.code8", UNUSED, "bitsandbytes' 8-bit code for the absmax, for the record"),
+    ),
+    "peft_variants_golden.safetensors": (
+        R("weight", INPUT, "the nn.Linear(12 → 10) every case wraps"),
+        R("bias", INPUT, "its bias"),
+        R("x", INPUT, "the input batch (6, 12)"),
+        R("vera.A", DERIVED, "PEFT's uniform draw for key 0: the same generator's draws, scaled by a bound whose "
+          "rounding may differ by 4 ulps on another CPU path", S5 + "check_draw_record"),
+        R("vera.B", DERIVED, "as vera.A", S5 + "check_draw_record"),
+        R("vera.key3.*", DERIVED, "as vera.A, key 3", S5 + "check_draw_record"),
+        R("vera.lambda_*", INPUT, "VeRA's scaling vectors, set into the layer"),
+        R("vera.out", DERIVED, "float64 output (network rule) plus the draws' own difference carried through "
+          "λ_b ⊙ B(λ_d ⊙ A x) (vera_draw_bound)", S5 + "check_vera_out_record"),
+        R("pissa.[AB]", UNUSED, "the factors of an fp32 SVD: not unique (signs, rounding); compared through their "
+          "product (pissa.product)"),
+        R("olora.[AB]", UNUSED, "the factors of an fp32 QR: compared through their product (olora.product)"),
+        R("*.[ABE]", INPUT, "adapter weights set into the layer"),
+        R("dora.magnitude", INPUT, "DoRA's trained magnitude, set into the layer"),
+        R("*.out", NETWORK, "float64 outputs of one formula on stored inputs"),
+        R("dora.magnitude_init", NETWORK, "‖W0‖ per row, float64"),
+        R("dora.merged_weight", NETWORK, "W0 + s·B A, scaled by m / ‖·‖, float64"),
+        R("pissa.*", DERIVED, "an fp32 SVD is backward stable: the product is within the SVD's backward error times "
+          "the spectral gap of the exact top-r part (pissa_product_bound); the residual adds a subtraction",
+          S5 + "check_pissa_record"),
+        R("olora.*", DERIVED, "an fp32 Householder QR is backward stable: bounded through σ_min of the first r "
+          "columns (olora_product_bound); the residual adds a subtraction", S5 + "check_olora_record"),
+        R("adalora.budget", EXACT, "integers: PEFT's rank budget per step"),
+        R("adalora.mask_ind", EXACT, "booleans: whether PEFT masks at each step"),
+    ),
+    "adamw8bit_golden.safetensors": (
+        R("code.*", EXACT, "bitsandbytes' float32 code books (its state's qmap1, qmap2): constants"),
+        R("*_1", ORACLE, "bitsandbytes' step 1 from the initial parameter: the exact step within the rounding bound of "
+          "testcases/stage6/oracle.py, each code the exact moment's (or a neighbour where the moment lies within the "
+          "bound of a bin boundary)", S6 + "check_bnb_steps_record"),
+        R("*_99", START, "bitsandbytes' parameter and states after step 99 on the recording machine: step 100 starts "
+          "from them"),
+        R("*_100", ORACLE, "bitsandbytes' step 100 from its own step-99 state: the exact step within the bound",
+          S6 + "check_bnb_steps_record"),
+        R("*.param_10", UNUSED, "the trajectory at step 10 (no test: two conforming trajectories may part ways)"),
+    ),
+}  # fmt: skip
+
+
+def rule_for(file: str, key: str) -> FixtureRule:
+    """The rule ``key`` of fixture ``file`` follows: the FIRST pattern it matches (a KeyError names a key without)."""
+    from fnmatch import fnmatchcase
+
+    for entry in FIXTURE_RULES.get(file, ()):
+        if fnmatchcase(key, entry.pattern):
+            return entry
+    raise KeyError(
+        f"{file}: the key {key!r} names no rule in testcases/tolerances.py FIXTURE_RULES; a stored value is "
+        "compared only under a rule that holds on every CPU"
+    )
+
+
+class Fixture(Mapping):
+    """A fixture file's tensors, each read under its rule (a fresh copy per read)."""
+
+    def __init__(self, file: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        self.file, self._tensors, self.metadata = file, tensors, metadata
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        rule_for(self.file, key)
+        return self._tensors[key].clone()
+
+    def __iter__(self):
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@functools.cache
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+
+
+def fixture(file: str, folder: Path = FIXTURES) -> Fixture:
+    """``testcases/fixtures/<file>`` (or ``folder/<file>``), each key under the rule FIXTURE_RULES names."""
+    tensors, metadata = _read(folder / file)
+    return Fixture(file, tensors, metadata)

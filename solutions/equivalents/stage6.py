@@ -60,6 +60,54 @@ EQUIVALENTS = [
         ),
     ),
     Variant(
+        "textbook_order_of_the_moments",
+        "6.2",
+        "The moments in the textbook order, out of place: m = β1·m + (1 − β1)·g, v = β2·v + (1 − β2)·g·g (copied back).",
+        block="6.2: the two moments",
+        code="""
+            m.copy_(beta1 * m + (1.0 - beta1) * g)
+            v.copy_(beta2 * v + (1.0 - beta2) * (g * g))
+            correction1 = 1.0 - beta1**step
+            correction2 = math.sqrt(1.0 - beta2**step)
+            denom = v.sqrt() / correction2 + eps
+            if weight_decay > 0.0:
+                p.mul_(1.0 - lr * weight_decay)
+            p.addcdiv_(m, denom, value=-lr / correction1)
+            """,
+    ),
+    Variant(
+        "lerp_and_decay_by_subtraction",
+        "6.2",
+        "m with lerp_ (as torch.optim.AdamW), the decay as p − lr·λ·p, the step as p − (lr/c1)·(m / denom).",
+        block="6.2: the two moments",
+        code="""
+            m.lerp_(g, 1.0 - beta1)
+            v.mul_(beta2).add_(g.square().mul_(1.0 - beta2))
+            correction1 = 1.0 - beta1**step
+            correction2 = math.sqrt(1.0 - beta2**step)
+            if weight_decay > 0.0:
+                p.sub_(p * (lr * weight_decay))
+            p.sub_((lr / correction1) * (m / (v.sqrt() / correction2 + eps)))
+            """,
+    ),
+    Variant(
+        "update_in_float64",
+        "6.2",
+        "The whole update in float64, rounded to float32 once per stored tensor (more precise, equally right).",
+        block="6.2: the two moments",
+        code="""
+            m64 = beta1 * m.double() + (1.0 - beta1) * g.double()
+            v64 = beta2 * v.double() + (1.0 - beta2) * g.double() ** 2
+            correction1 = 1.0 - beta1**step
+            correction2 = math.sqrt(1.0 - beta2**step)
+            p64 = p.double() * (1.0 - lr * weight_decay) if weight_decay > 0.0 else p.double()
+            p64 = p64 - (lr / correction1) * m64 / (v64.sqrt() / correction2 + eps)
+            m.copy_(m64)
+            v.copy_(v64)
+            p.copy_(p64)
+            """,
+    ),
+    Variant(
         "paging_over_state_items",
         "6.3",
         "page_in walks state.items() itself and counts with element_size instead of calling paged_tensors / nbytes.",

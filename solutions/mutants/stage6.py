@@ -109,6 +109,31 @@ MUTANTS = [
         ),
     ),
     Variant(
+        "moments_kept_in_float32",
+        "6.2",
+        "update_8bit keeps float32 copies of m and v in the state and steps from them; the codes are written but "
+        "never read back (no quantization error, and 8 bytes per parameter again).",
+        block="6.2: dequantize, update",
+        code="""
+            books, bs = state_code_books(p.device), self.block_size
+            if "m32" not in state:
+                state["m32"] = torch.zeros_like(p, dtype=torch.float32)
+                state["v32"] = torch.zeros_like(p, dtype=torch.float32)
+            m, v = state["m32"], state["v32"]
+            beta1, beta2 = group["betas"]
+            p32 = p.detach().float()
+            adamw_update_8bit_(
+                p32, p.grad.float(), m, v, step=state["step"], lr=group["lr"],
+                beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+            )  # fmt: skip
+            p.detach().copy_(p32)
+            codes1, state["absmax1"] = quantize_blockwise_lut(m, books["signed_lut"], bs)
+            codes2, state["absmax2"] = quantize_blockwise_lut(v, books["unsigned_lut"], bs)
+            state["state1"].copy_(codes1.view(p.shape))
+            state["state2"].copy_(codes2.view(p.shape))
+            """,
+    ),
+    Variant(
         "weight_decay_after_the_step",
         "6.2",
         "Decoupled weight decay is applied after the Adam step instead of before it.",
@@ -140,22 +165,6 @@ MUTANTS = [
         "6.2",
         "ε is added before dividing by √(1 − β2^t): (√v + ε) / c2 instead of √v / c2 + ε.",
         (("    denom = (v.sqrt() / correction2).add_(eps)", "    denom = (v.sqrt() + eps) / correction2"),),
-    ),
-    Variant(
-        "textbook_order_of_the_moment",
-        "6.2",
-        "m is updated as β1·m + ((1 − β1)·g) (the textbook order) instead of bitsandbytes' m.mul_(β1).add_(g, alpha=1 − β1).",
-        block="6.2: the two moments",
-        code="""
-            m.mul_(beta1).add_((1.0 - beta1) * g)
-            v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-            correction1 = 1.0 - beta1**step
-            correction2 = math.sqrt(1.0 - beta2**step)
-            denom = (v.sqrt() / correction2).add_(eps)
-            if weight_decay > 0.0:
-                p.mul_(1.0 - lr * weight_decay)
-            p.addcdiv_(m, denom, value=-lr / correction1)
-            """,
     ),
     Variant(
         "v_with_the_signed_code",

@@ -219,6 +219,47 @@ def check_double_quantization(quant, golden, case: str) -> None:
     )
 
 
+# ---- the fixture's double-quantization rules, applied to a computation recorded on another CPU --------
+# (testcases/support_test.py; check_double_quantization holds a student to the same bounds)
+
+
+def offset_slack(fixture, case: str) -> float:
+    """Two evaluations of the mean of n absmax values: each within (n + 1)·u·mean|absmax| of the exact mean."""
+    absmax = fixture[f"{case}.absmax_fp32"].double()
+    return 2 * (absmax.numel() + 1) * U32 * absmax.abs().mean().item()
+
+
+def check_offset_record(fixture, other, keys: list[str]) -> None:
+    for key in keys:
+        case = key.split(".")[0]
+        assert_close(other[key], fixture[key], f"{key} recorded elsewhere", bound=offset_slack(fixture, case))
+
+
+def check_scale_record(fixture, other, keys: list[str]) -> None:
+    for key in keys:
+        case = key.split(".")[0]
+        shift = abs(other[f"{case}.offset"].item() - fixture[f"{case}.offset"].item())
+        theirs = fixture[key].double()
+        assert_close(other[key], theirs, f"{key} recorded elsewhere", bound=shift + 2 * U32 * theirs.abs())
+
+
+def check_qabsmax_record(fixture, other, keys: list[str]) -> None:
+    for key in keys:
+        same = (other[key] == fixture[key]).double().mean().item()
+        assert same > 0.99, f"{key} recorded elsewhere: only {same:.1%} of the codes are equal"
+
+
+def check_absmax_dequant_record(fixture, other, keys: list[str]) -> None:
+    for key in keys:
+        case = key.split(".")[0]
+        same = other[f"{case}.qabsmax"] == fixture[f"{case}.qabsmax"]  # where both stored the same code
+        shift = abs(other[f"{case}.offset"].item() - fixture[f"{case}.offset"].item())
+        moved = per_element((other[f"{case}.absmax2"] - fixture[f"{case}.absmax2"]).abs(), 256, same.numel())
+        theirs = fixture[key].double()
+        bound = shift + moved + 4 * U32 * (theirs.abs() + 2 * fixture[f"{case}.offset"].double().abs())
+        assert_close(other[key][same], theirs[same], f"{key} recorded elsewhere", bound=bound[same])
+
+
 @pytest.mark.exercise("3.5")
 def test_double_quantization_matches_bitsandbytes(quant, golden):
     """512 absmax values: the offset is their mean, the scales match bitsandbytes, each value comes back as close."""

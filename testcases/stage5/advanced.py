@@ -34,13 +34,13 @@ from testcases.stage5.basic import (
     dora_expected,
     expected_importance,
     f64,
-    factorisation_error,
     golden_linear,
     lm_step,
     loftq_layer,
     lora_paths,
     make_linear,
     matrix_with_spectrum,
+    olora_product_bound,
     peft_golden,
     pissa_product_bound,
     pissa_trained,
@@ -50,6 +50,7 @@ from testcases.stage5.basic import (
     read_adapter,
     set_values,
     top_r_part,
+    vera_draw_bound,
     vera_expected,
 )
 from testcases.tolerances import NETWORK_RTOL, UNIT_ROUNDOFF, assert_close, assert_network_close
@@ -284,17 +285,14 @@ def test_w0_inits_match_peft(lora, lora_variants, method):
     A, B, residual = f64(layer.lora_A, layer.lora_B, layer.base_layer.weight)
     product = layer.scaling * B @ A
     W = weight.double()
-    if method == "pissa":  # both SVDs (PEFT's and this one) are off by at most the derived bound
-        bound = 2 * pissa_product_bound(weight, 4, layer)
-    else:  # the first r QR terms move by ≤ 2‖E‖·(1 + 2‖W‖/σ_min(W[:, :r])) for each of the two QRs, × s = 2
-        sigma_min = torch.linalg.svdvals(W[:, :4])[-1].item()
-        E = factorisation_error(weight)
-        bound = 4 * E * (1 + 2 * torch.linalg.matrix_norm(W, ord=2).item() / sigma_min) + 8 * U32 * product.abs()
+    # two fp32 factorisations (PEFT's and this one), each off by at most the derived bound
+    pissa = method == "pissa"
+    bound = 2 * pissa_product_bound(weight, 4, layer) if pissa else olora_product_bound(weight, 4, product)
     assert_close(product, golden[f"{method}.product"], f"s·B A after {method}_init vs PEFT", bound=bound,
                  hint="PiSSA: √(S_r / s) on each side; OLoRA: B = Q[:, :r], A = R[:r] (no ÷ s)")  # fmt: skip
     assert_close(residual, golden[f"{method}.residual"], f"the residual in the base after {method}_init vs PEFT",
                  bound=bound + 8 * U32 * (W.abs() + product.abs()), hint="W0 ← W0 − s·B A")  # fmt: skip
-    if method == "pissa":  # PEFT splits √(S/s) evenly: compare each triplet's share (sign-free norms)
+    if pissa:  # PEFT splits √(S/s) evenly: compare each triplet's share (sign-free norms)
         _, S = top_r_part(weight, 4)
         for i in range(4):
             want = math.sqrt(S[i].item() / 2)
@@ -502,8 +500,12 @@ def test_vera_matches_peft(lora_variants):
     lora_variants.get_vera_model(model, r=16, target_modules=["0"], projection_prng_key=0)
     layer = model[0]
     set_values(layer, lambda_d=golden["vera.lambda_d"], lambda_b=golden["vera.lambda_b"])
-    assert_network_close(model(golden["x"]), golden["vera.out"], "VeRA output vs PEFT",
-                         "h = W0 x + b + λ_b ⊙ B_s(λ_d ⊙ A_s x), with PEFT's draws for key 0")  # fmt: skip
+    out = golden["vera.out"]
+    # float64 evaluations of one formula (NETWORK_RTOL), plus what the draws themselves may differ by on
+    # another CPU (uniform_draws_close: 4 ulps of the bound), carried through λ_b ⊙ B(λ_d ⊙ A x)
+    bound = NETWORK_RTOL * (out.abs().max().item() + 1) + vera_draw_bound(golden)
+    assert_close(model(golden["x"]), out, "VeRA output vs PEFT", bound=bound,
+                 hint="h = W0 x + b + λ_b ⊙ B_s(λ_d ⊙ A_s x), with PEFT's draws for key 0")  # fmt: skip
 
 
 @pytest.mark.exercise("5.6")

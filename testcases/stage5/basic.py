@@ -11,13 +11,16 @@ PEFT 0.21.2's numbers come from testcases/fixtures/peft_variants_golden.safetens
 solutions/tools/make_variants_golden.py (one nn.Linear(12 → 10) with a bias, float64, x (6, 12));
 the tests never import peft. ``peft_golden()`` loads the file once per session and hands out copies
 (a test fixture cannot be used here: the stage modules' fixtures are not collected with their tests).
+Each key is read under the rule testcases/tolerances.py names for it (FIXTURE_RULES), and the
+``check_*_record`` functions below apply the same bounds to PEFT's results recorded on other CPUs.
 """
 
 from __future__ import annotations
 
-import functools
 import math
+from collections.abc import Mapping
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -30,27 +33,59 @@ from testcases.tolerances import (
     assert_close,
     assert_network_close,
     expect_tensor,
+    fixture,
     fp32_network_bound,
 )
 
 U32 = UNIT_ROUNDOFF[torch.float32]
-GOLDEN_PATH = Path(__file__).resolve().parents[1] / "fixtures" / "peft_variants_golden.safetensors"
+GOLDEN_FILE = "peft_variants_golden.safetensors"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 # ---- helpers shared with advanced.py --------------------------------------------------------------
 
 
-@functools.cache
-def _golden_file() -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def peft_golden() -> Mapping[str, torch.Tensor]:
+    """PEFT 0.21.2's golden vectors (keys: solutions/tools/make_variants_golden.py), each under its rule
+    (testcases/tolerances.py FIXTURE_RULES), a fresh copy per read."""
+    return fixture(GOLDEN_FILE)
 
-    return load_file(GOLDEN_PATH)
+
+# ---- the fixture's rules, applied to the same computation recorded on another CPU -----------------
+# (testcases/support_test.py calls these with the committed fixture and each cpu-record; the graded
+# tests compare a student's result with the fixture under the same bounds)
 
 
-def peft_golden() -> dict[str, torch.Tensor]:
-    """PEFT 0.21.2's golden vectors (keys: solutions/tools/make_variants_golden.py), a fresh copy per call."""
-    return {key: value.clone() for key, value in _golden_file().items()}
+def check_draw_record(fixture: Mapping, other: Mapping, keys: list[str]) -> None:
+    for key in keys:
+        uniform_draws_close(other[key], fixture[key], f"{key} recorded elsewhere")
+
+
+def check_vera_out_record(fixture: Mapping, other: Mapping, keys: list[str]) -> None:
+    out = fixture["vera.out"]
+    bound = NETWORK_RTOL * (out.abs().max().item() + 1) + vera_draw_bound(fixture)
+    assert_close(other["vera.out"], out, "vera.out recorded elsewhere", bound=bound)
+
+
+def check_pissa_record(fixture: Mapping, other: Mapping, keys: list[str]) -> None:
+    weight = fixture["weight"].float()
+    bound = sum(
+        pissa_product_bound(weight, 4, SimpleNamespace(lora_A=f["pissa.A"], lora_B=f["pissa.B"], scaling=2.0))
+        for f in (fixture, other)
+    )
+    W, product = weight.double(), fixture["pissa.product"].double()
+    assert_close(other["pissa.product"], product, "pissa.product recorded elsewhere", bound=bound)
+    assert_close(other["pissa.residual"], fixture["pissa.residual"], "pissa.residual recorded elsewhere",
+                 bound=bound + 8 * U32 * (W.abs() + product.abs()))  # fmt: skip
+
+
+def check_olora_record(fixture: Mapping, other: Mapping, keys: list[str]) -> None:
+    weight = fixture["weight"].float()
+    W, product = weight.double(), fixture["olora.product"].double()
+    bound = olora_product_bound(weight, 4, product)
+    assert_close(other["olora.product"], product, "olora.product recorded elsewhere", bound=bound)
+    assert_close(other["olora.residual"], fixture["olora.residual"], "olora.residual recorded elsewhere",
+                 bound=bound + 8 * U32 * (W.abs() + product.abs()))  # fmt: skip
 
 
 def make_linear(in_features: int, out_features: int, seed: int, dtype=torch.float64, bias: bool = True) -> nn.Linear:
@@ -137,6 +172,19 @@ def pissa_product_bound(weight: torch.Tensor, r: int, layer) -> torch.Tensor:
     E = factorisation_error(weight)
     A, B = f64(layer.lora_A, layer.lora_B)
     return E * (1 + 2 * S[0].item() / gap) + 8 * U32 * layer.scaling * (B.abs() @ A.abs())
+
+
+def olora_product_bound(weight: torch.Tensor, r: int, product: torch.Tensor) -> torch.Tensor:
+    """Allowed |Δ(s·B A)| between two fp32 QR-based OLoRA inits of ``weight`` (r = 4, s = 2).
+
+    Each computed QR is exact for W0 + E (‖E‖₂ ≤ ``factorisation_error``): the first r QR terms move by
+    ≤ 2‖E‖·(1 + 2‖W‖/σ_min(W[:, :r])) for each of the two QRs, × s = 2; forming the product: 8 roundings
+    of |s·B A|.
+    """
+    W = weight.double()
+    sigma_min = torch.linalg.svdvals(W[:, :r])[-1].item()
+    E = factorisation_error(weight)
+    return 4 * E * (1 + 2 * torch.linalg.matrix_norm(W, ord=2).item() / sigma_min) + 8 * U32 * product.abs()
 
 
 def check_w0_init_function(layer, weight: torch.Tensor, bias: torch.Tensor, extra: torch.Tensor, what: str) -> None:
@@ -686,6 +734,20 @@ def uniform_draws_close(actual: torch.Tensor, expected: torch.Tensor, what: str)
     assert_close(actual, expected, what, bound=bound,
                  hint="one CPU torch.Generator seeded with projection_prng_key; vera_A (r, in) first, then vera_B "
                       "(out, r); each U(−b, b) with b = √3·√2/√fan_in, fan_in = its second dimension")  # fmt: skip
+
+
+def vera_draw_bound(golden: dict[str, torch.Tensor]) -> torch.Tensor:
+    """|Δh| when vera_A and vera_B each differ by ``uniform_draws_close``'s bound: h = λ_b ⊙ B(λ_d ⊙ A x).
+
+    δA, δB per element; Δh = λ_b ⊙ (ΔB (λ_d ⊙ A x) + B (λ_d ⊙ ΔA x) + ΔB (λ_d ⊙ ΔA x)), each term bounded with
+    absolute values (float64; (6, 10) like the golden output).
+    """
+    A, B, x = golden["vera.A"].double(), golden["vera.B"].double(), golden["x"].double()
+    lam_d, lam_b = golden["vera.lambda_d"].double().abs(), golden["vera.lambda_b"].double().abs()
+    dA, dB = 4 * U32 * A.abs().max().item(), 4 * U32 * B.abs().max().item()
+    inner = lam_d * (x @ A.T).abs()  # (6, r): |λ_d ⊙ A x|
+    moved = lam_d * dA * x.abs().sum(dim=1, keepdim=True)  # (6, r): |λ_d ⊙ ΔA x| at most
+    return lam_b * (dB * (inner + moved).sum(dim=1, keepdim=True) + moved @ B.abs().T)
 
 
 @pytest.mark.exercise("5.6")
