@@ -431,3 +431,48 @@ def test_nf4_table_is_robust():
                 down = -torch.special.ndtri(torch.tensor(neg[:-1], dtype=torch.float64)) * (1 + nudge * 2.0**-52)
                 levels = torch.cat([up, torch.zeros(1, dtype=torch.float64), down]).float().sort().values
                 assert torch.equal(levels / levels.max(), published), (pos, neg, nudge)
+
+
+# ---- lessons: every exercise's hints in layers ----------------------------------------------------
+
+HINT_LAYERS = ("Hint 1 — the idea", "Hint 2 — the equations, with shapes", "Hint 3 — a code sketch")
+
+
+def hint_layers(lesson: str, exercise_id: str) -> list[tuple[str, str]]:
+    """(summary, body) of every Hint block in the ``### Exercise X.Y`` section of ``lesson``; [] without one."""
+    import re
+
+    text = (REPO / lesson).read_text()
+    head = re.search(rf"^### Exercise {re.escape(exercise_id)} ", text, re.MULTILINE)
+    if head is None:
+        return []
+    end = re.compile(r"^(#{2,3} |---$)", re.MULTILINE).search(text, head.end())  # a "# comment" in code is no heading
+    section = text[head.end() : end.start() if end else len(text)]
+    blocks = re.findall(r"<details><summary>(.*?)</summary>\n(.*?)</details>", section, re.DOTALL)
+    return [(summary, body) for summary, body in blocks if summary.startswith("Hint")]
+
+
+def test_every_exercise_has_its_hints_in_layers():
+    """Each exercise's section has three hints, in order: the idea, the equations with shapes, a code sketch.
+
+    A student opens them one at a time and stops at the layer they need, so the code comes last:
+    Hints 1 and 2 hold no code block, Hint 3 holds one. No single-layer "Hint" is left in a lesson.
+    """
+    problems = []
+    for stage in STAGES:
+        if "<summary>Hint</summary>" in (REPO / stage.lesson).read_text():
+            problems.append(f"{stage.lesson}: a single-layer <summary>Hint</summary> is left")
+        for exercise in stage.exercises:
+            layers = hint_layers(stage.lesson, exercise.id)
+            titles = tuple(summary for summary, _ in layers)
+            if titles != HINT_LAYERS:
+                problems.append(f"{exercise.id} ({stage.lesson}): hints {titles}, expected {HINT_LAYERS} in this order")
+                continue
+            bodies = [body for _, body in layers]
+            if not all(body.strip() for body in bodies):
+                problems.append(f"{exercise.id}: an empty hint")
+            if any("```" in body for body in bodies[:2]):
+                problems.append(f"{exercise.id}: a code block in Hint 1 or 2 (the code sketch belongs in Hint 3)")
+            if "```" not in bodies[2]:
+                problems.append(f"{exercise.id}: Hint 3 has no code block")
+    assert not problems, "\n".join(problems)

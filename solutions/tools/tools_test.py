@@ -218,3 +218,20 @@ def test_syntax_of_every_tool_is_python():
     """Every file under solutions/ parses (a catalogue with a typo would only fail later)."""
     for path in (REPO / "solutions").rglob("*.py"):
         ast.parse(path.read_text(), str(path))
+
+
+def test_handout_cuts_instructor_passages_without_stray_line_breaks(built_handout):
+    """A passage inside a line goes alone, one filling whole lines goes with them; the quick start opens with 1.1."""
+    cases = {
+        "format. <!-- instructor -->In this; <!-- /instructor -->`make demo`\nruns.\n": "format. `make demo`\nruns.\n",
+        "a\n\n<!-- instructor -->\n### Instructor\n<!-- /instructor -->\n\n## B\n": "a\n\n## B\n",
+        "| `X=1`<!-- instructor -->, `IMPL=dir`<!-- /instructor --> |\n| next |\n": "| `X=1` |\n| next |\n",
+        "(…).\n<!-- instructor -->A whole line.<!-- /instructor -->\nmore\n": "(…).\nmore\n",
+    }
+    for page, expected in cases.items():
+        assert handout.student_text(page) == expected, (page, handout.student_text(page))
+    readme = (built_handout / "README.md").read_text()
+    quick = readme.split("## Quick start", 1)[1]
+    first = next(line for line in quick.splitlines() if line.startswith("make "))
+    assert first.startswith("make grade EX=1.1"), f"the handout's first command is {first!r}"
+    assert "\n\n\n" not in readme and "IMPL=student" not in quick.split("## Course map")[0]
