@@ -256,6 +256,22 @@ def test_p_tuning_v2_prefix_is_a_kv_cache(peft_methods, tiny_model64, token_ids)
                          hint="deep prompts: one (key, value) prefix per layer, PEFT's layout")  # fmt: skip
 
 
+@pytest.mark.exercise("7.5")
+def test_p_tuning_v2_on_grouped_query_attention(peft_methods, token_ids):
+    """On 2 key/value heads for 4 query heads: an (n, 2·L·H_kv·hd) table, trained directly, a KV cache of t."""
+    from testcases.stage7.basic import gqa_model, kv_cache_table
+
+    base = gqa_model()
+    model = peft_methods.get_p_tuning_v2_model(copy_of(base), num_virtual_tokens=4).double()
+    expect_tensor(model.prefix_encoder.embedding.weight, (4, 2 * 2 * 8), "prefix_encoder.embedding.weight",
+                  hint="n rows of 2·L·D with D = n_kv_heads · head_dim = 8 (PEFT's token_dim), not d_model = 16")  # fmt: skip
+    context = context_tokens(4, seed_=8)
+    set_param(model.prefix_encoder.embedding.weight, kv_cache_table(base, context))
+    assert_network_close(model(token_ids), plain_logits_after(base, context, token_ids),
+                         "P-tuning v2 logits on a grouped-query model",
+                         hint="one (key, value) prefix per layer, each split into the H_kv key/value heads")  # fmt: skip
+
+
 # ---- Exercise 7.6 ---------------------------------------------------------------------------------------
 
 

@@ -55,9 +55,10 @@ def plain_logits_after(base: nn.Module, context: torch.Tensor, ids: torch.Tensor
 
 
 def kv_cache_table(base: nn.Module, context: torch.Tensor) -> torch.Tensor:
-    """The keys (rotated at positions 0…n−1) and values ``base`` computes for ``context``, as an (n, 2·L·C) table.
+    """The keys (rotated at positions 0…n−1) and values ``base`` computes for ``context``, as an (n, 2·L·D) table.
 
-    Row i: for every layer l, token i's key (C = H·hd numbers, head by head) then its value: PEFT's layout.
+    Row i: for every layer l, token i's key (D = H_kv·hd numbers, key/value head by head) then its value:
+    PEFT's layout (D = C without grouped-query attention).
     """
     from model.tiny_llama import apply_rope, rope_cos_sin
 
@@ -75,11 +76,20 @@ def kv_cache_table(base: nn.Module, context: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         for layer, x in zip(base.layers, inputs, strict=True):
             attn = layer.self_attn
-            k = x[0] @ attn.k_proj.weight.T  # (n, C)
-            v = x[0] @ attn.v_proj.weight.T  # (n, C)
-            k = apply_rope(k.view(n, config.n_heads, -1).transpose(0, 1), cos, sin)  # (H, n, hd)
-            rows += [k.transpose(0, 1).reshape(n, -1), v]  # (n, C) each
-    return torch.cat(rows, dim=1)  # (n, 2·L·C)
+            k = x[0] @ attn.k_proj.weight.T  # (n, D)
+            v = x[0] @ attn.v_proj.weight.T  # (n, D)
+            k = apply_rope(k.view(n, config.kv_heads, -1).transpose(0, 1), cos, sin)  # (H_kv, n, hd)
+            rows += [k.transpose(0, 1).reshape(n, -1), v]  # (n, D) each
+    return torch.cat(rows, dim=1)  # (n, 2·L·D)
+
+
+def gqa_model() -> nn.Module:
+    """A float64 TinyLlama with grouped-query attention: 4 query heads share 2 key/value heads of hd 4 (D = 8)."""
+    from model.tiny_llama import TinyLlama
+    from testcases.conftest import tiny_config
+
+    seed(21)
+    return TinyLlama(tiny_config(n_heads=4, n_kv_heads=2)).eval().double()
 
 
 def frozen_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -345,7 +355,7 @@ def test_prefix_encoder_layout_and_draws(peft_methods):
 
 @pytest.mark.exercise("7.4")
 def test_prefix_key_values_layout(peft_methods):
-    """prefix_key_values: row i, slice 2l is layer l's key and 2l+1 its value, heads of hd; (B, H, n, hd) each."""
+    """prefix_key_values: row i, slice 2l is layer l's key and 2l+1 its value, H_kv heads of hd; (B, H_kv, n, hd) each."""
     n, L, H, hd, B = 3, 2, 2, 4, 5
     flat = torch.arange(n * 2 * L * H * hd, dtype=torch.float64).view(n, -1)
     pairs = peft_methods.prefix_key_values(flat, B, L, H)
@@ -359,7 +369,7 @@ def test_prefix_key_values_layout(peft_methods):
                 v_want = flat[i, (2 * layer + 1) * H * hd + h * hd : (2 * layer + 1) * H * hd + (h + 1) * hd]
                 assert torch.equal(key[B - 1, h, i], k_want) and torch.equal(value[0, h, i], v_want), (
                     f"layer {layer}, head {h}, token {i}: expected key numbers {k_want[:2].tolist()}…, value "
-                    f"{v_want[:2].tolist()}… (PEFT: view(n, 2L, H, hd), slice 2l = key, 2l+1 = value)"
+                    f"{v_want[:2].tolist()}… (PEFT: view(n, 2L, H_kv, hd), slice 2l = key, 2l+1 = value)"
                 )
 
 
@@ -372,6 +382,29 @@ def test_prefix_is_a_kv_cache_of_virtual_tokens(peft_methods, tiny_model64, toke
     set_param(model.prefix_encoder.embedding.weight, kv_cache_table(base, context))
     assert_network_close(model(token_ids), plain_logits_after(base, context, token_ids), "logits with a KV-cache prefix",
                          hint="pass one (key, value) pair per layer to the model's prefix= extension point, PEFT's layout")  # fmt: skip
+
+
+@pytest.mark.exercise("7.4")
+def test_prefix_tuning_on_grouped_query_attention(peft_methods, token_ids):
+    """With 2 key/value heads for 4 query heads, prefixes are H_kv·hd = 8 wide (PEFT's token_dim), a KV cache of t."""
+    base = gqa_model()
+    model = peft_methods.get_prefix_tuning_model(copy_of(base), num_virtual_tokens=N_VIRTUAL).double()
+    D, L = 2 * 4, 2  # H_kv · hd, layers
+    expect_tensor(model.prefix_encoder.embedding.weight, (N_VIRTUAL, D), "prefix_encoder.embedding.weight",
+                  hint="PEFT's token_dim with grouped-query attention is n_kv_heads · head_dim (prefix_shape), not d_model")  # fmt: skip
+    expected_count = N_VIRTUAL * D + (D * D + D) + (D * 2 * L * D + 2 * L * D)
+    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert count == expected_count, (
+        f"embedding (n·D) + Linear(D, D) + Linear(D, 2·L·D) with D = H_kv·hd = 8 and the hidden size defaulting to D "
+        f"(PEFT's encoder_hidden_size): {expected_count} trainable numbers, got {count}"
+    )
+    expect_tensor(model.prefix_encoder(), (N_VIRTUAL, 2 * L * D), "PrefixEncoder()", hint="(n, 2·L·D), D = H_kv·hd")
+    table_model = peft_methods.get_prefix_tuning_model(copy_of(base), N_VIRTUAL, projection=False).double()
+    context = context_tokens()
+    set_param(table_model.prefix_encoder.embedding.weight, kv_cache_table(base, context))
+    assert_network_close(table_model(token_ids), plain_logits_after(base, context, token_ids),
+                         "logits with a KV-cache prefix on a grouped-query model",
+                         hint="each slice of D numbers holds the H_kv key/value heads: split it into (B, H_kv, n, hd)")  # fmt: skip
 
 
 @pytest.mark.exercise("7.4")
