@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from testcases.helpers import assert_unchanged, copy_of, generator, randomize_lora, snapshot, word
+from testcases.helpers import assert_unchanged, copy_of, generator, randomize_lora, refuses, snapshot, word
 from testcases.stage5.basic import (
     SPECTRUM,
     U32,
+    OneProj,
     adalora_expected,
     adalora_pair,
     adalora_step_grads,
@@ -42,6 +44,7 @@ from testcases.stage5.basic import (
     matrix_with_spectrum,
     olora_product_bound,
     peft_golden,
+    peft_lora_config,
     pissa_product_bound,
     pissa_trained,
     plain_nf4,
@@ -52,6 +55,7 @@ from testcases.stage5.basic import (
     top_r_part,
     vera_draw_bound,
     vera_expected,
+    write_adapter,
 )
 from testcases.tolerances import NETWORK_RTOL, UNIT_ROUNDOFF, assert_close, assert_network_close
 
@@ -1068,3 +1072,199 @@ def test_rslora_dora_adapter_round_trip(lora, lora_variants, tiny_model64, token
     )
     assert_network_close(loaded(token_ids), expected, "logits of the base + the loaded rsLoRA DoRA adapter",
                          "a DoRA adapter with use_rslora: add DoRA layers, load A and B, switch to rsLoRA, copy the magnitudes")  # fmt: skip
+
+
+@pytest.mark.exercise("5.10")
+@pytest.mark.parametrize("iters", [1, 2])
+def test_peft_default_loftq_file_requantizes_w0(lora, lora_variants, quant, tmp_path, iters):
+    """PEFT's default LoftQ file (init_lora_weights "loftq"): the base becomes LoftQ's Q̂ of W0 again, A and B the file's."""
+    weight = make_linear(64, 24, seed=210, dtype=torch.float32).weight.detach().clone()
+    A, B = randn(2, 64, seed=211, std=0.1, dtype=torch.float32), randn(24, 2, seed=212, std=0.1, dtype=torch.float32)
+    config = peft_lora_config(
+        2, 4, ["proj"], init_lora_weights="loftq", loftq_config={"loftq_bits": 4, "loftq_iter": iters}
+    )
+    folder = write_adapter(tmp_path, config, {"base_model.model.proj.lora_A.weight": A,
+                                              "base_model.model.proj.lora_B.weight": B})  # fmt: skip
+    loaded = lora_variants.load_variant_adapter(OneProj(weight), folder).proj
+    assert isinstance(loaded.base_layer, quant.NF4Linear), (
+        f"init_lora_weights='loftq': PEFT runs LoftQ on W0 again when it loads the file, so the base becomes Q̂ "
+        f"(an NF4Linear here), got {type(loaded.base_layer).__name__}"
+    )
+    if iters == 1:  # Q̂_1 = NF4(W0): exact (Stage 3's codes are bit for bit bitsandbytes')
+        expected = plain_nf4(quant, weight)
+        what = "NF4(W0), LoftQ's first quantization"
+    else:  # the same loftq_init on the same W0 in this process: the same bits
+        twin = lora.LoRALayer.from_linear(OneProj(weight).proj, r=2, lora_alpha=4)
+        lora_variants.loftq_init(twin, num_iters=2)
+        expected = twin.base_layer.dequantize_weight(torch.float32)
+        what = "loftq_init(num_iters=2) of W0"
+    assert torch.equal(loaded.base_layer.dequantize_weight(torch.float32), expected), (
+        f"the loaded base must be {what} (loftq_config's loftq_iter = {iters}, blocks of 64)"
+    )
+    assert torch.equal(loaded.lora_A, A) and torch.equal(loaded.lora_B, B), (
+        "after LoftQ's init the file's A and B replace the ones it computed"
+    )
+
+
+@pytest.mark.exercise("5.10")
+def test_peft_written_vera_file_loads(lora_variants, tmp_path):
+    """A VeRA file in PEFT's layout whose saved pair is not the key's draw: the saved pair is used (PEFT's rule)."""
+    W = randn(10, 12, seed=220, std=0.4)
+    A_s, B_s = randn(4, 12, seed=221, std=0.5), randn(10, 4, seed=222, std=0.5)
+    lambda_d, lambda_b = randn(4, seed=223), randn(10, seed=224)
+    config = {"peft_type": "VERA", "r": 4, "target_modules": ["proj"], "projection_prng_key": 0,
+              "save_projection": True, "vera_dropout": 0.0, "d_initial": 0.1, "bias": "none"}  # fmt: skip
+    folder = write_adapter(tmp_path, config, {"base_model.vera_A": A_s, "base_model.vera_B": B_s,
+                                              "base_model.model.proj.vera_lambda_d": lambda_d,
+                                              "base_model.model.proj.vera_lambda_b": lambda_b})  # fmt: skip
+    model = OneProj(W)
+    b = model.proj.bias.detach().clone()
+    lora_variants.load_variant_adapter(model, folder)
+    x = randn(6, 12, seed=225)
+    assert_network_close(model.eval()(x), vera_expected(x, W, b, A_s, B_s, lambda_d, lambda_b),
+                         "a PEFT VeRA file with a saved pair, loaded",
+                         "save_projection true: the file's base_model.vera_A / vera_B replace the pair drawn from the key")  # fmt: skip
+
+
+@pytest.mark.exercise("5.10")
+def test_peft_written_adalora_file_loads(lora_variants, tmp_path):
+    """An AdaLoRA file in PEFT's layout with a rank_pattern: the kept triplets at their positions, Λ_i = 0 elsewhere."""
+    W, keep = randn(10, 12, seed=230, std=0.4), torch.tensor([True, False, True, True, False, True])
+    A, E, B = randn(6, 12, seed=231, std=0.3), randn(6, 1, seed=232) * keep[:, None], randn(10, 6, seed=233, std=0.3)
+    config = {"peft_type": "ADALORA", "init_r": 6, "target_r": 2, "lora_alpha": 8, "lora_dropout": 0.0,
+              "total_step": 10, "target_modules": ["proj"], "rank_pattern": {"proj.lora_E": keep.tolist()}}  # fmt: skip
+    folder = write_adapter(tmp_path, config, {"base_model.model.proj.lora_A": A[keep],
+                                              "base_model.model.proj.lora_E": E[keep],
+                                              "base_model.model.proj.lora_B": B[:, keep]})  # fmt: skip
+    model = OneProj(W)
+    b = model.proj.bias.detach().clone()
+    lora_variants.load_variant_adapter(model, folder)
+    layer = model.proj
+    assert torch.equal(layer.lora_E.detach(), E) and torch.equal(layer.lora_A.detach()[keep], A[keep]), (
+        "each kept triplet goes back to its own position (rows 0, 2, 3, 5 here), the masked Λ_i are 0"
+    )
+    x = randn(6, 12, seed=234)
+    assert_network_close(layer.eval()(x), adalora_expected(x, W, b, A * keep[:, None], E, B * keep, 8, 6),
+                         "a PEFT AdaLoRA file with a rank_pattern, loaded",
+                         "the layer keeps r = init_r = 6 (ranknum 6, PEFT's scale), Λ = 0 where the pattern is false")  # fmt: skip
+
+
+def refused_file(tmp_path: Path, case: str) -> Path:
+    """An adapter folder that ``load_variant_adapter`` must refuse for ``case``."""
+    pissa = {
+        "base_model.model.proj.lora_A.weight": torch.zeros(4, 12),
+        "base_model.model.proj.lora_B.weight": torch.zeros(10, 4),
+    }
+    lora_file = {"base_model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 16),
+                 "base_model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(16, 2)}  # fmt: skip
+    files = {
+        "init_lora_weights='pissa_niter_4'": (
+            peft_lora_config(4, 8, ["proj"], init_lora_weights="pissa_niter_4"),
+            pissa,
+        ),
+        "init_lora_weights='corda'": (peft_lora_config(4, 8, ["proj"], init_lora_weights="corda"), pissa),
+        "8-bit LoftQ": (
+            peft_lora_config(
+                4, 8, ["proj"], init_lora_weights="loftq", loftq_config={"loftq_bits": 8, "loftq_iter": 1}
+            ),
+            pissa,
+        ),  # fmt: skip
+        "a PiSSA file with r above min(in, out)": (
+            peft_lora_config(11, 8, ["proj"], init_lora_weights="pissa"),
+            {
+                "base_model.model.proj.lora_A.weight": torch.zeros(11, 12),
+                "base_model.model.proj.lora_B.weight": torch.zeros(10, 11),
+            },
+        ),  # fmt: skip
+        "a PiSSA file with DoRA": (peft_lora_config(4, 8, ["proj"], init_lora_weights="pissa", use_dora=True), pissa),
+        "peft_type IA3": ({"peft_type": "IA3", "target_modules": ["q_proj"]}, lora_file),
+        "a rank_pattern of 5 bools for init_r 6": (
+            {
+                "peft_type": "ADALORA",
+                "init_r": 6,
+                "lora_alpha": 8,
+                "target_modules": ["q_proj"],
+                "rank_pattern": {"layers.0.self_attn.q_proj.lora_E": [True] * 5},
+            },
+            {
+                f"base_model.model.layers.0.self_attn.q_proj.{n}": t
+                for n, t in (
+                    ("lora_A", torch.zeros(5, 16)),
+                    ("lora_E", torch.zeros(5, 1)),
+                    ("lora_B", torch.zeros(16, 5)),
+                )
+            },
+        ),  # fmt: skip
+        "a VeRA λ_b of the wrong size": (
+            {
+                "peft_type": "VERA",
+                "r": 4,
+                "target_modules": ["q_proj"],
+                "projection_prng_key": 0,
+                "save_projection": False,
+            },
+            {
+                "base_model.model.layers.0.self_attn.q_proj.vera_lambda_d": torch.zeros(4),
+                "base_model.model.layers.0.self_attn.q_proj.vera_lambda_b": torch.zeros(15),
+            },
+        ),  # fmt: skip
+    }
+    return write_adapter(tmp_path, *files[case])
+
+
+REFUSED_FILES = {  # case -> the name the error must state (the docstring of load_variant_adapter states each)
+    "init_lora_weights='pissa_niter_4'": "init_lora_weights",
+    "init_lora_weights='corda'": "init_lora_weights",
+    "8-bit LoftQ": "loftq_config",
+    "a PiSSA file with r above min(in, out)": "init_lora_weights",
+    "a PiSSA file with DoRA": "use_dora",
+    "peft_type IA3": "peft_type",
+    "a rank_pattern of 5 bools for init_r 6": "rank_pattern",
+    "a VeRA λ_b of the wrong size": "base_model.model.layers.0.self_attn.q_proj.vera_lambda_b",
+}
+
+
+@pytest.mark.exercise("5.10")
+@pytest.mark.parametrize("case", list(REFUSED_FILES))
+def test_load_refuses_peft_files_it_cannot_reproduce(lora_variants, tiny_model, tmp_path, case):
+    """A PEFT file whose W0 cannot be recomputed here, or that does not fit: ValueError naming the field, model unchanged."""
+    folder = refused_file(tmp_path, case)
+    on_proj = json.loads((folder / "adapter_config.json").read_text())["target_modules"] == ["proj"]
+    model = OneProj(randn(10, 12, seed=240, dtype=torch.float32)) if on_proj else tiny_model
+    before = snapshot(model)
+    refuses(lora_variants.load_variant_adapter, model, folder, match=word(REFUSED_FILES[case]))
+    assert_unchanged(model, before, f"load_variant_adapter of {case}")
+
+
+@pytest.mark.exercise("5.10")
+def test_peft_default_pissa_file_needs_a_fresh_base(lora, lora_variants, tmp_path):
+    """A PEFT default PiSSA file into a model that already has LoRA layers: ValueError naming init_lora_weights."""
+    A, B = randn(4, 12, seed=241, dtype=torch.float32), randn(10, 4, seed=242, dtype=torch.float32)
+    folder = write_adapter(tmp_path, peft_lora_config(4, 8, ["proj"], init_lora_weights="pissa"),
+                           {"base_model.model.proj.lora_A.weight": A, "base_model.model.proj.lora_B.weight": B})  # fmt: skip
+    model = OneProj(randn(10, 12, seed=243, dtype=torch.float32))
+    lora.get_lora_model(model, r=4, lora_alpha=8, target_modules=["proj"])
+    before = snapshot(model)
+    refuses(lora_variants.load_variant_adapter, model, folder, match=word("init_lora_weights"))
+    assert_unchanged(model, before, "load_variant_adapter of a PiSSA file into LoRA layers")
+
+
+@pytest.mark.exercise("5.10")
+@pytest.mark.parametrize("case", ["AdaLoRA without its allocator", "another model's allocator", "VeRA and LoRA layers"])
+def test_save_refuses_what_peft_cannot_rebuild(lora, lora_variants, tiny_model, tmp_path, case):
+    """AdaLoRA needs its RankAllocator (PEFT's config holds the schedule); one adapter kind per file; nothing written."""
+    if case == "VeRA and LoRA layers":
+        lora_variants.get_vera_model(tiny_model, r=4, target_modules=["q_proj"])
+        lora.get_lora_model(tiny_model, r=2, target_modules=["v_proj"])
+        refuses(lora_variants.save_variant_adapter, tiny_model, tmp_path / "adapter", match=word("LoRA"))
+    else:
+        other = lora_variants.get_adalora_model(copy_of(tiny_model), init_r=4, target_modules=["q_proj"])
+        lora_variants.get_adalora_model(tiny_model, init_r=4, target_modules=["q_proj"])
+        allocator = (
+            None
+            if case == "AdaLoRA without its allocator"
+            else lora_variants.RankAllocator(other, total_step=5, target_r=2)
+        )
+        refuses(lora_variants.save_variant_adapter, tiny_model, tmp_path / "adapter", allocator=allocator,
+                match=word("allocator"))  # fmt: skip
+    assert not (tmp_path / "adapter").exists(), "a refused save must not leave a (half-written) adapter folder"

@@ -1299,3 +1299,190 @@ def test_pissa_adapter_converted_for_the_original_base(lora, lora_variants, tiny
                   "the converted lora_A of q_proj", "A' = cat(A, A0) along the rank: (2r, in)")  # fmt: skip
     loaded = lora_variants.load_variant_adapter(copy_of(original).double(), tmp_path)
     check_converted(lora, loaded, original, start, tiny_model, token_ids, trained_logits, 2.0)
+
+
+# ---- PEFT's own files: PiSSA, OLoRA, LoftQ saved by default (W0 recomputed on load); VeRA; AdaLoRA -----
+
+
+def write_adapter(path: Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write an adapter folder in PEFT's layout (adapter_config.json + adapter_model.safetensors), as PEFT would."""
+    import json
+
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path / "adapter_model.safetensors",
+              metadata={"format": "pt"})  # fmt: skip
+    return path
+
+
+def peft_lora_config(r: int, lora_alpha: float, targets: list[str], **fields) -> dict:
+    """The adapter_config.json fields PEFT 0.21.2's save_pretrained writes for LoRA and that a loader reads."""
+    return {"peft_type": "LORA", "task_type": None, "r": r, "lora_alpha": lora_alpha, "lora_dropout": 0.0,
+            "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
+            "use_rslora": False, "use_dora": False, "modules_to_save": None, **fields}  # fmt: skip
+
+
+class OneProj(nn.Module):
+    """A model with one linear layer ``proj`` (in → out, with a bias): the files then name base_model.model.proj."""
+
+    def __init__(self, weight: torch.Tensor, seed: int = 7) -> None:
+        super().__init__()
+        out_features, in_features = weight.shape
+        self.proj = nn.Linear(in_features, out_features, dtype=weight.dtype)
+        with torch.no_grad():
+            self.proj.weight.copy_(weight)
+            self.proj.bias.copy_(randn(out_features, seed=seed, std=0.1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def olora_matrix(seed: int = 24) -> torch.Tensor:
+    """A (10, 12) fp32 matrix Q0 R0 whose first 4 columns are well conditioned (OLoRA's first r QR terms are stable)."""
+    gen = generator(seed)
+    Q0, _ = torch.linalg.qr(torch.randn(10, 10, generator=gen, dtype=torch.float64))
+    R0 = torch.triu(torch.randn(10, 12, generator=gen, dtype=torch.float64) * 0.3)
+    R0[range(10), range(10)] = 2 + torch.rand(10, generator=gen, dtype=torch.float64)
+    return (Q0 @ R0).float()
+
+
+def exact_w0_part(weight: torch.Tensor, method: str, s: float = 2.0, r: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s·B0 A0, its allowed fp32 deviation) of PiSSA (the top-r SVD part) or OLoRA (s × the first r QR terms).
+
+    The bounds are the 5.3 tests': the factorisation's backward error through the conditioning of the
+    part (pissa_product_bound, olora_product_bound), plus the roundings of forming it.
+    """
+    W = weight.double()
+    if method == "pissa":
+        top, S = top_r_part(weight, r)
+        U, _, Vh = torch.linalg.svd(W, full_matrices=False)
+        root = (S[:r] / s).sqrt()
+        factors = SimpleNamespace(lora_A=root[:, None] * Vh[:r], lora_B=U[:, :r] * root, scaling=s)
+        return top, pissa_product_bound(weight, r, factors)
+    Q, R = torch.linalg.qr(W)
+    product = s * Q[:, :r] @ R[:r]
+    return product, olora_product_bound(weight, r, product)
+
+
+@pytest.mark.exercise("5.10")
+@pytest.mark.parametrize("method", ["pissa", "olora"])
+def test_peft_default_pissa_olora_file_recomputes_the_residual(lora, lora_variants, tmp_path, method):
+    """PEFT's default PiSSA/OLoRA file (init_lora_weights kept, A and B trained against W0 − s·B0A0): the residual is recomputed on load."""
+    weight = matrix_with_spectrum(10, 12, SPECTRUM, seed=23) if method == "pissa" else olora_matrix()
+    A, B = randn(4, 12, seed=150, std=0.3, dtype=torch.float32), randn(10, 4, seed=151, std=0.3, dtype=torch.float32)
+    config = peft_lora_config(4, 8, ["proj"], init_lora_weights=method)  # s = 2
+    folder = write_adapter(tmp_path, config, {"base_model.model.proj.lora_A.weight": A,
+                                              "base_model.model.proj.lora_B.weight": B})  # fmt: skip
+    model = OneProj(weight)
+    bias = model.proj.bias.detach().double()
+    loaded = lora_variants.load_variant_adapter(model, folder)
+    layer = loaded.proj
+    assert isinstance(layer, lora.LoRALayer), f"the file adds a LoRA layer at proj, got {type(layer).__name__}"
+    assert torch.equal(layer.lora_A, A) and torch.equal(layer.lora_B, B), (
+        f"after the {method} init (which sets A0, B0) the file's A and B replace them, as PEFT loads the state dict "
+        "after running the init"
+    )
+    part, bound = exact_w0_part(weight, method)
+    W = weight.double()
+    expected = W - part
+    bound = bound + 7 * U32 * (W.abs() + part.abs())
+    residual = layer.base_layer.weight.detach().double()
+    assert_close(residual, expected, f"the base weight after loading a {method} file", bound=bound,
+                 cause=diagnose(residual, {f"init_lora_weights={method!r} was ignored: the base kept the ORIGINAL W0, "
+                                           "but the file's A and B were trained against W0 − s·B0A0 (PEFT recomputes "
+                                           "that residual on load)": W}, bound),
+                 hint=f"run {method}_init on each new layer (W0 ← W0 − s·B0A0), then copy the file's A and B")  # fmt: skip
+    x = randn(7, 12, seed=152, dtype=torch.float32)
+    x64, s = x.double(), 2.0
+    magnitude = x64.abs() @ (expected.abs() + s * B.double().abs() @ A.double().abs()).T + bias.abs()
+    out_bound = (12 + 4 + 4) * U32 * magnitude + x64.abs() @ bound.T
+    assert_close(layer(x), x64 @ (expected + s * B.double() @ A.double()).T + bias, f"{method} layer output after loading",
+                 bound=out_bound, hint="the loaded layer computes (W0 − s·B0A0) x + s·B A x + b, as PEFT's loaded model")  # fmt: skip
+
+
+@pytest.mark.exercise("5.10")
+@pytest.mark.parametrize("save_projection", [True, False])
+def test_vera_adapter_round_trip_in_peft_format(lora_variants, tiny_model64, token_ids, tmp_path, save_projection):
+    """VeRA in PEFT's format: peft_type VERA, λ_d and λ_b per layer, the shared pair once if save_projection; it loads back."""
+    fresh = copy_of(tiny_model64)
+    lora_variants.get_vera_model(tiny_model64, r=8, target_modules=["q_proj", "up_proj"], projection_prng_key=3)
+    for i, (_, layer) in enumerate(lora_variants.vera_layers(tiny_model64)):
+        set_values(layer, lambda_d=randn(8, seed=160 + i), lambda_b=randn(layer.out_features, seed=170 + i, std=0.5))
+    expected = tiny_model64(token_ids).detach()
+    lora_variants.save_variant_adapter(tiny_model64, tmp_path, save_projection=save_projection)
+    config, tensors = read_adapter(tmp_path)
+    want = {"peft_type": "VERA", "r": 8, "projection_prng_key": 3, "save_projection": save_projection,
+            "target_modules": ["q_proj", "up_proj"]}  # fmt: skip
+    for key, value in want.items():
+        assert config.get(key) == value, (
+            f"adapter_config.json: {key} should be {value!r} (PEFT's VeraConfig), got {config.get(key)!r}"
+        )
+    prefix = "base_model.model.layers.1.mlp.up_proj"
+    expect_tensor(
+        tensors.get(f"{prefix}.vera_lambda_d"), (8,), f"{prefix}.vera_lambda_d", "PEFT's key: no .weight; λ_d is (r,)"
+    )
+    expect_tensor(tensors.get(f"{prefix}.vera_lambda_b"), (32,), f"{prefix}.vera_lambda_b", "λ_b is (out_features,)")
+    if save_projection:
+        expect_tensor(tensors.get("base_model.vera_A"), (8, 16), "base_model.vera_A",
+                      "the shared pair once, at the model level: vera_A (r, max in_features)")  # fmt: skip
+        expect_tensor(tensors.get("base_model.vera_B"), (32, 8), "base_model.vera_B", "vera_B (max out_features, r)")
+    count = 2 * 2 * 2 + (2 if save_projection else 0)
+    assert len(tensors) == count, (
+        f"2 layers × 2 targets × (λ_d, λ_b){' + the shared pair' if save_projection else ''} = {count} tensors, got "
+        f"{len(tensors)}: {sorted(tensors)[:4]}…"
+    )
+    loaded = lora_variants.load_variant_adapter(fresh, tmp_path)
+    assert_network_close(loaded(token_ids), expected, "logits of the base + the loaded VeRA adapter",
+                         "wrap the file's modules with get_vera_model (r, projection_prng_key), then copy λ_d, λ_b "
+                         "(and the saved pair, if any)")  # fmt: skip
+
+
+def masked_adalora_model(lora_variants, model: nn.Module) -> tuple[nn.Module, object, dict[str, torch.Tensor]]:
+    """AdaLoRA (init_r 4, lora_alpha 8) on q_proj and down_proj, random P, Λ, Q, and a rank pattern applied as the
+    allocator would: (model, allocator, pattern)."""
+    lora_variants.get_adalora_model(model, init_r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    allocator = lora_variants.RankAllocator(model, total_step=10, target_r=2)
+    pattern = {}
+    for i, (path, layer) in enumerate(lora_variants.adalora_layers(model)):
+        keep = torch.tensor([[True, False, True, True], [False, True, False, True]][i % 2])
+        set_values(layer, lora_A=randn(4, layer.in_features, seed=180 + i, std=0.3),
+                   lora_B=randn(layer.out_features, 4, seed=190 + i, std=0.3),
+                   lora_E=randn(4, 1, seed=200 + i) * keep[:, None])  # fmt: skip
+        pattern[path] = keep
+    allocator.rank_pattern = pattern
+    return model, allocator, pattern
+
+
+@pytest.mark.exercise("5.10")
+def test_adalora_adapter_round_trip_with_rank_pattern(lora_variants, tiny_model64, token_ids, tmp_path):
+    """AdaLoRA in PEFT's format: rank_pattern in the config, each layer cut to its kept triplets; it loads back."""
+    fresh = copy_of(tiny_model64)
+    model, allocator, pattern = masked_adalora_model(lora_variants, tiny_model64)
+    expected = model(token_ids).detach()
+    lora_variants.save_variant_adapter(model, tmp_path, allocator=allocator)
+    config, tensors = read_adapter(tmp_path)
+    want = {"peft_type": "ADALORA", "init_r": 4, "target_r": 2, "lora_alpha": 8, "total_step": 10}
+    for key, value in want.items():
+        assert config.get(key) == value, (
+            f"adapter_config.json: {key} should be {value!r} (PEFT's AdaLoraConfig), got {config.get(key)!r}"
+        )
+    path = "layers.0.self_attn.q_proj"
+    assert (config.get("rank_pattern") or {}).get(f"{path}.lora_E") == pattern[path].tolist(), (
+        f"rank_pattern records the allocator's mask per layer under '<path>.lora_E' as init_r bools: "
+        f"{pattern[path].tolist()}, got {(config.get('rank_pattern') or {}).get(f'{path}.lora_E')!r}"
+    )
+    prefix = f"base_model.model.{path}"
+    for name, shape in (("lora_A", (3, 16)), ("lora_E", (3, 1)), ("lora_B", (16, 3))):
+        expect_tensor(tensors.get(f"{prefix}.{name}"), shape, f"{prefix}.{name}",
+                      "PEFT's keys have no .weight, and each layer keeps only its k = 3 unmasked triplets")  # fmt: skip
+    assert not any("ranknum" in key for key in tensors), "ranknum is not saved (PEFT rebuilds it as init_r)"
+    loaded = lora_variants.load_variant_adapter(fresh, tmp_path)
+    for path, layer in lora_variants.adalora_layers(loaded):
+        assert bool((layer.lora_E[~pattern[path]] == 0).all()), (
+            f"{path}: the masked triplets {(~pattern[path]).nonzero().flatten().tolist()} must load as Λ_i = 0, the "
+            "kept ones at their own positions"
+        )
+    assert_network_close(loaded(token_ids), expected, "logits of the base + the loaded AdaLoRA adapter",
+                         "put each kept triplet back at its position (rows of A and Λ, columns of B); ranknum stays init_r")  # fmt: skip
