@@ -1143,7 +1143,7 @@ def write_adapter_files(directory: str | Path, config: dict, tensors: dict[str, 
 
 def paths_in_file(tensors: dict[str, torch.Tensor], names: tuple[str, ...]) -> list[str]:
     """Given: the module paths of the per-layer keys ``base_model.model.<path>.<name>`` (name in ``names``)."""
-    found = {key[len(PEFT_KEY_PREFIX) :].rsplit(".", 1) for key in tensors if key.startswith(PEFT_KEY_PREFIX)}
+    found = {tuple(key[len(PEFT_KEY_PREFIX) :].rsplit(".", 1)) for key in tensors if key.startswith(PEFT_KEY_PREFIX)}
     return sorted({path for path, name in found if name in names})
 
 

@@ -1073,7 +1073,8 @@ class RankAllocator(OptimizerHooks):
         if self.target_budget > self.init_budget:
             most = self.init_budget // len(self.layers)  # the layers' average initial rank
             raise ValueError(f"target_r must be an int from 0 to {most}, got {target_r}")
-        self.total_step, self.target_r, self.tinit, self.tfinal, self.deltaT = total_step, target_r, tinit, tfinal, deltaT
+        self.total_step, self.target_r = total_step, target_r
+        self.tinit, self.tfinal, self.deltaT = tinit, tfinal, deltaT
         self.beta1, self.beta2, self.orth_reg_weight = beta1, beta2, orth_reg_weight
         self.budget = self.init_budget
         self.rank_pattern: dict[str, torch.Tensor] | None = None
