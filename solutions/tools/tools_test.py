@@ -218,3 +218,32 @@ def test_syntax_of_every_tool_is_python():
     """Every file under solutions/ parses (a catalogue with a typo would only fail later)."""
     for path in (REPO / "solutions").rglob("*.py"):
         ast.parse(path.read_text(), str(path))
+
+
+def test_comparisons_refuse_only_the_stubs_their_methods_run(tmp_path):
+    """make variants / make peft-family with chosen methods: only the exercises those methods run may stop them."""
+    from solutions.tools.variants import replace_block
+
+    for relative in ("model/lora.py", "model/quant.py", "model/lora_variants.py", "model/peft_methods.py",
+                     "training/qlora_trainer.py", "training/memory.py"):  # fmt: skip
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_text((REPO / "solutions" / relative).read_text())
+    variants_file = tmp_path / "model" / "lora_variants.py"
+    text = variants_file.read_text()
+    for block in ("5.3: SVD", "5.3: QR"):
+        text = replace_block(text, block, 'raise NotImplementedError("Exercise 5.3: stub")', "test")
+    variants_file.write_text(text)
+    env = {**os.environ, "LORA_IMPL": str(tmp_path)}
+    refused = subprocess.run([PYTHON, "-m", "training.variants", "pissa", "lora"], cwd=REPO, env=env,
+                             capture_output=True, text=True)  # fmt: skip
+    assert refused.returncode == 2 and "pissa: 5.3" in refused.stdout and "lora:" not in refused.stdout, (
+        refused.stdout + refused.stderr[-2000:]
+    )
+    check = (
+        "from model._impl import refuse_exercise_stubs\n"
+        "from training.variants import METHODS, TRAINING\n"
+        "refuse_exercise_stubs('make variants', {n: TRAINING + METHODS[n].exercises for n in ('lora', 'dora', 'vera', 'adalora')})\n"
+        "print('runs')"
+    )
+    allowed = subprocess.run([PYTHON, "-c", check], cwd=REPO, env=env, capture_output=True, text=True)
+    assert allowed.returncode == 0 and allowed.stdout.strip() == "runs", allowed.stdout + allowed.stderr[-2000:]
