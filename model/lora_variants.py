@@ -796,10 +796,11 @@ def get_adalora_model(
 
     Targets as in ``get_lora_model`` (``target_paths``, same errors). Trainable afterwards:
     ``lora_A``, ``lora_E``, ``lora_B`` only. The rank budget comes later, from ``RankAllocator``.
-    Raises ValueError (model unchanged) for a bad argument or target.
+    Raises ValueError (model unchanged) naming a bad argument (init_r an int >= 1, lora_alpha > 0,
+    lora_dropout in [0, 1)) or a target that matches nothing.
     """
     raise NotImplementedError(
-        "Exercise 5.7: check, find the targets, wrap (use check_lora_args, target_paths, mark_trainable) — see tutorial/05-lora-variants.md"
+        "Exercise 5.7: check, find the targets, wrap (use check_int, check_lora_args, target_paths, mark_trainable) — see tutorial/05-lora-variants.md"
     )
 
 
@@ -1367,8 +1368,14 @@ def load_variant_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     """Given: load an adapter written by ``save_variant_adapter`` or by PEFT into ``model``; returns the model.
 
     By the config's ``peft_type``: "LORA" (plain, rsLoRA, DoRA, PiSSA, OLoRA, LoftQ) ``load_lora_adapter``,
-    "VERA" ``load_vera_adapter``, "ADALORA" ``load_adalora_adapter``. Raises ValueError (model unchanged)
-    for another peft_type, or what those raise.
+    "VERA" ``load_vera_adapter``, "ADALORA" ``load_adalora_adapter``.
+
+    Raises ValueError, the model unchanged, naming what does not fit: a peft_type other than those three;
+    an init_lora_weights whose W0 cannot be recomputed here, or a loftq_config other than 4 bits
+    (``adapter_init_method``); such a file with use_dora, into a model with LoRA layers, or onto a base its
+    init cannot start from; a rank_pattern entry that is not init_r bools; a tensor missing or of another
+    shape (named by its key, e.g. ``base_model.model.<path>.vera_lambda_b``); and what ``load_lora``
+    refuses (modules, ranks, shapes).
     """
     config, tensors = read_adapter_files(directory)
     peft_type = config.get("peft_type", "LORA")

@@ -654,7 +654,11 @@ class IA3Layer(nn.Module):
         # END SOLUTION
 
     def unmerge(self) -> None:
-        """Undo ``merge`` by dividing (a no-op if not merged); a zero in l erased its row or column: a ValueError."""
+        """Undo ``merge`` by dividing (a no-op if not merged).
+
+        A zero in ``ia3_l`` erased its row or column of W, which no division restores: a ValueError
+        naming ia3_l, the layer left merged.
+        """
         # BEGIN SOLUTION 7.6: divide W's rows or columns by l
         if not self.merged:
             return

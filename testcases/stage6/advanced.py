@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from testcases.helpers import assert_unchanged, copy_of, generator, snapshot, word
+from testcases.helpers import assert_unchanged, copy_of, generator, refuses, snapshot, word
 from testcases.stage6.basic import (
     adamw8bit_golden,
     bins_reference,
@@ -147,8 +147,7 @@ def test_quantize_rejects_a_bad_block_size(memory, block_size):
     lut = memory.state_code_books()["signed_lut"]
     x = torch.randn(10, generator=generator(642))
     before = x.clone()
-    with pytest.raises(ValueError, match=word("block_size")):
-        memory.quantize_blockwise_lut(x, lut, block_size=block_size)
+    refuses(memory.quantize_blockwise_lut, x, lut, block_size=block_size, match=word("block_size"))
     assert torch.equal(x, before), "a refused call must leave its input unchanged"
 
 
@@ -218,8 +217,8 @@ def test_adamw8bit_strong_decay_and_tiny_moments(memory, shape):
     [
         ({"lr": -1e-3}, "lr"),
         ({"lr": float("nan")}, "lr"),
-        ({"betas": (1.0, 0.999)}, "betas[0]"),
-        ({"betas": (0.9, -0.1)}, "betas[1]"),
+        ({"betas": (1.0, 0.999)}, "betas"),
+        ({"betas": (0.9, -0.1)}, "betas"),
         ({"betas": (0.9,)}, "betas"),
         ({"eps": -1e-8}, "eps"),
         ({"weight_decay": -0.1}, "weight_decay"),
@@ -231,8 +230,7 @@ def test_adamw8bit_strong_decay_and_tiny_moments(memory, shape):
 def test_adamw8bit_rejects_bad_arguments(memory, kwargs, argument):
     """Each bad hyper-parameter: ValueError naming it and its allowed range, raised before any state exists."""
     p = nn.Parameter(torch.ones(3))
-    with pytest.raises(ValueError, match=word(argument)):
-        memory.AdamW8bit([p], **kwargs)
+    refuses(memory.AdamW8bit, [p], **kwargs, match=word(argument))
     assert torch.equal(p, torch.ones(3)) and p.grad is None, "a refused optimizer must leave the parameter alone"
 
 
@@ -344,8 +342,7 @@ def test_paged_optimizer_refuses_what_it_cannot_wrap(memory):
     inner = torch.optim.AdamW([p])
     paged = memory.PagedOptimizer(inner)
     for bad in (paged, "adamw", [p]):
-        with pytest.raises(ValueError, match=word("optimizer")):
-            memory.PagedOptimizer(bad)
+        refuses(memory.PagedOptimizer, bad, match=word("optimizer"))
     assert len(inner.param_groups) == 1 and inner.param_groups[0]["params"] == [p], "a refusal changes nothing"
     p.grad = torch.ones(3)
     paged.step()  # the first pager still works
@@ -441,8 +438,7 @@ def test_paged_step_restores_the_groups_when_the_update_fails(memory):
     inner = Failing(groups, lr=0.1)
     everything = list(inner.param_groups)
     paged = memory.PagedOptimizer(inner)
-    with pytest.raises(Boom):
-        paged.step()
+    refuses(paged.step, error=Boom)
     assert inner.param_groups == everything and len(inner.param_groups) == 2, (
         "put the full param_groups back in a finally: after a failed step the wrapped optimizer holds only one group"
     )
@@ -484,8 +480,7 @@ def test_paged_optimizer_on_device(memory, device):
 )  # fmt: skip
 def test_memory_config_names_the_field(memory, tmp_path, overrides, field):
     """A bad optimizer name or min_8bit_size (or a bad Stage 4 field): ValueError naming the field."""
-    with pytest.raises(ValueError, match=word(field)):
-        memory_config(memory, tmp_path, **overrides)
+    refuses(memory_config, memory, tmp_path, **overrides, match=word(field))
 
 
 @pytest.mark.exercise("6.4")
@@ -494,8 +489,7 @@ def test_memory_trainer_refuses_a_plain_train_config(memory, qlora_trainer, tiny
     config = qlora_trainer.TrainConfig(r=2, precision="fp32", max_steps=2, batch_size=16, progress=False)
     model = qlora_trainer.prepare_qlora_model(copy_of(tiny_model), config)
     before = snapshot(model)
-    with pytest.raises(ValueError, match=word("config")):
-        memory.MemoryTrainer(model, config, task_data)
+    refuses(memory.MemoryTrainer, model, config, task_data, match=word("config"))
     assert_unchanged(model, before, "MemoryTrainer(a TrainConfig)")
 
 
@@ -503,10 +497,9 @@ def test_memory_trainer_refuses_a_plain_train_config(memory, qlora_trainer, tiny
 def test_make_optimizer_refusal_lists_the_four_and_changes_nothing(memory):
     """An unknown optimizer name: ValueError listing the four allowed names; the parameter is untouched."""
     p = nn.Parameter(torch.ones(4))
-    with pytest.raises(ValueError) as error:
-        memory.make_optimizer("adam8bit", [p], lr=0.1)
-    missing = [n for n in ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit") if n not in str(error.value)]
-    assert not missing, f"the error must list the four optimizers, it lacks {missing}: {error.value}"
+    error = refuses(memory.make_optimizer, "adam8bit", [p], lr=0.1)
+    missing = [n for n in ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit") if n not in str(error)]
+    assert not missing, f"the error must list the four optimizers, it lacks {missing}: {error}"
     assert torch.equal(p, torch.ones(4)) and p.requires_grad and p.grad is None, "a refusal changes nothing"
 
 
@@ -624,5 +617,4 @@ def test_optimizer_state_bytes_of_a_model_and_a_bad_name(memory, qlora_trainer):
     assert memory.optimizer_state_bytes(model, "adamw") == 315_616, "bundled model, LoRA r 8, adamw: 315,616 bytes"
     got = memory.optimizer_state_bytes(model, "adamw8bit", min_8bit_size=0)
     assert got == 80_128, f"bundled model, LoRA r 8, adamw8bit with min_8bit_size 0: expected 80,128 bytes, got {got:,}"
-    with pytest.raises(ValueError, match=word("optimizer")):
-        memory.optimizer_state_bytes([10], "adam")
+    refuses(memory.optimizer_state_bytes, [10], "adam", match=word("optimizer"))
