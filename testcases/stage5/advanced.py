@@ -128,7 +128,7 @@ def test_use_rslora_twice_and_peft_parity(lora, lora_variants):
     )
     set_values(layer, lora_A=golden["rslora.A"], lora_B=golden["rslora.B"])
     assert_network_close(model(golden["x"]), golden["rslora.out"], "output vs PEFT 0.21.2 (use_rslora=True, r=4, alpha=8)",
-                         "h = W0 x + b + (lora_alpha / √r)·B A x")  # fmt: skip
+                         "the check: h = W0 x + b + (lora_alpha / √r)·B A x")  # fmt: skip
 
 
 # ---- Exercise 5.2: DoRA --------------------------------------------------------------------------
@@ -141,13 +141,13 @@ def test_dora_matches_peft(lora_variants):
     linear = golden_linear(golden)
     layer = lora_variants.DoRALayer.from_linear(linear, r=4, lora_alpha=8)
     assert_network_close(layer.magnitude, golden["dora.magnitude_init"], "magnitude right after wrapping, vs PEFT",
-                         "PEFT's lora_magnitude_vector starts at the row norms of W0")  # fmt: skip
+                         "the check: the magnitude starts at the row norms of W0 (PEFT's lora_magnitude_vector)")  # fmt: skip
     set_values(layer, lora_A=golden["dora.A"], lora_B=golden["dora.B"], magnitude=golden["dora.magnitude"])
     assert_network_close(layer.eval()(golden["x"]), golden["dora.out"], "eval output vs PEFT",
-                         "h = base(x) + (m/n − 1) ⊙ W0 x + (m/n) ⊙ s·B A x, W0 x without the bias")  # fmt: skip
+                         "the check: h = base(x) + (m/n − 1) ⊙ W0 x + (m/n) ⊙ s·B A x, W0 x without the bias")  # fmt: skip
     layer.merge()
     assert_network_close(linear.weight, golden["dora.merged_weight"], "merged weight vs PEFT's merge_adapter()",
-                         "W ← (m/n)[:, None] ⊙ (W0 + s·B A)")  # fmt: skip
+                         "the check: the merged weight is (m/n)[:, None] ⊙ (W0 + s·B A)")  # fmt: skip
 
 
 @pytest.mark.exercise("5.2")
@@ -161,7 +161,7 @@ def test_dora_delta_weight_is_the_whole_change(lora_variants):
     adapted = W + (5 / 3) * B @ A
     expected = (m / adapted.norm(dim=1))[:, None] * adapted - W
     assert_network_close(layer.delta_weight(), expected, "DoRA delta_weight()",
-                         "not s·B A: the effective weight (m/n) ⊙ (W0 + s·BA) minus W0")  # fmt: skip
+                         "the check: delta_weight() = (m/n) ⊙ (W0 + s·B A) − W0, the change of the effective weight (not s·B A)")  # fmt: skip
     layer.merge()
     refuses(layer.delta_weight)  # merged: the base holds W0 + ΔW, and W0 is gone until unmerge()
 
@@ -222,7 +222,7 @@ def test_dora_dtypes(lora_variants):
     # 32 + 8 roundings of bf16, each at most u·((1 + m/n)·(|W0||x| + s|B||A||x|) + |b|)
     magnitude = (1 + factor) * (x64.abs() @ (W.abs() + 2.0 * B.abs() @ A.abs()).T) + b.abs()
     assert_close(out, expected, "DoRA output on a bf16 base", bound=(32 + 8) * UNIT_ROUNDOFF[torch.bfloat16] * magnitude,
-                 hint="norm and DoRA term in fp32, the result cast to the base output's dtype")  # fmt: skip
+                 hint="the check: the norm and the DoRA term in fp32, the result in the base output's dtype")  # fmt: skip
 
 
 @pytest.mark.exercise("5.2")
@@ -287,9 +287,9 @@ def test_w0_inits_match_peft(lora, lora_variants, method):
     pissa = method == "pissa"
     bound = 2 * pissa_product_bound(weight, 4, layer) if pissa else olora_product_bound(weight, 4, product)
     assert_close(product, golden[f"{method}.product"], f"s·B A after {method}_init vs PEFT", bound=bound,
-                 hint="PiSSA: √(S_r / s) on each side; OLoRA: B = Q[:, :r], A = R[:r] (no ÷ s)")  # fmt: skip
+                 hint="the check: the adapter's product is PEFT's (PiSSA: √(S_r / s) on each side; OLoRA: B = Q[:, :r], A = R[:r], no ÷ s)")  # fmt: skip
     assert_close(residual, golden[f"{method}.residual"], f"the residual in the base after {method}_init vs PEFT",
-                 bound=bound + 8 * U32 * (W.abs() + product.abs()), hint="W0 ← W0 − s·B A")  # fmt: skip
+                 bound=bound + 8 * U32 * (W.abs() + product.abs()), hint="the check: the base holds W0 − s·B A")  # fmt: skip
     if pissa:  # PEFT splits √(S/s) evenly: compare each triplet's share (sign-free norms)
         _, S = top_r_part(weight, 4)
         for i in range(4):
@@ -339,14 +339,14 @@ def test_pissa_on_a_bf16_base(lora, lora_variants):
     # the residual W0 − s·B A is rounded once to bf16, on top of the fp32 SVD's error
     bound = pissa_product_bound(weight, 4, layer) + UNIT_ROUNDOFF[torch.bfloat16] * (weight.double() - top).abs()
     assert_close(residual, weight.double() - top, "the bf16 residual after pissa_init", bound=bound,
-                 hint="compute in fp32, then store W0 − s·B A in the base's dtype")  # fmt: skip
+                 hint="the check: the base holds W0 − s·B A computed in fp32 and rounded once to the base's dtype")  # fmt: skip
     with torch.no_grad():
         x = randn(7, 12, seed=40, dtype=torch.bfloat16)
         got = layer.base_layer(x).float() + layer.scaling * (x.float() @ layer.lora_A.T) @ layer.lora_B.T
     mag = x.double().abs() @ (residual.abs() + 2.0 * B.abs() @ A.abs()).T + bias.double().abs()
     bound = (12 + 8) * UNIT_ROUNDOFF[torch.bfloat16] * mag + x.double().abs() @ bound.T
     assert_close(got, x.double() @ weight.double().T + bias.double(), "a bf16 PiSSA layer's function at step 0",
-                 bound=bound, hint="W_res + s·B A = W0 up to the rounding of W_res to bf16")  # fmt: skip
+                 bound=bound, hint="the check: W_res + s·B A = W0 up to the rounding of W_res to bf16")  # fmt: skip
 
 
 @pytest.mark.exercise("5.3")
@@ -362,7 +362,9 @@ def test_w0_init_with_scale_one(lora, lora_variants):
     top, _ = top_r_part(weight, 4)
     A, B = f64(layer.lora_A, layer.lora_B)
     bound = pissa_product_bound(weight, 4, layer)
-    assert_close(B @ A, top, "B A with s = 1", bound=bound, hint="A = diag(√S_r) Uᵀ[:r], B = V[:, :r] diag(√S_r)")
+    assert_close(
+        B @ A, top, "B A with s = 1", bound=bound, hint="the check: A = diag(√S_r) Uᵀ[:r], B = V[:, :r] diag(√S_r)"
+    )
     check_w0_init_function(layer, weight, bias, bound + 8 * U32 * weight.double().abs(), "PiSSA output, s = 1")
 
 
@@ -423,7 +425,7 @@ def test_loftq_keeps_the_bias_and_the_forward(lora, lora_variants):
     # fp32 forward: 64 + 3 + 4 roundings of |Q̂||x| + s|B||A||x| + |b|
     bound = (64 + 3 + 4) * U32 * (x64.abs() @ (Q.abs() + 2.0 * B.abs() @ A.abs()).T + bias.double().abs())
     assert_close(layer(x), expected, "output after loftq_init", bound=bound, dtype=torch.float32,
-                 hint="the LoRA layer runs its NF4 base (Q̂ and the bias) plus s·B A x")  # fmt: skip
+                 hint="the check: the layer computes its NF4 base (Q̂ x + b) plus s·B A x")  # fmt: skip
 
 
 @pytest.mark.exercise("5.4")
@@ -500,7 +502,7 @@ def test_vera_matches_peft(lora_variants):
     # another CPU (uniform_draws_close: 4 ulps of the bound), carried through λ_b ⊙ B(λ_d ⊙ A x)
     bound = NETWORK_RTOL * (out.abs().max().item() + 1) + vera_draw_bound(golden)
     assert_close(model(golden["x"]), out, "VeRA output vs PEFT", bound=bound,
-                 hint="h = W0 x + b + λ_b ⊙ B_s(λ_d ⊙ A_s x), with PEFT's draws for key 0")  # fmt: skip
+                 hint="the check: h = W0 x + b + λ_b ⊙ B_s(λ_d ⊙ A_s x), with PEFT's draws for key 0")  # fmt: skip
 
 
 @pytest.mark.exercise("5.6")
@@ -529,7 +531,7 @@ def test_vera_delta_weight_merge_and_gradients(lora_variants, biased_model):
     W, A, B, d, lb = f64(layer.base_layer.weight, layer.vera_A, layer.vera_B, layer.lambda_d, layer.lambda_b)
     expected = (lb[:, None] * B[:24]) @ (d[:, None] * A[:, :70])
     assert_network_close(layer.delta_weight(), expected, "VeRA delta_weight() of down_proj (70 → 24)",
-                         "ΔW = (λ_b[:, None] ⊙ B_s) @ (λ_d[:, None] ⊙ A_s), the (out, in) slices")  # fmt: skip
+                         "the check: ΔW = (λ_b[:, None] ⊙ B_s) @ (λ_d[:, None] ⊙ A_s), from the (out, in) slices")  # fmt: skip
     x = randn(5, 24, seed=132)
     out = model(x)
     out.square().sum().backward()
@@ -537,7 +539,12 @@ def test_vera_delta_weight_merge_and_gradients(lora_variants, biased_model):
     assert with_grad == ["lambda_b", "lambda_d"], f"only λ_d and λ_b may get gradients, got {with_grad}"
     assert not layer.vera_A.requires_grad and not layer.vera_B.requires_grad, "the shared pair is frozen"
     layer.merge()
-    assert_network_close(model(x), out.detach(), "output after merging down_proj", "W0 ← W0 + delta_weight()")
+    assert_network_close(
+        model(x),
+        out.detach(),
+        "output after merging down_proj",
+        "the check: merged, the base weight is W0 + delta_weight()",
+    )
 
 
 @pytest.mark.exercise("5.6")
@@ -570,7 +577,7 @@ def test_vera_thin_order_on_a_wide_layer(lora_variants):
     W, b, A, B, d, lb = f64(layer.base_layer.weight, layer.base_layer.bias, layer.vera_A, layer.vera_B,
                             layer.lambda_d, layer.lambda_b)  # fmt: skip
     assert_network_close(model.eval()(x), vera_expected(x, W, b, A, B, d, lb), "VeRA output (40 → 30, r = 3) in eval",
-                         "dropout acts on the VeRA input only, and never in eval mode")  # fmt: skip
+                         "the check: in eval mode dropout changes nothing; in train mode it acts on the VeRA input only")  # fmt: skip
 
 
 @pytest.mark.exercise("5.6")
@@ -583,7 +590,7 @@ def test_vera_dropout_acts_on_the_vera_input(lora_variants, r):
     x = randn(50, 40, seed=138)
     base = layer.base_layer(x).detach()
     assert_network_close(layer(x), base, f"training-mode output with λ_b = 0 and vera_dropout = 0.5 (r = {r})",
-                         "dropout must never touch the base path")  # fmt: skip
+                         "the check: the base path is the same in train and eval mode (dropout acts on the VeRA input only)")  # fmt: skip
     set_values(layer, lambda_d=randn(r, seed=139), lambda_b=randn(30, seed=140))
     update = layer(x).detach() - base
     zeros = (update == 0).double().mean().item()
@@ -611,7 +618,7 @@ def test_adalora_matches_peft(lora_variants):
     lora_variants.get_adalora_model(model, init_r=6, lora_alpha=8, target_modules=["0"])
     set_values(model[0], lora_A=golden["adalora.A"], lora_E=golden["adalora.E"], lora_B=golden["adalora.B"])
     assert_network_close(model(golden["x"]), golden["adalora.out"], "AdaLoRA output vs PEFT",
-                         "PEFT's SVDLinear: x (Q ⊙ Λ)ᵀ Pᵀ · lora_alpha / (ranknum + 1e-5)")  # fmt: skip
+                         "the check: PEFT's SVDLinear, h = base(x) + x (Q ⊙ Λ)ᵀ Pᵀ · lora_alpha / (ranknum + 1e-5)")  # fmt: skip
 
 
 @pytest.mark.exercise("5.7")
@@ -690,7 +697,7 @@ def test_masking_keeps_ranknum_and_the_final_pattern(lora_variants):
     layer = layers["0"]
     W, b, A, E, B = f64(layer.base_layer.weight, layer.base_layer.bias, layer.lora_A, layer.lora_E, layer.lora_B)
     assert_network_close(layer(x2), adalora_expected(x2, W, b, A, E, B, 8, 6), "output of a masked layer",
-                         "the forward still divides by ranknum = init_r (+ 1e-5)")  # fmt: skip
+                         "the check: after masking the forward still divides by ranknum = init_r (+ 1e-5)")  # fmt: skip
 
 
 @pytest.mark.exercise("5.7")
@@ -945,7 +952,7 @@ def test_dora_adapter_loads_into_an_existing_dora_model(lora, lora_variants, tin
     lora_variants.use_rslora(target)
     lora_variants.load_variant_adapter(target, tmp_path)
     assert_network_close(target(token_ids), tiny_model64(token_ids), "logits after loading into existing DoRA layers",
-                         "copy A, B and each magnitude into the model's DoRA layers")  # fmt: skip
+                         "the check: loaded into existing DoRA layers, the logits equal the saved model's (A, B and every magnitude)")  # fmt: skip
 
 
 def saved_dora(lora_variants, model, path, **kwargs):
@@ -1034,7 +1041,7 @@ def test_peft_written_dora_adapter_loads(lora, lora_variants, tmp_path):
     model.proj = golden_linear(golden)
     lora_variants.load_variant_adapter(model, tmp_path)
     assert_network_close(model.proj.eval()(golden["x"]), golden["dora.out"], "a PEFT DoRA adapter, loaded",
-                         "read lora_magnitude_vector (no .weight) into each DoRA layer's magnitude")  # fmt: skip
+                         "the check: the loaded layer gives PEFT's output (lora_magnitude_vector, no .weight, is each layer's magnitude)")  # fmt: skip
 
 
 @pytest.mark.exercise("5.10")
@@ -1059,7 +1066,7 @@ def test_rslora_dora_adapter_round_trip(lora, lora_variants, tiny_model64, token
         f"the loaded DoRA layers must use rsLoRA's scale lora_alpha / √r = 4 (the config says use_rslora), got {scales}"
     )
     assert_network_close(loaded(token_ids), expected, "logits of the base + the loaded rsLoRA DoRA adapter",
-                         "a DoRA adapter with use_rslora: add DoRA layers, load A and B, switch to rsLoRA, copy the magnitudes")  # fmt: skip
+                         "the check: the loaded rsLoRA DoRA model's logits equal the saved one's (DoRA layers, A, B, rsLoRA's scale, magnitudes)")  # fmt: skip
 
 
 @pytest.mark.exercise("5.10")
@@ -1111,7 +1118,7 @@ def test_peft_written_vera_file_loads(lora_variants, tmp_path):
     x = randn(6, 12, seed=225)
     assert_network_close(model.eval()(x), vera_expected(x, W, b, A_s, B_s, lambda_d, lambda_b),
                          "a PEFT VeRA file with a saved pair, loaded",
-                         "save_projection true: the file's base_model.vera_A / vera_B replace the pair drawn from the key")  # fmt: skip
+                         "the check: with save_projection true, the layer computes with the file's pair (base_model.vera_A / vera_B), not the key's draw")  # fmt: skip
 
 
 @pytest.mark.exercise("5.10")
@@ -1134,7 +1141,7 @@ def test_peft_written_adalora_file_loads(lora_variants, tmp_path):
     x = randn(6, 12, seed=234)
     assert_network_close(layer.eval()(x), adalora_expected(x, W, b, A * keep[:, None], E, B * keep, 8, 6),
                          "a PEFT AdaLoRA file with a rank_pattern, loaded",
-                         "the layer keeps r = init_r = 6 (ranknum 6, PEFT's scale), Λ = 0 where the pattern is false")  # fmt: skip
+                         "the check: the layer keeps r = init_r = 6 (ranknum 6, PEFT's scale) with Λ = 0 where the pattern is false")  # fmt: skip
 
 
 def refused_file(tmp_path: Path, case: str) -> Path:

@@ -65,7 +65,7 @@ def test_quantize_every_bin_of_the_table(memory, quant, which):
         ].double(),
     }
     check_codes(codes, expected, f"codes of every bin ({which} table)",
-                "k = ⌊(s + 1)·0.5·65535 + 0.5⌋ in float32, truncated (.long()); code = lut[k]", causes)  # fmt: skip
+                "the check: k = ⌊(s + 1)·0.5·65535 + 0.5⌋ in float32, truncated (.long()); code = lut[k]", causes)  # fmt: skip
 
 
 def division_traps(lut: torch.Tensor, absmax: float) -> torch.Tensor:
@@ -104,7 +104,13 @@ def test_quantize_multiplies_by_the_reciprocal(memory, quant):
     divided = lut[bins_reference(f32(x.double() / want_absmax.double().repeat_interleave(256)))]
     causes = {"x is divided by absmax; bitsandbytes multiplies by the float32 reciprocal (x · (1/a)), which rounds "
               "differently near a bin boundary": divided.double()}  # fmt: skip
-    check_codes(codes, want_codes, "codes of values near bin boundaries", "s = clamp(x · (1 / a), −1, 1)", causes)
+    check_codes(
+        codes,
+        want_codes,
+        "codes of values near bin boundaries",
+        "the check: a = max|x|; s = clamp(x · fl(1/a), −1, 1); bin ⌊(s + 1)·0.5·65535 + 0.5⌋ truncated; code = lut[bin], each step rounded in float32",
+        causes,
+    )
 
 
 @pytest.mark.exercise("6.1")
@@ -118,7 +124,7 @@ def test_all_zero_block_is_code_zero(memory, quant, which):
     want_codes, want_absmax = quantize_reference(x, lut)
     assert torch.equal(absmax, want_absmax), f"absmax per block: expected {want_absmax.tolist()}, got {absmax}"
     zero_code = int(lut[32768])
-    check_codes(codes, want_codes, "codes with an all-zero second block", "an all-zero block's codes are all 0",
+    check_codes(codes, want_codes, "codes with an all-zero second block", "the check: an all-zero block's codes are all 0",
                 {f"the all-zero block got the code of 0.0 ({zero_code}); bitsandbytes writes code 0 there":
                  torch.where(torch.arange(codes.numel()).div(256, rounding_mode="floor") == 1,
                              torch.tensor(zero_code), want_codes.long()).double()})  # fmt: skip
@@ -136,7 +142,9 @@ def test_quantize_default_block_size_and_a_partial_last_block(memory):
         "the default block_size must be STATE_BLOCK_SIZE = 256"
     )
     assert torch.equal(absmax, want_absmax), f"absmax per block: expected {want_absmax.tolist()}, got {absmax.tolist()}"
-    check_codes(codes, want_codes, "codes of 257 elements", "the last block holds one element, its own absmax")
+    check_codes(
+        codes, want_codes, "codes of 257 elements", "the check: the last block holds one element, with its own absmax"
+    )
     assert absmax[1].item() == abs(x[256].item()), "a block of one element has that element's |x| as its absmax"
 
 
@@ -161,7 +169,7 @@ def test_state_quantization_on_device(memory, device):
     codes, absmax = memory.quantize_blockwise_lut(x, lut)
     want_codes, want_absmax = quantize_reference(x.cpu(), lut_reference(code.cpu()))
     assert codes.device.type == device.type and absmax.device.type == device.type, "results stay on x's device"
-    check_codes(codes.cpu(), want_codes, f"codes on {device.type}", "the same arithmetic on every device")
+    check_codes(codes.cpu(), want_codes, f"codes on {device.type}", "the check: the same codes on every device")
     assert torch.equal(absmax.cpu(), want_absmax), f"absmax on {device.type} must equal the CPU's"
 
 
@@ -593,7 +601,7 @@ def test_measure_equals_estimate(memory, qlora_trainer, task_data, method, preci
     estimated["activations"] = saved_activation_bytes(memory, model, batch, config)
     estimated["total"] = sum(v for k, v in estimated.items() if k != "total")
     check_parts(measured, estimated, f"{method}, {precision}, checkpointing={checkpointing}, {optimizer}",
-                "activations: distinct storages the pack hook sees (not the model's own parameters and buffers; "
+                "the check: activations: distinct storages the pack hook sees (not the model's own parameters and buffers; "
                 "the batch copied first), plus with checkpointing the largest one block saves when recomputed; "
                 "optimizer: min_8bit_size from the config, in the measurement and in the estimate")  # fmt: skip
 

@@ -117,7 +117,7 @@ def test_prompt_is_shared_by_the_batch_and_rows_are_independent(peft_methods, ti
     together = model(token_ids)
     for row in range(token_ids.shape[0]):
         assert_network_close(together[row : row + 1], model(token_ids[row : row + 1]), f"row {row} of the batch",
-                             hint="expand the (n, C) prompt over the batch; do not mix rows")  # fmt: skip
+                             hint="the check: each row's logits equal that row run alone (one prompt shared by the batch)")  # fmt: skip
 
 
 @pytest.mark.exercise("7.2")
@@ -155,7 +155,7 @@ def test_p_tuning_lstm_encoder(peft_methods):
     with torch.no_grad():
         expected = head(lstm(encoder.embedding.weight.unsqueeze(0))[0])[0]
     assert_network_close(encoder(), expected, "PromptEncoder('lstm')()",
-                         hint="the LSTM reads the n embeddings as ONE sequence of length n (batch_first)")  # fmt: skip
+                         hint="the check: the encoder's output equals an LSTM over ONE sequence of length n (batch_first), then the MLP head")  # fmt: skip
 
 
 @pytest.mark.exercise("7.3")
@@ -170,12 +170,16 @@ def test_p_tuning_folds_to_a_prompt_table(peft_methods, tiny_model, token_ids, e
     assert isinstance(model.prompt_encoder, peft_methods.PromptEmbedding), "the encoder becomes a PromptEmbedding"
     assert trainable_names(model) == ["prompt_encoder.embedding.weight"], "only the (n, C) table trains after folding"
     assert_close(model.prompt_encoder.embedding.weight, table, "the folded table", bound=0.0,
-                 hint="the table is what the encoder computed")  # fmt: skip
+                 hint="the check: the folded table is the encoder's output")  # fmt: skip
     scale = before.abs().max().item()
     # The same network on the same table: only the LSTM kernel (with or without autograd) may round differently.
     bound = 64 * UNIT_ROUNDOFF[torch.float32] * scale
     assert_close(
-        model(token_ids), before, "logits after folding", bound=bound, hint="folding must not change the function"
+        model(token_ids),
+        before,
+        "logits after folding",
+        bound=bound,
+        hint="the check: the logits after folding equal those before",
     )
 
 
@@ -210,7 +214,7 @@ def test_prefix_with_projection_is_a_kv_cache_too(peft_methods, tiny_model64, to
     set_param(encoder.transform[2].weight, last)
     set_param(encoder.transform[2].bias, torch.zeros(table.shape[1], dtype=torch.float64))
     assert_network_close(model(token_ids), plain_logits_after(base, context, token_ids), "logits with a projected prefix",
-                         hint="the prefixes are transform(embedding) (Linear, Tanh, Linear), in PEFT's layout")  # fmt: skip
+                         hint="the check: an encoder whose transform(embedding) is a KV cache of t gives the plain model's logits on [t ; x]")  # fmt: skip
 
 
 @pytest.mark.exercise("7.4")
@@ -244,7 +248,7 @@ def test_p_tuning_v2_prefix_is_a_kv_cache(peft_methods, tiny_model64, token_ids)
     context = context_tokens(4, seed_=7)
     set_param(model.prefix_encoder.embedding.weight, kv_cache_table(base, context))
     assert_network_close(model(token_ids), plain_logits_after(base, context, token_ids), "P-tuning v2 logits",
-                         hint="deep prompts: one (key, value) prefix per layer, PEFT's layout")  # fmt: skip
+                         hint="the check: a KV-cache table in PEFT's layout gives the plain model's logits on [t ; x]")  # fmt: skip
 
 
 @pytest.mark.exercise("7.5")
@@ -255,12 +259,12 @@ def test_p_tuning_v2_on_grouped_query_attention(peft_methods, token_ids):
     base = gqa_model()
     model = peft_methods.get_p_tuning_v2_model(copy_of(base), num_virtual_tokens=4).double()
     expect_tensor(model.prefix_encoder.embedding.weight, (4, 2 * 2 * 8), "prefix_encoder.embedding.weight",
-                  hint="n rows of 2·L·D with D = n_kv_heads · head_dim = 8 (PEFT's token_dim), not d_model = 16")  # fmt: skip
+                  hint="the check: n rows of 2·L·D with D = n_kv_heads · head_dim = 8 (PEFT's token_dim), not d_model = 16")  # fmt: skip
     context = context_tokens(4, seed_=8)
     set_param(model.prefix_encoder.embedding.weight, kv_cache_table(base, context))
     assert_network_close(model(token_ids), plain_logits_after(base, context, token_ids),
                          "P-tuning v2 logits on a grouped-query model",
-                         hint="one (key, value) prefix per layer, each split into the H_kv key/value heads")  # fmt: skip
+                         hint="the check: a KV-cache table of a grouped-query model gives the plain model's logits on [t ; x]")  # fmt: skip
 
 
 # ---- Exercise 7.6 ---------------------------------------------------------------------------------------
@@ -289,13 +293,18 @@ def test_ia3_custom_targets(peft_methods, tiny_model64, token_ids):
         sorted((p, m) for p, m in model.named_modules() if isinstance(m, peft_methods.IA3Layer))
     ):
         expected_size = 16
-        expect_tensor(layer.ia3_l, (expected_size,), f"{path}.ia3_l", hint="q_proj: out_features; up_proj: in_features")
+        expect_tensor(
+            layer.ia3_l,
+            (expected_size,),
+            f"{path}.ia3_l",
+            hint="the check: q_proj's vector is out_features long, up_proj's in_features",
+        )
         value = 1 + randn(expected_size, seed_=60 + i, std=0.3)
         set_param(layer.ia3_l, value)
         scales[path] = (value, path.endswith("up_proj"))
     assert len(scales) == 4, f"two layers × (q_proj, up_proj) = 4 IA³ layers, got {sorted(scales)}"
     assert_network_close(model(token_ids), scaled_weights(base, scales)(token_ids), "IA³ logits with custom targets",
-                         hint="a feed-forward target scales its INPUT, every other target its output")  # fmt: skip
+                         hint="the check: a feed-forward target scales its INPUT, every other target its output")  # fmt: skip
 
 
 @pytest.mark.exercise("7.6")
