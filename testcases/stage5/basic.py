@@ -13,6 +13,7 @@ the tests never import peft. ``peft_golden()`` loads the file once per session a
 (a test fixture cannot be used here: the stage modules' fixtures are not collected with their tests).
 Each key is read under the rule testcases/tolerances.py names for it (FIXTURE_RULES), and the
 ``check_*_record`` functions below apply the same bounds to PEFT's results recorded on other CPUs.
+
 Failure messages: a "Hint" says what the check tests ("the check: …"), never which part of the code is
 wrong; a "Likely cause" appears only when ``helpers.diagnose`` found that the output IS what a named
 mistake produces. A refusal is checked with ``helpers.refuses``, whose failure shows the call and the

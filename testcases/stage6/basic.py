@@ -19,6 +19,7 @@ quantizes to (either neighbour where the moment lies within that bound of a bin 
 ``testcases/stage6/oracle.py`` derives the bound. The golden file still says WHAT is computed: its
 inputs and bitsandbytes' step-99 states start the tests, and a support test shows that bitsandbytes' own
 steps, on the golden host and on every machine in ``testcases/fixtures/cpu-records/``, pass the same check.
+
 Failure messages: a "Hint" says what the check tests ("the check: …"), never which part of the code is
 wrong; a "Likely cause" appears only when ``helpers.diagnose`` found that the output IS what a named
 mistake produces. A refusal is checked with ``helpers.refuses``, whose failure shows the call and the

@@ -15,6 +15,7 @@ code under test:
 
 Initialisations are compared bit for bit with the draws PEFT makes (the same modules created in
 the same order after the same seed).
+
 Failure messages: a "Hint" says what the check tests ("the check: …"), never which part of the code is
 wrong; a "Likely cause" appears only when ``helpers.diagnose`` found that the output IS what a named
 mistake produces. A refusal is checked with ``helpers.refuses``, whose failure shows the call and the
