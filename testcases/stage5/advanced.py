@@ -1150,8 +1150,6 @@ def refused_file(tmp_path: Path, case: str) -> Path:
         "base_model.model.proj.lora_A.weight": torch.zeros(4, 12),
         "base_model.model.proj.lora_B.weight": torch.zeros(10, 4),
     }
-    lora_file = {"base_model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 16),
-                 "base_model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(16, 2)}  # fmt: skip
     files = {
         "init_lora_weights='pissa_niter_4'": (
             peft_lora_config(4, 8, ["proj"], init_lora_weights="pissa_niter_4"),
@@ -1172,7 +1170,6 @@ def refused_file(tmp_path: Path, case: str) -> Path:
             },
         ),  # fmt: skip
         "a PiSSA file with DoRA": (peft_lora_config(4, 8, ["proj"], init_lora_weights="pissa", use_dora=True), pissa),
-        "peft_type IA3": ({"peft_type": "IA3", "target_modules": ["q_proj"]}, lora_file),
         "a rank_pattern of 5 bools for init_r 6": (
             {
                 "peft_type": "ADALORA",
@@ -1213,7 +1210,6 @@ REFUSED_FILES = {  # case -> the name the error must state (the docstring of loa
     "8-bit LoftQ": "loftq_config",
     "a PiSSA file with r above min(in, out)": "init_lora_weights",
     "a PiSSA file with DoRA": "use_dora",
-    "peft_type IA3": "peft_type",
     "a rank_pattern of 5 bools for init_r 6": "rank_pattern",
     "a VeRA λ_b of the wrong size": "vera_lambda_b",
 }
