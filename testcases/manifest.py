@@ -103,7 +103,12 @@ LORA_VARIANTS = (
     Exercise("5.7", "AdaLoRA: SVD-form layer, orthogonal regulariser, RankAllocator", 12, needs=("2.1",)),
     Exercise("5.8", "Delta-LoRA through optimizer hooks", 5, needs=("2.1", "4.3")),
     Exercise("5.9", "LoRA-drop: output importance, shared adapters", 5, needs=("2.1",)),
-    Exercise("5.10", "rsLoRA, DoRA, PiSSA adapters in PEFT's format", 6, needs=("2.4", "5.1", "5.2", "5.3")),
+    Exercise(
+        "5.10",
+        "adapters in PEFT's format: the LoRA family, VeRA, AdaLoRA",
+        6,
+        needs=("2.4", "5.1", "5.2", "5.3", "5.4", "5.6", "5.7"),
+    ),
 )
 MEMORY = (
     Exercise("6.1", "8-bit state codes: unsigned dynamic code, lookup table, blockwise", 8, needs=("3.4",)),

@@ -476,3 +476,279 @@ def test_every_exercise_has_its_hints_in_layers():
             if "```" not in bodies[2]:
                 problems.append(f"{exercise.id}: Hint 3 has no code block")
     assert not problems, "\n".join(problems)
+
+
+# ---- every refusal a test demands is stated where the student reads -----------------------------------
+#
+# A test that demands ``pytest.raises(..., match=M)`` or ``refuses(f, ..., match=M)`` holds the student to a
+# rule: the error must contain M (usually ``word(name)``, an argument's name). That rule is fair only if the
+# docstring of the function or class under test (stubs copy them from the reference) says so. The check below
+# reads each stage test module (AST), resolves M to its literal patterns (string constants, ``word(...)``,
+# names bound by ``parametrize`` or a ``for`` over literals, module-level dict constants) and the targets (every
+# ``<student module>.<attr>`` used in the raising code; a method called on an object stands for every student
+# class that defines it), and requires each pattern to match the docstring text of at least one target.
+
+STUDENT_FIXTURES = {"lora": "model.lora", "quant": "model.quant", "trainer": "training.qlora_trainer",
+                    "qlora_trainer": "training.qlora_trainer", "lora_variants": "model.lora_variants",
+                    "memory": "training.memory", "peft_methods": "model.peft_methods"}  # fmt: skip
+
+
+def signature_names(node: ast.FunctionDef | ast.ClassDef) -> list[str]:
+    """The parameter names a stub shows: a function's arguments; a class's __init__ arguments and dataclass fields."""
+    if isinstance(node, ast.FunctionDef):
+        return [a.arg for a in (*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs)]
+    names = [i.target.id for i in node.body if isinstance(i, ast.AnnAssign) and isinstance(i.target, ast.Name)]
+    init = next((i for i in node.body if isinstance(i, ast.FunctionDef) and i.name == "__init__"), None)
+    return names + (signature_names(init) if init else [])
+
+
+RAISES = ("ValueError", "TypeError", "Raises", "raises", "refuse")  # a docstring that says the code refuses input
+
+
+def student_docstrings() -> dict[str, dict[str, str]]:
+    """{module: {"name" or "Class.method": text}}: the docstring, and when it says the code raises, the parameter
+    names the stub's signature shows (an error "naming the argument" may name any of them). A class's entry holds
+    its own and its __init__'s."""
+    from testcases.manifest import student_modules
+
+    found: dict[str, dict[str, str]] = {}
+    for module, relative in {m: student_modules()[m] for m in set(STUDENT_FIXTURES.values())}.items():
+        docs = found.setdefault(module, {})
+        for node in ast.parse((REPO / relative).read_text()).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                docs[node.name] = ast.get_docstring(node) or ""
+            if isinstance(node, ast.ClassDef):
+                for item in node.body:
+                    if isinstance(item, ast.FunctionDef):
+                        docs[f"{node.name}.{item.name}"] = with_signature(ast.get_docstring(item) or "", item)
+                        if item.name in ("__init__", "__post_init__"):
+                            docs[node.name] += "\n" + (ast.get_docstring(item) or "")
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                docs[node.name] = with_signature(docs[node.name], node)
+    return found
+
+
+def with_signature(doc: str, node: ast.FunctionDef | ast.ClassDef) -> str:
+    """``doc``, plus the signature's parameter names when the docstring says the code raises."""
+    return doc + ("\nsignature: " + " ".join(signature_names(node)) if any(w in doc for w in RAISES) else "")
+
+
+def literal_strings(node: ast.AST) -> list[str] | None:
+    """The strings a literal holds (a str, or the strs in a list/tuple/set/dict values); None if not a literal."""
+    try:
+        value = ast.literal_eval(node)
+    except ValueError:
+        return None
+    values = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple, set)) else [value]
+    return [v for v in values if isinstance(v, str)]
+
+
+class RaiseChecks(ast.NodeVisitor):
+    """Collects (test name, line, patterns or None, targets) for every raise check of one test module."""
+
+    def __init__(self, tree: ast.Module, helpers: dict[str, ast.FunctionDef]) -> None:
+        self.constants = {
+            t.id: node.value
+            for node in tree.body
+            if isinstance(node, ast.Assign)
+            for t in node.targets
+            if isinstance(t, ast.Name)
+        }
+        self.helpers = helpers | {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+        self.found: list[tuple[str, int, list[str] | None, set[str]]] = []
+        self.test: ast.FunctionDef | None = None
+
+    def visit_FunctionDef(self, node: ast.FunctionDef) -> None:
+        if node.name.startswith("test_"):
+            self.test = node
+            self.generic_visit(node)
+            self.test = None
+
+    def visit_With(self, node: ast.With) -> None:
+        for item in node.items:
+            call = item.context_expr
+            if isinstance(call, ast.Call) and getattr(call.func, "attr", "") == "raises":
+                match = next((k.value for k in call.keywords if k.arg == "match"), None)
+                if match is not None and not (isinstance(match, ast.Constant) and match.value is None):
+                    self.record(node.lineno, match, node.body)
+        self.generic_visit(node)
+
+    # refusal helpers: name -> (index of the refused callable, keyword of the pattern, whether it is a bare name)
+    HELPERS = {"refuses": (0, "match", False), "refuses_unchanged": (1, "name", True)}
+
+    def visit_Call(self, node: ast.Call) -> None:
+        helper = self.HELPERS.get(node.func.id) if isinstance(node.func, ast.Name) else None
+        if self.test is not None and helper is not None and len(node.args) > helper[0]:
+            index, keyword, bare = helper
+            match = next((k.value for k in node.keywords if k.arg == keyword), None)
+            if match is not None:
+                match = ast.Call(func=ast.Name(id="word"), args=[match], keywords=[]) if bare else match
+                self.record(node.lineno, match, [node.args[index]])
+        self.generic_visit(node)
+
+    def record(self, line: int, match: ast.AST, code: list[ast.AST]) -> None:
+        """One raise check: its patterns, minus those that only echo a string the test passed in (the error names
+        the offending value: "qproj"), and its targets."""
+        patterns = self.patterns(match)
+        if patterns is not None:
+            nodes = list(ast.walk(self.test))
+            keys = {id(k) for n in nodes if isinstance(n, ast.Dict) for k in n.keys}  # {"beta2": 0.0}: an argument
+            constants = [
+                n.value for n in nodes if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in keys
+            ]
+            constants += [n.arg for n in nodes if isinstance(n, ast.keyword) and n.arg]  # options passed by name
+            patterns = [p for p in patterns if not self.echoes(p, constants)]
+        self.found.append((self.test.name, line, patterns, self.targets(code)))
+
+    @staticmethod
+    def echoes(pattern: str, constants: list[str]) -> bool:
+        """Whether ``pattern`` (a literal or word(literal)) is a string the test passes as input somewhere."""
+        import re
+
+        from testcases.helpers import word
+
+        text = re.sub(r"\(\?<?[!=][^)]*\)", "", pattern).replace("\\", "")
+        inside = [c for c in constants if c not in (text, pattern) and re.search(word(text), c)]
+        return constants.count(text) >= 2 or bool(inside)
+
+    def patterns(self, node: ast.AST) -> list[str] | None:
+        """The regexes ``node`` evaluates to, over every parametrized case; None if it cannot be read statically."""
+        from testcases.helpers import word
+
+        if isinstance(node, ast.Constant):
+            return [] if node.value is None else [node.value] if isinstance(node.value, str) else None
+        if isinstance(node, ast.IfExp):
+            body, orelse = self.patterns(node.body), self.patterns(node.orelse)
+            return None if body is None or orelse is None else body + orelse
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "word" and node.args:
+            names = self.patterns(node.args[0])
+            return None if names is None else [word(name) for name in names]
+        if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id in self.constants:
+            return literal_strings(self.constants[node.value.id])
+        if isinstance(node, ast.Name):
+            return self.bound_values(node.id)
+        return None
+
+    def bound_values(self, name: str) -> list[str] | None:
+        """The string values ``name`` takes in the test: a parametrize argument, a for-loop target, an assignment."""
+        for decorator in self.test.decorator_list:
+            if isinstance(decorator, ast.Call) and getattr(decorator.func, "attr", "") == "parametrize":
+                names, cases = ast.literal_eval(decorator.args[0]), decorator.args[1]
+                names = [n.strip() for n in (names.split(",") if isinstance(names, str) else names)]
+                if name in names:
+                    return self.column(cases, names.index(name), len(names))
+        for node in ast.walk(self.test):
+            if isinstance(node, ast.For):
+                targets = [node.target] if isinstance(node.target, ast.Name) else list(getattr(node.target, "elts", []))
+                for i, target in enumerate(targets):
+                    if isinstance(target, ast.Name) and target.id == name:
+                        return self.column(node.iter, i, len(targets))
+            if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+                return self.patterns(node.value)
+        return None
+
+    def column(self, cases: ast.AST, index: int, width: int) -> list[str] | None:
+        """Element ``index`` of every case of a literal list of cases (tuples of ``width``, or pytest.param)."""
+        if isinstance(cases, ast.Name) and cases.id in self.constants:
+            cases = self.constants[cases.id]
+        if isinstance(cases, ast.Call) and getattr(cases.func, "id", "") == "list" and cases.args:
+            cases = cases.args[0]
+            if isinstance(cases, ast.Name) and cases.id in self.constants:
+                cases = self.constants[cases.id]
+        if isinstance(cases, ast.Dict):
+            elements = cases.keys if index == 0 else cases.values
+            return [s for e in elements for s in (literal_strings(e) or [])]
+        if not isinstance(cases, (ast.List, ast.Tuple)):
+            return None
+        values = []
+        for case in cases.elts:
+            if isinstance(case, ast.Call):  # pytest.param(...)
+                case = ast.Tuple(elts=case.args)
+            element = case if width == 1 else case.elts[index] if isinstance(case, ast.Tuple) else None
+            if element is None:
+                return None
+            values += literal_strings(element) or []
+        return values
+
+    def targets(self, nodes: list[ast.AST], depth: int = 0) -> set[str]:
+        """ "module:attr" for every student-module attribute the nodes use; ".method" for a method call on an object."""
+        found = set()
+        for node in (n for top in nodes for n in ast.walk(top)):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                if node.value.id in STUDENT_FIXTURES:
+                    found.add(f"{STUDENT_FIXTURES[node.value.id]}:{node.attr}")
+                elif node.value.id not in ("pytest", "torch", "nn", "F", "math", "json"):
+                    found.add(f".{node.attr}")
+            elif isinstance(node, ast.Name) and node.id in self.helpers and depth < 1:  # a test helper: what it calls
+                found |= self.targets(self.helpers[node.id].body, depth + 1)
+        return found
+
+
+def refusal_problems(sources: dict[str, str], docs: dict[str, dict[str, str]], helpers: dict) -> list[str]:
+    """For test modules {path: source}: every raise check whose pattern no docstring of its targets states."""
+    import re
+
+    problems = []
+    for path, source in sources.items():
+        checks = RaiseChecks(ast.parse(source), helpers)
+        checks.visit(ast.parse(source))
+        for test, line, patterns, targets in checks.found:
+            where = f"{path}:{line} ({test})"
+            texts = []
+            for target in targets:
+                if target.startswith("."):  # .method on some object: any student class that defines it
+                    texts += [t for m in docs.values() for k, t in m.items() if k.endswith(target)]
+                else:  # module:attr — a function or a class
+                    module, _, attr = target.partition(":")
+                    texts += [docs[module].get(attr, "")]
+            texts = [t for t in texts if t]
+            if patterns is None:
+                problems.append(f"{where}: its match= pattern cannot be read statically")
+            elif not texts:
+                problems.append(f"{where}: no student function or class with a docstring is called in it")
+            else:
+                for pattern in patterns:
+                    if not any(re.search(pattern, text) for text in texts):
+                        names = sorted(t.split(":")[-1] for t in targets)
+                        shown = re.sub(r"\(\?<?[!=][^)]*\)", "", pattern).replace("\\", "")
+                        problems.append(f"{where}: {shown!r} is in no docstring of {names}")
+    return sorted(set(problems))
+
+
+def test_every_refusal_a_test_demands_is_stated_in_a_docstring():
+    """Each ``match=`` of a raise check (pytest.raises or helpers.refuses) is in the docstring of what it tests.
+
+    Stages 1–7: a student who reads the stub's docstring (or the lesson) knows which name an error must
+    contain. Stated means: in the docstring, or — when the docstring says the code raises — a parameter
+    name of the stub's signature; a pattern that only echoes what the test passed in (a target "qproj", an
+    option misspelt on purpose) needs no statement. A pattern that cannot be read statically, or a check
+    whose function under test cannot be found, is a problem too: write
+    ``refuses(module.function, args…, match=word("name"))``.
+    """
+    helpers = {
+        node.name: node
+        for path in [*(p for s in STAGES for p in s.tests), "testcases/helpers.py"]
+        for node in ast.parse((REPO / path).read_text()).body
+        if isinstance(node, ast.FunctionDef) and not node.name.startswith("test_")
+    }
+    sources = {path: (REPO / path).read_text() for stage in STAGES for path in stage.tests}
+    problems = refusal_problems(sources, student_docstrings(), helpers)
+    assert not problems, "a test demands what no docstring states:\n" + "\n".join(problems)
+
+
+def test_the_refusal_check_reads_parametrized_names_and_catches_an_unstated_one():
+    """The checker resolves parametrize, for-loops and word(); an unstated name is reported, an echoed value is not."""
+    source = """
+@pytest.mark.parametrize("kwargs, name", [({"beta2": 0.0}, "beta2"), ({"gamma": 1}, "gamma")])
+def test_a(lora_variants, kwargs, name):
+    refuses(lora_variants.RankAllocator, None, **kwargs, match=word(name))
+
+def test_b(lora_variants):
+    for kwargs, name in (({"target_modules": ["qproj"]}, "qproj"),):
+        with pytest.raises(ValueError, match=word(name)):
+            lora_variants.get_vera_model(None, **kwargs)
+"""
+    docs = {"model.lora_variants": {"RankAllocator": "Raises ValueError naming beta1 or beta2.",
+                                    "get_vera_model": "Raises ValueError for a target that matches nothing."}}  # fmt: skip
+    problems = refusal_problems({"synthetic.py": source}, docs, {})
+    assert problems == ["synthetic.py:4 (test_a): 'gamma' is in no docstring of ['RankAllocator']"], problems

@@ -235,3 +235,32 @@ def test_handout_cuts_instructor_passages_without_stray_line_breaks(built_handou
     first = next(line for line in quick.splitlines() if line.startswith("make "))
     assert first.startswith("make grade EX=1.1"), f"the handout's first command is {first!r}"
     assert "\n\n\n" not in readme and "IMPL=student" not in quick.split("## Course map")[0]
+
+
+def test_comparisons_refuse_only_the_stubs_their_methods_run(tmp_path):
+    """make variants / make peft-family with chosen methods: only the exercises those methods run may stop them."""
+    from solutions.tools.variants import replace_block
+
+    for relative in ("model/lora.py", "model/quant.py", "model/lora_variants.py", "model/peft_methods.py",
+                     "training/qlora_trainer.py", "training/memory.py"):  # fmt: skip
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_text((REPO / "solutions" / relative).read_text())
+    variants_file = tmp_path / "model" / "lora_variants.py"
+    text = variants_file.read_text()
+    for block in ("5.3: SVD", "5.3: QR"):
+        text = replace_block(text, block, 'raise NotImplementedError("Exercise 5.3: stub")', "test")
+    variants_file.write_text(text)
+    env = {**os.environ, "LORA_IMPL": str(tmp_path)}
+    refused = subprocess.run([PYTHON, "-m", "training.variants", "pissa", "lora"], cwd=REPO, env=env,
+                             capture_output=True, text=True)  # fmt: skip
+    assert refused.returncode == 2 and "pissa: 5.3" in refused.stdout and "lora:" not in refused.stdout, (
+        refused.stdout + refused.stderr[-2000:]
+    )
+    check = (
+        "from model._impl import refuse_exercise_stubs\n"
+        "from training.variants import METHODS, TRAINING\n"
+        "refuse_exercise_stubs('make variants', {n: TRAINING + METHODS[n].exercises for n in ('lora', 'dora', 'vera', 'adalora')})\n"
+        "print('runs')"
+    )
+    allowed = subprocess.run([PYTHON, "-c", check], cwd=REPO, env=env, capture_output=True, text=True)
+    assert allowed.returncode == 0 and allowed.stdout.strip() == "runs", allowed.stdout + allowed.stderr[-2000:]
