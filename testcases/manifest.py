@@ -106,7 +106,7 @@ LORA_VARIANTS = (
     Exercise(
         "5.10",
         "adapters in PEFT's format: the LoRA family, VeRA, AdaLoRA",
-        6,
+        10,
         needs=("2.4", "5.1", "5.2", "5.3", "5.4", "5.6", "5.7"),
     ),
 )
