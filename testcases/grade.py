@@ -48,8 +48,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from model._impl import find_student_file, implementation_root
-from testcases.manifest import REPO, STAGES, Stage, exercises, select, student_files
-from testcases.scoring import BLOCKED, CRASHED, NOT_ATTEMPTED, NOT_RUN, SKIPPED, TIMED_OUT, Gradebook, Outcome
+from testcases.manifest import REPO, STAGES, Stage, exercises, files_needed, select, student_files
+from testcases.sandbox import SCRATCH, loading_refused, refusal_message
+from testcases.scoring import (
+    BLOCKED,
+    CRASHED,
+    FAILED,
+    NOT_ATTEMPTED,
+    NOT_RUN,
+    PASSED,
+    SKIPPED,
+    TIMED_OUT,
+    Gradebook,
+    Outcome,
+)
 
 GIVEN = ("model", "training", "testcases", "pyproject.toml")  # copied into every sandbox
 IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", ".ipynb_checkpoints", "runs")
@@ -87,7 +99,8 @@ def make_sandbox(where: Path, root: Path) -> list[str]:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(found, target)
     (where / "impl").mkdir(exist_ok=True)
-    (where / "home").mkdir(exist_ok=True)
+    for name in SCRATCH:  # HOME, TMPDIR and pytest's --basetemp: the only folders the tests may write
+        (where / name).mkdir(exist_ok=True)
     return missing
 
 
@@ -121,6 +134,8 @@ class Scorer:
         self.plan: dict[str, dict] = {}  # nodeid -> planned test (function, exercise, weight, timeout)
         self.outcomes: dict[str, Outcome] = {}
         self.stopped: dict[str, str] = {}  # exercise -> why its remaining tests are not run
+        self.refusals: dict[str, str] = {}  # nodeid -> what the sandbox refused during that test
+        self.load_refusals: dict[str, str] = {}  # student file -> why it could not be imported
         self.notes: list[str] = []
         self.events: queue.Queue = queue.Queue()
         self.children: list[Child] = []
@@ -153,6 +168,7 @@ class Scorer:
         cmd = [sys.executable, "-m", "pytest", "testcases/basic_test.py", "testcases/advanced_test.py",
                "--impl", str(child.sandbox / "impl"), "--ex", ",".join(mine), "--seed", str(self.args.seed),
                "--report-fd", str(write_fd), "--timeout", str(self.args.timeout),
+               "--basetemp", str(child.sandbox / "pytest-tmp"),
                "--load-timeout", str(self.args.timeout), "-p", "no:cacheprovider", "-p", "no:nbmake",
                "-q", "--no-header", "-rN", "--tb=no", "-W", "ignore::DeprecationWarning"]  # fmt: skip
         if child.run:
@@ -168,8 +184,8 @@ class Scorer:
     def spawn(self, child: Child) -> None:
         read_fd, write_fd = os.pipe()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("LORA_", "PYTEST_", "CALIBRATE_"))}
-        env.update(PYTHONPATH=str(child.sandbox), HOME=str(child.sandbox / "home"), MPLBACKEND="Agg",
-                   OMP_NUM_THREADS=str(self.args.threads), PYTHONDONTWRITEBYTECODE="1")  # fmt: skip
+        env.update(PYTHONPATH=str(child.sandbox), HOME=str(child.sandbox / "home"), TMPDIR=str(child.sandbox / "tmp"),
+                   MPLBACKEND="Agg", OMP_NUM_THREADS=str(self.args.threads), PYTHONDONTWRITEBYTECODE="1")  # fmt: skip
         with open(child.log, "ab") as log:
             child.process = subprocess.Popen(
                 [sys.executable, "-c", NANNY, str(int(self.args.memory * 2**30)), *self.command(child, write_fd)],
@@ -229,10 +245,27 @@ class Scorer:
             child.phase = None
         elif kind == "note":
             self.note(str(event.get("text"))[:500])
+        elif kind == "refused":
+            self.refused(child, str(event.get("what"))[:500])
         elif kind == "done":
             child.done = True
         elif kind == "eof":
             child.finished = True
+
+    def refused(self, child: Child, what: str) -> None:
+        """The sandbox refused something: it costs the test, or the file being imported, during which it happened.
+
+        The child fails that test itself; the scorer keeps its own record from the pipe, written before
+        the student code could catch the error, and applies it to what the child reports.
+        """
+        phase, stage = child.phase, child.stage.number
+        if phase and phase[0] == "test":
+            self.refusals.setdefault(phase[1], what)
+        elif phase and phase[0] == "load":
+            self.load_refusals.setdefault(phase[1], loading_refused(phase[1], what))
+            self.note(f"stage {stage}: {self.load_refusals[phase[1]]}")
+        else:
+            self.note(f"stage {stage}: between tests, student code tried to {what}, which the grading sandbox refused")
 
     def accept(self, child: Child, data: dict) -> None:
         """Take a child's outcome only for a planned test of its stage, once; points come from the plan."""
@@ -246,6 +279,11 @@ class Scorer:
             return
         outcome = Outcome(nodeid, planned["function"], planned["exercise"], float(planned["weight"]),
                           reported.status, reported.message[:4000], reported.blocked_by, reported.seconds)  # fmt: skip
+        broken = [why for file, why in self.load_refusals.items() if file in files_needed([outcome.exercise])]
+        if nodeid in self.refusals and not outcome.message.startswith("integrity:"):
+            outcome.status, outcome.message = FAILED, refusal_message([self.refusals[nodeid]])
+        elif broken and outcome.status == PASSED:
+            outcome.status, outcome.message = FAILED, broken[0]
         if outcome.status == BLOCKED and outcome.blocked_by not in exercises():
             outcome.blocked_by = "?"
         self.outcomes[nodeid] = outcome

@@ -23,12 +23,15 @@ What it does:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import linecache
 import os
 import re
 import signal
+import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -70,6 +73,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="self-test of the stubs: succeed only if every graded test ran into a stub",
     )
     group.addoption("--load-timeout", type=float, default=60.0, help="seconds allowed to import each student file")
+    group.addoption(
+        "--sandbox",
+        action="store_true",
+        help="close the grading sandbox before the student files load, as make grade does (testcases/sandbox.py): "
+        "reads only in this folder and Python's, writes only in runs/sandbox/, no programs, no ctypes",
+    )
     # For testcases/grade.py's child processes only: the report pipe, the tests to run, files known broken.
     group.addoption("--report-fd", type=int, help=argparse.SUPPRESS)
     group.addoption("--run-only", help=argparse.SUPPRESS)
@@ -93,7 +102,10 @@ class Events:
 EVENTS = pytest.StashKey[Events]()
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest's tmpdir plugin reads --basetemp
 def pytest_configure(config: pytest.Config) -> None:
+    if sandboxed(config) and not config.option.basetemp:
+        config.option.basetemp = str(Path.cwd() / DIRECT_SCRATCH / "pytest-tmp")
     if impl := config.getoption("--impl"):
         try:
             _impl.implementation_root(impl)
@@ -111,6 +123,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[EVENTS] = Events(config.getoption("--report-fd"))
     if config.getoption("--report-fd") is not None:  # the grader prints; keep the child quiet
         config.option.verbose = -1
+
+
+def sandboxed(config: pytest.Config) -> bool:
+    """The grader's children always close the sandbox; a direct run does with --sandbox."""
+    return config.getoption("--report-fd") is not None or config.getoption("--sandbox")
 
 
 def is_graded(item: pytest.Item) -> bool:
@@ -178,9 +195,12 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     import training.data  # noqa: F401
     from testcases.integrity import Guard
 
+    files = files_needed({p["exercise"] for p in plan})
+    if sandboxed(config):
+        close_sandbox(config, files)
     guard = Guard(set(_impl.student_modules()))
     session.config.stash[GUARD] = guard
-    for file in files_needed({p["exercise"] for p in plan}):
+    for file in files:
         load_student_file(config, module_name(file))
     if changed := guard.check():
         from testcases.integrity import describe
@@ -191,6 +211,38 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 GUARD = pytest.StashKey[object]()
+REFUSALS = pytest.StashKey[object]()  # the sandbox's list of refusals (testcases/sandbox.py install())
+DIRECT_SCRATCH = Path("runs") / "sandbox"  # a direct run's scratch folders under --sandbox
+# Given code in these student files imports these modules lazily, and their first import does what
+# the sandbox refuses (matplotlib runs fc-list to build its font cache): they are imported before it closes.
+WARM_UP = {"training/qlora_trainer.py": ("matplotlib.font_manager",)}
+
+
+def close_sandbox(config: pytest.Config, files: tuple[str, ...]) -> None:
+    """Install the grading sandbox (testcases/sandbox.py) with this folder as the sandbox, before any student file loads."""
+    from testcases import sandbox
+
+    for file in files:
+        for module in WARM_UP.get(file, ()):
+            with contextlib.suppress(ImportError):
+                importlib.import_module(module)
+    here = Path.cwd().resolve()
+    tmp = Path(tempfile.gettempdir()).resolve()
+    if not tmp.is_relative_to(here):  # a direct run: tempfile's files go to the scratch folder too
+        tmp = here / DIRECT_SCRATCH / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        tempfile.tempdir = os.environ["TMPDIR"] = str(tmp)
+    scratch = [tmp, Path(config.option.basetemp).resolve()]
+    home = Path(os.environ.get("HOME", "/")).resolve()
+    if home.is_relative_to(here) and home != here:
+        scratch.append(home)
+    config.stash[REFUSALS] = sandbox.install(here, scratch, config.getoption("--report-fd"))
+
+
+def refusals(config: pytest.Config) -> tuple[str, ...]:
+    """What the sandbox refused so far in this process (nothing without the sandbox)."""
+    reader = config.stash.get(REFUSALS, None)
+    return reader() if reader is not None else ()
 
 
 class LoadTimeout(BaseException):
@@ -222,7 +274,7 @@ def load_student_file(config: pytest.Config, module: str) -> None:
         return
     events.emit("load", file=relative)
     state = helpers.torch_global_state()
-    error = None
+    error, before = None, len(refusals(config))
     try:
         with alarm(config.getoption("--load-timeout")):
             importlib.import_module(module)
@@ -236,6 +288,10 @@ def load_student_file(config: pytest.Config, module: str) -> None:
         error = f"{relative} could not be imported: {describe_exception(exc)}"
     finally:
         helpers.restore_torch_global_state(state)
+    if refused := refusals(config)[before:]:  # even if the file caught the PermissionError
+        from testcases.sandbox import loading_refused
+
+        error = loading_refused(relative, refused[0])
     if error:
         _impl.mark_broken(module, error)
     events.emit("loaded", file=relative, error=error)
@@ -265,11 +321,13 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 NOT_RUN_PREFIX = "not run: "
+REFUSED_BEFORE = pytest.StashKey[int]()  # how many refusals the sandbox had recorded when the test started
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem):
     events = item.config.stash[EVENTS]
+    item.stash[REFUSED_BEFORE] = len(refusals(item.config))
     if is_graded(item):
         events.emit("start", nodeid=item.nodeid)
     result = yield
@@ -283,18 +341,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     report = yield
     guard = item.config.stash.get(GUARD, None)
     changed = guard.check() if guard is not None else []
-    if not is_graded(item) or (report.when != "call" and report.passed and not changed):
+    refused = refusals(item.config)[item.stash.get(REFUSED_BEFORE, 0) :]
+    if not is_graded(item) or (report.when != "call" and report.passed and not changed and not refused):
         return report  # a passing setup or teardown says nothing about the test
     ex, weight = exercise_of(item)
     outcome = classify(item, call, report, ex)
-    if changed:
-        from testcases.integrity import describe
-
-        outcome.status = FAILED
-        outcome.message = (
-            f"integrity: code run by this test rebound {describe(changed)} (undone); this test does not count. "
-            "Student code must not replace functions of torch or of the tests."
-        )
+    if changed or refused:
+        outcome.status, outcome.message = FAILED, integrity_message(changed, refused)
         report.outcome, report.longrepr = "failed", outcome.message
     outcome.function, outcome.weight, outcome.seconds = item.originalname, weight, call.duration
     if outcome.status in (NOT_ATTEMPTED, BLOCKED):
@@ -307,6 +360,20 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     book.add(outcome)
     item.stash[OUTCOME] = book.outcomes[item.nodeid]
     return report
+
+
+def integrity_message(changed: list[str], refused: tuple[str, ...]) -> str:
+    """Why a test does not count: what its code rebound (testcases/integrity.py) or tried past the sandbox."""
+    from testcases.integrity import describe
+
+    if refused:
+        from testcases.sandbox import refusal_message
+
+        return refusal_message(refused)
+    return (
+        f"integrity: code run by this test rebound {describe(changed)} (undone); this test does not count. "
+        "Student code must not replace functions of torch or of the tests."
+    )
 
 
 def classify(item: pytest.Item, call: pytest.CallInfo, report: pytest.TestReport, ex: str) -> Outcome:
@@ -414,6 +481,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     config = session.config
     config.stash[EVENTS].emit("done")
+    config.stash[SESSION] = session
     if not config.getoption("--expect-not-attempted"):
         return
     outcomes = config.stash[BOOK].outcomes
@@ -424,3 +492,18 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
     else:
         session.exitstatus = pytest.ExitCode.OK
+
+
+SESSION = pytest.StashKey[pytest.Session]()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Under the sandbox the process ends here: finalizers that ran later would run after the audit hooks are cleared."""
+    if REFUSALS not in config.stash:
+        return
+    session = config.stash.get(SESSION, None)
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(int(session.exitstatus) if session is not None else 1)
