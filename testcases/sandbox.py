@@ -280,20 +280,20 @@ def make_checker(
         else:
             text = text_of(obj)
             if text is None:
-                return op + " a path given as another type than str, bytes or pathlib.Path"
+                return op + " a path given as another type than str, bytes or pathlib.Path (it could change)"
             shown = text
         if ".." in text.split("/"):
-            return op + " " + shown + ": paths with '..' are refused in the sandbox"
+            return op + " " + shown + " (a path with '..')"
         path = real(text)
         if path != shown:
             shown = shown + " (that is " + path + ")"
         if write and not writable(path):
-            where = "a file the grader put in the sandbox" if under(path, (home,)) else "outside the sandbox"
-            return op + " " + shown + " for writing: " + where
+            where = "the grader's files are read-only" if under(path, (home,)) else "outside the sandbox"
+            return op + " " + shown + " for writing (" + where + ")"
         if not write and not (path in devices_read or under(path, can_read)):
-            return op + " " + shown + ": outside the sandbox"
+            return op + " " + shown + " (outside the sandbox)"
         if opening and not writable(path) and is_dir(path):
-            return op + " the folder " + shown + ": folders may be opened only in the sandbox's writable part"
+            return op + " the folder " + shown + " (folders open only in the sandbox's writable part)"
         return None
 
     def on_open(event: str, args: tuple) -> str | None:
@@ -338,14 +338,14 @@ def make_checker(
         target = text_of(args[0])
         if target is None or not target.startswith("/") or ".." in target.split("/") or not writable(real(target)):
             return (
-                "make a symbolic link to " + (target or "?") + ": links may lead only to a writable part of the sandbox"
+                "make a symbolic link to " + (target or "?") + " (links may lead only into the sandbox's writable part)"
             )
         return None
 
     def on_import(event: str, args: tuple) -> str | None:
         name = args[0] if type_(args[0]) is str_ else None
         if name is None or name in forbidden:
-            return "import a fresh " + (name or "module") + " (the sandbox disarms or forbids it)"
+            return "import a fresh " + (name or "module") + " (a module the sandbox disarms or forbids)"
         if len_(args) > 1 and type_(args[1]) is str_:
             for suffix in extensions:
                 if args[1].endswith(suffix) and not under(real(args[1]), can_load):
