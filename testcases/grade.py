@@ -64,6 +64,7 @@ from testcases.scoring import (
 )
 
 GIVEN = ("model", "training", "testcases", "pyproject.toml")  # copied into every sandbox
+STARTUP = 60.0  # extra seconds a test process may take to import torch and collect (given code only) on a busy machine
 IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", ".ipynb_checkpoints", "runs")
 # The waiting process: it sets the limits the test process inherits, then waits for it. Student code
 # that kills its parent (os.getppid()) kills this one, not the scorer.
@@ -121,6 +122,7 @@ class Child:
     last_event: float = 0.0
     restarts: int = 0
     reported: set[str] = field(default_factory=set)
+    planned: bool = False  # it has reported its plan: before that it runs only given code (imports, collection)
 
 
 class Scorer:
@@ -171,6 +173,8 @@ class Scorer:
                "--basetemp", str(child.sandbox / "pytest-tmp"),
                "--load-timeout", str(self.args.timeout), "-p", "no:cacheprovider", "-p", "no:nbmake",
                "-q", "--no-header", "-rN", "--tb=no", "-W", "ignore::DeprecationWarning"]  # fmt: skip
+        if self.args.no_sandbox:
+            cmd.append("--no-sandbox")
         if child.run:
             only = child.sandbox / f"run-only-{len(child.reported)}-{time.monotonic_ns()}.json"
             only.write_text(json.dumps(child.run))
@@ -226,6 +230,8 @@ class Scorer:
     def handle(self, child: Child, event: dict) -> None:
         kind, now = event.get("event"), time.monotonic()
         child.last_event = now
+        if kind == "plan":
+            child.planned = True
         if kind == "plan" and not child.run:
             for test in event.get("tests", []):
                 known = isinstance(test, dict) and "nodeid" in test and test.get("exercise") in exercises()
@@ -315,8 +321,10 @@ class Scorer:
                 self.finish(child, "")
             elif child.done and now - child.last_event > 5:
                 self.finish(child, "")  # it finished but something it started still holds the pipe
-            elif not phase and now - child.last_event > self.args.timeout + self.args.grace:
-                self.finish(child, "")  # silent between tests for too long
+            elif not phase and now - child.last_event > self.args.timeout + self.args.grace + (
+                0 if child.planned else STARTUP
+            ):
+                self.finish(child, "")  # silent between tests for too long (or at start-up, on a very busy machine)
 
     def finish(self, child: Child, why: str) -> None:
         """The child is gone (or must go): account for what it was doing, then restart its stage if needed."""
@@ -477,6 +485,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory", type=float, default=6.0, help="GiB of address space per test process")
     parser.add_argument("--details", type=int, default=3, help="failure messages shown per exercise")
     parser.add_argument("--expect-not-attempted", action="store_true", help="self-test: every test must stop at a stub")
+    parser.add_argument(
+        "--no-sandbox",
+        action="store_true",
+        help="run the tests without the audit-hook sandbox (testcases/sandbox.py), to measure its cost or to see "
+        "a hostile case's escape succeed; never for grades",
+    )
     args = parser.parse_args(argv)
     try:
         select(args.ex)

@@ -81,6 +81,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     # For testcases/grade.py's child processes only: the report pipe, the tests to run, files known broken.
     group.addoption("--report-fd", type=int, help=argparse.SUPPRESS)
+    group.addoption("--no-sandbox", action="store_true", help=argparse.SUPPRESS)  # grade.py --no-sandbox
     group.addoption("--run-only", help=argparse.SUPPRESS)
     group.addoption("--broken", help=argparse.SUPPRESS)
 
@@ -126,8 +127,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def sandboxed(config: pytest.Config) -> bool:
-    """The grader's children always close the sandbox; a direct run does with --sandbox."""
-    return config.getoption("--report-fd") is not None or config.getoption("--sandbox")
+    """The grader's children close the sandbox (unless the instructor says --no-sandbox); a direct run does with --sandbox."""
+    child = config.getoption("--report-fd") is not None and not config.getoption("--no-sandbox")
+    return child or config.getoption("--sandbox")
 
 
 def is_graded(item: pytest.Item) -> bool:
@@ -236,7 +238,9 @@ def close_sandbox(config: pytest.Config, files: tuple[str, ...]) -> None:
     home = Path(os.environ.get("HOME", "/")).resolve()
     if home.is_relative_to(here) and home != here:
         scratch.append(home)
-    config.stash[REFUSALS] = sandbox.install(here, scratch, config.getoption("--report-fd"))
+    config.stash[REFUSALS], landlock = sandbox.install(here, scratch, config.getoption("--report-fd"))
+    if isinstance(landlock, str):  # the kernel offers Landlock but would not restrict this process
+        config.stash[EVENTS].emit("note", text=f"the sandbox is the audit hook alone here ({landlock})")
 
 
 def refusals(config: pytest.Config) -> tuple[str, ...]:

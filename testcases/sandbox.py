@@ -52,8 +52,6 @@ from pathlib import Path
 
 # Scratch folders of a sandbox (created by the grader, or by the plugin in a direct run): writable.
 SCRATCH = ("home", "tmp", "pytest-tmp")
-# Read-only system paths the graded tests need (found by running every graded test under the hook).
-SYSTEM_READ = ("/usr/share/fonts",)  # matplotlib draws Stage 4's loss curve with the system's DejaVu fonts
 DEVICES_READ = ("/dev/null", "/dev/urandom")
 DEVICES_WRITE = ("/dev/null",)
 # Built-in modules whose fresh copy would undo what install() disarms, or that reach past the hook.
@@ -379,19 +377,25 @@ def make_checker(
 
 def install(
     sandbox: str | Path, scratch: Iterable[str | Path], report_fd: int | None = None
-) -> Callable[[], tuple[str, ...]]:
-    """Close the sandbox for the rest of this process; return a function that lists the refusals so far.
+) -> tuple[Callable[[], tuple[str, ...]], int | str]:
+    """Close the sandbox for the rest of this process: (a function that lists the refusals so far, Landlock's state).
 
     ``sandbox``: the folder student code may use; what it holds now becomes read-only, except the
     ``scratch`` folders (created here). ``report_fd``: the grader's report pipe; each refusal is
     written there as the JSON line ``{"event": "refused", "what": ...}`` before the PermissionError.
+    Landlock's state: the ABI version the kernel enforces the same folders with, 0 where the kernel
+    has no Landlock, or why restricting failed.
     """
     root, scratch = Path(sandbox).resolve(), [Path(s).resolve() for s in scratch]
     for folder in scratch:
         folder.mkdir(parents=True, exist_ok=True)
     protected = [entry for entry in root.iterdir() if entry not in scratch]
     roots = python_roots()
-    check = make_checker(root, [*roots, *SYSTEM_READ], roots, protected, scratch)
+    check = make_checker(root, roots, roots, protected, scratch)
+    try:
+        landlock: int | str = restrict_natively([root, *roots, *DEVICES_READ], [root])
+    except OSError as error:
+        landlock = f"Landlock refused: {error}"
     log: list[str] = []
     append, write, escape = log.append, os.write, json.encoder.encode_basestring_ascii
     permission_error, os_error, advice = PermissionError, OSError, ADVICE
@@ -412,7 +416,83 @@ def install(
 
     sys.addaudithook(hook)
     tuple_ = tuple
-    return lambda: tuple_(log)
+    return (lambda: tuple_(log)), landlock
+
+
+# ---- Landlock: the kernel enforces the same folders for native code (Linux >= 5.13) ------------------
+
+# Syscall numbers from the generic table, the same on every Linux architecture.
+LANDLOCK_CREATE_RULESET, LANDLOCK_ADD_RULE, LANDLOCK_RESTRICT_SELF = 444, 445, 446
+EXECUTE, WRITE_FILE, READ_FILE, READ_DIR, REMOVE_DIR, REMOVE_FILE = 1, 2, 4, 8, 16, 32
+MAKE_DIR, MAKE_REG, MAKE_SYM, REFER, TRUNCATE = 128, 256, 4096, 1 << 13, 1 << 14
+FILE_RIGHTS = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | (1 << 15)  # the rights a rule on a file may carry
+READ = READ_FILE | READ_DIR
+WRITE = WRITE_FILE | REMOVE_DIR | REMOVE_FILE | MAKE_DIR | MAKE_REG | MAKE_SYM | REFER | TRUNCATE
+
+
+def landlock_abi() -> int:
+    """The Landlock ABI version this kernel offers; 0 where it has none (macOS, older kernels, a seccomp filter)."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    return max(int(libc.syscall(LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(1))), 0)
+
+
+def restrict_natively(read: Iterable[str | Path], write: Iterable[str | Path]) -> int:
+    """Make the kernel refuse this process (and any child) every file access but these; return the ABI used, 0 if none.
+
+    ``read``: paths that may be read (a folder: everything beneath it); ``write``: folders whose
+    contents may be read, created, changed and removed, and /dev/null. Nothing may be executed,
+    and where the kernel can (ABI 4), no TCP connection made. Irreversible.
+    """
+    abi = landlock_abi()
+    if abi == 0:
+        return 0
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    handled = (
+        (1 << 13) - 1 | (REFER if abi >= 2 else 0) | (TRUNCATE if abi >= 3 else 0) | ((1 << 15) if abi >= 5 else 0)
+    )
+
+    class Ruleset(ctypes.Structure):
+        _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64)]
+
+    class PathBeneath(ctypes.Structure):
+        _pack_ = 1
+        _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+    def check(result: int, what: str) -> int:
+        if result < 0:
+            raise OSError(ctypes.get_errno(), f"{what}: {os.strerror(ctypes.get_errno())}")
+        return result
+
+    ruleset = Ruleset(handled, 0b11 if abi >= 4 else 0)  # ABI 4: TCP bind and connect, with no rule allowing any
+    size = ctypes.sizeof(Ruleset) if abi >= 4 else 8
+    ruleset_fd = check(libc.syscall(LANDLOCK_CREATE_RULESET, ctypes.byref(ruleset), ctypes.c_size_t(size), 0), "create")
+    try:
+        rules = [(p, READ) for p in read] + [(p, READ | WRITE) for p in write] + [("/dev/null", READ_FILE | WRITE_FILE)]
+        for path, rights in rules:
+            try:
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            except OSError:
+                continue  # absent here: nothing to allow
+            try:
+                if not os.path.isdir(f"/proc/self/fd/{fd}"):
+                    rights &= FILE_RIGHTS
+                rule = PathBeneath(rights & handled, fd)
+                check(libc.syscall(LANDLOCK_ADD_RULE, ruleset_fd, 1, ctypes.byref(rule), 0), f"allow {path}")
+            finally:
+                os.close(fd)
+        check(libc.prctl(38, 1, 0, 0, 0), "no_new_privs")  # PR_SET_NO_NEW_PRIVS: required to restrict oneself
+        check(libc.syscall(LANDLOCK_RESTRICT_SELF, ruleset_fd, 0), "restrict")
+    finally:
+        os.close(ruleset_fd)
+    return abi
 
 
 def _disarm(audit: Callable[..., None]) -> None:
