@@ -49,7 +49,7 @@ from pathlib import Path
 
 from model._impl import find_student_file, implementation_root
 from testcases.manifest import REPO, STAGES, Stage, exercises, files_needed, select, student_files
-from testcases.sandbox import SCRATCH, loading_refused, refusal_message
+from testcases.sandbox import SCRATCH, landlock_abi, loading_refused, python_roots, refusal_message
 from testcases.scoring import (
     BLOCKED,
     CRASHED,
@@ -467,6 +467,15 @@ def reap_orphans() -> None:
 # ---- the command line -------------------------------------------------------------------------------
 
 
+def sandbox_mode(args: argparse.Namespace) -> str:
+    """How the test processes are confined (testcases/sandbox.py), for the first line of the output."""
+    if args.no_sandbox:
+        return "NOT sandboxed (--no-sandbox)"
+    return (
+        "sandboxed (audit hook + Landlock)" if landlock_abi() else "sandboxed (audit hook; this kernel has no Landlock)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m testcases.grade", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -500,7 +509,10 @@ def main(argv: list[str] | None = None) -> int:
     become_subreaper()
     scorer = Scorer(args)
     print(f"Grading {scorer.root if args.impl not in ('student', 'solutions') else args.impl + ' files'}: "
-          f"each stage in its own process, {args.timeout:g} s per test, {args.budget:g} s in all", flush=True)  # fmt: skip
+          f"each stage in its own process, {sandbox_mode(args)}, {args.timeout:g} s per test, "
+          f"{args.budget:g} s in all", flush=True)  # fmt: skip
+    if exposed := [root for root in python_roots() if REPO.resolve().is_relative_to(root)]:
+        scorer.note(f"the Python installation {exposed[0]} contains this checkout: submissions may read all of it")
     try:
         book = scorer.run()
     finally:

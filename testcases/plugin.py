@@ -238,7 +238,8 @@ def close_sandbox(config: pytest.Config, files: tuple[str, ...]) -> None:
     home = Path(os.environ.get("HOME", "/")).resolve()
     if home.is_relative_to(here) and home != here:
         scratch.append(home)
-    config.stash[REFUSALS], landlock = sandbox.install(here, scratch, config.getoption("--report-fd"))
+    student_files = _impl.implementation_root()  # in the sandbox (the grader's children), or --impl DIR elsewhere
+    config.stash[REFUSALS], landlock = sandbox.install(here, scratch, [student_files], config.getoption("--report-fd"))
     if isinstance(landlock, str):  # the kernel offers Landlock but would not restrict this process
         config.stash[EVENTS].emit("note", text=f"the sandbox is the audit hook alone here ({landlock})")
 

@@ -220,12 +220,8 @@ def make_checker(
         return tuple_(p for p in found if p != "/")
 
     home = real(as_str(fspath(sandbox)))
-    can_read, can_load, locked, free = (
-        (home, *resolved(readable)),
-        resolved(code),
-        resolved(protected),
-        resolved(scratch),
-    )
+    can_load, locked, free = resolved(code), resolved(protected), resolved(scratch)
+    can_read = (home, *free, *resolved(readable))
 
     def writable(path: str) -> bool:
         if path in devices_write or under(path, free):
@@ -376,13 +372,17 @@ def make_checker(
 
 
 def install(
-    sandbox: str | Path, scratch: Iterable[str | Path], report_fd: int | None = None
+    sandbox: str | Path,
+    scratch: Iterable[str | Path],
+    readable: Iterable[str | Path] = (),
+    report_fd: int | None = None,
 ) -> tuple[Callable[[], tuple[str, ...]], int | str]:
     """Close the sandbox for the rest of this process: (a function that lists the refusals so far, Landlock's state).
 
     ``sandbox``: the folder student code may use; what it holds now becomes read-only, except the
-    ``scratch`` folders (created here). ``report_fd``: the grader's report pipe; each refusal is
-    written there as the JSON line ``{"event": "refused", "what": ...}`` before the PermissionError.
+    ``scratch`` folders (created here). ``readable``: more folders that may be read (the student
+    files' own, in a direct run). ``report_fd``: the grader's report pipe; each refusal is written
+    there as the JSON line ``{"event": "refused", "what": ...}`` before the PermissionError.
     Landlock's state: the ABI version the kernel enforces the same folders with, 0 where the kernel
     has no Landlock, or why restricting failed.
     """
@@ -390,10 +390,10 @@ def install(
     for folder in scratch:
         folder.mkdir(parents=True, exist_ok=True)
     protected = [entry for entry in root.iterdir() if entry not in scratch]
-    roots = python_roots()
-    check = make_checker(root, roots, roots, protected, scratch)
+    roots, readable = python_roots(), [Path(r).resolve() for r in readable]
+    check = make_checker(root, [*roots, *readable], roots, protected, scratch)
     try:
-        landlock: int | str = restrict_natively([root, *roots, *DEVICES_READ], [root])
+        landlock: int | str = restrict_natively([root, *roots, *readable, *DEVICES_READ], [root, *scratch])
     except OSError as error:
         landlock = f"Landlock refused: {error}"
     log: list[str] = []
