@@ -61,9 +61,13 @@ from testcases.scoring import (
     TIMED_OUT,
     Gradebook,
     Outcome,
+    details_option,
+    merge_stops,
+    stops_after_a_hang,
 )
 
 GIVEN = ("model", "training", "testcases", "pyproject.toml")  # copied into every sandbox
+STOP_FILE = "stopped.json"  # exercises stopped after a hang elsewhere, which each test process reads before a test
 STARTUP = 60.0  # extra seconds a test process may take to import torch and collect (given code only) on a busy machine
 IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", ".ipynb_checkpoints", "runs")
 # The waiting process: it sets the limits the test process inherits, then waits for it. Student code
@@ -102,6 +106,7 @@ def make_sandbox(where: Path, root: Path) -> list[str]:
     (where / "impl").mkdir(exist_ok=True)
     for name in SCRATCH:  # HOME, TMPDIR and pytest's --basetemp: the only folders the tests may write
         (where / name).mkdir(exist_ok=True)
+    (where / STOP_FILE).write_text("{}")  # there before the test process starts: read-only to it
     return missing
 
 
@@ -135,7 +140,9 @@ class Scorer:
         self.wanted = select(args.ex)
         self.plan: dict[str, dict] = {}  # nodeid -> planned test (function, exercise, weight, timeout)
         self.outcomes: dict[str, Outcome] = {}
-        self.stopped: dict[str, str] = {}  # exercise -> why its remaining tests are not run
+        self.stopped: dict[
+            str, tuple[str, str | None]
+        ] = {}  # exercise -> (why its tests are not run, the one that hung)
         self.refusals: dict[str, str] = {}  # nodeid -> what the sandbox refused during that test
         self.load_refusals: dict[str, str] = {}  # student file -> why it could not be imported
         self.notes: list[str] = []
@@ -145,7 +152,8 @@ class Scorer:
         self.started = time.monotonic()
         self.budget_spent = False
         self.work = Path(tempfile.mkdtemp(prefix="grade-"))
-        self.logs = Path(args.results).resolve().parent / "logs"
+        self.sandboxes: list[Path] = []
+        self.logs = Path(args.logs).resolve()
 
     # -- setting up -------------------------------------------------------------------------------
 
@@ -158,6 +166,7 @@ class Scorer:
                 continue
             sandbox = self.work / f"stage{stage.number}"
             sandbox.mkdir()
+            self.sandboxes.append(sandbox)
             missing = make_sandbox(sandbox, self.root)
             for relative in missing:
                 note = f"{relative} is not in {self.root}: its exercises count as not attempted"
@@ -170,7 +179,7 @@ class Scorer:
         cmd = [sys.executable, "-m", "pytest", "testcases/basic_test.py", "testcases/advanced_test.py",
                "--impl", str(child.sandbox / "impl"), "--ex", ",".join(mine), "--seed", str(self.args.seed),
                "--report-fd", str(write_fd), "--timeout", str(self.args.timeout),
-               "--basetemp", str(child.sandbox / "pytest-tmp"),
+               "--basetemp", str(child.sandbox / "pytest-tmp"), "--stop-file", str(child.sandbox / STOP_FILE),
                "--load-timeout", str(self.args.timeout), "-p", "no:cacheprovider", "-p", "no:nbmake",
                "-q", "--no-header", "-rN", "--tb=no", "-W", "ignore::DeprecationWarning"]  # fmt: skip
         if self.args.no_sandbox:
@@ -290,12 +299,21 @@ class Scorer:
             outcome.status, outcome.message = FAILED, refusal_message([self.refusals[nodeid]])
         elif broken and outcome.status == PASSED:
             outcome.status, outcome.message = FAILED, broken[0]
-        if outcome.status == BLOCKED and outcome.blocked_by not in exercises():
+        if outcome.blocked_by is not None and outcome.blocked_by not in exercises():
             outcome.blocked_by = "?"
         self.outcomes[nodeid] = outcome
         child.reported.add(nodeid)
         if outcome.status == TIMED_OUT:
-            self.stopped.setdefault(outcome.exercise, f"an earlier test of exercise {outcome.exercise} timed out")
+            self.stop(stops_after_a_hang(outcome.exercise))
+
+    def stop(self, stops: dict[str, tuple[str, str | None]]) -> None:
+        """Keep these exercises' remaining tests out, here and in every test process (their stop files)."""
+        merge_stops(self.stopped, stops)
+        text = json.dumps(self.stopped)
+        for sandbox in self.sandboxes:
+            tmp = self.work / f"stopped-{sandbox.name}.json"  # written beside the sandbox, then moved in whole
+            tmp.write_text(text)
+            os.replace(tmp, sandbox / STOP_FILE)
 
     def watch(self) -> None:
         now = time.monotonic()
@@ -349,8 +367,12 @@ class Scorer:
             self.outcomes[nodeid] = Outcome(
                 nodeid, planned["function"], planned["exercise"], float(planned["weight"]), status, text
             )
-            verb = "timed out" if status == TIMED_OUT else "ended the test process"
-            self.stopped.setdefault(planned["exercise"], f"an earlier test of exercise {planned['exercise']} {verb}")
+            ex = planned["exercise"]
+            self.stop(
+                stops_after_a_hang(ex)
+                if status == TIMED_OUT
+                else {ex: (f"an earlier test of exercise {ex} ended the test process", None)}
+            )
         elif phase and phase[0] == "load":
             module = phase[1].removesuffix(".py").replace("/", ".")
             child.broken[module] = why or f"{phase[1]} could not be imported: the test process {how} while importing it"
@@ -366,8 +388,9 @@ class Scorer:
         for nodeid in (t for t in child.run if t not in self.outcomes):
             planned = self.plan[nodeid]
             if planned["exercise"] in self.stopped:
+                why, by = self.stopped[planned["exercise"]]
                 self.outcomes[nodeid] = Outcome(nodeid, planned["function"], planned["exercise"], float(planned["weight"]),
-                                                NOT_RUN, f"not run: {self.stopped[planned['exercise']]}")  # fmt: skip
+                                                NOT_RUN, f"not run: {why}", by)  # fmt: skip
             else:
                 remaining.append(nodeid)
         if remaining and not child.done:
@@ -492,7 +515,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="stages graded at once")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per test process")
     parser.add_argument("--memory", type=float, default=6.0, help="GiB of address space per test process")
-    parser.add_argument("--details", type=int, default=3, help="failure messages shown per exercise")
+    parser.add_argument("--logs", default="runs/grade/logs", help="where the test processes' logs go (this run's only)")
+    parser.add_argument(
+        "--details",
+        type=details_option,
+        default="all",
+        help="failures shown per exercise: all (default: the first with its message, every other one on a line) "
+        "or a number of messages (0: none)",
+    )
     parser.add_argument("--expect-not-attempted", action="store_true", help="self-test: every test must stop at a stub")
     parser.add_argument(
         "--no-sandbox",

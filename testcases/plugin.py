@@ -51,6 +51,9 @@ from testcases.scoring import (
     TIMED_OUT,
     Gradebook,
     Outcome,
+    details_option,
+    merge_stops,
+    stops_after_a_hang,
 )
 
 TESTCASES = Path(__file__).resolve().parent
@@ -66,7 +69,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--ex", help="run the graded tests of an exercise (1.2), a stage (1) or a list (1,2.3)")
     group.addoption("--seed", type=int, default=0, help="shift every seed the tests use by this much (default 0)")
     group.addoption("--results-json", help="write Gradescope's results.json here")
-    group.addoption("--details", type=int, default=3, help="failure messages shown per exercise in the table")
+    group.addoption(
+        "--details",
+        type=details_option,
+        default="all",
+        help="failures shown per exercise in the table: all (default: the first with its message, the rest one line "
+        "each) or a number of messages",
+    )
     group.addoption(
         "--expect-not-attempted",
         action="store_true",
@@ -84,6 +93,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--no-sandbox", action="store_true", help=argparse.SUPPRESS)  # grade.py --no-sandbox
     group.addoption("--run-only", help=argparse.SUPPRESS)
     group.addoption("--broken", help=argparse.SUPPRESS)
+    group.addoption("--stop-file", help=argparse.SUPPRESS)  # exercises the grader stopped after a hang elsewhere
 
 
 # ---- configuration and selection -----------------------------------------------------------------
@@ -314,15 +324,22 @@ def _torch_state():
     helpers.restore_torch_global_state(state)
 
 
-STOPPED = pytest.StashKey[dict]()  # exercise -> why its remaining tests are not run
+STOPPED = pytest.StashKey[dict]()  # exercise -> (why its remaining tests are not run, the exercise that hung)
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """After a test of an exercise times out, its remaining tests are not run (one budget per exercise)."""
+    """After a test of an exercise times out, its remaining tests and its dependents' are not run (one budget in all).
+
+    In the grader's children the scorer adds what other test processes ran into (``--stop-file``).
+    """
     stopped = item.config.stash.setdefault(STOPPED, {})
+    if (path := item.config.getoption("--stop-file")) and is_graded(item):
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            found = json.loads(Path(path).read_text())
+            merge_stops(stopped, {ex: (str(why), by if by in exercises() else None) for ex, (why, by) in found.items()})
     if is_graded(item) and (ex := exercise_of(item)[0]) in stopped:
-        pytest.skip(f"{NOT_RUN_PREFIX}{stopped[ex]}")
+        pytest.skip(f"{NOT_RUN_PREFIX}{stopped[ex][0]}")
 
 
 NOT_RUN_PREFIX = "not run: "
@@ -359,8 +376,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         report.longrepr = (
             f"{outcome.status}{' by ' + outcome.blocked_by if outcome.blocked_by else ''}: {outcome.message}"
         )
+    stopped = item.config.stash.setdefault(STOPPED, {})
+    if outcome.status == NOT_RUN and ex in stopped:
+        outcome.blocked_by = stopped[ex][1]
     if outcome.status == TIMED_OUT:
-        item.config.stash.setdefault(STOPPED, {}).setdefault(ex, f"an earlier test of exercise {ex} timed out")
+        merge_stops(stopped, stops_after_a_hang(ex))
     book = item.config.stash[BOOK]
     book.add(outcome)
     item.stash[OUTCOME] = book.outcomes[item.nodeid]
@@ -478,9 +498,16 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     if path := config.getoption("--results-json"):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        elapsed = time.time() - terminalreporter._sessionstarttime
+        elapsed = time.time() - config.stash[STARTED]
         path.write_text(json.dumps(book.results_json(elapsed), indent=2) + "\n")
         terminalreporter.write_line(f"Gradescope results written to {path}")
+
+
+STARTED = pytest.StashKey[float]()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[STARTED] = time.time()  # for results.json's execution_time
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

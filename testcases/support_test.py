@@ -17,8 +17,20 @@ import pytest
 import torch
 
 from model import _impl
-from testcases.manifest import REPO, STAGES, dependencies, exercises, module_name, select, student_files
-from testcases.scoring import BLOCKED, FAILED, NOT_ATTEMPTED, PASSED, SKIPPED, Gradebook, Outcome, split_cents
+from testcases.manifest import REPO, STAGES, dependencies, dependents, exercises, module_name, select, student_files
+from testcases.scoring import (
+    BLOCKED,
+    FAILED,
+    NOT_ATTEMPTED,
+    NOT_RUN,
+    PASSED,
+    SKIPPED,
+    Gradebook,
+    Outcome,
+    details_option,
+    split_cents,
+    stops_after_a_hang,
+)
 
 # ---- the manifest against the files ---------------------------------------------------------------
 
@@ -176,6 +188,48 @@ def test_gradebook_statuses_weights_and_json():
     assert round(sum(t["score"] for t in results["tests"]), 2) == results["score"] == book.earned() / 100
     assert sum(t["max_score"] for t in results["tests"]) == pytest.approx(book.possible() / 100)
     assert json.dumps(results) and "blocked by 1.1" in json.dumps(results)
+
+
+def test_table_lists_every_failure_and_says_why_cases_were_skipped():
+    """--details all: the first failure with its message, every other one on a line; skips say why ("CUDA case, no GPU")."""
+    book = Gradebook()
+    for i in range(5):
+        book.add(Outcome(f"a::t{i}", f"t{i}", "1.2", 1.0, FAILED, f"wrong value {i}\n  Likely cause: {i}"))
+    book.add(Outcome("a::t5[cuda]", "t5", "1.2", 1.0, SKIPPED, "CUDA is not available on this machine: ..."))
+    book.add(Outcome("a::t6", "t6", "1.2", 1.0, SKIPPED, "needs two processes"))
+    table = book.table(details="all")
+    assert all(f"t{i} — failed" in table for i in range(5)) and "more failing tests" not in table, table
+    assert "Likely cause: 0" in table and "Likely cause: 1" not in table, "only the first failure in full"
+    assert "(2 skipped: 1 CUDA case, no GPU; 1 needs two processes)" in table, table
+    assert "(+3 more failing tests in results.json)" in book.table(details=2)
+    with pytest.raises(ValueError, match="all"):
+        details_option("some")
+
+
+def test_a_hang_blocks_the_exercises_that_run_its_code():
+    """After a test of 1.2 times out, 1.2's other tests and every exercise whose tests run 1.2's code are not run."""
+    stops = stops_after_a_hang("1.2")
+    assert set(stops) == {"1.2"} | dependents("1.2") and stops["1.2"][1] is None
+    assert all(
+        by == "1.2" and why.startswith("blocked by a hang in 1.2") for ex, (why, by) in stops.items() if ex != "1.2"
+    )
+    book = Gradebook()
+    book.add(Outcome("a::t1", "t1", "1.3", 1.0, NOT_RUN, f"not run: {stops['1.3'][0]}", "1.2"))
+    assert book.rows()[0].status == "blocked by a hang in 1.2"
+
+
+def test_direct_route_writes_results_json(tmp_path):
+    """The route README gives for a debugger, pytest ... --ex 1.1 --results-json OUT, ends with Gradescope's file."""
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:nbmake", "testcases/basic_test.py", "--ex", "1.1",
+         "--results-json", str(out)],
+        cwd=REPO, capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "LORA_IMPL"},
+    )  # fmt: skip
+    assert "INTERNALERROR" not in proc.stdout + proc.stderr and out.exists(), (proc.stdout + proc.stderr)[-3000:]
+    results = json.loads(out.read_text())
+    assert results["tests"] and all(t["number"] == "1.1" for t in results["tests"]), results
+    assert round(sum(t["score"] for t in results["tests"]), 2) == results["score"] and results["execution_time"] > 0
 
 
 # ---- the given model and data ------------------------------------------------------------------------------

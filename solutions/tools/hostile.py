@@ -51,7 +51,8 @@ def grade(folder: Path, ex: str, *extra: str) -> tuple[dict[str, float], dict, f
     results = folder / "out" / "results.json"
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "testcases.grade", "--impl", str(folder), "--ex", ex,
-                           "--results", str(results), *FAST, *extra], cwd=REPO, capture_output=True, text=True)  # fmt: skip
+                           "--results", str(results), "--logs", str(results.parent / "logs"), *FAST, *extra],
+                          cwd=REPO, capture_output=True, text=True)  # fmt: skip
     seconds = time.monotonic() - started
     data = json.loads(results.read_text()) if results.exists() else {}
     points: dict[str, float] = {}

@@ -103,7 +103,8 @@ def test_lesson_figures_are_produced_by_the_code():
 
 
 def grade(impl: Path, results: Path, *extra: str, cwd: Path = REPO) -> tuple[dict, subprocess.CompletedProcess]:
-    proc = subprocess.run([PYTHON, "-m", "testcases.grade", "--impl", str(impl), "--results", str(results), *extra],
+    proc = subprocess.run([PYTHON, "-m", "testcases.grade", "--impl", str(impl), "--results", str(results),
+                           "--logs", str(results.parent / "logs"), *extra],
                           cwd=cwd, capture_output=True, text=True)  # fmt: skip
     return (json.loads(results.read_text()) if results.exists() else {}), proc
 
