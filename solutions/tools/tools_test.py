@@ -215,6 +215,13 @@ def test_handout_grade_demo_and_pytest_commands(built_handout):
     ]
 
 
+def test_every_exercise_a_test_runs_is_in_the_manifest():
+    """Traced on the reference, the tests of each exercise run only its code and its manifest needs' (solutions/tools/needs.py)."""
+    proc = subprocess.run([PYTHON, "-m", "solutions.tools.needs"], cwd=REPO, capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items() if k != "LORA_IMPL"})  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
 def test_syntax_of_every_tool_is_python():
     """Every file under solutions/ parses (a catalogue with a typo would only fail later)."""
     for path in (REPO / "solutions").rglob("*.py"):
