@@ -1,33 +1,42 @@
 """``make grade``: score the student files; the scoring process never runs student code.
 
-    python -m testcases.grade [--impl student|solutions|DIR] [--ex 1.2] [--results PATH]
-                              [--seed N] [--timeout S] [--budget S] [--jobs N] [--memory GiB]
+    python -m testcases.grade [--impl student|solutions|DIR] [--ex 1.2] [--results PATH] [--logs DIR]
+                              [--details all|N] [--seed N] [--timeout S] [--budget S] [--jobs N]
+                              [--memory GiB] [--no-sandbox]
 
 How a grade is made:
 1. The plan. The exercises to grade (``--ex``, default all) are grouped by stage. Each stage gets a
    sandbox: a fresh copy of the given code and the tests (model/, training/, testcases/) and, in
    ``impl/``, copies of the student files only (from this checkout, the reference, or a submission:
-   a full clone, whose own tests are ignored, or a folder of loose files). Everything is copied
-   before any student code runs.
+   a full clone, whose own tests are ignored, or a folder of loose files), and its scratch folders
+   (home, tmp, pytest-tmp). Everything is copied before any student code runs.
 2. The runs. Each stage's tests run in a child pytest process (two at a time by default), started
    in its own session behind a small waiting process, with a memory limit, one torch thread, its
-   sandbox as working directory and HOME, and a pipe on which the grading plugin
+   sandbox as working directory, HOME and TMPDIR, and a pipe on which the grading plugin
    (testcases/plugin.py) reports events: the plan, each student file's import, each test's start
-   and outcome (as data). The scorer keeps the clock: a test that runs past its time budget (60 s
-   by default; a test may ask for more) plus a grace period, a student file whose import hangs, a
-   child that exits, crashes or is killed — each costs the tests it touches, named in one line, and
-   the stage goes on in a new child without them (an exercise whose test hung or crashed keeps
-   its remaining tests out, so a hang costs one budget per exercise, not per test). An overall
-   budget bounds the whole run.
+   and outcome (as data), and each refusal of the sandbox. Before the student files load, the
+   child closes the sandbox (testcases/sandbox.py: an audit hook, and Landlock where the kernel has
+   it): student code may read only the sandbox and Python's own folders, write only the scratch
+   folders, and may not start programs or call C code; a refusal fails the test during which it
+   happened (the scorer's own record, from the pipe, wins over what the child reports), or makes a
+   file that was being imported not importable. The scorer keeps the clock: a test that runs past
+   its time budget (60 s by default; a test may ask for more) plus a grace period, a student file
+   whose import hangs, a child that exits, crashes or is killed — each costs the tests it touches,
+   named in one line, and the stage goes on in a new child without them. After a test hangs, its
+   exercise's remaining tests are not run, nor those of the exercises that run its code, in any
+   stage (a stop file in each sandbox tells the children): a hang costs one budget in all.
+   An overall budget bounds the whole run.
 3. The score. Outcomes are accepted only for tests in the plan, once each; points come from
    testcases/manifest.py, never from the child. After every child and every process they left
-   behind is gone, the scorer prints the table and writes results.json (Gradescope's schema), so
-   nothing a submission writes survives. The exit status is 0 only for full marks.
+   behind is gone, the scorer prints the table (every failing test: ``--details all``) and writes
+   results.json (Gradescope's schema), so nothing a submission writes survives; the children's
+   logs go to runs/grade/logs. The exit status is 0 only for full marks.
 
 What this does not stop (see the instructor section of README.md): code that deliberately
-reaches into the child's memory to forge its reports, kills the scorer by hunting for its process,
-or writes into this checkout for a later run. Run the grader as an unprivileged user in a
-throwaway container (Gradescope does) when grades matter.
+reaches into the test process's memory to switch the sandbox off or forge its reports, native
+code reading files where the kernel has no Landlock, or a submission that hunts down the scorer's
+process to kill it. Run the grader as an unprivileged user in a throwaway container when grades
+matter.
 """
 
 from __future__ import annotations

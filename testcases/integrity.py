@@ -10,9 +10,9 @@ and reports a change made at import time as a note; the rest of the run uses the
 modules whose bindings the grading sandbox replaces (``_posixsubprocess``, ``subprocess``,
 ``_imp``: testcases/sandbox.py) are protected the same way, so its stand-ins stay in place.
 
-This is a tripwire for patching, not a sandbox: code that deliberately digs into the
-interpreter's objects can still find ways around it. The instructor section of README.md states
-the threat model.
+This is a tripwire for patching: code that deliberately digs into the interpreter's objects can
+still find ways around it. What student code may read, write and start is the sandbox's business
+(testcases/sandbox.py); the instructor section of README.md states the threat model.
 """
 
 from __future__ import annotations

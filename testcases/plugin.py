@@ -5,6 +5,10 @@ Options (``pytest testcases/basic_test.py --ex 1.2 --impl solutions``):
     --ex 1.2 | 1 | 1,2.3           only the graded tests of these exercises or stages
     --seed N                       shift every seed the tests use by N (grading keeps 0)
     --results-json PATH            write Gradescope's results.json
+    --details all | N              failures under each exercise's row (all: the first with its message,
+                                   every other one on a line; N: the first N with their messages)
+    --sandbox                      close the grading sandbox before the student files load, as
+                                   ``make grade`` does (testcases/sandbox.py; the process cannot open it again)
     --expect-not-attempted         self-test of the stubs: succeed only if every graded test stops at a stub
 
 What it does:
@@ -12,12 +16,16 @@ What it does:
   with an id from testcases/manifest.py.
 - Imports the student files once, before the first test, each within a time limit; a file that
   does not import costs the tests that need it, with one line naming the file and the error.
+- In the grader's children (or with ``--sandbox``), closes the sandbox first: a refusal during a
+  test fails that test ("this test does not count"), one during an import makes the file not
+  importable; the process then ends with ``os._exit``, so nothing runs after the audit hooks go.
 - Seeds every test and puts torch's global state back after it; undoes and reports any rebinding of
   what the checks rely on (testcases/integrity.py).
 - Classifies each test as data (testcases/scoring.py): passed, failed, not attempted (its own
-  exercise's stub), blocked by X.Y (another exercise's stub), timed out, ... and prints the points
-  table. ``make grade`` runs the same tests in child processes (testcases/grade.py); in that mode
-  (``--report-fd``) this plugin only streams events to the grader and prints nothing of its own.
+  exercise's stub), blocked by X.Y (another exercise's stub), timed out, not run (after a hang in
+  its exercise or one whose code it runs), ... and prints the points table. ``make grade`` runs the
+  same tests in child processes (testcases/grade.py); in that mode (``--report-fd``) this plugin
+  only streams events to the grader and prints nothing of its own.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ student files load, the grading plugin calls ``install()``, which adds an audit 
 
     read    the sandbox; the Python installation and the venv (``sys.prefix``, ``sys.base_prefix``,
             ``sys.exec_prefix`` and the site-packages folders on ``sys.path``: their own trees, never
-            a parent); the system fonts matplotlib draws the loss curve with; /dev/null, /dev/urandom
+            a parent); /dev/null, /dev/urandom. (Running every graded test of the reference under
+            the hook needed nothing more: no /proc, /sys, /etc or /usr.)
     write   the sandbox's scratch folders (home, tmp, pytest's temporary directory) and new files
             in the sandbox; never what the grader put there (the given code, the tests, the student
             files), so a restarted test process runs the same tests; /dev/null
@@ -24,8 +25,12 @@ student files load, the grading plugin calls ``install()``, which adds an audit 
 Every path is judged by where it really leads, resolved here component by component the way the
 kernel does (symbolic links, ``/proc/<pid>/cwd``, ``/proc/self/root``, ``/proc/self/fd/N``); a path
 with a ``..`` component is refused outright (a ``..`` after a symbolic link that another thread
-swaps could climb out between the check and the use), and so is opening a directory anywhere but a
-writable folder (a directory descriptor would make later relative paths unaccountable).
+swaps could climb out between the check and the use), and so is opening a folder anywhere but a
+writable one (a folder's descriptor would make later relative paths unaccountable).
+
+Where the kernel offers Landlock (Linux 5.13 and later), ``install()`` also has the kernel enforce
+the same folders (read: the sandbox and Python's; write: the sandbox) on everything the process
+does, native code included (``torch.from_file`` opens a file with no audit event), and refuse TCP.
 
 A refusal raises ``PermissionError`` naming the operation and the path. It is also recorded: in
 the process's list (``install()`` returns its reader) and, in the grader's children, on the report
@@ -36,9 +41,9 @@ or, during a student file's import, makes that file "could not be imported".
 The hook trusts nothing student code can reach: everything it calls is bound when ``install()``
 runs (no global or builtin name is looked up when it runs; testcases/support_test.py checks the
 bytecode), and it reads only objects of exact built-in types, so no method of a student's object
-runs inside it. What it cannot stop is stated in README.md's instructor section: native code that
-opens files itself (``torch.from_file``), reading or writing the process's own memory, races
-between a check and the use (a path object changed by another thread), forged reports on the pipe.
+runs inside it. What it cannot stop is stated in README.md's instructor section: without Landlock,
+native code that opens files itself; code that reads or writes the process's own memory; races
+between a check and the use (a path object changed by another thread); forged reports on the pipe.
 """
 
 from __future__ import annotations
