@@ -94,7 +94,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--sandbox",
         action="store_true",
         help="close the grading sandbox before the student files load, as make grade does (testcases/sandbox.py): "
-        "reads only in this folder and Python's, writes only in runs/sandbox/, no programs, no ctypes",
+        "reads only in this folder and Python's, writes only new files and runs/sandbox/, no programs, no ctypes",
     )
     # For testcases/grade.py's child processes only: the report pipe, the tests to run, files known broken.
     group.addoption("--report-fd", type=int, help=argparse.SUPPRESS)
@@ -343,7 +343,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     """
     stopped = item.config.stash.setdefault(STOPPED, {})
     if (path := item.config.getoption("--stop-file")) and is_graded(item):
-        with contextlib.suppress(OSError, ValueError, TypeError):
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
             found = json.loads(Path(path).read_text())
             merge_stops(stopped, {ex: (str(why), by if by in exercises() else None) for ex, (why, by) in found.items()})
     if is_graded(item) and (ex := exercise_of(item)[0]) in stopped:
