@@ -215,9 +215,10 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     import training.data  # noqa: F401
     from testcases.integrity import Guard
 
-    files = files_needed({p["exercise"] for p in plan})
+    planned = {p["exercise"] for p in plan}
+    files = files_needed(planned)
     if sandboxed(config):
-        close_sandbox(config, files)
+        close_sandbox(config, planned)
     guard = Guard(set(_impl.student_modules()))
     session.config.stash[GUARD] = guard
     for file in files:
@@ -233,17 +234,18 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 GUARD = pytest.StashKey[object]()
 REFUSALS = pytest.StashKey[object]()  # the sandbox's list of refusals (testcases/sandbox.py install())
 DIRECT_SCRATCH = Path("runs") / "sandbox"  # a direct run's scratch folders under --sandbox
-# Given code in these student files imports these modules lazily, and their first import does what
-# the sandbox refuses (matplotlib runs fc-list to build its font cache): they are imported before it closes.
-WARM_UP = {"training/qlora_trainer.py": ("matplotlib.font_manager",)}
+# The tests of these exercises run given code that imports these modules lazily, and their first import
+# does what the sandbox refuses (matplotlib runs fc-list to build its font cache for the loss curve, 4.3):
+# they are imported before it closes, in the test processes that run those tests.
+WARM_UP = {"4.3": ("matplotlib.font_manager",)}
 
 
-def close_sandbox(config: pytest.Config, files: tuple[str, ...]) -> None:
+def close_sandbox(config: pytest.Config, planned: set[str]) -> None:
     """Install the grading sandbox (testcases/sandbox.py) with this folder as the sandbox, before any student file loads."""
     from testcases import sandbox
 
-    for file in files:
-        for module in WARM_UP.get(file, ()):
+    for ex in sorted(planned):
+        for module in WARM_UP.get(ex, ()):
             with contextlib.suppress(ImportError):
                 importlib.import_module(module)
     here = Path.cwd().resolve()

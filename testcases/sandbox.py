@@ -151,13 +151,15 @@ def make_checker(
     code: Iterable[str | Path] = (),
     protected: Iterable[str | Path] = (),
     scratch: Iterable[str | Path] = (),
+    on_refusal: Callable[[str], None] | None = None,
 ) -> Callable[[str, tuple], str | None]:
-    """``check(event, args)``: None if the audit event is allowed, else what it would do ("open /x: outside ...").
+    """``check(event, args)``: None if the audit event is allowed, else what it would do ("open /x (outside ...)").
 
     ``sandbox``: the sandbox folder; ``readable``: further folders (or files) that may be read;
     ``code``: where extension modules may be loaded from (the Python installation); ``protected``:
     paths in the sandbox that may be read but not changed; ``scratch``: folders that may be written
-    even where they lie under a protected path. All are resolved now.
+    even where they lie under a protected path. All are resolved now. ``on_refusal``: called with
+    what was refused (it raises); with it, ``check`` is the audit hook itself (one call per event).
     """
     # Everything the checker uses is bound here, as a local of this function: when it runs, it looks
     # up no global or builtin name, so rebinding os.lstat, builtins.isinstance or this module's names
@@ -366,12 +368,16 @@ def make_checker(
     find = handlers.get
 
     def check(event: str, args: tuple) -> str | None:
-        handler = find(event)
-        if handler is None:
-            if event[:7] != "ctypes.":
-                return None
-            return "call C code through ctypes (" + event + ")"
-        return handler(event, args)
+        handler = find(event)  # the event's name first: most events (builtins.id, ...) stop here
+        if handler is not None:
+            what = handler(event, args)
+        elif event[:7] == "ctypes.":
+            what = "call C code through ctypes (" + event + ")"
+        else:
+            return None
+        if what is not None and on_refusal is not None:
+            on_refusal(what)
+        return what
 
     return check
 
@@ -396,7 +402,6 @@ def install(
         folder.mkdir(parents=True, exist_ok=True)
     protected = [entry for entry in root.iterdir() if entry not in scratch]
     roots, readable = python_roots(), [Path(r).resolve() for r in readable]
-    check = make_checker(root, [*roots, *readable], roots, protected, scratch)
     try:
         landlock: int | str = restrict_natively([root, *roots, *readable, *DEVICES_READ], [root, *scratch])
     except OSError as error:
@@ -407,10 +412,7 @@ def install(
     sys.dont_write_bytecode = True  # a module imported later must not try to write its .pyc beside it
     _disarm(sys.audit)
 
-    def hook(event: str, args: tuple) -> None:
-        what = check(event, args)
-        if what is None:
-            return
+    def refuse(what: str) -> None:
         append(what)
         if report_fd is not None:
             try:  # noqa: SIM105 (contextlib.suppress would run code looked up at run time)
@@ -419,7 +421,7 @@ def install(
                 pass
         raise permission_error("grading sandbox: refused to " + what + ". " + advice)
 
-    sys.addaudithook(hook)
+    sys.addaudithook(make_checker(root, [*roots, *readable], roots, protected, scratch, on_refusal=refuse))
     tuple_ = tuple
     return (lambda: tuple_(log)), landlock
 
