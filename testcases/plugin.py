@@ -248,6 +248,7 @@ def close_sandbox(config: pytest.Config, planned: set[str]) -> None:
         for module in WARM_UP.get(ex, ()):
             with contextlib.suppress(ImportError):
                 importlib.import_module(module)
+    sandbox.calm_hypothesis()
     here = Path.cwd().resolve()
     tmp = Path(tempfile.gettempdir()).resolve()
     if not tmp.is_relative_to(here):  # a direct run: tempfile's files go to the scratch folder too

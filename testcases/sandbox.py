@@ -502,6 +502,23 @@ def restrict_natively(read: Iterable[str | Path], write: Iterable[str | Path]) -
     return abi
 
 
+def calm_hypothesis() -> None:
+    """If the tests use Hypothesis: no example database and no explain phase (it calls sys.settrace) from now on.
+
+    Without this, a property-based test that fails would have the sandbox refuse Hypothesis's own
+    tracer, and the student would read "this test does not count" instead of the failure. Call it
+    before ``install()``; it keeps every other setting of the profile the tests loaded.
+    """
+    if "hypothesis" not in sys.modules:
+        return
+    from hypothesis import Phase, settings
+
+    current = settings.default
+    phases = tuple(phase for phase in current.phases if phase is not Phase.explain)
+    settings.register_profile("grading-sandbox", parent=current, database=None, phases=phases)
+    settings.load_profile("grading-sandbox")
+
+
 def _disarm(audit: Callable[..., None]) -> None:
     """Make the ways to start a program that raise no audit event raise one (which the hook refuses)."""
     import _imp

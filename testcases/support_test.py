@@ -467,6 +467,38 @@ def test_sandbox_checker_looks_up_no_global_name():
     assert len(found) > 10 and not any(found.values()), {k: v for k, v in found.items() if v}
 
 
+FAILING_PROPERTY = """
+import os, sys
+import hypothesis
+from hypothesis import given, strategies as st
+from testcases import sandbox
+
+sandbox.calm_hypothesis()
+refusals, _ = sandbox.install(os.getcwd(), [os.path.join(os.getcwd(), "tmp")], [sys.argv[1]])
+
+
+@given(st.integers())
+def test_small(x):
+    assert x < 50, "too big"
+
+
+try:
+    test_small()
+except AssertionError as error:
+    print("failed as it should:", error)
+print("refused:", refusals())
+os._exit(0)
+"""
+
+
+def test_a_failing_property_test_fails_for_its_own_reason_under_the_sandbox(tmp_path):
+    """Hypothesis under the sandbox: a failing property shows its failure, not a refusal (no tracer, no database)."""
+    (tmp_path / "failing_property.py").write_text(FAILING_PROPERTY)
+    proc = subprocess.run([sys.executable, "failing_property.py", str(REPO)], cwd=tmp_path, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path / "tmp")})  # fmt: skip
+    assert "failed as it should: too big" in proc.stdout and "refused: ()" in proc.stdout, proc.stdout + proc.stderr
+
+
 HOSTILE_IMPORT = """
 try:
     open({secret!r}).read()
