@@ -73,7 +73,6 @@ FORBIDDEN_MODULES = (
     "_testmultiphase",
     "_testsinglephase",
 )
-EXTENSION_SUFFIXES = (".so", ".pyd", ".dylib")
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
 ALWAYS_REFUSED = {  # audit event -> what it would do
@@ -174,7 +173,7 @@ def make_checker(
     cached_str = pathlib.PurePath.__dict__["_str"].__get__ if "_str" in pathlib.PurePath.__dict__ else None
     encoding, errors = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
     oserror, attributeerror, typeerror = OSError, AttributeError, TypeError
-    always, forbidden, extensions = dict(ALWAYS_REFUSED), frozenset(FORBIDDEN_MODULES), EXTENSION_SUFFIXES
+    always, forbidden = dict(ALWAYS_REFUSED), frozenset(FORBIDDEN_MODULES)
     devices_read, devices_write, write_flags = DEVICES_READ, DEVICES_WRITE, WRITE_FLAGS
     link_mode, type_mask, dir_mode = 0o120000, 0o170000, 0o040000
 
@@ -347,10 +346,9 @@ def make_checker(
         name = args[0] if type_(args[0]) is str_ else None
         if name is None or name in forbidden:
             return "import a fresh " + (name or "module") + " (a module the sandbox disarms or forbids)"
-        if len_(args) > 1 and type_(args[1]) is str_:
-            for suffix in extensions:
-                if args[1].endswith(suffix) and not under(real(args[1]), can_load):
-                    return "load C code from " + args[1] + " (extension modules load only from the Python installation)"
+        # A file name comes with the event only when an extension module is loaded (whatever its suffix)
+        if len_(args) > 1 and type_(args[1]) is str_ and args[1] and not under(real(args[1]), can_load):
+            return "load C code from " + args[1] + " (extension modules load only from the Python installation)"
         return None
 
     def refuse(event: str, args: tuple) -> str | None:
