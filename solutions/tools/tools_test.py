@@ -215,6 +215,7 @@ def test_handout_grade_demo_and_pytest_commands(built_handout):
     ]
 
 
+@pytest.mark.timeout(900)  # every graded test, traced: about 50 s of one core
 def test_every_exercise_a_test_runs_is_in_the_manifest():
     """Traced on the reference, the tests of each exercise run only its code and its manifest needs' (solutions/tools/needs.py)."""
     proc = subprocess.run([PYTHON, "-m", "solutions.tools.needs"], cwd=REPO, capture_output=True, text=True,
