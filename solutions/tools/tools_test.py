@@ -116,6 +116,7 @@ def per_exercise(results: dict) -> dict[str, float]:
     return points
 
 
+@pytest.mark.timeout(600)  # full isolated grades: ~25 s on free cores, minutes on loaded ones
 def test_grade_a_full_clone_ignores_its_own_tests(tmp_path):
     """make grade IMPL=<a clone>: only its student files count; its rigged testcases/ are never run."""
     clone = tmp_path / "clone"
@@ -155,6 +156,7 @@ def built_handout(tmp_path_factory):
     return dest
 
 
+@pytest.mark.timeout(600)  # full isolated grades: ~25 s on free cores, minutes on loaded ones
 def test_gradescope_package_runs_on_a_local_autograder_tree(tmp_path, built_handout):
     """make gradescope: setup.sh and run_autograder at the zip's root; run_autograder grades /autograder/submission."""
     archive = build_zip(tmp_path / "build")
@@ -197,6 +199,7 @@ def test_handout_has_no_answers_and_only_working_targets(built_handout):
         assert f"make {name} " in targets, f"the handout README documents {command!r}, which its Makefile lacks"
 
 
+@pytest.mark.timeout(600)  # full isolated grades: ~25 s on free cores, minutes on loaded ones
 def test_handout_grade_demo_and_pytest_commands(built_handout):
     """In the handout: make grade scores the stubs 0 (exit 1), make demo names the missing exercises, pytest runs."""
     graded = run(["make", "grade"], built_handout)
