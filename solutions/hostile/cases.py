@@ -8,6 +8,8 @@ escapes: the case tries a way out of the grading sandbox (testcases/sandbox.py);
 sandbox off (``--no-sandbox``), it must earn more than its twin, which shows the way is real.
 needs_landlock: only the kernel's Landlock closes the way (native code that opens files itself); the
 case is skipped, and the skip said, on a kernel without it.
+log_says: what the hostile code prints once it has done its part, so a case cannot pass because its
+attack silently misfired.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Hostile:
     max_seconds: float = 90.0
     escapes: bool = False  # a way out of the sandbox: with the sandbox off it must earn more than its twin
     needs_landlock: bool = False  # only the kernel's Landlock closes it: skipped (and said so) where there is none
+    log_says: str = ""  # the hostile part reached its goal: it printed this in a test process's log
 
     def variant(self) -> Variant:
         return Variant(self.name, "1.1" if self.file == "model/lora.py" else "3.1", self.description, self.replace)
@@ -237,6 +240,31 @@ def _become_the_reference(namespace):
         exec(compile(text, __file__, "exec"), namespace)
     return bool(text)
 """
+# Read outside the sandbox, catch the refusal, then empty the plugin's list of refusals (a closure's
+# list, in pytest's config, found up the call stack): only the scorer's own record is left.
+ERASE_THE_RECORD = """
+def _erase_the_record():
+    import sys
+
+    try:
+        open("/etc/hostname").read()
+    except PermissionError:
+        pass
+    frame = sys._getframe()
+    while frame is not None:
+        config = frame.f_locals.get("config")
+        if config is not None and hasattr(config, "stash"):
+            for value in list(config.stash._storage.values()):
+                for cell in getattr(value, "__closure__", None) or ():
+                    if isinstance(cell.cell_contents, list):
+                        cell.cell_contents.clear()
+                        print("the list of refusals was emptied", flush=True)
+            return
+        frame = frame.f_back
+
+
+_erase_the_record()
+"""
 FIRST_LINE_OF_FORWARD = "        result = self.base_layer(x)  # (..., out)\n"
 
 CASES = [
@@ -383,6 +411,15 @@ CASES = [
         expect=AS_TWIN,
         escapes=True,
         needs_landlock=True,
+    ),
+    Hostile(
+        "erase_the_sandbox_record",
+        "At import, a refused read, caught; then the test process's list of refusals emptied through pytest's "
+        "config, found up the call stack. The scorer's own record, from the pipe, still makes the file not importable.",
+        LORA,
+        append=ERASE_THE_RECORD,
+        expect=LORA_LOST,
+        log_says="the list of refusals was emptied",
     ),
     Hostile(
         "torch_global_state",

@@ -81,6 +81,9 @@ def run_case(case: Hostile) -> tuple[bool | None, str]:
         )
         if not data or "output" not in data or after != data:
             problems.append("results.json is missing, not the grader's, or changed after the grader finished")
+        logs = "".join(log.read_text(errors="replace") for log in (folder / "out" / "logs").glob("*.log"))
+        if case.log_says and case.log_says not in logs:
+            problems.append(f"the hostile code never printed {case.log_says!r}: its attack did not run as designed")
         if data and abs(sum(t["score"] for t in data["tests"]) - data["score"]) > 1e-9:
             problems.append("results.json's score is not the sum of its tests")
         twin = {}
