@@ -149,9 +149,8 @@ class Scorer:
         self.wanted = select(args.ex)
         self.plan: dict[str, dict] = {}  # nodeid -> planned test (function, exercise, weight, timeout)
         self.outcomes: dict[str, Outcome] = {}
-        self.stopped: dict[
-            str, tuple[str, str | None]
-        ] = {}  # exercise -> (why its tests are not run, the one that hung)
+        # exercise -> (why its remaining tests are not run, the exercise that hung or None)
+        self.stopped: dict[str, tuple[str, str | None]] = {}
         self.refusals: dict[str, str] = {}  # nodeid -> what the sandbox refused during that test
         self.load_refusals: dict[str, str] = {}  # student file -> why it could not be imported
         self.notes: list[str] = []
@@ -304,7 +303,11 @@ class Scorer:
         outcome = Outcome(nodeid, planned["function"], planned["exercise"], float(planned["weight"]),
                           reported.status, reported.message[:4000], reported.blocked_by, reported.seconds)  # fmt: skip
         broken = [why for file, why in self.load_refusals.items() if file in files_needed([outcome.exercise])]
-        if nodeid in self.refusals and not outcome.message.startswith("integrity:"):
+        if (
+            nodeid in self.refusals
+            and outcome.status not in (TIMED_OUT, CRASHED)
+            and not outcome.message.startswith("integrity:")
+        ):
             outcome.status, outcome.message = FAILED, refusal_message([self.refusals[nodeid]])
         elif broken and outcome.status == PASSED:
             outcome.status, outcome.message = FAILED, broken[0]
