@@ -154,7 +154,7 @@ class Gradebook:
         return "\n".join(lines)
 
     def skips(self) -> str:
-        """ "  (21 skipped: CUDA case, no GPU)": how many test cases did not apply here, and why."""
+        """How many test cases did not apply here, and why, for the total's line: (21 skipped: CUDA case, no GPU)."""
         reasons: dict[str, int] = {}
         for o in self.outcomes.values():
             if o.status == SKIPPED:
@@ -181,11 +181,7 @@ class Gradebook:
                     "score": earned / 100,
                     "max_score": possible / 100,
                     "status": "passed" if o.status == PASSED else "failed",
-                    "output": "passed"
-                    if o.status == PASSED
-                    else o.message
-                    if o.message.startswith(status)
-                    else f"{status}: {o.message}".strip(),
+                    "output": "passed" if o.status == PASSED else _output(status, o.message),
                     "visibility": "visible",
                 }
             )
@@ -252,6 +248,11 @@ def skip_reason(message: str) -> str:
         return "CUDA case, no GPU"
     first = message.strip().splitlines()[0] if message.strip() else "no reason given"
     return first if len(first) <= 100 else first[:97] + "..."
+
+
+def _output(status: str, message: str) -> str:
+    """results.json's output of a test that did not pass: its status, then its message (once)."""
+    return message if message.startswith(status) else f"{status}: {message}".strip()
 
 
 def _failures(failing: list[Outcome], details: int | str) -> list[str]:
