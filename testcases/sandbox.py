@@ -439,11 +439,14 @@ def landlock_abi() -> int:
     """The Landlock ABI version this kernel offers; 0 where it has none (macOS, older kernels, a seccomp filter)."""
     if not sys.platform.startswith("linux"):
         return 0
-    import ctypes
+    try:
+        import ctypes
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    return max(int(libc.syscall(LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(1))), 0)
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        return max(int(libc.syscall(LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(1))), 0)
+    except (ImportError, OSError, AttributeError):  # a Python without ctypes, a libc without syscall()
+        return 0
 
 
 def restrict_natively(read: Iterable[str | Path], write: Iterable[str | Path]) -> int:
