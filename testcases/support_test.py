@@ -18,8 +18,20 @@ import pytest
 import torch
 
 from model import _impl
-from testcases.manifest import REPO, STAGES, dependencies, exercises, module_name, select, student_files
-from testcases.scoring import BLOCKED, FAILED, NOT_ATTEMPTED, PASSED, SKIPPED, Gradebook, Outcome, split_cents
+from testcases.manifest import REPO, STAGES, dependencies, dependents, exercises, module_name, select, student_files
+from testcases.scoring import (
+    BLOCKED,
+    FAILED,
+    NOT_ATTEMPTED,
+    NOT_RUN,
+    PASSED,
+    SKIPPED,
+    Gradebook,
+    Outcome,
+    details_option,
+    split_cents,
+    stops_after_a_hang,
+)
 from testcases.tolerances import (
     DERIVED,
     EXACT,
@@ -193,6 +205,48 @@ def test_gradebook_statuses_weights_and_json():
     assert round(sum(t["score"] for t in results["tests"]), 2) == results["score"] == book.earned() / 100
     assert sum(t["max_score"] for t in results["tests"]) == pytest.approx(book.possible() / 100)
     assert json.dumps(results) and "blocked by 1.1" in json.dumps(results)
+
+
+def test_table_lists_every_failure_and_says_why_cases_were_skipped():
+    """--details all: the first failure with its message, every other one on a line; skips say why ("CUDA case, no GPU")."""
+    book = Gradebook()
+    for i in range(5):
+        book.add(Outcome(f"a::t{i}", f"t{i}", "1.2", 1.0, FAILED, f"wrong value {i}\n  Likely cause: {i}"))
+    book.add(Outcome("a::t5[cuda]", "t5", "1.2", 1.0, SKIPPED, "CUDA is not available on this machine: ..."))
+    book.add(Outcome("a::t6", "t6", "1.2", 1.0, SKIPPED, "needs two processes"))
+    table = book.table(details="all")
+    assert all(f"t{i} — failed" in table for i in range(5)) and "more failing tests" not in table, table
+    assert "Likely cause: 0" in table and "Likely cause: 1" not in table, "only the first failure in full"
+    assert "(2 skipped: 1 CUDA case, no GPU; 1 needs two processes)" in table, table
+    assert "(+3 more failing tests in results.json)" in book.table(details=2)
+    with pytest.raises(ValueError, match="all"):
+        details_option("some")
+
+
+def test_a_hang_blocks_the_exercises_that_run_its_code():
+    """After a test of 1.2 times out, 1.2's other tests and every exercise whose tests run 1.2's code are not run."""
+    stops = stops_after_a_hang("1.2")
+    assert set(stops) == {"1.2"} | dependents("1.2") and stops["1.2"][1] is None
+    assert all(
+        by == "1.2" and why.startswith("blocked by a hang in 1.2") for ex, (why, by) in stops.items() if ex != "1.2"
+    )
+    book = Gradebook()
+    book.add(Outcome("a::t1", "t1", "1.3", 1.0, NOT_RUN, f"not run: {stops['1.3'][0]}", "1.2"))
+    assert book.rows()[0].status == "blocked by a hang in 1.2"
+
+
+def test_direct_route_writes_results_json(tmp_path):
+    """The route README gives for a debugger, pytest ... --ex 1.1 --results-json OUT, ends with Gradescope's file."""
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:nbmake", "testcases/basic_test.py", "--ex", "1.1",
+         "--results-json", str(out)],
+        cwd=REPO, capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "LORA_IMPL"},
+    )  # fmt: skip
+    assert "INTERNALERROR" not in proc.stdout + proc.stderr and out.exists(), (proc.stdout + proc.stderr)[-3000:]
+    results = json.loads(out.read_text())
+    assert results["tests"] and all(t["number"] == "1.1" for t in results["tests"]), results
+    assert round(sum(t["score"] for t in results["tests"]), 2) == results["score"] and results["execution_time"] > 0
 
 
 # ---- the given model and data ------------------------------------------------------------------------------
@@ -752,3 +806,181 @@ def test_b(lora_variants):
                                     "get_vera_model": "Raises ValueError for a target that matches nothing."}}  # fmt: skip
     problems = refusal_problems({"synthetic.py": source}, docs, {})
     assert problems == ["synthetic.py:4 (test_a): 'gamma' is in no docstring of ['RankAllocator']"], problems
+
+
+# ---- the grading sandbox (testcases/sandbox.py) -------------------------------------------------------
+
+
+@pytest.fixture
+def checker(tmp_path):
+    """A sandbox with a given file, a scratch folder and a 'venv' beside it; a secret outside all three."""
+    from testcases.sandbox import make_checker
+
+    box, venv = tmp_path / "box", tmp_path / "venv"
+    for folder in (box / "testcases", box / "tmp", venv / "lib"):
+        folder.mkdir(parents=True)
+    (box / "testcases" / "basic.py").write_text("given")
+    (venv / "lib" / "ext.so").write_text("")
+    (tmp_path / "secret.py").write_text("the reference")
+    (box / "tmp" / "out").symlink_to(tmp_path)  # made before the sandbox closes: judged by its target
+    check = make_checker(box, [venv], [venv], [box / "testcases"], [box / "tmp"])
+    return check, box, venv, tmp_path / "secret.py"
+
+
+def test_sandbox_reads_writes_and_links(checker):
+    """Reads: the sandbox and Python's folders only, wherever a path leads; writes: scratch and new files only."""
+    check, box, venv, secret = checker
+    assert check("open", (str(box / "testcases" / "basic.py"), "r", os.O_RDONLY)) is None
+    assert check("open", (str(venv / "lib" / "ext.so"), "rb", os.O_RDONLY)) is None
+    assert check("open", (str(box / "tmp" / "x"), "w", os.O_WRONLY | os.O_CREAT)) is None
+    assert check("open", (str(box / "new.json"), "w", os.O_WRONLY | os.O_CREAT)) is None
+    assert check("builtins.id", (1,)) is None and check("os.listdir", (str(venv),)) is None
+    refused = {
+        "a file outside": ("open", (str(secret), "r", os.O_RDONLY)),
+        "through a link": ("open", (str(box / "tmp" / "out" / "secret.py"), "r", os.O_RDONLY)),
+        "a parent": ("open", (str(box / "tmp" / ".." / ".." / "secret.py"), "r", os.O_RDONLY)),
+        "as bytes": ("open", (os.fsencode(secret), None, os.O_RDONLY)),
+        "a given file, written": ("open", (str(box / "testcases" / "basic.py"), "r+", os.O_RDWR)),
+        "listing outside": ("os.listdir", (str(secret.parent),)),
+        "/proc/<pid>/cwd": ("open", (f"/proc/{os.getpid()}/cwd/secret.py", "r", os.O_RDONLY)),
+        "a folder fd outside": ("open", (str(venv), None, os.O_RDONLY)),
+        "a link out": ("os.symlink", (str(secret), str(box / "tmp" / "l"), -1)),
+        "removing a given file": ("os.remove", (str(box / "testcases" / "basic.py"), -1)),
+        "renaming to outside": ("os.rename", (str(box / "tmp" / "x"), str(secret), -1, -1)),
+    }
+    for name, (event, args) in refused.items():
+        assert check(event, args) is not None, f"{name}: {event}{args} was allowed"
+    what = check("open", (str(box / "tmp" / "out" / "secret.py"), "r", os.O_RDONLY))
+    assert str(secret) in what and "outside the sandbox" in what, what
+    assert check("os.symlink", (str(box / "tmp" / "x"), str(box / "tmp" / "l"), -1)) is None, "links inside scratch"
+
+
+def test_sandbox_refuses_programs_c_code_and_escape_hatches(checker):
+    """No program, no ctypes, no heap walk, no subinterpreter, no tracer, no fresh copy of a disarmed module."""
+    check, box, venv, _ = checker
+    for event, args in [
+        ("subprocess.Popen", ("cat", ["cat"], None, None)),
+        ("os.system", (b"cat x",)),
+        ("os.exec", ("/bin/sh", ["sh"], None)),
+        ("os.posix_spawn", ("/bin/sh", ["sh"], None)),
+        ("os.fork", ()),
+        ("_posixsubprocess.fork_exec", ()),
+        ("ctypes.dlopen", ("libc.so.6",)),
+        ("ctypes.call_function", (0, ())),
+        ("gc.get_referrers", ((),)),
+        ("cpython.PyInterpreterState_New", ()),
+        ("sys.settrace", (None,)),
+        ("sys.addaudithook", ()),
+        ("socket.connect", (None, ("example.com", 80))),
+        ("import", ("_posixsubprocess", None, None, None, None)),
+        ("import", ("evil", str(box / "tmp" / "evil.so"), None, None, None)),
+        ("import", ("evil", str(box / "tmp" / "evil.dat"), None, None, None)),  # dlopen takes any name
+    ]:
+        assert check(event, args) is not None, f"{event} was allowed"
+    assert check("import", ("ext", str(venv / "lib" / "ext.so"), None, None, None)) is None, "Python's own C code"
+
+
+def test_sandbox_reads_only_exact_types(checker):
+    """A path object of the student's own class is refused: its __fspath__ could name one file to the check, another to the call."""
+    check, box, _, secret = checker
+
+    class Shifty:
+        def __init__(self):
+            self.calls = 0
+
+        def __fspath__(self):
+            self.calls += 1
+            return str(secret) if self.calls % 2 else str(box / "tmp" / "x")
+
+    class Str(str):
+        def split(self, *args):
+            raise AssertionError("the checker must not call a method of a student's object")
+
+    shifty = Shifty()
+    assert check("os.listdir", (shifty,)) is not None and shifty.calls == 0, "refused without calling __fspath__"
+    assert check("open", (Str(str(box / "tmp" / "x")), "r", 0)) is not None
+    path = box / "tmp"
+    os.listdir(path)  # the os function calls its __fspath__, which caches the text the checker reads
+    assert check("os.listdir", (path,)) is None, "a pathlib.Path is read through its own cached text"
+
+
+def test_sandbox_checker_looks_up_no_global_name():
+    """The checker and the hook bind every name when the sandbox closes: rebinding a builtin or os.lstat later changes nothing."""
+    import dis
+    import types
+
+    from testcases import sandbox
+
+    def code_objects(code):
+        for const in code.co_consts:
+            if isinstance(const, types.CodeType):
+                yield const
+                yield from code_objects(const)
+
+    at_run_time = [c for f in (sandbox.make_checker, sandbox.install) for c in code_objects(f.__code__)]
+    at_run_time = [c for c in at_run_time if c.co_name not in ("<listcomp>", "<dictcomp>", "<genexpr>")]
+    found = {
+        c.co_name: sorted({i.argval for i in dis.get_instructions(c) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")})
+        for c in at_run_time
+    }
+    assert len(found) > 10 and not any(found.values()), {k: v for k, v in found.items() if v}
+
+
+FAILING_PROPERTY = """
+import os, sys
+import hypothesis
+from hypothesis import given, strategies as st
+from testcases import sandbox
+
+sandbox.calm_hypothesis()
+refusals, _ = sandbox.install(os.getcwd(), [os.path.join(os.getcwd(), "tmp")], [sys.argv[1]])
+
+
+@given(st.integers())
+def test_small(x):
+    assert x < 50, "too big"
+
+
+try:
+    test_small()
+except AssertionError as error:
+    print("failed as it should:", error)
+print("refused:", refusals())
+os._exit(0)
+"""
+
+
+def test_a_failing_property_test_fails_for_its_own_reason_under_the_sandbox(tmp_path):
+    """Hypothesis under the sandbox: a failing property shows its failure, not a refusal (no tracer, no database)."""
+    (tmp_path / "failing_property.py").write_text(FAILING_PROPERTY)
+    proc = subprocess.run([sys.executable, "failing_property.py", str(REPO)], cwd=tmp_path, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path / "tmp")})  # fmt: skip
+    assert "failed as it should: too big" in proc.stdout and "refused: ()" in proc.stdout, proc.stdout + proc.stderr
+
+
+HOSTILE_IMPORT = """
+try:
+    open({secret!r}).read()
+except PermissionError as error:
+    print("refused, and caught:", error)
+"""
+
+
+def test_sandbox_in_a_direct_run(tmp_path):
+    """pytest --sandbox closes the sandbox as make grade does: a file that reads outside it cannot be imported."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for students")
+    submission = tmp_path / "submission"
+    submission.mkdir()
+    for relative in ("model/lora.py", "model/quant.py"):
+        text = (REPO / relative).read_text()
+        extra = HOSTILE_IMPORT.format(secret=str(secret)) if relative == "model/lora.py" else ""
+        (submission / Path(relative).name).write_text(text + extra)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:nbmake", "testcases/basic_test.py", "--ex", "1.1",
+         "--impl", str(submission), "--sandbox", "--basetemp", str(tmp_path / "basetemp")],
+        cwd=REPO, capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "LORA_IMPL"},
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "refused, and caught" in out, out[-3000:]
+    assert f"model/lora.py could not be imported: it tried to open {secret} (outside the sandbox)" in out, out[-3000:]

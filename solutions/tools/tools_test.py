@@ -103,7 +103,8 @@ def test_lesson_figures_are_produced_by_the_code():
 
 
 def grade(impl: Path, results: Path, *extra: str, cwd: Path = REPO) -> tuple[dict, subprocess.CompletedProcess]:
-    proc = subprocess.run([PYTHON, "-m", "testcases.grade", "--impl", str(impl), "--results", str(results), *extra],
+    proc = subprocess.run([PYTHON, "-m", "testcases.grade", "--impl", str(impl), "--results", str(results),
+                           "--logs", str(results.parent / "logs"), *extra],
                           cwd=cwd, capture_output=True, text=True)  # fmt: skip
     return (json.loads(results.read_text()) if results.exists() else {}), proc
 
@@ -115,6 +116,7 @@ def per_exercise(results: dict) -> dict[str, float]:
     return points
 
 
+@pytest.mark.timeout(600)  # full isolated grades: ~25 s on free cores, minutes on loaded ones
 def test_grade_a_full_clone_ignores_its_own_tests(tmp_path):
     """make grade IMPL=<a clone>: only its student files count; its rigged testcases/ are never run."""
     clone = tmp_path / "clone"
@@ -154,6 +156,7 @@ def built_handout(tmp_path_factory):
     return dest
 
 
+@pytest.mark.timeout(600)  # full isolated grades: ~25 s on free cores, minutes on loaded ones
 def test_gradescope_package_runs_on_a_local_autograder_tree(tmp_path, built_handout):
     """make gradescope: setup.sh and run_autograder at the zip's root; run_autograder grades /autograder/submission."""
     archive = build_zip(tmp_path / "build")
@@ -196,6 +199,7 @@ def test_handout_has_no_answers_and_only_working_targets(built_handout):
         assert f"make {name} " in targets, f"the handout README documents {command!r}, which its Makefile lacks"
 
 
+@pytest.mark.timeout(600)  # full isolated grades: ~25 s on free cores, minutes on loaded ones
 def test_handout_grade_demo_and_pytest_commands(built_handout):
     """In the handout: make grade scores the stubs 0 (exit 1), make demo names the missing exercises, pytest runs."""
     graded = run(["make", "grade"], built_handout)
@@ -212,6 +216,14 @@ def test_handout_grade_demo_and_pytest_commands(built_handout):
     assert reference.returncode != 0 and "no solutions/" in reference.stdout + reference.stderr, reference.stdout[
         -1500:
     ]
+
+
+@pytest.mark.timeout(900)  # every graded test, traced: about 50 s of one core
+def test_every_exercise_a_test_runs_is_in_the_manifest():
+    """Traced on the reference, the tests of each exercise run only its code and its manifest needs' (solutions/tools/needs.py)."""
+    proc = subprocess.run([PYTHON, "-m", "solutions.tools.needs"], cwd=REPO, capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items() if k != "LORA_IMPL"})  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
 def test_syntax_of_every_tool_is_python():
