@@ -121,7 +121,7 @@ PEFT_FAMILY = (
     Exercise("7.1", "bottleneck adapters (Houlsby, Pfeiffer)", 8, needs=("2.1", "3.6")),
     Exercise("7.2", "prompt tuning: PromptEmbedding, PromptLearningModel", 8),
     Exercise("7.3", "P-tuning: PromptEncoder (MLP, LSTM)", 6, needs=("7.2",)),
-    Exercise("7.4", "prefix tuning: PrefixEncoder, prefixes per layer, folding", 10, needs=("2.1", "7.2")),
+    Exercise("7.4", "prefix tuning: PrefixEncoder, prefixes per layer, folding", 10, needs=("2.1", "7.2", "7.3")),
     Exercise("7.5", "P-tuning v2: deep prompts", 3, needs=("7.4",)),
     Exercise("7.6", "IA³: IA3Layer, merge, get_ia3_model", 9, needs=("2.1", "3.6", "4.3")),
     Exercise(

@@ -159,31 +159,6 @@ def test_p_tuning_lstm_encoder(peft_methods):
 
 
 @pytest.mark.exercise("7.3")
-@pytest.mark.parametrize("encoder_type", ["mlp", "lstm"])
-def test_p_tuning_folds_to_a_prompt_table(peft_methods, tiny_model, token_ids, encoder_type):
-    """fold_reparameterization on P-tuning: a PromptEmbedding holding encoder() (n, C); the logits stay."""
-    model = peft_methods.get_p_tuning_model(tiny_model, num_virtual_tokens=3, encoder_type=encoder_type)
-    with torch.no_grad():
-        table = model.prompt_encoder()
-        before = model(token_ids)
-    peft_methods.fold_reparameterization(model)
-    assert isinstance(model.prompt_encoder, peft_methods.PromptEmbedding), "the encoder becomes a PromptEmbedding"
-    assert trainable_names(model) == ["prompt_encoder.embedding.weight"], "only the (n, C) table trains after folding"
-    assert_close(model.prompt_encoder.embedding.weight, table, "the folded table", bound=0.0,
-                 hint="the check: the folded table is the encoder's output")  # fmt: skip
-    scale = before.abs().max().item()
-    # The same network on the same table: only the LSTM kernel (with or without autograd) may round differently.
-    bound = 64 * UNIT_ROUNDOFF[torch.float32] * scale
-    assert_close(
-        model(token_ids),
-        before,
-        "logits after folding",
-        bound=bound,
-        hint="the check: the logits after folding equal those before",
-    )
-
-
-@pytest.mark.exercise("7.3")
 def test_p_tuning_refuses_bad_arguments(peft_methods, tiny_model):
     """get_p_tuning_model: an unknown encoder_type or hidden_size 0 is a ValueError naming it; the model is untouched."""
     refuses_unchanged(tiny_model, peft_methods.get_p_tuning_model, encoder_type="gru", name="encoder_type")
@@ -218,10 +193,33 @@ def test_prefix_with_projection_is_a_kv_cache_too(peft_methods, tiny_model64, to
 
 
 @pytest.mark.exercise("7.4")
+@pytest.mark.parametrize("encoder_type", ["mlp", "lstm"])
+def test_p_tuning_folds_to_a_prompt_table(peft_methods, tiny_model, token_ids, encoder_type):
+    """fold_reparameterization on P-tuning: a PromptEmbedding holding encoder() (n, C); the logits stay."""
+    model = peft_methods.get_p_tuning_model(tiny_model, num_virtual_tokens=3, encoder_type=encoder_type)
+    with torch.no_grad():
+        table = model.prompt_encoder()
+        before = model(token_ids)
+    peft_methods.fold_reparameterization(model)
+    assert isinstance(model.prompt_encoder, peft_methods.PromptEmbedding), "the encoder becomes a PromptEmbedding"
+    assert trainable_names(model) == ["prompt_encoder.embedding.weight"], "only the (n, C) table trains after folding"
+    assert_close(model.prompt_encoder.embedding.weight, table, "the folded table", bound=0.0,
+                 hint="the check: the folded table is the encoder's output")  # fmt: skip
+    scale = before.abs().max().item()
+    # The same network on the same table: only the LSTM kernel (with or without autograd) may round differently.
+    bound = 64 * UNIT_ROUNDOFF[torch.float32] * scale
+    assert_close(
+        model(token_ids),
+        before,
+        "logits after folding",
+        bound=bound,
+        hint="the check: the logits after folding equal those before",
+    )
+
+
+@pytest.mark.exercise("7.4")
 def test_fold_refuses_what_it_cannot_fold(peft_methods, lora, tiny_model):
-    """fold_reparameterization refuses a folded prefix model, P-tuning v2 and a LoRA model (ValueError)."""
-    v2 = peft_methods.get_p_tuning_v2_model(copy_of(tiny_model), num_virtual_tokens=2)
-    refuses(peft_methods.fold_reparameterization, v2)
+    """fold_reparameterization refuses a prompt-tuning model (nothing to fold) and a LoRA model (ValueError)."""
     prompt = peft_methods.get_prompt_tuning_model(copy_of(tiny_model), num_virtual_tokens=2)
     refuses(peft_methods.fold_reparameterization, prompt)
     refuses(peft_methods.fold_reparameterization, lora.get_lora_model(tiny_model, r=2))
@@ -236,6 +234,12 @@ def test_prefix_tuning_refuses_bad_arguments(peft_methods, tiny_model):
 
 
 # ---- Exercise 7.5 ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.exercise("7.5")
+def test_fold_refuses_p_tuning_v2(peft_methods, tiny_model):
+    """fold_reparameterization refuses a P-tuning v2 model: its table has no reparameterisation to fold (ValueError)."""
+    refuses(peft_methods.fold_reparameterization, peft_methods.get_p_tuning_v2_model(tiny_model, num_virtual_tokens=2))
 
 
 @pytest.mark.exercise("7.5")
