@@ -336,8 +336,9 @@ def visible_keys(T: int, past: int, attention_mask: torch.Tensor | None, device:
     """Which keys each of T new queries sees, (B or 1, 1, T, P+T) bool.
 
     Query i sits at cache position P+i and sees key j when j <= P+i (causal) and key j is a real
-    token (``attention_mask[b, j] == 1``). It always sees itself: a pad query then attends to one key,
-    not to none (an empty softmax is NaN, and NaN values would leak through a zero weight).
+    token (``attention_mask[b, j] == 1``). It always sees itself, so a pad query attends to one key,
+    not to none: torch's CPU kernel returns zeros for an empty row, but other kernels return NaN, and
+    a NaN would leak into every later position through a zero attention weight.
     """
     causal = torch.ones(T, past + T, dtype=torch.bool, device=device).tril(diagonal=past)  # (T, P+T)
     if attention_mask is None:

@@ -163,6 +163,7 @@ def make_parser(
     parser.add_argument("--stop-after", type=int, default=0, help="stop after this many steps of this launch (tests)")
     parser.add_argument("--float64", action="store_true", help="train in float64 (the tests' exact comparison)")
     parser.add_argument("--result", help="rank 0 writes {trainable parameters, losses} here (safetensors + .json)")
+    parser.add_argument("--no-eval", action="store_true", help="skip the final evaluation (tests)")
     override_defaults(parser, output_dir=output_dir, precision="fp32")
     return parser
 
@@ -225,13 +226,13 @@ def run(args, trainer_class: type[DistributedTrainer], command: str, build=build
         trainer.save_checkpoint(trainer.checkpoint_path())
     if args.result:
         write_result(trainer, args.result)
-    if rank == 0 or trainer.every_rank_evaluates:
-        metrics = trainer.evaluate()
-        if rank == 0:
-            held, whole = trainer.held_bytes()
-            print(f"[{world} processes] step {trainer.step}, loss {trainer.history[-1]['loss']:.4f}, "
-                  f"eval accuracy {metrics['accuracy']:.1%}; rank 0 holds {held:,} of the model's {whole:,} "
-                  "bytes of parameters and buffers", flush=True)  # fmt: skip
+    evaluate = not args.no_eval and (rank == 0 or trainer.every_rank_evaluates)
+    metrics = trainer.evaluate() if evaluate else None
+    if rank == 0:
+        held, whole = trainer.held_bytes()
+        accuracy = f", eval accuracy {metrics['accuracy']:.1%}" if metrics else ""
+        print(f"[{world} processes] step {trainer.step}, loss {trainer.history[-1]['loss']:.4f}{accuracy}; "
+              f"rank 0 holds {held:,} of the model's {whole:,} bytes of parameters and buffers", flush=True)  # fmt: skip
     trainer.save_adapter()
     dist.destroy_process_group()
 

@@ -67,12 +67,13 @@ class Sampling:
         return lambda logits: next_tokens(logits, self, generator)
 
 
-def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
-    """Token ids (B,) from logits (B, V): argmax at temperature 0; else temperature, top-k, top-p, then a draw."""
-    logits = logits.detach().float().cpu()  # (B, V)
-    if sampling.temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / sampling.temperature
+def sampling_weights(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """What a draw is made from, (B, V) fp32: softmax(logits / T) with the tokens outside top-k and top-p at 0.
+
+    Not renormalised (torch.multinomial divides by the sum): softmax over the top-k logits, then every
+    token whose more likely predecessors already hold ``top_p`` of that mass is dropped (the top one stays).
+    """
+    logits = logits.detach().float().cpu() / sampling.temperature  # (B, V)
     if 0 < sampling.top_k < logits.shape[-1]:
         kth = logits.topk(sampling.top_k, dim=-1).values[:, -1:]  # (B, 1) the k-th largest logit
         logits = logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th stay, as in transformers
@@ -80,8 +81,15 @@ def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
     if sampling.top_p < 1:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs >= sampling.top_p  # the mass before it already reaches p
-        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))  # the top token always stays
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]  # (B,)
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return probs
+
+
+def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
+    """Token ids (B,) from logits (B, V): the argmax at temperature 0, else a draw from ``sampling_weights``."""
+    if sampling.temperature == 0:
+        return logits.detach().argmax(dim=-1).cpu()
+    return torch.multinomial(sampling_weights(logits, sampling), 1, generator=generator)[:, 0]  # (B,)
 
 
 # ---- decoding ----------------------------------------------------------------------------------------
