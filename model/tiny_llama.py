@@ -387,20 +387,22 @@ class TinyLlama(nn.Module):
         prefix: list[KeyValue] | tuple[KeyValue, ...] | None = None,
         cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor:
         """Token ids (B, T), or ``inputs_embeds`` (B, T, C), -> logits (B, T, vocab).
 
         ``prefix``: one (key, value) pair per layer, each (B, H_kv, P, hd); the tokens then sit at
         positions P … P+T−1 (see the module docstring). P + T must not exceed max_seq_len.
-        ``cache`` (a KVCache holding P positions) and ``attention_mask`` (B, P+T): see ``forward_cached``.
+        ``cache`` (a KVCache holding P positions), ``attention_mask`` (B, P+T) and ``logits_to_keep``
+        (the last k positions' logits only, (B, k, vocab); 0: all): see ``forward_cached``.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids (B, T) and inputs_embeds (B, T, C)")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
-        if cache is not None or attention_mask is not None:
+        if cache is not None or attention_mask is not None or logits_to_keep:
             if prefix is not None:
-                raise ValueError("prefix= cannot be combined with cache= or attention_mask=")
-            return self.forward_cached(x, cache, attention_mask)
+                raise ValueError("prefix= cannot be combined with cache=, attention_mask= or logits_to_keep=")
+            return self.forward_cached(x, cache, attention_mask, logits_to_keep)
         seq_len, past = x.shape[1], 0 if prefix is None else self._check_prefix(prefix, x)
         if past + seq_len > self.config.max_seq_len:
             raise ValueError(
@@ -422,14 +424,19 @@ class TinyLlama(nn.Module):
         return self.lm_head(x)  # (B, T, vocab)
 
     def forward_cached(
-        self, x: torch.Tensor, cache: KVCache | None, attention_mask: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None,
+        attention_mask: torch.Tensor | None,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor:
         """Embeddings x (B, T, C) after the P positions in ``cache`` (P = 0 without one) -> logits (B, T, vocab).
 
         Each layer appends its new keys and values to the cache and attends over all P+T (``visible_keys``).
         Positions: P … P+T−1; with ``attention_mask`` (B, P+T), each row counts only its real tokens
         (position = number of real tokens before it), so a left-padded prompt gets the positions it would
-        have alone.
+        have alone. ``logits_to_keep`` = k > 0: the head runs on the last k positions only, (B, k, vocab)
+        (a prefill needs one: 1,000 prompt tokens × a 128,256-token vocabulary would be 0.5 GB of fp32 logits).
         """
         B, T, _ = x.shape  # (B, T, C)
         past = 0 if cache is None else cache.length
@@ -458,8 +465,10 @@ class TinyLlama(nn.Module):
             x = layer(x, cos, sin, None, layer_cache, mask)
         if cache is not None:
             cache.length += T
-        x = self.norm(x)  # (B, T, C)
-        return self.lm_head(x)  # (B, T, vocab)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]  # (B, k, C)
+        x = self.norm(x)  # (B, T or k, C)
+        return self.lm_head(x)  # (B, T or k, vocab)
 
     def _check_prefix(self, prefix: list[KeyValue] | tuple[KeyValue, ...], x: torch.Tensor) -> int:
         """The prefix length P, after checking one (key, value) pair of shape (B, H_kv, P, hd) per layer."""

@@ -594,6 +594,24 @@ def test_kv_cache_memory_per_token():
         assert KVCache.bytes_per_token(config, torch.bfloat16) == expected, f"{name}: lesson 08's table"
 
 
+def test_logits_to_keep_gives_the_last_positions():
+    """logits_to_keep=k runs the head on the last k positions only: the same values as the full output's last k
+    columns (float64), with or without padding; the cache fills all the same."""
+    from model.tiny_llama import KVCache, TinyLlama
+    from testcases.tolerances import assert_network_close
+    from training.generate import left_pad
+
+    seed(15)
+    model = TinyLlama(small_config(n_kv_heads=2)).double().eval()
+    ids, mask = left_pad(batch_of_prompts(40), torch.device("cpu"))
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask)
+        cache = KVCache(model.config, 3, ids.shape[1])
+        last = model(ids, cache=cache, attention_mask=mask, logits_to_keep=2)
+    assert last.shape == (3, 2, 40) and cache.length == ids.shape[1], f"(B, k, V), cache full: {tuple(last.shape)}"
+    assert_network_close(last, full[:, -2:], "logits_to_keep=2")
+
+
 def test_cache_misuse_is_refused_and_changes_nothing():
     """A prefix with a cache, an attention mask of the wrong width, or tokens past the cache's end: a
     ValueError naming it, and the cache keeps what it held."""

@@ -131,7 +131,10 @@ def decode_steps(
     if steps <= 0:
         return
     cache = KVCache(model.config, B, T + steps - 1) if use_cache else None  # the last token is never fed back
-    logits = model(ids) if cache is None and mask is None else model(ids, cache=cache, attention_mask=mask)
+    if cache is None and mask is None:
+        logits = model(ids)  # (B, T, V): the plain forward pass, as generation always ran
+    else:
+        logits = model(ids, cache=cache, attention_mask=mask, logits_to_keep=1)  # (B, 1, V): the head on one position
     for step in range(steps):
         token = pick(logits[:, -1])  # (B,)
         yield token
@@ -144,7 +147,7 @@ def decode_steps(
             logits = model(new, cache=cache, attention_mask=mask)  # (B, 1, V)
         else:
             ids = torch.cat([ids, new], dim=1)  # (B, T+step+1)
-            logits = model(ids) if mask is None else model(ids, attention_mask=mask)
+            logits = model(ids) if mask is None else model(ids, attention_mask=mask, logits_to_keep=1)
 
 
 class TextStream:

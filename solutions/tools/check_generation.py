@@ -153,6 +153,7 @@ def check_sampling_filters() -> None:
 def main() -> int:
     warnings.filterwarnings("ignore")
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
