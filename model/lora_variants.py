@@ -453,13 +453,14 @@ def install_initial_adapter(
 def svd_split(matrix: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Given: the best rank-r factors of ``matrix`` (out, in), as PEFT's LoftQ ``_low_rank_decomposition``.
 
-    U S Vᵀ = matrix; B = U √S[:, :r] (out, r), A = √S[:r] Vᵀ (r, in): the singular values split
-    evenly between the two factors, so B A is the truncated SVD (Eckart–Young: the closest
-    rank-r matrix in Frobenius norm). fp32 in, fp32 out.
+    U S Vᵀ = matrix, the reduced SVD: U (out, q), S (q,), Vᵀ (q, in) with q = min(out, in);
+    B = U √S[:, :r] (out, r), A = √S[:r] Vᵀ (r, in): the singular values split evenly between the
+    two factors, so B A is the truncated SVD (Eckart–Young: the closest rank-r matrix in Frobenius
+    norm). fp32 in, fp32 out.
     """
-    U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
-    B = U @ torch.sqrt(torch.diag(S)[:, :r])  # (out, k) @ (k, r) -> (out, r)
-    A = torch.sqrt(torch.diag(S)[:r, :]) @ Vh  # (r, k) @ (k, in) -> (r, in)
+    U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)  # (out, q), (q,), (q, in); q = min(out, in)
+    B = U @ torch.sqrt(torch.diag(S)[:, :r])  # (out, q) @ (q, r) -> (out, r)
+    A = torch.sqrt(torch.diag(S)[:r, :]) @ Vh  # (r, q) @ (q, in) -> (r, in)
     return B, A
 
 
@@ -494,7 +495,8 @@ def nf4_linear_from_codes(
 def pissa_init(layer: LoRALayer) -> LoRALayer:
     """PiSSA: A, B from W0's top-r singular triplets; W0 keeps the rest (Meng et al. 2024).
 
-    With W0 = V diag(S) Uᵀ (``torch.linalg.svd`` in fp32; PEFT's names, V (out, k), Uᵀ (k, in)):
+    With W0 = V diag(S) Uᵀ, the reduced SVD (``torch.linalg.svd(full_matrices=False)`` in fp32;
+    PEFT's names: V (out, q), S (q,), Uᵀ (q, in) with q = min(out, in), S in decreasing order):
 
         S_r = S[:r] / s                      (PEFT divides by the scaling s = lora_alpha / r)
         A = diag(√S_r) Uᵀ[:r]   (r, in)       B = V[:, :r] diag(√S_r)   (out, r)
@@ -515,8 +517,8 @@ def pissa_init(layer: LoRALayer) -> LoRALayer:
 def olora_init(layer: LoRALayer) -> LoRALayer:
     """OLoRA: B, A from the QR factorisation of W0; W0 keeps the rest (Büyükakyüz 2024).
 
-    With W0 = Q R (``torch.linalg.qr`` in fp32; Q (out, k) orthonormal columns, R (k, in) upper
-    triangular, k = min(out, in)):
+    With W0 = Q R, the reduced QR (``torch.linalg.qr`` in fp32; Q (out, q) orthonormal columns,
+    R (q, in) upper triangular, q = min(out, in)):
 
         B = Q[:, :r]   (out, r)        A = R[:r]   (r, in)        W0 ← W0 − s·B A
 
@@ -667,10 +669,15 @@ class VeRALayer(AddedDeltaLayer):
 
     Cost: the thin products take r·(in + out) multiply-adds per token, more than one (out, in)
     matmul's in·out once r > in·out / (in + out) — r > 32 for a 64 × 64 projection, whereas a
-    4096 × 4096 projection breaks even only at r = 2048. So the forward picks the cheaper of two
-    orders that compute the same function: PEFT's thin products, or ΔW formed once per call
-    (``delta_weight``, r·in·out) and one (out, in) matmul. At PEFT's r = 256 on the bundled model
-    the second order makes a training step about 1.15× LoRA's instead of 2.4×.
+    4096 × 4096 projection breaks even only at r = 2048. So the forward chooses between two orders
+    that compute the same function by their cost PER TOKEN: PEFT's thin products when
+    r·(in + out) <= in·out, otherwise ΔW formed once per call (``delta_weight``) and one (out, in)
+    matmul. The rule leaves out what forming ΔW costs, r·in·out multiply-adds per call whatever
+    the number of tokens N, so the dense order is cheaper only when N·(r·(in + out) − in·out) >
+    r·in·out: above N ≈ 37 tokens per call for a 64 × 64 projection at r = 256, N ≈ 58 for 64 × 176
+    and 176 × 64. A training batch of the course (64 × 19 = 1,216 tokens) is far above that, and
+    there the dense order makes a step at PEFT's r = 256 on the bundled model about 1.15× LoRA's
+    instead of 2.4×; generating one token at a time (N = 1) takes the costlier path.
 
     Args: base_layer (nn.Linear or NF4Linear, frozen), projections (the shared ``VeRAProjections``;
     it must be at least (r, in) and (out, r)), d_initial, vera_dropout (on the VeRA input only).
@@ -697,11 +704,11 @@ class VeRALayer(AddedDeltaLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) → (..., out): base(x) + λ_b ⊙ B_s(λ_d ⊙ A_s(dropout(x))), in the base output's dtype.
 
-        Computed in the cheaper order (see the class docstring): the thin products when
+        The order by the class docstring's per-token rule: the thin products when
         r·(in + out) <= in·out, else ``F.linear(dropout(x), delta_weight())``.
         """
         raise NotImplementedError(
-            "Exercise 5.6: PEFT's VeRA forward on the slices, in the cheaper order — see tutorial/05-lora-variants.md"
+            "Exercise 5.6: PEFT's VeRA forward on the slices, in the order the per-token rule picks — see tutorial/05-lora-variants.md"
         )
 
     def delta_weight(self) -> torch.Tensor:
