@@ -171,8 +171,8 @@ def which_code_runs() -> str:
         f"missing file counts as not attempted. It is `IMPL=` for make, `--impl` for pytest and the grader, "
         f"`LORA_IMPL` in the environment. Unset, grading (`make grade`, pytest) uses your files, and showing "
         f"(`make demo`, `make variants`, `make peft-family`, `make notebooks`, `make bench`, and lesson 08's "
-        f"`make finetune`, `make generate`, `make ddp`) uses the reference where the checkout has one, else your "
-        f"files. `model/_impl.py` is the switch."
+        f"`make finetune`, `make generate`, `make chat`, `make ddp`, `make fsdp`) uses the reference where the "
+        f"checkout has one, else your files. `model/_impl.py` is the switch."
     )
     return "\n".join(wrap(text, 100)) + "\n"
 
