@@ -49,6 +49,7 @@ class Stage:
     title: str
     student_file: str  # the file the student writes, relative to the repository root (stages may share one)
     exercises: tuple[Exercise, ...] = field(default_factory=tuple)
+    title_zh: str = ""  # the title in the Chinese pages (tutorial/zh-CN/, README.zh-CN.md)
 
     lesson = _path("tutorial/{n:02d}-{name}.md")
     notebook = _path("notebooks/{n:02d}_{snake}.ipynb")
@@ -133,18 +134,26 @@ PEFT_FAMILY = (
 )
 
 STAGES: tuple[Stage, ...] = (
-    Stage(1, "lora-layer", "The LoRA layer", "model/lora.py", LORA_LAYER),
-    Stage(2, "lora-in-a-model", "LoRA in a model", "model/lora.py", LORA_IN_A_MODEL),
-    Stage(3, "quantization", "Quantization: from int8 to NF4", "model/quant.py", QUANTIZATION),
-    Stage(4, "qlora-training", "QLoRA training", "training/qlora_trainer.py", QLORA_TRAINING),
-    Stage(5, "lora-variants", "The LoRA family", "model/lora_variants.py", LORA_VARIANTS),
-    Stage(6, "memory", "QLoRA's memory: 8-bit and paged optimizers, checkpointing", "training/memory.py", MEMORY),
+    Stage(1, "lora-layer", "The LoRA layer", "model/lora.py", LORA_LAYER, "LoRA 层"),
+    Stage(2, "lora-in-a-model", "LoRA in a model", "model/lora.py", LORA_IN_A_MODEL, "在模型中应用 LoRA"),
+    Stage(3, "quantization", "Quantization: from int8 to NF4", "model/quant.py", QUANTIZATION, "量化：从 int8 到 NF4"),
+    Stage(4, "qlora-training", "QLoRA training", "training/qlora_trainer.py", QLORA_TRAINING, "QLoRA 训练"),
+    Stage(5, "lora-variants", "The LoRA family", "model/lora_variants.py", LORA_VARIANTS, "LoRA 家族"),
+    Stage(
+        6,
+        "memory",
+        "QLoRA's memory: 8-bit and paged optimizers, checkpointing",
+        "training/memory.py",
+        MEMORY,
+        "QLoRA 的显存：8 位优化器、分页优化器与梯度检查点",
+    ),
     Stage(
         7,
         "peft-family",
         "LoRA among its relatives: adapters, prompts, prefixes, IA³",
         "model/peft_methods.py",
         PEFT_FAMILY,
+        "LoRA 与它的近亲：适配器、提示、前缀、IA³",
     ),
 )
 

@@ -32,6 +32,8 @@ from pathlib import Path
 from testcases.manifest import REPO, STAGES, exercises, stage_of, student_files, student_modules, total_points
 
 PAGES = ("README.md", "tutorial/README.md", *(s.lesson for s in STAGES))
+# The Chinese twins (tutorial/zh-CN/, README.zh-CN.md) get the same blocks in Chinese where they exist.
+ZH_PAGES = ("README.zh-CN.md", "tutorial/zh-CN/README.md", *(f"tutorial/zh-CN/{Path(s.lesson).name}" for s in STAGES))
 BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /generated -->)", re.DOTALL)
 
 
@@ -50,7 +52,10 @@ def test_lines() -> dict[str, list[tuple[str, str, str]]]:
     return found
 
 
-def render(name: str) -> str:
+def render(name: str, lang: str = "en") -> str:
+    """The body of generated block ``name`` for a page in ``lang`` ("en", or "zh" for the Chinese twins)."""
+    if lang == "zh":
+        return render_zh(name)
     if name == "course-map":
         rows = ["| stage | lesson | you write in | exercises (points) |", "|---|---|---|---|"]
         for s in STAGES:
@@ -82,13 +87,53 @@ def render(name: str) -> str:
                 f"{counts['hostile']} hostile submissions.\n")  # fmt: skip
     if name.startswith("tests-"):
         ex = name.removeprefix("tests-")
-        lines = [f"- {doc} *({level}: `{test}`)*" for level, test, doc in test_lines()[ex]]
-        return (
-            f"The graded tests of {ex} check ({stage_of(ex).tests[0].rsplit('/', 1)[0]}/):\n\n"
-            + "\n".join(lines)
-            + "\n"
-        )
+        return f"The graded tests of {ex} check ({stage_of(ex).tests[0].rsplit('/', 1)[0]}/):\n\n" + test_list(ex)
     raise KeyError(name)
+
+
+def test_list(ex: str) -> str:
+    """One line per graded test of ``ex``: its docstring's first line (English in every language: it is code)."""
+    return "\n".join(f"- {doc} *({level}: `{test}`)*" for level, test, doc in test_lines()[ex]) + "\n"
+
+
+def zh_lesson(stage) -> str:
+    return str(Path(stage.lesson).parent / "zh-CN" / Path(stage.lesson).name)
+
+
+def render_zh(name: str) -> str:
+    """The Chinese pages' generated blocks: the same facts from the manifest, Chinese words around them."""
+    if name == "course-map":
+        rows = ["| 阶段 | 课程 | 你编写的文件 | 练习（分数） |", "|---|---|---|---|"]
+        for s in STAGES:
+            ex = " · ".join(f"{e.id} {e.title} ({e.points})" for e in s.exercises)
+            rows.append(f"| {s.number} | [{s.title_zh}]({zh_lesson(s)}) | `{s.student_file}` | {ex} |")
+        return "\n".join(rows) + f"\n\n共 {total_points()} 分。\n"
+    if name == "stage-table":
+        rows = ["| 阶段 | 课程页面 | 学生文件 | 练习 | 分数 |", "|---|---|---|---|---|"]
+        for s in STAGES:
+            page = Path(s.lesson).name
+            rows.append(f"| {s.number} · {s.title_zh} | [{page}]({page}) | `{s.student_file}` | "
+                        f"{s.exercises[0].id}–{s.exercises[-1].id} | {s.points} |")  # fmt: skip
+        rows.append(f"| | | | **合计** | **{total_points()}** |")
+        return "\n".join(rows) + "\n"
+    if name == "exercise-table":
+        rows = ["| 练习 | 你要实现的内容 | 依赖 | 分数 |", "|---|---|---|---|"]
+        for s in STAGES:
+            rows.append(f"| **第 {s.number} 阶段** · `{s.student_file}` | | | |")
+            for e in s.exercises:
+                rows.append(f"| {e.id} | {e.title} | {', '.join(e.needs) or '—'} | {e.points} |")
+        return "\n".join(rows) + "\n"
+    if name == "which-code-runs":
+        return which_code_runs_zh()
+    if name == "catalogue-counts":
+        counts = catalogue_counts()
+        return (f"目录中共有 {counts['mutants']} 个变异体（mutant）、{counts['equivalents']} 个等价实现和 "
+                f"{counts['hostile']} 个恶意提交。\n")  # fmt: skip
+    if name.startswith("tests-"):
+        ex = name.removeprefix("tests-")
+        folder = stage_of(ex).tests[0].rsplit("/", 1)[0]
+        return f"练习 {ex} 的评分测试检查以下各项（{folder}/，测试说明保留英文原文）：\n\n" + test_list(ex)
+    raise KeyError(f"{name}: no Chinese rendering (solutions/tools/docs.py render_zh)")
 
 
 def quoted_points(page: str, text: str) -> list[str]:
@@ -105,9 +150,21 @@ def quoted_points(page: str, text: str) -> list[str]:
             problems.append(
                 f"{page}: stage {stage.number} quotes {m.group(2)} points, the manifest says {stage.points}"
             )
-    for m in re.finditer(r"(\d+) points in all", text):
-        if int(m.group(1)) != total_points():
-            problems.append(f"{page}: quotes {m.group(1)} points in all, the manifest says {total_points()}")
+    for m in re.finditer(r"练习 (\d+)\.\d+[–-]\d+\.\d+[，,] ?(\d+) 分", text):  # the Chinese pages
+        stage = next((s for s in STAGES if str(s.number) == m.group(1)), None)
+        if stage and int(m.group(2)) != stage.points:
+            problems.append(
+                f"{page}: stage {stage.number} quotes {m.group(2)} points, the manifest says {stage.points}"
+            )
+    for m in re.finditer(r"练习 (\d+\.\d+)[^\n]*?[（(](\d+) 分[）)]", text):
+        if m.group(1) in table and int(m.group(2)) != table[m.group(1)].points:
+            problems.append(
+                f"{page}: 练习 {m.group(1)} quotes {m.group(2)} points, the manifest says {table[m.group(1)].points}"
+            )
+    for m in re.finditer(r"(\d+) points in all|共 (\d+) 分", text):
+        quoted = int(m.group(1) or m.group(2))
+        if quoted != total_points():
+            problems.append(f"{page}: quotes {quoted} points in all, the manifest says {total_points()}")
     return problems
 
 
@@ -177,6 +234,22 @@ def which_code_runs() -> str:
     return "\n".join(wrap(text, 100)) + "\n"
 
 
+def which_code_runs_zh() -> str:
+    """The IMPL paragraph of the Chinese pages: the same facts as ``which_code_runs``."""
+    modules = [f"`{m}`" for m in student_modules()]
+    loose = "、".join(f"`{Path(f).name}`" for f in student_files())
+    text = (
+        f"**运行的是哪一份代码（`IMPL`）？** 测试、笔记本、演示和各项对比都导入学生模块 {'、'.join(modules[:-1])} 和 "
+        f"{modules[-1]}（清单来自 `testcases/manifest.py`）；由一个设置决定这些名字加载哪些文件：`student`（你的文件）、"
+        f"`solutions`（参考实现，仅当检出目录中有它时）或一个目录——一份克隆，或一个散放文件的文件夹（{loose}），其中缺少的"
+        f"文件按未作答计。make 使用 `IMPL=`，pytest 和评分器使用 `--impl`，环境变量为 `LORA_IMPL`。未设置时，评分（`make grade`、"
+        f"pytest）使用你的文件；展示类命令（`make demo`、`make variants`、`make peft-family`、`make notebooks`、`make bench`，"
+        f"以及第 08 课的 `make finetune`、`make generate`、`make chat`、`make ddp`、`make fsdp`）在检出目录有参考实现时使用参考实现，"
+        f"否则使用你的文件。切换逻辑在 `model/_impl.py`。"
+    )
+    return text + "\n"
+
+
 def loose_file_lists(page: str, text: str) -> list[str]:
     """Every "folder of loose files (…)" in prose must name exactly the student files."""
     problems, expected = [], {Path(f).name for f in student_files()}
@@ -199,13 +272,17 @@ def sync(write: bool) -> list[str]:
     problems = []
     tested = {ex for ex, lines in test_lines().items() if lines}
     listed = set()
-    for page in PAGES:
+    pages = [(page, "en") for page in PAGES] + [(page, "zh") for page in ZH_PAGES if (REPO / page).is_file()]
+    for page, lang in pages:
         path = REPO / page
         text = path.read_text()
-        new = BLOCK.sub(lambda m: m.group(1) + render(m.group("name")) + m.group(4), text)
-        listed |= {
-            m.group("name").removeprefix("tests-") for m in BLOCK.finditer(text) if m.group("name").startswith("tests-")
-        }
+        new = BLOCK.sub(lambda m, lang=lang: m.group(1) + render(m.group("name"), lang) + m.group(4), text)
+        if lang == "en":
+            listed |= {
+                m.group("name").removeprefix("tests-")
+                for m in BLOCK.finditer(text)
+                if m.group("name").startswith("tests-")
+            }
         if new != text:
             if write:
                 path.write_text(new)

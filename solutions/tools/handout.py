@@ -26,7 +26,12 @@ from pathlib import Path
 from testcases.manifest import REPO, student_files
 
 DROPPED = ("solutions", ".ci")
-STRIPPED = ("README.md", "tutorial/*.md")  # pages (globs) whose <!-- instructor --> passages a handout drops
+STRIPPED = (
+    "README.md",
+    "README.zh-CN.md",
+    "tutorial/*.md",
+    "tutorial/zh-CN/*.md",
+)  # pages (globs) whose <!-- instructor --> passages a handout drops
 # An instructor passage, and whether it starts a line and ends one: then its lines go entirely.
 INSTRUCTOR_ONLY = re.compile(r"(^)?<!-- instructor -->.*?<!-- /instructor -->(\n)?", re.DOTALL | re.MULTILINE)
 
