@@ -39,8 +39,8 @@ PARTIAL = {"README.md": "## Commands"}
 FENCE = re.compile(r"^(```|~~~)")
 HEADING = re.compile(r"^(#{1,6})\s+(.*)$")
 GENERATED = re.compile(r"<!-- generated: ([\w.-]+) -->\n.*?<!-- /generated -->", re.DOTALL)
-INLINE_CODE = re.compile(r"`[^`\n]+`")
-INLINE_MATH = re.compile(r"(?<![\\$])\$(?!\$)[^$\n]+?\$")
+INLINE_CODE = re.compile(r"`[^`]+`")
+INLINE_MATH = re.compile(r"(?<![\\$])\$(?!\$)[^$]+?\$")
 LINK = re.compile(r"\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 NUMBER = re.compile(r"(?<![\w.])[-−]?\d[\d,]*(?:\.\d+)?(?:e[-+]?\d+)?")
 
@@ -93,10 +93,15 @@ def resolve(target: str, page: str) -> str:
 
 
 def atoms(text: str, page: str) -> Counter:
-    """The non-prose atoms of one block: inline code, inline formulas, numbers, link targets."""
+    """The non-prose atoms of one block: inline code, inline formulas, numbers, link targets.
+
+    A span may wrap across the block's lines (Markdown renders the line break as a space): the lines are
+    joined first, and whitespace inside an atom counts as one space.
+    """
+    text = " ".join(text.split("\n"))
     found: list[str] = []
     for pattern, kind in ((INLINE_CODE, "code"), (INLINE_MATH, "math")):
-        found += [f"{kind}:{m.group(0)}" for m in pattern.finditer(text)]
+        found += [f"{kind}:{' '.join(m.group(0).split())}" for m in pattern.finditer(text)]
         text = pattern.sub(" ", text)
     found += [f"link:{resolve(m.group(1), page)}" for m in LINK.finditer(text)]
     text = LINK.sub("]", text)
