@@ -16,6 +16,10 @@ and what follows it up to the next heading):
   comes from solutions/tools/docs.py for each language);
 - ``<details>`` blocks (the layered hints): the same number per section.
 
+A passage between ``<!-- untranslated -->`` and ``<!-- /untranslated -->`` belongs to one language only (the
+English pages' link to their Chinese twins, the Chinese README's note on what it leaves to the English one)
+and is left out on either side.
+
 Links are compared by the file they reach, relative to the repository, so ``[…](02-lora-in-a-model.md)`` in
 ``tutorial/`` and in ``tutorial/zh-CN/`` (where it reaches the Chinese page 02) count as the same link when
 the Chinese page exists, and ``../model/lora.py`` there must become ``../../model/lora.py``.
@@ -38,6 +42,7 @@ ZH = "zh-CN"
 PARTIAL = {"README.md": "## Commands"}
 FENCE = re.compile(r"^(```|~~~)")
 HEADING = re.compile(r"^(#{1,6})\s+(.*)$")
+UNTRANSLATED = re.compile(r"<!-- untranslated -->.*?<!-- /untranslated -->\n?", re.DOTALL)
 GENERATED = re.compile(r"<!-- generated: ([\w.-]+) -->\n.*?<!-- /generated -->", re.DOTALL)
 INLINE_CODE = re.compile(r"`[^`]+`")
 INLINE_MATH = re.compile(r"(?<![\\$])\$(?!\$)[^$]+?\$")
@@ -112,6 +117,7 @@ def atoms(text: str, page: str) -> Counter:
 
 def parse(text: str, page: str) -> list[Section]:
     """The page as sections of comparable atoms (see the module docstring)."""
+    text = UNTRANSLATED.sub("", text)
     sections = [Section("(top)", 0)]
     generated_spans = [(m.start(), m.end(), m.group(1)) for m in GENERATED.finditer(text)]
     lines, i, offset = text.split("\n"), 0, 0
