@@ -518,6 +518,24 @@ def calm_hypothesis() -> None:
     phases = tuple(phase for phase in current.phases if phase is not Phase.explain)
     settings.register_profile("grading-sandbox", parent=current, database=None, phases=phases)
     settings.load_profile("grading-sandbox")
+    _warm_hypothesis()
+
+
+def _warm_hypothesis() -> None:
+    """Run one trivial property test before the sandbox is installed.
+
+    Hypothesis creates and registers its own random generator on the first derandomized run (the
+    default under ``CI=true``), and registering it walks the interpreter's objects
+    (``gc.get_referrers``), which the sandbox refuses. Done once here, it is not done again.
+    """
+    from hypothesis import given, settings, strategies
+
+    @settings(max_examples=1, database=None, derandomize=True)
+    @given(strategies.just(None))
+    def warm(_):
+        """Nothing to check: running is the point."""
+
+    warm()
 
 
 def _disarm(audit: Callable[..., None]) -> None:

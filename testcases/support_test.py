@@ -956,11 +956,18 @@ os._exit(0)
 """
 
 
-def test_a_failing_property_test_fails_for_its_own_reason_under_the_sandbox(tmp_path):
-    """Hypothesis under the sandbox: a failing property shows its failure, not a refusal (no tracer, no database)."""
+@pytest.mark.parametrize("ci", ["", "true"], ids=["CI unset", "CI=true"])
+def test_a_failing_property_test_fails_for_its_own_reason_under_the_sandbox(tmp_path, ci):
+    """Hypothesis under the sandbox: a failing property shows its failure, not a refusal (no tracer, no database).
+
+    ``CI=true`` matters: Hypothesis then loads its derandomized "ci" profile, whose first run registers
+    a random generator by walking the interpreter's objects (``gc.get_referrers``).
+    """
     (tmp_path / "failing_property.py").write_text(FAILING_PROPERTY)
+    env = {key: value for key, value in os.environ.items() if key != "CI"}
+    env.update({"PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path / "tmp")}, **({"CI": ci} if ci else {}))
     proc = subprocess.run([sys.executable, "failing_property.py", str(REPO)], cwd=tmp_path, capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path / "tmp")})  # fmt: skip
+                          text=True, env=env)  # fmt: skip
     assert "failed as it should: too big" in proc.stdout and "refused: ()" in proc.stdout, proc.stdout + proc.stderr
 
 
