@@ -149,7 +149,8 @@ def hf_config_dict(config: LlamaConfig, dtype: torch.dtype = torch.float32) -> d
         "attention_bias": False,
         "mlp_bias": False,
         "tie_word_embeddings": config.tie_word_embeddings,
-        "torch_dtype": str(dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch."),  # transformers 5 reads "dtype"
+        "torch_dtype": str(dtype).removeprefix("torch."),  # and transformers 4 "torch_dtype"
     }
 
 
