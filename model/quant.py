@@ -101,10 +101,14 @@ def quantize_tensor(
         zero_point = round(−lo / scale)     an integer in [0, qmax]
         q = clamp(round(x / scale) + zero_point, 0, qmax)
 
-    Round-trip error |dequantize(q) − x| ≤ scale / 2 for every element.
+    Round-trip error |dequantize(q) − x| ≤ scale / 2 for every element (plus float32 rounding, which
+    in a block of subnormal values is absolute: a few 2^-149).
 
     Args:
-        x: a finite float tensor of any shape.
+        x: a finite float tensor (float32, float64, bfloat16 or float16, read as float32) of any shape
+            and memory layout, with values of any magnitude up to ±2^127 (half of float32's largest
+            value): there hi − lo can overflow float32, so compute the scale as hi/qmax − lo/qmax
+            where (hi − lo)/qmax is infinite. x itself is never modified.
         num_bits: 2 … 8.
         block_size: elements per block of the flattened tensor; None = one block (per tensor).
 
@@ -231,7 +235,12 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, block_size: int) -> 
     Per block: scaled = x · (1 / absmax) in float32 (the reciprocal first, as bitsandbytes does:
     ``x / absmax`` rounds differently and flips codes that sit on a midpoint), clamped to
     [−1, 1]; code index = nearest level, ties to the lower. An all-zero block has absmax 0:
-    its reciprocal is taken as 0, so every element maps to the level nearest 0.
+    its reciprocal is taken as 0, so every element maps to the level nearest 0. A block of
+    subnormal values whose absmax is below about 2.9e-39 (2^-128) has a reciprocal that overflows
+    float32 to inf (0 · inf is NaN): that block alone is scaled by dividing, x / absmax.
+
+    x: any float dtype (read as float32), any shape and memory layout, never modified; values of
+    any finite magnitude.
     """
     raise NotImplementedError(
         "Exercise 3.4: absmax, multiply by the reciprocal, nearest code (use block_absmax, nearest_code) — see tutorial/03-quantization.md"

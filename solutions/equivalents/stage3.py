@@ -6,11 +6,11 @@ EQUIVALENTS = [
     Variant(
         "uniform_scale_by_reciprocal",
         "3.1",
-        "q = round(x · (1/scale)) instead of round(x / scale).",
+        "q = round(x · (1/scale)) instead of round(x / scale), the reciprocal in float64 (a subnormal scale's overflows float32).",
         (
             (
                 "q = torch.round(blocks / scale[:, None]) + zero_point[:, None]",
-                "q = torch.round(blocks * (1.0 / scale)[:, None]) + zero_point[:, None]",
+                "q = torch.round(blocks * (1.0 / scale.double())[:, None]) + zero_point[:, None]",
             ),
         ),
     ),

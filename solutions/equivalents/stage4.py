@@ -53,8 +53,12 @@ EQUIVALENTS = [
         "export_by_building_merged_linears",
         "4.4",
         "merge_and_export computes dequant(W0) + ΔW itself and builds each nn.Linear once.",
-        block="4.4: dequantize the bases, then merge and unload",
+        block="4.4: check every LoRA base",
         code="""
+            for _, layer in lora_layers(model):
+                if not isinstance(layer.base_layer, (NF4Linear, nn.Linear)):
+                    raise TypeError(f"cannot merge into a {type(layer.base_layer).__name__} base (not an nn.Linear)")
+
             def plain(weight, bias):
                 linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
                 linear = linear.to(device=weight.device, dtype=dtype)

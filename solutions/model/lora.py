@@ -240,8 +240,12 @@ class LoRALayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``h = base_layer(x) + scaling · B (A (dropout(x)))``, never forming B @ A.
 
-        x: (..., in_features), any number of leading dimensions; returns (..., out_features)
-        in the dtype the base layer returns (under autocast: the autocast dtype).
+        x: (..., in_features), any number of leading dimensions, none included (a 1-D x of shape
+        (in_features,) gives (out_features,)), sizes of 1 included, in any memory layout
+        (transposed, strided, offset views); in a dtype the base layer takes (its weight's, or any
+        under autocast). x is never modified. Returns (..., out_features) in the dtype the base layer
+        returns (under autocast: the autocast dtype), whatever the adapters' dtype: the LoRA term
+        is computed in A's dtype and cast to the output's.
 
         Cost: the two thin products add 2·r·(k + d) FLOPs per token to the base's 2·k·d
         (r = 8, k = d = 512: +3 %). Forming B @ A first would cost d·k·r per *call*.
@@ -276,7 +280,10 @@ class LoRALayer(nn.Module):
         """Fold ΔW into the base weight: W0 ← W0 + ΔW. Safe to call twice (the second is a no-op).
 
         After merging, ``forward`` runs the base layer only, so inference costs nothing extra.
-        Exact up to rounding: unmerge() restores W0 to within one rounding step.
+        Exact up to rounding: unmerge() restores W0 to within one rounding step. The weight keeps
+        its dtype (a bf16 or fp16 W0 stays bf16 or fp16: ΔW is computed in the adapters' dtype and
+        rounded once to the weight's). A base that is not an ``nn.Linear`` is refused with a
+        TypeError (``mergeable_weight``), changing nothing.
         """
         # BEGIN SOLUTION 1.3: add the update to the base weight once (use mergeable_weight)
         if self.merged:
@@ -420,9 +427,17 @@ def print_trainable_parameters(model: nn.Module) -> str:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Merge every LoRALayer (``merge`` on each; safe to call twice). Returns the model."""
-    # BEGIN SOLUTION 2.3: merge each layer (use lora_layers)
-    for _, layer in lora_layers(model):
+    """Merge every LoRALayer (``merge`` on each; safe to call twice). Returns the model.
+
+    All or nothing: if one layer cannot be merged (its base is not an ``nn.Linear``), the
+    TypeError comes before any layer is merged (check every base with ``mergeable_weight`` first).
+    """
+    # BEGIN SOLUTION 2.3: check every layer, then merge each (use lora_layers, mergeable_weight)
+    layers = [layer for _, layer in lora_layers(model)]
+    for layer in layers:
+        if not layer.merged:
+            mergeable_weight(layer.base_layer)  # a TypeError here leaves every layer as it was
+    for layer in layers:
         layer.merge()
     return model
     # END SOLUTION
@@ -440,10 +455,16 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge, then replace each LoRALayer by its base ``nn.Linear``: a plain model again.
 
-    Its outputs equal the LoRA model's up to rounding, and it has no LoRA parameters left.
+    Its outputs equal the LoRA model's up to rounding, and it has no LoRA parameters left. All or
+    nothing, like ``merge_lora``: a layer that cannot be merged raises the TypeError before any
+    layer is merged or unwrapped.
     """
-    # BEGIN SOLUTION 2.3: merge, then put the base layers back
-    for path, layer in list(lora_layers(model)):
+    # BEGIN SOLUTION 2.3: check every layer, then merge and put the base layers back
+    layers = list(lora_layers(model))
+    for _, layer in layers:
+        if not layer.merged:
+            mergeable_weight(layer.base_layer)  # refuse before anything changes
+    for path, layer in layers:
         layer.merge()
         model.set_submodule(path, layer.base_layer)
     return model
@@ -526,7 +547,8 @@ def load_lora(model: nn.Module, directory: str | Path) -> nn.Module:
 
     Raises ValueError, leaving the model untouched, when the adapter does not fit: a module it
     names is missing, a LoRA layer has no weights in it, the rank or alpha differs, or a
-    tensor's shape is wrong.
+    tensor's shape is wrong. Every check comes before the first change: a model that already has
+    LoRA layers gets no layer's weights copied when a later layer's tensor has the wrong shape.
     """
     # BEGIN SOLUTION 2.4: check everything, then inject (if needed) and copy
     directory = Path(directory)

@@ -99,10 +99,14 @@ def quantize_tensor(
         zero_point = round(−lo / scale)     an integer in [0, qmax]
         q = clamp(round(x / scale) + zero_point, 0, qmax)
 
-    Round-trip error |dequantize(q) − x| ≤ scale / 2 for every element.
+    Round-trip error |dequantize(q) − x| ≤ scale / 2 for every element (plus float32 rounding, which
+    in a block of subnormal values is absolute: a few 2^-149).
 
     Args:
-        x: a finite float tensor of any shape.
+        x: a finite float tensor (float32, float64, bfloat16 or float16, read as float32) of any shape
+            and memory layout, with values of any magnitude up to ±2^127 (half of float32's largest
+            value): there hi − lo can overflow float32, so compute the scale as hi/qmax − lo/qmax
+            where (hi − lo)/qmax is infinite. x itself is never modified.
         num_bits: 2 … 8.
         block_size: elements per block of the flattened tensor; None = one block (per tensor).
 
@@ -120,6 +124,7 @@ def quantize_tensor(
     lo = blocks.min(dim=1).values.clamp(max=0)  # (n_blocks,)
     hi = blocks.max(dim=1).values.clamp(min=0)
     scale = (hi - lo) / qmax
+    scale = torch.where(torch.isinf(scale), hi / qmax - lo / qmax, scale)  # hi − lo overflowed: |x| near 2^127
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero_point = torch.round(-lo / scale).clamp(0, qmax)
     q = torch.round(blocks / scale[:, None]) + zero_point[:, None]
@@ -295,14 +300,21 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, block_size: int) -> 
     Per block: scaled = x · (1 / absmax) in float32 (the reciprocal first, as bitsandbytes does:
     ``x / absmax`` rounds differently and flips codes that sit on a midpoint), clamped to
     [−1, 1]; code index = nearest level, ties to the lower. An all-zero block has absmax 0:
-    its reciprocal is taken as 0, so every element maps to the level nearest 0.
+    its reciprocal is taken as 0, so every element maps to the level nearest 0. A block of
+    subnormal values whose absmax is below about 2.9e-39 (2^-128) has a reciprocal that overflows
+    float32 to inf (0 · inf is NaN): that block alone is scaled by dividing, x / absmax.
+
+    x: any float dtype (read as float32), any shape and memory layout, never modified; values of
+    any finite magnitude.
     """
     # BEGIN SOLUTION 3.4: absmax, multiply by the reciprocal, nearest code (use block_absmax, nearest_code)
     check_block_size(block_size)
     absmax = block_absmax(x, block_size)  # (n_blocks,)
     check_finite(absmax, "the absmax of x")  # a NaN or ±inf anywhere makes its block's absmax non-finite
     inverse = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
-    scaled = (to_blocks(x.float(), block_size) * inverse[:, None]).clamp_(-1, 1)  # (n_blocks, block_size)
+    blocks = to_blocks(x.float(), block_size)  # (n_blocks, block_size); a view of x where it can be: not in place
+    tiny = torch.isinf(inverse)[:, None]  # a subnormal absmax: 1 / absmax overflowed
+    scaled = torch.where(tiny, blocks / absmax[:, None], blocks * inverse[:, None]).clamp_(-1, 1)
     codes = nearest_code(scaled, code.to(scaled.device, torch.float32))
     return codes.reshape(-1)[: x.numel()], absmax
     # END SOLUTION

@@ -145,8 +145,8 @@ MUTANTS = [
         "merge_lora returns after merging the first LoRA layer.",
         (
             (
-                "    for _, layer in lora_layers(model):\n        layer.merge()\n    return model",
-                "    for _, layer in lora_layers(model):\n        layer.merge()\n        return model\n    return model",
+                "    for layer in layers:\n        layer.merge()\n    return model",
+                "    for layer in layers:\n        layer.merge()\n        return model\n    return model",
             ),
         ),
     ),
@@ -261,8 +261,8 @@ MUTANTS = [
         "merge_lora merges but returns None instead of the model.",
         (
             (
-                "    for _, layer in lora_layers(model):\n        layer.merge()\n    return model",
-                "    for _, layer in lora_layers(model):\n        layer.merge()",
+                "    for layer in layers:\n        layer.merge()\n    return model",
+                "    for layer in layers:\n        layer.merge()",
             ),
         ),
     ),

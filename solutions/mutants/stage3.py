@@ -135,8 +135,8 @@ MUTANTS = [
         "Scaling by x / absmax instead of x * (1 / absmax): codes flip on midpoints.",
         (
             (
-                "scaled = (to_blocks(x.float(), block_size) * inverse[:, None]).clamp_(-1, 1)",
-                "scaled = (to_blocks(x.float(), block_size) / torch.where(absmax > 0, absmax, 1.0)[:, None]).clamp_(-1, 1)",
+                "scaled = torch.where(tiny, blocks / absmax[:, None], blocks * inverse[:, None]).clamp_(-1, 1)",
+                "scaled = (blocks / torch.where(absmax > 0, absmax, 1.0)[:, None]).clamp_(-1, 1)",
             ),
         ),
     ),

@@ -179,7 +179,7 @@ MUTANTS = [
         "The decay runs over max_steps instead of the steps after warmup.",
         (
             (
-                "    progress = (step - warmup) / max(1, config.max_steps - warmup)",
+                "    progress = (step - warmup) / (config.max_steps - warmup) if config.max_steps > warmup else 1.0",
                 "    progress = step / config.max_steps",
             ),
         ),
@@ -347,6 +347,11 @@ MUTANTS = [
                 '    if any(True for _ in lora_layers(model)):\n        raise ValueError("the model already has LoRA layers; prepare a fresh base model")\n',
                 "",
             ),
+            (
+                "        for name, linear in originals.items():  # refused: the full-precision layers go back\n"
+                "            model.set_submodule(name, linear)\n",
+                "        pass\n",
+            ),
         ),
     ),
     Variant(
@@ -414,7 +419,7 @@ MUTANTS = [
         "4.3",
         "load_checkpoint skips parameters the model lacks instead of refusing the file.",
         (
-            ('        if missing := sorted(set(state["trainable"]) - set(params)):', "        if missing := []:"),
+            ('        if extra := sorted(set(state["trainable"]) - set(params)):', "        if extra := []:"),
             (
                 "                params[name].copy_(tensor)",
                 "                if name in params:\n                    params[name].copy_(tensor)",
