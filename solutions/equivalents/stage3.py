@@ -6,11 +6,13 @@ EQUIVALENTS = [
     Variant(
         "uniform_scale_by_reciprocal",
         "3.1",
-        "q = round(x · (1/scale)) instead of round(x / scale), the reciprocal in float64 (a subnormal scale's overflows float32).",
+        "q = round(x · (1/scale)) instead of round(x / scale), dividing only where 1/scale overflows (a subnormal scale).",
         (
             (
                 "q = torch.round(blocks / scale[:, None]) + zero_point[:, None]",
-                "q = torch.round(blocks * (1.0 / scale.double())[:, None]) + zero_point[:, None]",
+                "inverse = (1.0 / scale)[:, None]\n"
+                "    scaled = torch.where(torch.isinf(inverse), blocks / scale[:, None], blocks * inverse)\n"
+                "    q = torch.round(scaled) + zero_point[:, None]",
             ),
         ),
     ),
