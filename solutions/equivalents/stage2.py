@@ -73,4 +73,26 @@ EQUIVALENTS = [
             return model
             """,
     ),
+    Variant(
+        "merge_lora_restores_copies_on_error",
+        "2.3",
+        "merge_lora merges layer after layer and, if one refuses, puts back exact copies of the weights it changed.",
+        block="2.3: check every layer, then merge each",
+        code="""
+            done = []
+            try:
+                for _, layer in lora_layers(model):
+                    if not layer.merged:
+                        saved = layer.base_layer.weight.detach().clone() if hasattr(layer.base_layer, "weight") else None
+                        layer.merge()
+                        done.append((layer, saved))
+            except TypeError:
+                with torch.no_grad():
+                    for layer, saved in done:
+                        layer.base_layer.weight.copy_(saved)
+                        layer.merged = False
+                raise
+            return model
+            """,
+    ),
 ]

@@ -583,7 +583,9 @@ def test_merge_and_unmerge_for_every_size_and_dtype(lora, dtype):
                          steps=2 * case.r + 6, magnitude=lambda W, B, A: W + 2 * s * (B @ A))  # fmt: skip
         assert_close(base.weight, back.value, "weight after merge(); unmerge()", bound=back.bound,
                      hint="unmerge() subtracts the same ΔW, in the weight's dtype")  # fmt: skip
-        assert base.weight.dtype == dtype and not layer.merged, "after unmerge() the weight keeps its dtype, merged False"
+        assert base.weight.dtype == dtype and not layer.merged, (
+            "after unmerge() the weight keeps its dtype, merged False"
+        )
 
     for_all(cases(in_features=st.integers(1, 9), out_features=st.integers(1, 9), r=st.integers(1, 4),
                   lora_alpha=st.sampled_from([5, 1, 16]), seed=st.integers(0, 2**16)), check, salt=short(dtype))  # fmt: skip
