@@ -155,7 +155,9 @@ class LoRALayer(nn.Module):
             same as ``nn.Linear``'s weight init) or "gaussian" (A ~ N(0, 1/r²)). B is zero
             either way, so a fresh layer reproduces its base layer exactly.
         base_layer: the layer to wrap (used by ``from_linear``); by default a new
-            ``nn.Linear(in_features, out_features)``. It is frozen, never copied.
+            ``nn.Linear(in_features, out_features)``. It is frozen, never copied. A bad argument
+            raises a ValueError naming it (``check_lora_args``) BEFORE anything happens: a refused
+            layer leaves the given base layer as it was (still trainable).
 
     Attributes:
         base_layer: the frozen layer W0 (``nn.Linear`` or any layer with the same call, such as
@@ -211,6 +213,7 @@ class LoRALayer(nn.Module):
 
         "kaiming": ``kaiming_uniform_(A, a=√5)``, i.e. U(-1/√k, 1/√k) for k = in_features.
         "gaussian": A ~ N(0, (1/r)²).
+        Any other name raises a ValueError naming init_lora_weights before A or B changes.
         """
         raise NotImplementedError("Exercise 1.1: initialise A randomly and B to zero — see tutorial/01-lora-layer.md")
 
@@ -235,7 +238,7 @@ class LoRALayer(nn.Module):
     # ---- Exercise 1.3: merge and unmerge ------------------------------------------------------
 
     def delta_weight(self) -> torch.Tensor:
-        """ΔW = scaling · B @ A, shape (out_features, in_features), like ``base_layer.weight``."""
+        """ΔW = scaling · B @ A, shape (out_features, in_features), like ``base_layer.weight``, in the adapters' dtype."""
         raise NotImplementedError("Exercise 1.3: the update as a full matrix — see tutorial/01-lora-layer.md")
 
     def merge(self) -> None:
@@ -297,7 +300,8 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
     """Freeze every parameter except ``lora_A`` / ``lora_B`` (loralib's contract).
 
     bias: "none" freezes all biases; "all" trains every bias in the model; "lora_only" trains
-    the biases of the layers that LoRA wraps.
+    the biases of the layers that LoRA wraps. Any other value raises a ValueError naming bias and
+    the three allowed values, before any requires_grad changes.
     """
     raise NotImplementedError(
         "Exercise 2.1: requires_grad only for LoRA (and the chosen biases) — see tutorial/02-lora-in-a-model.md"
@@ -372,6 +376,9 @@ def save_lora(model: nn.Module, directory: str | Path) -> Path:
     ``target_modules``, ``bias``, ...), so ``peft.PeftModel.from_pretrained`` can read it.
     Every LoRA layer must share one r and one lora_alpha, and nothing but A and B may be
     trainable (a trained bias would silently be lost). Returns the directory.
+
+    Raises ValueError (no LoRA layer; two settings of r / lora_alpha; another trainable parameter)
+    before writing anything: an adapter already in ``directory`` stays byte for byte as it was.
     """
     raise NotImplementedError("Exercise 2.4: config + tensors — see tutorial/02-lora-in-a-model.md")
 

@@ -153,8 +153,9 @@ def prepare_qlora_model(
     Only ``lora_A`` / ``lora_B`` require gradients afterwards.
 
     Raises ValueError and leaves the model exactly as it was (no layer quantized, none wrapped) when
-    the model already has LoRA layers, or when ``get_lora_model`` refuses ``config.target_modules``
-    or a LoRA setting: a refusal after quantizing puts the original layers back.
+    the model already has LoRA layers, when a weight holds a non-finite value (NaN or inf: NF4 cannot
+    quantize it), or when ``get_lora_model`` refuses ``config.target_modules`` or a LoRA setting: quantize
+    every layer before swapping any in, and a refusal after swapping puts the original layers back.
     """
     # BEGIN SOLUTION 4.2: quantize the linear layers, then add LoRA (all or nothing)
     if any(True for _ in lora_layers(model)):
@@ -194,7 +195,8 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
 
     - ``lora_A`` (and any other trainable matrix): lr, weight_decay
     - ``lora_B``: lr × loraplus_lr_ratio if set (LoRA+, Hayou et al. 2024), weight_decay
-    - trainable vectors (biases, norms): lr, no weight decay
+    - trainable vectors (biases, norms: every trainable parameter with ndim < 2, a norm's weight
+      as much as a bias): lr, no weight decay
 
     Frozen parameters (and the NF4 buffers) are never handed to the optimizer: they must not
     train, and the moment anything gave them a gradient, AdamW would update the "frozen" weights
@@ -256,6 +258,9 @@ class QLoRATrainer:
 
     Attributes: model, config, device, optimizer, scheduler (LambdaLR over ``lr_factor``),
     scaler (a GradScaler, enabled for fp16 only, on any device), step, skipped_steps (non-finite steps), history.
+
+    Construction raises ValueError before changing the model or writing a file when batch_size is larger
+    than the training set, or when the model has nothing trainable (``build_optimizer``).
     """
 
     # ---- Given: construction, data, precision, the training loop, evaluation, outputs ----------
@@ -500,7 +505,9 @@ def merge_and_export(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
     Never merge into 4-bit weights: re-quantizing W0 + ΔW adds NF4 rounding error that is as
     large as a small ΔW (and erases updates below half a quantization step). Each ``NF4Linear``
     becomes an ``nn.Linear`` holding its dequantized weight in ``dtype`` (layers that were never
-    quantized keep their dtype), then ``merge_and_unload`` folds the adapters in. Outputs match
+    quantized keep their dtype; the bias is cast to ``dtype`` too), then ``merge_and_unload`` folds the
+    adapters in (ΔW rounded once to the weight's dtype). ``dtype``: float32, float64, bfloat16 or
+    float16. Outputs match
     the QLoRA model's up to rounding. Any number of NF4 blocks per layer, any number of
     double-quantization blocks (more than 256 blocks: more than one second-level scale).
 
