@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import nn
 
-from testcases.helpers import LargestAllocation, expect_refusal, observe, randomize_lora, word
+from testcases.helpers import LargestAllocation, expect_refusal, observe, randomize_lora
 from testcases.properties import FLOATS, LAYOUTS, cases, for_all, in_layout, short
 from testcases.stage1.basic import ALPHA, IN, OUT, R, check_factors, formula_reference, lora_formula
 from testcases.tolerances import UNIT_ROUNDOFF, assert_close, expect_tensor, reference
@@ -37,9 +37,7 @@ from testcases.tolerances import UNIT_ROUNDOFF, assert_close, expect_tensor, ref
 def test_lora_layer_error_names_the_argument_and_range(lora, kwargs, argument):
     """Every bad argument raises a ValueError naming the argument and its allowed values."""
     args = {"in_features": 8, "out_features": 8, **kwargs}
-    with pytest.raises(ValueError, match=word(argument)) as error:
-        lora.LoRALayer(**args)
-    message = str(error.value)
+    message = str(expect_refusal(lora.LoRALayer, **args, names=(argument,)))
     assert any(ch.isdigit() for ch in message) or "one of" in message or "kaiming" in message, (
         f"the message should also say the allowed values (e.g. 'r must be an int >= 1'), got: {message}"
     )
@@ -100,8 +98,7 @@ def test_reset_lora_parameters_resets_and_checks_its_argument(lora):
     assert layer.lora_A.detach().abs().max() > 1 / 64**0.5, (
         "'gaussian' redraws A from N(0, 1/r²) (beyond Kaiming's bound)"
     )
-    with pytest.raises(ValueError, match=word("init_lora_weights")):
-        layer.reset_lora_parameters("xavier")
+    expect_refusal(layer.reset_lora_parameters, "xavier", names=("init_lora_weights",), model=layer)
 
 
 @pytest.mark.exercise("1.1")
@@ -471,9 +468,8 @@ def test_merge_refuses_a_non_linear_base(lora):
             return 2 * x
 
     layer = lora.LoRALayer(4, 4, r=2, base_layer=Scale())
-    with pytest.raises(TypeError, match="Linear"):
-        layer.merge()
-    assert layer.merged is False, "a refused merge must leave merged = False"
+    randomize_lora(layer)
+    expect_refusal(layer.merge, error=TypeError, names=("Linear",), model=layer, what="the base is a Scale module")
 
 
 # ---- Properties (Hypothesis, testcases/properties.py) and refusals -------------------------------------------
