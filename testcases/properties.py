@@ -9,7 +9,7 @@ oracle computed in the test process (float64, or the exact IEEE operations the c
 against stored values.
 
 The grade does not depend on the machine, the clock or the seed: the profile ``course`` is derandomized (the
-examples follow from each check's source code), keeps no example database, has no deadline, suppresses the
+examples follow from each check's name), keeps no example database, has no deadline, suppresses the
 health checks (some measure time) and draws a modest number of examples. ``--seed N`` with N ≠ 0 (``make
 stress``) switches to the ``course-stress`` profile seeded with N, so other examples are explored; grading
 (``--seed 0``) always sees the same ones.
@@ -61,14 +61,14 @@ settings.register_profile(f"{PROFILE}-stress", parent=settings.get_profile(PROFI
 def for_all(strategy: st.SearchStrategy, check, salt: str = "", max_examples: int = EXAMPLES) -> None:
     """Run ``check(case)`` on examples drawn from ``strategy``; on a failure, name the smallest failing case.
 
-    The examples follow from check's source code and ``salt`` (a parametrized test passes its parameter, so
-    each case draws its own examples, as Hypothesis's pytest plugin does for parametrized tests). A stub's
+    The examples follow from check's qualified name and ``salt`` (a parametrized test passes its parameter,
+    so each case draws its own examples, as Hypothesis's pytest plugin does for parametrized tests). A stub's
     NotImplementedError and an import error pass through unchanged (the grader reports them as such); any
     other error becomes an AssertionError whose message ends with the case that caused it.
     """
     __tracebackhide__ = True
 
-    @functools.wraps(check)  # the derandomized examples follow from check's source
+    @functools.wraps(check)
     def run(case):
         __tracebackhide__ = True
         try:
@@ -88,6 +88,7 @@ def for_all(strategy: st.SearchStrategy, check, salt: str = "", max_examples: in
             message = f"{type(error).__name__}: {first}{where}\n  raised on the smallest failing input Hypothesis found: {case}"
             raise AssertionError(message).with_traceback(_up_to_the_check(error.__traceback__)) from None
 
+    del run.__wrapped__  # Hypothesis calls run(case=...) whatever check's own parameter is called
     key = f"{check.__qualname__}:{salt}"
     run._hypothesis_internal_add_digest = key.encode()  # what Hypothesis's pytest plugin sets for parametrized tests
     stress = helpers.SEED_OFFSET != 0
