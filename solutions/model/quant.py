@@ -613,8 +613,9 @@ class NF4Linear(nn.Module):
         """x (..., in) -> (..., out): dequantize, then an ordinary linear in compute_dtype.
 
         x: any number of leading dimensions (none: a 1-D x of shape (in,) gives (out,)), any float
-        dtype (cast to compute_dtype), any memory layout; never modified. The output is in
-        compute_dtype whatever x's dtype (under autocast: the autocast dtype).
+        dtype (cast to compute_dtype), any memory layout; never modified. Outside autocast the output
+        is in compute_dtype, whatever x's dtype; under autocast, in the dtype autocast's rules give
+        (the autocast dtype for ``F.linear``).
         """
         # BEGIN SOLUTION 3.6: dequantize on the fly, then F.linear
         weight = self.dequantize_weight()  # (out, in), never stored

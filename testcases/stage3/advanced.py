@@ -788,6 +788,8 @@ def test_nf4_linear_for_every_shape_dtype_and_layout(quant):
         )
         values = torch.randn(*case.leading, case.in_features, generator=gen)
         bias = linear.bias.detach().float() if case.bias else torch.zeros(case.out_features)
+        # Outside autocast: compute_dtype. Under bf16 autocast: what autocast's rules give (bf16 for F.linear; a bias
+        # added after an autocast matmul promotes), checked to bf16's rounding.
         dtype = torch.bfloat16 if case.autocast else compute
         for x_dtype in dict.fromkeys([compute, *FLOATS]):  # x in the compute dtype (no copy when cast) first
             for layout in LAYOUTS:
@@ -797,9 +799,12 @@ def test_nf4_linear_for_every_shape_dtype_and_layout(quant):
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case.autocast):
                     out = layer(x)
                 assert torch.equal(x, kept), f"{what}: forward changed its input x"
-                expect_tensor(out, (*case.leading, case.out_features), what, dtype=dtype,
-                              hint="the output is in compute_dtype (under autocast: the autocast dtype), whatever x's "
-                                   "dtype; a 1-D x (one token, no batch) gives a 1-D output")  # fmt: skip
+                expect_tensor(out, (*case.leading, case.out_features), what,
+                              hint="a 1-D x (one token, no batch) gives a 1-D output")  # fmt: skip
+                assert case.autocast or out.dtype == compute, (
+                    f"{what}: the output must be {short(compute)} (compute_dtype), got {out.dtype}: cast x to "
+                    "compute_dtype and compute there, whatever x's dtype"
+                )
                 ref = reference(lambda x, W, b: x @ W.T + b, x, weight, bias, dtype=dtype, steps=case.in_features + 6)
                 assert_close(out, ref.value, what, bound=ref.bound,
                              hint="cast x to compute_dtype, then an ordinary linear with the dequantized weight (in "
