@@ -551,7 +551,7 @@ def test_forward_for_every_shape_dtype_and_layout(lora, route):
                               "the output's; x of any layout (reshape, never view)")  # fmt: skip
 
     for_all(cases(in_features=st.integers(1, 9), out_features=st.integers(1, 9), r=st.integers(1, 4),
-                  lora_alpha=st.sampled_from([5, 1, 16]), bias=st.booleans(), leading=LEADING,
+                  lora_alpha=st.sampled_from([5, 1, 16]), bias=st.sampled_from([True, False]), leading=LEADING,
                   seed=st.integers(0, 2**16)), check, salt=route)  # fmt: skip
 
 
