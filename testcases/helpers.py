@@ -359,17 +359,6 @@ def describe_value(value: object) -> str:
             if f.default is not dataclasses.MISSING and getattr(value, f.name) != f.default and f.name != "output_dir"
         ]
         return f"{type(value).__name__}({', '.join(changed)})"
-
-
-# ---- refusals that say what they passed (Stages 5–7) ------------------------------------------------
-
-
-def shown(value: object) -> str:
-    """A short, readable repr of an argument for a failure message: tensors by shape, modules by type."""
-    if isinstance(value, torch.Tensor):
-        return f"tensor{tuple(value.shape)}" if value.numel() > 4 else repr(value.tolist())
-    if isinstance(value, nn.Module):
-        return type(value).__name__
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
@@ -428,11 +417,7 @@ def expect_refusal(
     raise AssertionError(f"{shown} must be refused with {expected}, but it returned {describe_value(result)}")
 
 
-def call_text(call, args: tuple, kwargs: dict) -> str:
-    """``name(arg, key=value)`` as the failure message shows the refused call."""
-    name = getattr(call, "__qualname__", None) or type(call).__name__
-    parts = [shown(a) for a in args] + [f"{k}={shown(v)}" for k, v in kwargs.items()]
-    return f"{name}({', '.join(parts)})"
+# ---- refusals that say what they passed (Stages 5–7) ------------------------------------------------
 
 
 def pattern_text(match: str) -> str:
@@ -459,11 +444,11 @@ def refuses(call, *args, match: str | None = None, error: type[Exception] = Valu
     except error as raised:
         if match is not None and not re.search(match, str(raised)):
             raise AssertionError(
-                f"{call_text(call, args, kwargs)} raised {type(raised).__name__}: {raised}\n"
+                f"{describe_call(call, args, kwargs)} raised {type(raised).__name__}: {raised}\n"
                 f"but its message must name {pattern_text(match)}"
             ) from None
         return raised
     naming = f" naming {pattern_text(match)}" if match is not None else ""
     raise AssertionError(
-        f"{call_text(call, args, kwargs)} must raise {error.__name__}{naming}, but it returned without an error"
+        f"{describe_call(call, args, kwargs)} must raise {error.__name__}{naming}, but it returned without an error"
     )
