@@ -8,8 +8,12 @@ seed fails there.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
+import re
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -195,24 +199,225 @@ class LargestAllocation:
         self.mode.__exit__(*exc)
 
 
-# ---- refusals that say what they passed (Stages 5–7) ------------------------------------------------
+# ---- Refusals: an error that names what is wrong, and nothing changed ---------------------------------
 
 
-def shown(value: object) -> str:
-    """A short, readable repr of an argument for a failure message: tensors by shape, modules by type."""
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit (NaN equals NaN): dtype, shape, device and every value."""
+    if a.dtype != b.dtype or a.shape != b.shape or a.device != b.device:
+        return False
+    if a.is_floating_point() or a.is_complex():
+        return bool(((a == b) | (a.isnan() & b.isnan())).all())
+    return torch.equal(a, b)
+
+
+def _frozen(value: object) -> object:
+    """A deep copy of nested dicts, lists and tensors (tensors cloned), to compare with later."""
     if isinstance(value, torch.Tensor):
-        return f"tensor{tuple(value.shape)}" if value.numel() > 4 else repr(value.tolist())
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {key: _frozen(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_frozen(item) for item in value)
+    return copy.deepcopy(value)
+
+
+def _differences(before: object, after: object, where: str) -> list[str]:
+    """Where two nested structures of dicts, lists, tensors and plain values differ, in words."""
+    if isinstance(before, torch.Tensor) or isinstance(after, torch.Tensor):
+        if not (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor)):
+            return [f"{where} (was {type(before).__name__}, now {type(after).__name__})"]
+        if before.dtype != after.dtype or before.shape != after.shape:
+            return [f"{where} (was {tuple(before.shape)} {before.dtype}, now {tuple(after.shape)} {after.dtype})"]
+        if not _same_tensor(before, after):
+            changed = int((before != after).sum()) if before.numel() else 0
+            return [f"{where} ({changed} of {before.numel()} values)"]
+        return []
+    if isinstance(before, dict) and isinstance(after, dict):
+        found = [f"{where}: {key!r} appeared" for key in after if key not in before]
+        found += [f"{where}: {key!r} disappeared" for key in before if key not in after]
+        for key in before:
+            if key in after:
+                found += _differences(before[key], after[key], f"{where}[{key!r}]")
+        return found
+    if isinstance(before, (list, tuple)) and isinstance(after, (list, tuple)):
+        if len(before) != len(after):
+            return [f"{where} (had {len(before)} entries, now {len(after)})"]
+        return [d for i, (b, a) in enumerate(zip(before, after)) for d in _differences(b, a, f"{where}[{i}]")]
+    if isinstance(before, float) and isinstance(after, float) and before != before and after != after:
+        return []  # NaN, e.g. the loss of a skipped step
+    return [] if before == after else [f"{where} ({before!r} → {after!r})"]
+
+
+def _model_state(model: nn.Module) -> dict[str, object]:
+    return {
+        "modules": [(name, type(module).__name__) for name, module in model.named_modules()],
+        "tensors": {key: value.detach().clone() for key, value in model.state_dict().items()},
+        "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
+        "grads": {name: None if p.grad is None else p.grad.detach().clone() for name, p in model.named_parameters()},
+        "training": {name: module.training for name, module in model.named_modules()},
+        "merged": {name: module.merged for name, module in model.named_modules() if hasattr(module, "merged")},
+        "checkpointing": getattr(model, "gradient_checkpointing", None),
+    }
+
+
+def _files(directory: str | os.PathLike) -> dict[str, bytes] | str:
+    """Every file (its bytes) and folder under ``directory``, or "absent"."""
+    root = Path(directory)
+    if not root.exists():
+        return "absent"
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes() if p.is_file() else b"<folder>" for p in sorted(root.rglob("*"))
+    }
+
+
+def _trainer_state(trainer) -> dict[str, object]:
+    return {
+        "step": trainer.step,
+        "skipped_steps": trainer.skipped_steps,
+        "history": _frozen(trainer.history),
+        "config": _frozen(dataclasses.asdict(trainer.config)),
+        "optimizer": _frozen(trainer.optimizer.state_dict()),
+        "scheduler": _frozen(trainer.scheduler.state_dict()),
+        "scaler": _frozen(trainer.scaler.state_dict()),
+    }
+
+
+class Unchanged:
+    """What a refused call must leave exactly as it was: a model, the files under a folder, a trainer, tensors.
+
+    Compared bit for bit afterwards (``changes``): for a model its modules (names and types), every tensor of
+    its state dict (values, dtype, shape), which parameters train, their gradients, each module's training
+    flag, each LoRA layer's ``merged`` flag, and which Parameter objects it holds; for a folder whether it
+    exists and every file's bytes; for a trainer its model, step counts, history, config and the states of
+    its optimizer, scheduler and GradScaler (and that they are the same objects); tensors by value and dtype.
+    """
+
+    def __init__(self, model=None, directory=None, trainer=None, tensors: dict[str, torch.Tensor] | None = None):
+        self.model, self.directory, self.trainer, self.tensors = model, directory, trainer, dict(tensors or {})
+        models = {"the model": model} if model is not None else {}
+        if trainer is not None and trainer.model is not model:
+            models["the trainer's model"] = trainer.model
+        self.models = {label: (m, _model_state(m), dict(m.named_parameters())) for label, m in models.items()}
+        self.files = None if directory is None else _files(directory)
+        if trainer is not None:
+            self.trainer_state = _trainer_state(trainer)
+            self.parts = {name: getattr(trainer, name) for name in ("model", "optimizer", "scheduler", "scaler")}
+        self.tensor_state = {name: t.detach().clone() for name, t in self.tensors.items()}
+
+    def changes(self) -> list[str]:
+        """What changed since construction, in words (empty if nothing did)."""
+        found: list[str] = []
+        for label, (model, state, params) in self.models.items():
+            now = _model_state(model)
+            if now["modules"] != state["modules"]:
+                was, new = dict(state["modules"]), dict(now["modules"])
+                moved = [n for n in sorted(set(was) | set(new)) if was.get(n) != new.get(n)]
+                found.append(f"{label}'s modules ({moved[0]}: {was.get(moved[0])} → {new.get(moved[0])})")
+            found += _differences(state["tensors"], now["tensors"], f"{label}'s state dict")
+            for key in ("requires_grad", "grads", "training", "merged", "checkpointing"):
+                found += _differences(state[key], now[key], f"{label}'s {key}")
+            replaced = [n for n, p in model.named_parameters() if n in params and params[n] is not p]
+            found += [f"{label}'s Parameter {replaced[0]} (a new object)"] if replaced else []
+        if self.directory is not None:
+            now_files = _files(self.directory)
+            if now_files != self.files:
+                if self.files == "absent":
+                    found.append(f"the folder {Path(self.directory).name!r} (it was created)")
+                elif now_files == "absent":
+                    found.append(f"the folder {Path(self.directory).name!r} (it was deleted)")
+                else:
+                    names = sorted(set(self.files) | set(now_files))
+                    found += [f"the file {n!r}" for n in names if self.files.get(n) != now_files.get(n)][:3]
+        if self.trainer is not None:
+            found += _differences(self.trainer_state, _trainer_state(self.trainer), "the trainer")
+            found += [
+                f"the trainer's {n} (a new object)"
+                for n, obj in self.parts.items()
+                if getattr(self.trainer, n) is not obj
+            ]
+        for name, tensor in self.tensors.items():
+            found += _differences(self.tensor_state[name], tensor.detach(), f"the argument {name}")
+        return found
+
+
+def describe_value(value: object) -> str:
+    """A short, readable description of an argument for a failure message."""
+    if isinstance(value, torch.Tensor):
+        layout = "" if value.is_contiguous() else ", non-contiguous"
+        return f"tensor{tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}{layout}"
     if isinstance(value, nn.Module):
-        return type(value).__name__
+        wrapped = sum(1 for m in value.modules() if hasattr(m, "lora_A") and hasattr(m, "merged"))
+        return f"<{type(value).__name__}{f' with {wrapped} LoRA layers' if wrapped else ''}>"
+    if isinstance(value, os.PathLike):
+        path = Path(value)
+        return repr(f"…/{path.parent.name}/{path.name}")
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changed = [
+            f"{f.name}={getattr(value, f.name)!r}"
+            for f in dataclasses.fields(value)
+            if f.default is not dataclasses.MISSING and getattr(value, f.name) != f.default and f.name != "output_dir"
+        ]
+        return f"{type(value).__name__}({', '.join(changed)})"
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def call_text(call, args: tuple, kwargs: dict) -> str:
-    """``name(arg, key=value)`` as the failure message shows the refused call."""
+def describe_call(call, args: tuple, kwargs: dict) -> str:
+    """``load_lora(<TinyLlama with 14 LoRA layers>, '…/tmp/adapter')``: the call as a student would write it."""
     name = getattr(call, "__qualname__", None) or type(call).__name__
-    parts = [shown(a) for a in args] + [f"{k}={shown(v)}" for k, v in kwargs.items()]
+    parts = [describe_value(a) for a in args] + [f"{k}={describe_value(v)}" for k, v in kwargs.items()]
     return f"{name}({', '.join(parts)})"
+
+
+def expect_refusal(
+    call,
+    *args,
+    error: type[Exception] = ValueError,
+    names: tuple[str, ...] = (),
+    allowed: tuple[str, ...] = (),
+    what: str = "",
+    model: nn.Module | None = None,
+    directory: str | os.PathLike | None = None,
+    trainer=None,
+    tensors: dict[str, torch.Tensor] | None = None,
+    **kwargs,
+) -> Exception:
+    """``call(*args, **kwargs)`` must raise ``error`` whose message names each of ``names`` (whole words) and
+    contains each of ``allowed``, and leave ``model``, the files under ``directory``, ``trainer`` and
+    ``tensors`` exactly as they were (``Unchanged``). Every failure message shows the call as it was made
+    (``what`` adds what it means). Returns the error."""
+    __tracebackhide__ = True
+    shown = describe_call(call, args, kwargs) + (f" ({what})" if what else "")
+    expected = f"a {error.__name__}" + (f" naming {' and '.join(repr(n) for n in names)}" if names else "")
+    before = Unchanged(model, directory, trainer, tensors)
+    try:
+        result = call(*args, **kwargs)
+    except (NotImplementedError, ImportError):
+        raise  # a stub or a file that does not import: the grader reports it as such
+    except error as raised:
+        message = str(raised)
+        missing = [n for n in names if not re.search(word(n), message)] + [a for a in allowed if a not in message]
+        if missing:
+            raise AssertionError(
+                f"{shown} raised {error.__name__}: {message!r}; the message must name {missing[0]!r}: say which "
+                "argument is wrong and what is allowed"
+            ) from None
+        if changes := before.changes():
+            raise AssertionError(
+                f"{shown} raised {error.__name__} as it should, but first changed {'; '.join(changes[:3])}. A refusal "
+                "leaves everything as it was: check everything first, then change"
+            ) from None
+        return raised
+    except Exception as other:
+        first = (str(other).strip().splitlines() or [""])[0][:200]
+        raise AssertionError(
+            f"{shown} must be refused with {expected}, but it raised {type(other).__name__}: {first}"
+        ) from None
+    raise AssertionError(f"{shown} must be refused with {expected}, but it returned {describe_value(result)}")
+
+
+# ---- refusals that say what they passed (Stages 5–7) ------------------------------------------------
 
 
 def pattern_text(match: str) -> str:
@@ -239,11 +444,11 @@ def refuses(call, *args, match: str | None = None, error: type[Exception] = Valu
     except error as raised:
         if match is not None and not re.search(match, str(raised)):
             raise AssertionError(
-                f"{call_text(call, args, kwargs)} raised {type(raised).__name__}: {raised}\n"
+                f"{describe_call(call, args, kwargs)} raised {type(raised).__name__}: {raised}\n"
                 f"but its message must name {pattern_text(match)}"
             ) from None
         return raised
     naming = f" naming {pattern_text(match)}" if match is not None else ""
     raise AssertionError(
-        f"{call_text(call, args, kwargs)} must raise {error.__name__}{naming}, but it returned without an error"
+        f"{describe_call(call, args, kwargs)} must raise {error.__name__}{naming}, but it returned without an error"
     )

@@ -36,7 +36,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from model.lora import DEFAULT_TARGET_MODULES, get_lora_model, lora_layers, matches_target, merge_and_unload, save_lora
+from model.lora import (
+    DEFAULT_TARGET_MODULES,
+    get_lora_model,
+    lora_layers,
+    matches_target,
+    merge_and_unload,
+    mergeable_weight,
+    save_lora,
+)
 from model.quant import NF4Linear, bits_per_parameter
 from training.data import exact_match_accuracy, lm_loss
 
@@ -110,9 +118,14 @@ def prepare_qlora_model(
     3. Norms, embeddings and the head stay in fp32; ``model.gradient_checkpointing`` is set.
 
     Only ``lora_A`` / ``lora_B`` require gradients afterwards.
+
+    Raises ValueError and leaves the model exactly as it was (no layer quantized, none wrapped) when
+    the model already has LoRA layers, when a weight holds a non-finite value (NaN or inf: NF4 cannot
+    quantize it), or when ``get_lora_model`` refuses ``config.target_modules`` or a LoRA setting: quantize
+    every layer before swapping any in, and a refusal after swapping puts the original layers back.
     """
     raise NotImplementedError(
-        "Exercise 4.2: quantize the linear layers, then add LoRA — see tutorial/04-qlora-training.md"
+        "Exercise 4.2: quantize the linear layers, then add LoRA (all or nothing) — see tutorial/04-qlora-training.md"
     )
 
 
@@ -124,7 +137,8 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
 
     - ``lora_A`` (and any other trainable matrix): lr, weight_decay
     - ``lora_B``: lr × loraplus_lr_ratio if set (LoRA+, Hayou et al. 2024), weight_decay
-    - trainable vectors (biases, norms): lr, no weight decay
+    - trainable vectors (biases, norms: every trainable parameter with ndim < 2, a norm's weight
+      as much as a bias): lr, no weight decay
 
     Frozen parameters (and the NF4 buffers) are never handed to the optimizer: they must not
     train, and the moment anything gave them a gradient, AdamW would update the "frozen" weights
@@ -138,9 +152,12 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
 def lr_factor(step: int, config: TrainConfig) -> float:
     """The learning-rate multiplier at optimizer step ``step`` (0-based), as in HF transformers.
 
-    warmup = ceil(warmup_ratio · max_steps) steps rising linearly from 0: factor = step / warmup;
-    then, with progress p = (step − warmup) / (max_steps − warmup):
-    linear 1 − p; cosine ½(1 + cos πp); constant 1. Never below 0.
+    warmup = ceil(warmup_ratio · max_steps) steps rising linearly from 0: factor = step / warmup
+    (so the first step of a warm-up trains at factor 0, as in HF: with max_steps = 1 and any
+    warm-up, the one step does not move the weights); then, with progress
+    p = (step − warmup) / (max_steps − warmup): linear 1 − p; cosine ½(1 + cos πp); constant 1.
+    From step max_steps on, the decay is complete: p = 1 (linear and cosine give 0), also when the
+    warm-up covers every step (warmup = max_steps, where the formula would divide by 0). Never below 0.
     """
     raise NotImplementedError("Exercise 4.3: warmup, then decay — see tutorial/04-qlora-training.md")
 
@@ -154,6 +171,9 @@ class QLoRATrainer:
 
     Attributes: model, config, device, optimizer, scheduler (LambdaLR over ``lr_factor``),
     scaler (a GradScaler, enabled for fp16 only, on any device), step, skipped_steps (non-finite steps), history.
+
+    Construction raises ValueError before changing the model or writing a file when batch_size is larger
+    than the training set, or when the model has nothing trainable (``build_optimizer``).
     """
 
     # ---- Given: construction, data, precision, the training loop, evaluation, outputs ----------
@@ -263,7 +283,9 @@ class QLoRATrainer:
         Each micro-batch's loss is divided by their number before backward, so the summed
         gradient is the gradient of the mean loss (k micro-batches of b = one batch of k·b).
         Order: backward (scaled) → unscale → finite check (skip and count) → clip → step →
-        scheduler → zero_grad.
+        scheduler → zero_grad. Afterwards, skipped or not, every trainable parameter's ``.grad`` is
+        None (``zero_grad(set_to_none=True)``): no gradient memory is held between steps. An empty
+        ``micro_batches`` list is refused (ValueError) before anything changes.
         """
         raise NotImplementedError(
             "Exercise 4.3: accumulate, unscale, check, clip, step — see tutorial/04-qlora-training.md"
@@ -280,10 +302,14 @@ class QLoRATrainer:
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore a state written by ``save_checkpoint`` into this trainer (same model layout).
 
-        Raises ValueError naming the parameters the checkpoint has and the model lacks (e.g.
-        ``layers.0.self_attn.q_proj.lora_A``: another model's checkpoint), before anything is restored.
+        All or nothing: a checkpoint that does not fit this trainer raises a ValueError naming the
+        ``path`` and what differs, before anything is restored: a trainable parameter the model lacks
+        (or one of the model's that the checkpoint lacks), a parameter of another shape, optimizer
+        groups of other sizes, or another precision (fp16's GradScaler state on one side only).
         """
-        raise NotImplementedError("Exercise 4.3: restore every piece — see tutorial/04-qlora-training.md")
+        raise NotImplementedError(
+            "Exercise 4.3: check that everything fits, then restore every piece — see tutorial/04-qlora-training.md"
+        )
 
 
 def plot_loss_curves(histories: dict[str, list[dict[str, float]]], path: str | Path) -> Path:
@@ -315,11 +341,17 @@ def merge_and_export(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
     Never merge into 4-bit weights: re-quantizing W0 + ΔW adds NF4 rounding error that is as
     large as a small ΔW (and erases updates below half a quantization step). Each ``NF4Linear``
     becomes an ``nn.Linear`` holding its dequantized weight in ``dtype`` (layers that were never
-    quantized keep their dtype), then ``merge_and_unload`` folds the adapters in. Outputs match
-    the QLoRA model's up to rounding.
+    quantized keep their dtype; the bias is cast to ``dtype`` too), then ``merge_and_unload`` folds the
+    adapters in (ΔW rounded once to the weight's dtype). ``dtype``: float32, float64, bfloat16 or
+    float16. Outputs match
+    the QLoRA model's up to rounding. Any number of NF4 blocks per layer, any number of
+    double-quantization blocks (more than 256 blocks: more than one second-level scale).
+
+    All or nothing: if a LoRA layer's base is neither an ``NF4Linear`` nor an ``nn.Linear``, the
+    TypeError (``mergeable_weight``) comes before any layer is dequantized or merged.
     """
     raise NotImplementedError(
-        "Exercise 4.4: dequantize the bases, then merge and unload — see tutorial/04-qlora-training.md"
+        "Exercise 4.4: check every LoRA base, dequantize the bases, then merge and unload (use mergeable_weight) — see tutorial/04-qlora-training.md"
     )
 
 

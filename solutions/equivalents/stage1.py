@@ -62,4 +62,18 @@ EQUIVALENTS = [
             ),
         ),
     ),
+    Variant(
+        "forward_adds_cast_term_in_place",
+        "1.2",
+        "The LoRA term computed whole in A's dtype, scaled, cast to the output's dtype, then added (in place where safe).",
+        block="1.2: the LoRA forward",
+        code="""
+            result = self.base_layer(x)
+            if self.merged:
+                return result
+            h = F.linear(F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B)
+            term = (self.scaling * h).to(result.dtype)
+            return result.add_(term) if adds_in_place_safely(self.base_layer) else result + term
+            """,
+    ),
 ]

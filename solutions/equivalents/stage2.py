@@ -53,9 +53,13 @@ EQUIVALENTS = [
         "unload_into_fresh_linear",
         "2.3",
         "merge_and_unload builds a fresh nn.Linear holding the merged weight and the same bias.",
-        block="2.3: merge, then put the base layers back",
+        block="2.3: check every layer, then merge and put",
         code="""
-            for path, layer in list(lora_layers(model)):
+            layers = list(lora_layers(model))
+            for _, layer in layers:
+                if not layer.merged and not isinstance(layer.base_layer, nn.Linear):
+                    raise TypeError(f"cannot merge into a {type(layer.base_layer).__name__}: it is not an nn.Linear")
+            for path, layer in layers:
                 layer.merge()
                 base = layer.base_layer
                 plain = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
@@ -66,6 +70,28 @@ EQUIVALENTS = [
                         plain.bias.copy_(base.bias)
                 plain.requires_grad_(False)
                 model.set_submodule(path, plain)
+            return model
+            """,
+    ),
+    Variant(
+        "merge_lora_restores_copies_on_error",
+        "2.3",
+        "merge_lora merges layer after layer and, if one refuses, puts back exact copies of the weights it changed.",
+        block="2.3: check every layer, then merge each",
+        code="""
+            done = []
+            try:
+                for _, layer in lora_layers(model):
+                    if not layer.merged:
+                        saved = layer.base_layer.weight.detach().clone() if hasattr(layer.base_layer, "weight") else None
+                        layer.merge()
+                        done.append((layer, saved))
+            except TypeError:
+                with torch.no_grad():
+                    for layer, saved in done:
+                        layer.base_layer.weight.copy_(saved)
+                        layer.merged = False
+                raise
             return model
             """,
     ),

@@ -6,11 +6,13 @@ EQUIVALENTS = [
     Variant(
         "uniform_scale_by_reciprocal",
         "3.1",
-        "q = round(x · (1/scale)) instead of round(x / scale).",
+        "q = round(x · (1/scale)) instead of round(x / scale), dividing only where 1/scale overflows (a subnormal scale).",
         (
             (
                 "q = torch.round(blocks / scale[:, None]) + zero_point[:, None]",
-                "q = torch.round(blocks * (1.0 / scale)[:, None]) + zero_point[:, None]",
+                "inverse = (1.0 / scale)[:, None]\n"
+                "    scaled = torch.where(torch.isinf(inverse), blocks / scale[:, None], blocks * inverse)\n"
+                "    q = torch.round(scaled) + zero_point[:, None]",
             ),
         ),
     ),
@@ -125,5 +127,48 @@ EQUIVALENTS = [
 
             return _RoundTrip.apply(x)
             """,
+    ),
+    Variant(
+        "uniform_range_in_float64",
+        "3.1",
+        "The scale computed from the range in float64, then rounded to float32 (no overflow near 2^127 either).",
+        (
+            (
+                "    scale = (hi - lo) / qmax\n"
+                "    scale = torch.where(torch.isinf(scale), hi / qmax - lo / qmax, scale)  # hi − lo overflowed: |x| near 2^127\n",
+                "    scale = ((hi.double() - lo.double()) / qmax).float()\n",
+            ),
+        ),
+    ),
+    Variant(
+        "nf4_tiny_blocks_fixed_afterwards",
+        "3.4",
+        "Every block scaled by the reciprocal, then the blocks whose reciprocal overflowed recomputed by division.",
+        (
+            (
+                "    scaled = torch.where(tiny, blocks / absmax[:, None], blocks * inverse[:, None]).clamp_(-1, 1)",
+                "    scaled = blocks * inverse[:, None]\n"
+                "    rows = tiny.squeeze(1).nonzero().squeeze(1)\n"
+                "    scaled[rows] = blocks[rows] / absmax[rows, None]\n"
+                "    scaled = scaled.clamp(-1, 1)",
+            ),
+        ),
+    ),
+    Variant(
+        "pack_nibbles_contiguous_copy",
+        "3.4",
+        "pack_nibbles makes the codes contiguous first, then flattens with view.",
+        (("    flat = codes.reshape(-1).to(torch.uint8)", "    flat = codes.contiguous().view(-1).to(torch.uint8)"),),
+    ),
+    Variant(
+        "straight_through_added_to_x_hat",
+        "3.7",
+        "The straight-through estimator written x̂ + (x − x.detach()): the value is x̂ cast once, the gradient the identity.",
+        (
+            (
+                "    return x + (x_hat - x).detach()",
+                "    return x_hat + (x - x.detach())",
+            ),
+        ),
     ),
 ]

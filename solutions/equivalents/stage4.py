@@ -53,8 +53,12 @@ EQUIVALENTS = [
         "export_by_building_merged_linears",
         "4.4",
         "merge_and_export computes dequant(W0) + ΔW itself and builds each nn.Linear once.",
-        block="4.4: dequantize the bases, then merge and unload",
+        block="4.4: check every LoRA base",
         code="""
+            for _, layer in lora_layers(model):
+                if not isinstance(layer.base_layer, (NF4Linear, nn.Linear)):
+                    raise TypeError(f"cannot merge into a {type(layer.base_layer).__name__} base (not an nn.Linear)")
+
             def plain(weight, bias):
                 linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
                 linear = linear.to(device=weight.device, dtype=dtype)
@@ -74,5 +78,78 @@ EQUIVALENTS = [
                     model.set_submodule(name, plain(module.dequantize_weight(dtype), module.bias))
             return model
             """,
+    ),
+    Variant(
+        "prepare_wraps_then_quantizes",
+        "4.2",
+        "Every NF4 layer built first, then get_lora_model on the full-precision model, then the NF4 bases put in place.",
+        block="4.2: quantize the linear layers, then add LoRA",
+        code="""
+            if any(True for _ in lora_layers(model)):
+                raise ValueError("the model already has LoRA layers; prepare a fresh base model")
+            quantized = {}
+            if config.quantize == "nf4":
+                dtype = PRECISIONS[config.precision]
+                quantized = {
+                    name: NF4Linear.from_linear(module, config.block_size, config.double_quant, dtype)
+                    for name, module in model.named_modules()
+                    if isinstance(module, nn.Linear) and not any(matches_target(name, skip) for skip in skip_modules)
+                }
+            torch.manual_seed(config.seed)
+            get_lora_model(model, config.r, config.lora_alpha, config.lora_dropout, config.target_modules)
+            for name, layer in quantized.items():
+                wrapped = not isinstance(model.get_submodule(name), nn.Linear)
+                model.set_submodule(f"{name}.base_layer" if wrapped else name, layer)
+            if hasattr(model, "gradient_checkpointing"):
+                model.gradient_checkpointing = config.gradient_checkpointing
+            return model
+            """,
+    ),
+    Variant(
+        "load_checkpoint_compares_everything_at_once",
+        "4.3",
+        "load_checkpoint lists every misfit (names, shapes, groups, precision) in one refusal, then restores.",
+        (
+            (
+                '        if extra := sorted(set(state["trainable"]) - set(params)):',
+                "        mine = {name: tuple(p.shape) for name, p in params.items()}\n"
+                '        theirs = {name: tuple(t.shape) for name, t in state["trainable"].items()}\n'
+                "        problems = []\n"
+                "        if set(theirs) - set(mine):\n"
+                '            problems.append(f"the model lacks {sorted(set(theirs) - set(mine))[:5]}")\n'
+                "        if set(mine) - set(theirs):\n"
+                '            problems.append(f"the checkpoint lacks {sorted(set(mine) - set(theirs))[:5]}")\n'
+                '        problems += [f"{n} has shape {theirs[n]}, the model\'s {mine[n]}" for n in sorted(set(mine) & set(theirs)) if theirs[n] != mine[n]][:3]\n'
+                '        if [len(g["params"]) for g in state["optimizer"]["param_groups"]] != [len(g["params"]) for g in self.optimizer.param_groups]:\n'
+                '            problems.append("its optimizer groups differ")\n'
+                '        if bool(state["scaler"]) != self.scaler.is_enabled():\n'
+                '            problems.append(f"its fp16 loss scaling does not match this trainer\'s precision {self.config.precision!r}")\n'
+                "        if problems:\n"
+                '            raise ValueError(f"checkpoint {path} does not fit this trainer: " + "; ".join(problems))\n'
+                '        if extra := sorted(set(state["trainable"]) - set(params)):',
+            ),
+        ),
+    ),
+    Variant(
+        "lr_linear_as_hf_writes_it",
+        "4.3",
+        "The linear decay as HF writes it, (max_steps − step) / (max_steps − warmup), clamped at 0.",
+        (
+            (
+                "        return max(0.0, 1.0 - progress)",
+                "        return max(0.0, (config.max_steps - step) / max(1, config.max_steps - warmup))",
+            ),
+        ),
+    ),
+    Variant(
+        "gradients_cleared_by_hand",
+        "4.3",
+        "After the step every gradient is set to None by hand instead of optimizer.zero_grad(set_to_none=True).",
+        (
+            (
+                "        self.scheduler.step()\n        self.optimizer.zero_grad(set_to_none=True)\n        self.step += 1",
+                "        self.scheduler.step()\n        for p in params:\n            p.grad = None\n        self.step += 1",
+            ),
+        ),
     ),
 ]

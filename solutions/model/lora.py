@@ -153,7 +153,9 @@ class LoRALayer(nn.Module):
             same as ``nn.Linear``'s weight init) or "gaussian" (A ~ N(0, 1/r²)). B is zero
             either way, so a fresh layer reproduces its base layer exactly.
         base_layer: the layer to wrap (used by ``from_linear``); by default a new
-            ``nn.Linear(in_features, out_features)``. It is frozen, never copied.
+            ``nn.Linear(in_features, out_features)``. It is frozen, never copied. A bad argument
+            raises a ValueError naming it (``check_lora_args``) BEFORE anything happens: a refused
+            layer leaves the given base layer as it was (still trainable).
 
     Attributes:
         base_layer: the frozen layer W0 (``nn.Linear`` or any layer with the same call, such as
@@ -223,6 +225,7 @@ class LoRALayer(nn.Module):
 
         "kaiming": ``kaiming_uniform_(A, a=√5)``, i.e. U(-1/√k, 1/√k) for k = in_features.
         "gaussian": A ~ N(0, (1/r)²).
+        Any other name raises a ValueError naming init_lora_weights before A or B changes.
         """
         # BEGIN SOLUTION 1.1: initialise A randomly and B to zero
         with torch.no_grad():
@@ -240,8 +243,12 @@ class LoRALayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``h = base_layer(x) + scaling · B (A (dropout(x)))``, never forming B @ A.
 
-        x: (..., in_features), any number of leading dimensions; returns (..., out_features)
-        in the dtype the base layer returns (under autocast: the autocast dtype).
+        x: (..., in_features), any number of leading dimensions, none included (a 1-D x of shape
+        (in_features,) gives (out_features,)), sizes of 1 included, in any memory layout
+        (transposed, strided, offset views); in a dtype the base layer takes (its weight's, or any
+        under autocast). x is never modified. Returns (..., out_features) in the dtype the base layer
+        returns (under autocast: the autocast dtype), whatever the adapters' dtype: the LoRA term
+        is computed in A's dtype and cast to the output's.
 
         Cost: the two thin products add 2·r·(k + d) FLOPs per token to the base's 2·k·d
         (r = 8, k = d = 512: +3 %). Forming B @ A first would cost d·k·r per *call*.
@@ -267,7 +274,7 @@ class LoRALayer(nn.Module):
     # ---- Exercise 1.3: merge and unmerge ------------------------------------------------------
 
     def delta_weight(self) -> torch.Tensor:
-        """ΔW = scaling · B @ A, shape (out_features, in_features), like ``base_layer.weight``."""
+        """ΔW = scaling · B @ A, shape (out_features, in_features), like ``base_layer.weight``, in the adapters' dtype."""
         # BEGIN SOLUTION 1.3: the update as a full matrix
         return self.scaling * (self.lora_B @ self.lora_A)  # (out, r) @ (r, in) -> (out, in)
         # END SOLUTION
@@ -276,7 +283,10 @@ class LoRALayer(nn.Module):
         """Fold ΔW into the base weight: W0 ← W0 + ΔW. Safe to call twice (the second is a no-op).
 
         After merging, ``forward`` runs the base layer only, so inference costs nothing extra.
-        Exact up to rounding: unmerge() restores W0 to within one rounding step.
+        Exact up to rounding: unmerge() restores W0 to within one rounding step. The weight keeps
+        its dtype (a bf16 or fp16 W0 stays bf16 or fp16: ΔW is computed in the adapters' dtype and
+        rounded once to the weight's). A base that is not an ``nn.Linear`` is refused with a
+        TypeError (``mergeable_weight``), changing nothing.
         """
         # BEGIN SOLUTION 1.3: add the update to the base weight once (use mergeable_weight)
         if self.merged:
@@ -372,7 +382,8 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
     """Freeze every parameter except ``lora_A`` / ``lora_B`` (loralib's contract).
 
     bias: "none" freezes all biases; "all" trains every bias in the model; "lora_only" trains
-    the biases of the layers that LoRA wraps.
+    the biases of the layers that LoRA wraps. Any other value raises a ValueError naming bias and
+    the three allowed values, before any requires_grad changes.
     """
     # BEGIN SOLUTION 2.1: requires_grad only for LoRA (and the chosen biases)
     if bias not in ("none", "all", "lora_only"):
@@ -421,9 +432,17 @@ def print_trainable_parameters(model: nn.Module) -> str:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Merge every LoRALayer (``merge`` on each; safe to call twice). Returns the model."""
-    # BEGIN SOLUTION 2.3: merge each layer (use lora_layers)
-    for _, layer in lora_layers(model):
+    """Merge every LoRALayer (``merge`` on each; safe to call twice). Returns the model.
+
+    All or nothing: if one layer cannot be merged (its base is not an ``nn.Linear``), the
+    TypeError comes before any layer is merged (check every base with ``mergeable_weight`` first).
+    """
+    # BEGIN SOLUTION 2.3: check every layer, then merge each (use lora_layers, mergeable_weight)
+    layers = [layer for _, layer in lora_layers(model)]
+    for layer in layers:
+        if not layer.merged:
+            mergeable_weight(layer.base_layer)  # a TypeError here leaves every layer as it was
+    for layer in layers:
         layer.merge()
     return model
     # END SOLUTION
@@ -441,10 +460,16 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge, then replace each LoRALayer by its base ``nn.Linear``: a plain model again.
 
-    Its outputs equal the LoRA model's up to rounding, and it has no LoRA parameters left.
+    Its outputs equal the LoRA model's up to rounding, and it has no LoRA parameters left. All or
+    nothing, like ``merge_lora``: a layer that cannot be merged raises the TypeError before any
+    layer is merged or unwrapped.
     """
-    # BEGIN SOLUTION 2.3: merge, then put the base layers back
-    for path, layer in list(lora_layers(model)):
+    # BEGIN SOLUTION 2.3: check every layer, then merge and put the base layers back
+    layers = list(lora_layers(model))
+    for _, layer in layers:
+        if not layer.merged:
+            mergeable_weight(layer.base_layer)  # refuse before anything changes
+    for path, layer in layers:
         layer.merge()
         model.set_submodule(path, layer.base_layer)
     return model
@@ -477,6 +502,9 @@ def save_lora(model: nn.Module, directory: str | Path) -> Path:
     ``target_modules``, ``bias``, ...), so ``peft.PeftModel.from_pretrained`` can read it.
     Every LoRA layer must share one r and one lora_alpha, and nothing but A and B may be
     trainable (a trained bias would silently be lost). Returns the directory.
+
+    Raises ValueError (no LoRA layer; two settings of r / lora_alpha; another trainable parameter)
+    before writing anything: an adapter already in ``directory`` stays byte for byte as it was.
     """
     # BEGIN SOLUTION 2.4: config + tensors
     layers = list(lora_layers(model))
@@ -527,7 +555,8 @@ def load_lora(model: nn.Module, directory: str | Path) -> nn.Module:
 
     Raises ValueError, leaving the model untouched, when the adapter does not fit: a module it
     names is missing, a LoRA layer has no weights in it, the rank or alpha differs, or a
-    tensor's shape is wrong.
+    tensor's shape is wrong. Every check comes before the first change: a model that already has
+    LoRA layers gets no layer's weights copied when a later layer's tensor has the wrong shape.
     """
     # BEGIN SOLUTION 2.4: check everything, then inject (if needed) and copy
     directory = Path(directory)

@@ -99,10 +99,14 @@ def quantize_tensor(
         zero_point = round(−lo / scale)     an integer in [0, qmax]
         q = clamp(round(x / scale) + zero_point, 0, qmax)
 
-    Round-trip error |dequantize(q) − x| ≤ scale / 2 for every element.
+    Round-trip error |dequantize(q) − x| ≤ scale / 2 for every element (plus float32 rounding, which
+    in a block of subnormal values is absolute: a few 2^-149).
 
     Args:
-        x: a finite float tensor of any shape.
+        x: a finite float tensor (float32, float64, bfloat16 or float16, read as float32) of any shape
+            and memory layout, with values of any magnitude up to ±2^127 (half of float32's largest
+            value): there hi − lo can overflow float32, so compute the scale as hi/qmax − lo/qmax
+            where (hi − lo)/qmax is infinite. x itself is never modified.
         num_bits: 2 … 8.
         block_size: elements per block of the flattened tensor; None = one block (per tensor).
 
@@ -120,6 +124,7 @@ def quantize_tensor(
     lo = blocks.min(dim=1).values.clamp(max=0)  # (n_blocks,)
     hi = blocks.max(dim=1).values.clamp(min=0)
     scale = (hi - lo) / qmax
+    scale = torch.where(torch.isinf(scale), hi / qmax - lo / qmax, scale)  # hi − lo overflowed: |x| near 2^127
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero_point = torch.round(-lo / scale).clamp(0, qmax)
     q = torch.round(blocks / scale[:, None]) + zero_point[:, None]
@@ -131,7 +136,7 @@ def quantize_tensor(
 def dequantize_tensor(
     x_quant: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, block_size: int | None = None
 ) -> torch.Tensor:
-    """x̂ = (q − zero_point) · scale, block by block; float32 of x_quant's shape."""
+    """x̂ = (q − zero_point) · scale, block by block; float32 of x_quant's shape (x_quant of any memory layout)."""
     # BEGIN SOLUTION 3.1: undo the affine map (use to_blocks, from_blocks)
     block_size = x_quant.numel() if block_size is None else block_size
     check_block_size(block_size)
@@ -155,9 +160,14 @@ def absmax_quantize(
     """Symmetric quantization to signed integers, one scale per block.
 
     qmax = 2^(num_bits−1) − 1 (127 for int8, 7 for int4); per block
-    scale = absmax / qmax (1 for an all-zero block); q = clamp(round(x / scale), −qmax, qmax).
-    Round-trip error ≤ scale / 2. One outlier sets the scale of its whole block, which is
-    why small blocks keep the other weights precise.
+    scale = absmax / qmax (1 for an all-zero block, and only then: no epsilon, no floor, or a block
+    of values near 1e-9 gets a far too coarse step); q = clamp(round(x / scale), −qmax, qmax), so
+    each code has its value's sign (or is 0). Round-trip error ≤ scale / 2 (plus float32 rounding,
+    absolute near 0). One outlier sets the scale of its whole block, which is why small blocks keep
+    the other weights precise.
+
+    x: any float dtype (read as float32), shape and memory layout, never modified; finite values up
+    to ±2^127, subnormals included.
 
     Returns: q int8 of x's shape; scale float32 (n_blocks,).
     """
@@ -177,7 +187,7 @@ def absmax_quantize(
 
 
 def absmax_dequantize(q: torch.Tensor, scale: torch.Tensor, block_size: int | None = None) -> torch.Tensor:
-    """x̂ = q · scale, block by block; float32 of q's shape."""
+    """x̂ = q · scale, block by block; float32 of q's shape (q of any memory layout)."""
     # BEGIN SOLUTION 3.2: multiply back
     block_size = q.numel() if block_size is None else block_size
     check_block_size(block_size)
@@ -249,6 +259,7 @@ def nearest_code(values: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
 
     Compare with the midpoints between neighbouring levels: the index is the number of
     midpoints strictly below the value (``torch.searchsorted`` on the midpoints, left side).
+    values: float32 of any shape (0-d too) and memory layout; code: float32, ascending.
     Returns uint8 of values' shape.
     """
     # BEGIN SOLUTION 3.4: midpoints, then count those below
@@ -275,7 +286,9 @@ def unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
 
 
 def pack_nibbles(codes: torch.Tensor, pad: int = 0) -> torch.Tensor:
-    """Pack 4-bit codes (uint8 values 0…15, any shape) two per byte: even index in the high nibble.
+    """Pack 4-bit codes (values 0…15 in uint8 or any integer dtype; any shape and memory layout,
+    a transposed or strided view included) two per byte, in the order of the flattened codes: even
+    index in the high nibble.
 
     An odd count is padded with one ``pad`` code (``quantize_nf4`` pads with 7, the NF4 code of
     0.0, as bitsandbytes does). Returns uint8 (ceil(numel / 2),).
@@ -295,14 +308,21 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, block_size: int) -> 
     Per block: scaled = x · (1 / absmax) in float32 (the reciprocal first, as bitsandbytes does:
     ``x / absmax`` rounds differently and flips codes that sit on a midpoint), clamped to
     [−1, 1]; code index = nearest level, ties to the lower. An all-zero block has absmax 0:
-    its reciprocal is taken as 0, so every element maps to the level nearest 0.
+    its reciprocal is taken as 0, so every element maps to the level nearest 0. A block of
+    subnormal values whose absmax is below about 2.9e-39 (2^-128) has a reciprocal that overflows
+    float32 to inf (0 · inf is NaN): that block alone is scaled by dividing, x / absmax.
+
+    x: any float dtype (read as float32), any shape and memory layout, never modified; values of
+    any finite magnitude.
     """
     # BEGIN SOLUTION 3.4: absmax, multiply by the reciprocal, nearest code (use block_absmax, nearest_code)
     check_block_size(block_size)
     absmax = block_absmax(x, block_size)  # (n_blocks,)
     check_finite(absmax, "the absmax of x")  # a NaN or ±inf anywhere makes its block's absmax non-finite
     inverse = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
-    scaled = (to_blocks(x.float(), block_size) * inverse[:, None]).clamp_(-1, 1)  # (n_blocks, block_size)
+    blocks = to_blocks(x.float(), block_size)  # (n_blocks, block_size); a view of x where it can be: not in place
+    tiny = torch.isinf(inverse)[:, None]  # a subnormal absmax: 1 / absmax overflowed
+    scaled = torch.where(tiny, blocks / absmax[:, None], blocks * inverse[:, None]).clamp_(-1, 1)
     codes = nearest_code(scaled, code.to(scaled.device, torch.float32))
     return codes.reshape(-1)[: x.numel()], absmax
     # END SOLUTION
@@ -337,6 +357,10 @@ def quantize_nf4(x: torch.Tensor, block_size: int = 64) -> tuple[torch.Tensor, t
     block, and stores 1e-38 as the absmax of an all-zero partial block (we store 0).
     Example: a (7, 13) weight has 91 elements → 2 blocks of 64 (the second holds 27) → 46 bytes
     and 2 absmax values.
+
+    x: float32, float64, bfloat16 or float16 (read as float32), any shape (0-d and 1-D too) and memory
+    layout, never modified; finite values of any magnitude (a block of subnormals: see
+    ``quantize_blockwise``). block_size: any int ≥ 1.
     """
     # BEGIN SOLUTION 3.4: quantize with the NF4 code book, then pack (use cached_code_book, quantize_blockwise, pack_nibbles)
     code = cached_code_book("nf4", x.device)
@@ -354,7 +378,9 @@ def dequantize_nf4(
 ) -> torch.Tensor:
     """Inverse of ``quantize_nf4``: unpack, look up the NF4 level, scale by the block's absmax.
 
-    Returns a tensor of ``shape`` and ``dtype`` (computed in float32, then cast). The plain route
+    Returns a tensor of ``shape`` and ``dtype`` (float32, float64, bfloat16 or float16: computed in
+    float32, then cast once). ``packed`` may be any view of bytes: non-contiguous (strided), or
+    starting at an odd storage offset (misaligned for a 16-bit read). The plain route
     is ``dequantize_blockwise(unpack_nibbles(packed, numel), absmax, code, block_size)``. The
     reference takes a faster one to the same values, bit for bit: it reads the packed bytes two
     at a time as 16-bit words and copies each word's four levels from ``nf4_word_table`` straight
@@ -451,6 +477,12 @@ def double_quantize(absmax: torch.Tensor, block_size: int = 256) -> tuple[torch.
     CPU kernel looks them up in a 65,536-entry table, which picks a neighbouring level for about
     one absmax in 300-500 (never a closer one).
 
+    Any number n ≥ 1 of absmax values: several blocks of ``block_size`` (more than 256 NF4 blocks
+    means more than one second-level scale), a partial last one, each block with its own scale. absmax:
+    float32 of any memory layout, never modified; positive values from subnormals up to any whose
+    float32 sum is finite (a block whose scale is subnormal is scaled by division, as in
+    ``quantize_blockwise``).
+
     Returns: codes uint8 (n,), scale float32 (ceil(n / block_size),), offset float32 ().
     """
     # BEGIN SOLUTION 3.5: subtract the mean, quantize to 8 bits in blocks (use quantize_blockwise, cached_code_book)
@@ -464,7 +496,7 @@ def double_quantize(absmax: torch.Tensor, block_size: int = 256) -> tuple[torch.
 def double_dequantize(
     codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, block_size: int = 256
 ) -> torch.Tensor:
-    """Recover the absmax values: code[codes] · scale + offset; float32 (n,)."""
+    """Recover the absmax values: code[codes] · scale + offset; float32 (n,) (codes of any memory layout)."""
     # BEGIN SOLUTION 3.5: dequantize, then add the offset back
     return dequantize_blockwise(codes, scale, cached_code_book("dynamic", codes.device), block_size) + offset
     # END SOLUTION
@@ -565,7 +597,11 @@ class NF4Linear(nn.Module):
         # END SOLUTION
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The weight Ŵ, (out_features, in_features), in ``dtype`` (default: compute_dtype)."""
+        """The weight Ŵ, (out_features, in_features), in ``dtype`` (default: compute_dtype).
+
+        Exactly ``dequantize_nf4(packed, absmax, shape, block_size, dtype)`` with this layer's absmax
+        (double-dequantized when DQ is on: each of the ceil(n_blocks / 256) scales for its own block).
+        """
         # BEGIN SOLUTION 3.6: dequantize_nf4 with this layer's constants
         shape = (self.out_features, self.in_features)
         return dequantize_nf4(
@@ -574,7 +610,13 @@ class NF4Linear(nn.Module):
         # END SOLUTION
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., in) -> (..., out): dequantize, then an ordinary linear in compute_dtype."""
+        """x (..., in) -> (..., out): dequantize, then an ordinary linear in compute_dtype.
+
+        x: any number of leading dimensions (none: a 1-D x of shape (in,) gives (out,)), any float
+        dtype (cast to compute_dtype), any memory layout; never modified. Outside autocast the output
+        is in compute_dtype, whatever x's dtype; under autocast, in the dtype autocast's rules give
+        (the autocast dtype for ``F.linear``).
+        """
         # BEGIN SOLUTION 3.6: dequantize on the fly, then F.linear
         weight = self.dequantize_weight()  # (out, in), never stored
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
@@ -604,7 +646,9 @@ def fake_quantize(x: torch.Tensor, num_bits: int = 8, block_size: int | None = N
     backward: ∂x̂/∂x := 1 (the straight-through estimator, Bengio et al. 2013), because
               rounding has zero gradient almost everywhere.
     Written as ``x + (x̂ − x).detach()``: the value is x̂, the graph is the identity.
-    Same dtype and shape as x.
+    Same dtype and shape as x, for x of any float dtype (float32, float64, bfloat16, float16),
+    shape and memory layout and any magnitude ``quantize_tensor`` takes: x̂ is cast back to x's
+    dtype, and dL/dx equals dL/dy exactly.
     """
     # BEGIN SOLUTION 3.7: quantize-dequantize, straight-through gradient (use quantize_tensor, dequantize_tensor)
     q, scale, zero_point = quantize_tensor(x.detach(), num_bits, block_size)

@@ -231,4 +231,83 @@ MUTANTS = [
             ),
         ),
     ),
+    # ---- issue 19 item 7: bugs of the classes the earlier suites missed (shapes, dtypes, layouts, refusals) ----
+    Variant(
+        "forward_fused_add_flattens_batch_dims",
+        "1.2",
+        "The fused add flattens the batch with flatten(0, -2): a 1-D x (one token, no batch dimension) raises.",
+        (
+            (
+                "        result.view(-1, self.out_features).addmm_(\n"
+                "            z.reshape(-1, self.r).to(result.dtype), self.lora_B.T.to(result.dtype), alpha=self.scaling\n"
+                "        )",
+                "        result.flatten(0, -2).addmm_(\n"
+                "            z.flatten(0, -2).to(result.dtype), self.lora_B.T.to(result.dtype), alpha=self.scaling\n"
+                "        )",
+            ),
+        ),
+    ),
+    Variant(
+        "lora_term_squeezed",
+        "1.2",
+        "The out-of-place LoRA term is squeeze()d: with out_features = 1 (or r = 1) it broadcasts to the wrong shape.",
+        (
+            (
+                "F.linear(z, self.lora_B).to(result.dtype)  # (..., out)",
+                "F.linear(z, self.lora_B).squeeze().to(result.dtype)  # (..., out)",
+            ),
+        ),
+    ),
+    Variant(
+        "forward_views_input",
+        "1.2",
+        "The LoRA path flattens x with view(-1, in_features): a transposed or strided input raises.",
+        (
+            (
+                "        z = F.linear(x, self.lora_A)  # (..., r)",
+                "        z = F.linear(x.view(-1, self.in_features), self.lora_A).view(*x.shape[:-1], self.r)  # (..., r)",
+            ),
+        ),
+    ),
+    Variant(
+        "lora_out_of_place_term_not_cast",
+        "1.2",
+        "The out-of-place sum does not cast the LoRA term: a bf16 base that is not an nn.Linear gives a float32 output.",
+        (
+            (
+                "return result + self.scaling * F.linear(z, self.lora_B).to(result.dtype)  # (..., out)",
+                "return result + self.scaling * F.linear(z, self.lora_B)  # (..., out)",
+            ),
+        ),
+    ),
+    Variant(
+        "lora_layer_freezes_before_checking",
+        "1.1",
+        "The base is frozen before the arguments are checked: a refused LoRALayer leaves the caller's layer frozen.",
+        (
+            (
+                "        check_lora_args(in_features, out_features, r, lora_alpha, lora_dropout, init_lora_weights)\n"
+                "        if base_layer is None:\n"
+                "            base_layer = nn.Linear(in_features, out_features)\n"
+                "        for param in base_layer.parameters():\n"
+                "            param.requires_grad_(False)  # W0 (and its bias) stay frozen\n",
+                "        if base_layer is None:\n"
+                "            base_layer = nn.Linear(in_features, out_features)\n"
+                "        for param in base_layer.parameters():\n"
+                "            param.requires_grad_(False)  # W0 (and its bias) stay frozen\n"
+                "        check_lora_args(in_features, out_features, r, lora_alpha, lora_dropout, init_lora_weights)\n",
+            ),
+        ),
+    ),
+    Variant(
+        "reset_zeroes_b_before_checking",
+        "1.1",
+        "reset_lora_parameters zeroes B first and checks the init name after: a refused reset has already wiped B.",
+        (
+            (
+                '        with torch.no_grad():\n            if init_lora_weights == "kaiming":',
+                '        with torch.no_grad():\n            nn.init.zeros_(self.lora_B)\n            if init_lora_weights == "kaiming":',
+            ),
+        ),
+    ),
 ]

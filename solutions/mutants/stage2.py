@@ -145,8 +145,8 @@ MUTANTS = [
         "merge_lora returns after merging the first LoRA layer.",
         (
             (
-                "    for _, layer in lora_layers(model):\n        layer.merge()\n    return model",
-                "    for _, layer in lora_layers(model):\n        layer.merge()\n        return model\n    return model",
+                "    for layer in layers:\n        layer.merge()\n    return model",
+                "    for layer in layers:\n        layer.merge()\n        return model\n    return model",
             ),
         ),
     ),
@@ -261,8 +261,8 @@ MUTANTS = [
         "merge_lora merges but returns None instead of the model.",
         (
             (
-                "    for _, layer in lora_layers(model):\n        layer.merge()\n    return model",
-                "    for _, layer in lora_layers(model):\n        layer.merge()",
+                "    for layer in layers:\n        layer.merge()\n    return model",
+                "    for layer in layers:\n        layer.merge()",
             ),
         ),
     ),
@@ -289,5 +289,80 @@ MUTANTS = [
         "2.4",
         "load_lora ignores tensors for modules that have no LoRA layer in the model.",
         (("    if missing := sorted(in_file - planned.keys()):", "    if missing := []:"),),
+    ),
+    # ---- issue 19 item 7: refusals that change things first (the earlier suites checked the model only) ----
+    Variant(
+        "load_lora_copies_while_checking",
+        "2.4",
+        "Into existing LoRA layers, load_lora copies each layer as soon as its shapes pass: a misfit later leaves a half-loaded model.",
+        (
+            (
+                '                raise ValueError(f"{key}: expected shape {shape} (r={r}), found {got}")\n    if not existing:',
+                '                raise ValueError(f"{key}: expected shape {shape} (r={r}), found {got}")\n'
+                "        if existing:  # this layer fits: copy its weights now\n"
+                "            with torch.no_grad():\n"
+                '                existing[path].lora_A.copy_(tensors[f"{PEFT_KEY_PREFIX}{path}.lora_A.weight"])\n'
+                '                existing[path].lora_B.copy_(tensors[f"{PEFT_KEY_PREFIX}{path}.lora_B.weight"])\n'
+                "    if not existing:",
+            ),
+        ),
+    ),
+    Variant(
+        "save_lora_writes_before_checking",
+        "2.4",
+        "save_lora writes adapter_config.json first and checks for other trainable parameters after: a refused save overwrites it.",
+        (
+            (
+                '    others = [n for n, p in model.named_parameters() if p.requires_grad and not n.endswith(("lora_A", "lora_B"))]\n    if others:\n        raise ValueError(\n            f"save_lora writes lora_A and lora_B only, but {len(others)} other parameters are trainable "\n            f"(e.g. {others[0]}); freeze them (bias=\'none\') or save them separately, or they would be lost"\n        )\n',
+                "",
+            ),
+            (
+                '    (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\\n")\n',
+                '    (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\\n")\n    others = [n for n, p in model.named_parameters() if p.requires_grad and not n.endswith(("lora_A", "lora_B"))]\n    if others:\n        raise ValueError(\n            f"save_lora writes lora_A and lora_B only, but {len(others)} other parameters are trainable "\n            f"(e.g. {others[0]}); freeze them (bias=\'none\') or save them separately, or they would be lost"\n        )\n',
+            ),
+        ),
+    ),
+    Variant(
+        "mark_only_sets_before_checking_bias",
+        "2.1",
+        "mark_only_lora_as_trainable sets requires_grad first and checks bias after: a refused call has already frozen the model.",
+        (
+            (
+                '    if bias not in ("none", "all", "lora_only"):\n'
+                "        raise ValueError(f\"bias must be 'none', 'all' or 'lora_only', got {bias!r}\")\n"
+                "    for name, param in model.named_parameters():\n"
+                '        param.requires_grad_(name.endswith(("lora_A", "lora_B")))\n',
+                "    for name, param in model.named_parameters():\n"
+                '        param.requires_grad_(name.endswith(("lora_A", "lora_B")))\n'
+                '    if bias not in ("none", "all", "lora_only"):\n'
+                "        raise ValueError(f\"bias must be 'none', 'all' or 'lora_only', got {bias!r}\")\n",
+            ),
+        ),
+    ),
+    Variant(
+        "merge_lora_layer_by_layer",
+        "2.3",
+        "merge_lora merges layer after layer: a layer that cannot be merged raises after the earlier ones were merged.",
+        (
+            (
+                "    for layer in layers:\n"
+                "        if not layer.merged:\n"
+                "            mergeable_weight(layer.base_layer)  # a TypeError here leaves every layer as it was\n",
+                "",
+            ),
+        ),
+    ),
+    Variant(
+        "merge_and_unload_layer_by_layer",
+        "2.3",
+        "merge_and_unload merges and unwraps layer after layer: a layer that cannot be merged leaves a half-unloaded model.",
+        (
+            (
+                "    for _, layer in layers:\n"
+                "        if not layer.merged:\n"
+                "            mergeable_weight(layer.base_layer)  # refuse before anything changes\n",
+                "",
+            ),
+        ),
     ),
 ]

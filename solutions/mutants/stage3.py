@@ -135,8 +135,8 @@ MUTANTS = [
         "Scaling by x / absmax instead of x * (1 / absmax): codes flip on midpoints.",
         (
             (
-                "scaled = (to_blocks(x.float(), block_size) * inverse[:, None]).clamp_(-1, 1)",
-                "scaled = (to_blocks(x.float(), block_size) / torch.where(absmax > 0, absmax, 1.0)[:, None]).clamp_(-1, 1)",
+                "scaled = torch.where(tiny, blocks / absmax[:, None], blocks * inverse[:, None]).clamp_(-1, 1)",
+                "scaled = (blocks / torch.where(absmax > 0, absmax, 1.0)[:, None]).clamp_(-1, 1)",
             ),
         ),
     ),
@@ -337,6 +337,148 @@ MUTANTS = [
             (
                 "            compute_dtype=compute_dtype or weight.dtype,",
                 "            compute_dtype=compute_dtype or torch.float32,",
+            ),
+        ),
+    ),
+    # ---- issue 19 item 7: bugs of the classes the earlier suites missed (shapes, dtypes, magnitudes, layouts) ----
+    Variant(
+        "uniform_range_overflows",
+        "3.1",
+        "The scale is (hi − lo) / qmax in float32 only: for values near ±2^127 the range overflows to inf (NaN out).",
+        (
+            (
+                "    scale = torch.where(torch.isinf(scale), hi / qmax - lo / qmax, scale)  # hi − lo overflowed: |x| near 2^127\n",
+                "",
+            ),
+        ),
+    ),
+    Variant(
+        "uniform_reciprocal_overflows",
+        "3.1",
+        "q = round(x · (1/scale)) with a float32 reciprocal: a subnormal scale's reciprocal is inf (0 · inf = NaN).",
+        (
+            (
+                "q = torch.round(blocks / scale[:, None]) + zero_point[:, None]",
+                "q = torch.round(blocks * (1.0 / scale)[:, None]) + zero_point[:, None]",
+            ),
+        ),
+    ),
+    Variant(
+        "uniform_scale_floor",
+        "3.1",
+        "A 'safe' scale: ranges below 1e-8 are treated as all-zero blocks (scale 1), so tiny blocks all quantize to 0.",
+        (
+            (
+                "    scale = torch.where(scale > 0, scale, torch.ones_like(scale))\n    zero_point",
+                "    scale = torch.where(scale > 1e-8, scale, torch.ones_like(scale))\n    zero_point",
+            ),
+        ),
+    ),
+    Variant(
+        "absmax_scale_with_epsilon",
+        "3.2",
+        "The absmax is clamped to at least 1e-8 'to avoid dividing by zero': blocks near 1e-9 get a far too coarse scale.",
+        (
+            (
+                "scale = blocks.abs().max(dim=1).values / qmax",
+                "scale = blocks.abs().max(dim=1).values.clamp(min=1e-8) / qmax",
+            ),
+        ),
+    ),
+    Variant(
+        "nf4_reciprocal_overflow_unhandled",
+        "3.4",
+        "x · (1/absmax) everywhere: a block with a subnormal absmax gets inf, so its zeros become NaN → code 15.",
+        (
+            (
+                "scaled = torch.where(tiny, blocks / absmax[:, None], blocks * inverse[:, None]).clamp_(-1, 1)",
+                "scaled = (blocks * inverse[:, None]).clamp_(-1, 1)",
+            ),
+        ),
+    ),
+    Variant(
+        "nf4_epsilon_in_reciprocal",
+        "3.4",
+        "The reciprocal is 1 / (absmax + 1e-12) 'to avoid dividing by zero': tiny blocks all collapse to the code of 0.",
+        (
+            (
+                "inverse = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))",
+                "inverse = 1.0 / (absmax + 1e-12)",
+            ),
+        ),
+    ),
+    Variant(
+        "pack_nibbles_views_codes",
+        "3.4",
+        "pack_nibbles flattens with view(-1): non-contiguous codes (a transposed or strided view) raise.",
+        (("    flat = codes.reshape(-1).to(torch.uint8)", "    flat = codes.view(-1).to(torch.uint8)"),),
+    ),
+    Variant(
+        "dequantize_nf4_misaligned_view",
+        "3.4",
+        "dequantize_nf4 reads the bytes as 16-bit words without copying a misaligned view (storage offset 1) first.",
+        (
+            (
+                "if data.numel() % 2 or data.storage_offset() % 2 or not data.is_contiguous():",
+                "if data.numel() % 2 or not data.is_contiguous():",
+            ),
+        ),
+    ),
+    Variant(
+        "dequantize_nf4_strided_view",
+        "3.4",
+        "dequantize_nf4 reads the bytes as 16-bit words without copying a non-contiguous view first.",
+        (
+            (
+                "if data.numel() % 2 or data.storage_offset() % 2 or not data.is_contiguous():",
+                "if data.numel() % 2 or data.storage_offset() % 2:",
+            ),
+        ),
+    ),
+    Variant(
+        "nf4_linear_bias_as_row",
+        "3.6",
+        "NF4Linear adds the bias as a row, bias[None, :]: a 1-D input (one token, no batch) comes out (1, out).",
+        (
+            (
+                "        return F.linear(x.to(self.compute_dtype), weight, bias)",
+                "        out = F.linear(x.to(self.compute_dtype), weight)\n"
+                "        return out if bias is None else out + bias[None, :]",
+            ),
+        ),
+    ),
+    Variant(
+        "nf4_linear_computes_in_input_dtype",
+        "3.6",
+        "NF4Linear casts the weight to x's dtype and the result to compute_dtype: a bf16 input computes in bf16.",
+        (
+            (
+                "        return F.linear(x.to(self.compute_dtype), weight, bias)",
+                "        bias = None if bias is None else bias.to(x.dtype)\n"
+                "        return F.linear(x, weight.to(x.dtype), bias).to(self.compute_dtype)",
+            ),
+        ),
+    ),
+    Variant(
+        "nf4_linear_views_input",
+        "3.6",
+        "NF4Linear flattens x with view(-1, in_features): a transposed or strided input raises.",
+        (
+            (
+                "        return F.linear(x.to(self.compute_dtype), weight, bias)",
+                "        flat = x.to(self.compute_dtype).view(-1, self.in_features)\n"
+                "        return F.linear(flat, weight, bias).view(*x.shape[:-1], self.out_features)",
+            ),
+        ),
+    ),
+    Variant(
+        "fake_quantize_returns_float32",
+        "3.7",
+        "fake_quantize does not cast x̂ back to x's dtype: a bf16 or fp16 input comes out float32.",
+        (
+            (
+                "    x_hat = dequantize_tensor(q, scale, zero_point, block_size).to(x.dtype)",
+                "    x_hat = dequantize_tensor(q, scale, zero_point, block_size)",
             ),
         ),
     ),

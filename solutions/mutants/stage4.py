@@ -179,7 +179,7 @@ MUTANTS = [
         "The decay runs over max_steps instead of the steps after warmup.",
         (
             (
-                "    progress = (step - warmup) / max(1, config.max_steps - warmup)",
+                "    progress = (step - warmup) / (config.max_steps - warmup) if config.max_steps > warmup else 1.0",
                 "    progress = step / config.max_steps",
             ),
         ),
@@ -347,6 +347,11 @@ MUTANTS = [
                 '    if any(True for _ in lora_layers(model)):\n        raise ValueError("the model already has LoRA layers; prepare a fresh base model")\n',
                 "",
             ),
+            (
+                "        for name, linear in originals.items():  # refused: the full-precision layers go back\n"
+                "            model.set_submodule(name, linear)\n",
+                "        pass\n",
+            ),
         ),
     ),
     Variant(
@@ -414,7 +419,7 @@ MUTANTS = [
         "4.3",
         "load_checkpoint skips parameters the model lacks instead of refusing the file.",
         (
-            ('        if missing := sorted(set(state["trainable"]) - set(params)):', "        if missing := []:"),
+            ('        if extra := sorted(set(state["trainable"]) - set(params)):', "        if extra := []:"),
             (
                 "                params[name].copy_(tensor)",
                 "                if name in params:\n                    params[name].copy_(tensor)",
@@ -426,5 +431,141 @@ MUTANTS = [
         "4.4",
         "merge_and_export casts the whole model to dtype, norms and head included.",
         (("    return merge_and_unload(model)", "    return merge_and_unload(model).to(dtype)"),),
+    ),
+    # ---- issue 19 item 7: the bugs the earlier suites missed (refusals, trainer corner cases, several DQ blocks) ----
+    Variant(
+        "export_first_dq_block_only",
+        "4.4",
+        "merge_and_export double-dequantizes the absmax itself with the first DQ scale only (fine up to 256 NF4 blocks).",
+        (
+            (
+                "            weight = module.dequantize_weight(dtype)\n",
+                '            if module.double_quant:  # the absmax values, double-dequantized by hand\n                code = cached_code_book("dynamic", module.packed.device)\n                absmax = code[module.absmax_codes.long()] * module.absmax_scale[0] + module.absmax_offset\n            else:\n                absmax = module.absmax\n            shape = (module.out_features, module.in_features)\n            weight = dequantize_nf4(module.packed, absmax, shape, module.block_size, dtype)\n',
+            ),
+            (
+                "from model.quant import NF4Linear, bits_per_parameter",
+                "from model.quant import NF4Linear, bits_per_parameter, cached_code_book, dequantize_nf4",
+            ),
+        ),
+    ),
+    Variant(
+        "merge_and_export_dequantizes_before_checking",
+        "4.4",
+        "merge_and_export dequantizes every NF4 base first: a LoRA base it cannot merge into raises with the model half-exported.",
+        (
+            (
+                "    for _, layer in lora_layers(model):\n"
+                "        if not isinstance(layer.base_layer, NF4Linear):\n"
+                "            mergeable_weight(layer.base_layer)  # refuse before anything changes\n",
+                "",
+            ),
+        ),
+    ),
+    Variant(
+        "prepare_no_rollback",
+        "4.2",
+        "prepare_qlora_model quantizes first; when get_lora_model then refuses a target, the model is left quantized.",
+        (
+            (
+                "    except Exception:\n"
+                "        for name, linear in originals.items():  # refused: the full-precision layers go back\n"
+                "            model.set_submodule(name, linear)\n"
+                "        raise\n",
+                "    except Exception:\n        raise\n",
+            ),
+        ),
+    ),
+    Variant(
+        "prepare_quantizes_layer_by_layer",
+        "4.2",
+        "prepare_qlora_model swaps each layer as soon as it is quantized: a NaN weight in a later layer leaves earlier ones NF4.",
+        (
+            (
+                "        quantized = {  # every layer first: a refusal here (a non-finite weight) changes nothing\n            name: NF4Linear.from_linear(linear, config.block_size, config.double_quant, compute_dtype)\n            for name, linear in originals.items()\n        }\n        for name, layer in quantized.items():\n            model.set_submodule(name, layer)\n",
+                "        for name, linear in originals.items():\n            layer = NF4Linear.from_linear(linear, config.block_size, config.double_quant, compute_dtype)\n            model.set_submodule(name, layer)\n",
+            ),
+        ),
+    ),
+    Variant(
+        "load_checkpoint_copies_before_checking",
+        "4.3",
+        "load_checkpoint restores as it goes (only unknown names are refused first): another rank or precision fails half-way.",
+        (
+            (
+                '        if missing := sorted(set(params) - set(state["trainable"])):\n            raise ValueError(f"checkpoint {path} lacks trainable parameters of the model: {missing[:5]}")\n        for name, param in params.items():\n            if state["trainable"][name].shape != param.shape:\n                shape = tuple(state["trainable"][name].shape)\n                raise ValueError(f"checkpoint {path}: {name} has shape {shape}, the model\'s {tuple(param.shape)}")\n        sizes = [len(group["params"]) for group in state["optimizer"]["param_groups"]]\n        if sizes != [len(group["params"]) for group in self.optimizer.param_groups]:\n            raise ValueError(f"checkpoint {path}: optimizer groups of sizes {sizes} do not fit this trainer\'s")\n        if bool(state["scaler"]) != self.scaler.is_enabled():\n            raise ValueError(\n                f"checkpoint {path} was written {\'with\' if state[\'scaler\'] else \'without\'} fp16 loss scaling, "\n                f"but this trainer\'s precision is {self.config.precision!r}"\n            )\n',
+                "",
+            ),
+        ),
+    ),
+    Variant(
+        "train_step_accepts_no_micro_batches",
+        "4.3",
+        "train_step([]) is not refused: it takes an empty optimizer step and advances the schedule.",
+        (
+            (
+                "        if not micro_batches:\n"
+                '            raise ValueError("micro_batches must hold at least one (input_ids, labels) pair, got an empty list")\n',
+                "",
+            ),
+        ),
+    ),
+    Variant(
+        "lr_decay_restarts_when_warmup_covers_all",
+        "4.3",
+        "progress = (step − warmup) / max(1, max_steps − warmup): when warm-up covers every step, the factor jumps to 1 at the end.",
+        (
+            (
+                "    progress = (step - warmup) / (config.max_steps - warmup) if config.max_steps > warmup else 1.0",
+                "    progress = (step - warmup) / max(1, config.max_steps - warmup)",
+            ),
+        ),
+    ),
+    Variant(
+        "lr_divides_by_zero_when_warmup_covers_all",
+        "4.3",
+        "progress = (step − warmup) / (max_steps − warmup): max_steps=1 (or warm-up over every step) divides by zero.",
+        (
+            (
+                "    progress = (step - warmup) / (config.max_steps - warmup) if config.max_steps > warmup else 1.0",
+                "    progress = (step - warmup) / (config.max_steps - warmup)",
+            ),
+        ),
+    ),
+    Variant(
+        "weight_decay_on_norm_weights",
+        "4.3",
+        "Only parameters named '...bias' skip weight decay: a trainable norm weight (a vector) is decayed.",
+        (
+            (
+                "        if param.ndim < 2:\n            vectors.append(param)",
+                '        if name.endswith("bias"):\n            vectors.append(param)',
+            ),
+        ),
+    ),
+    Variant(
+        "gradients_kept_after_step",
+        "4.3",
+        "train_step clears the gradients at its start instead of its end: they stay allocated between steps.",
+        (
+            (
+                "        self.model.train()\n        k, total",
+                "        self.model.train()\n        self.optimizer.zero_grad(set_to_none=True)\n        k, total",
+            ),
+            (
+                "        self.scheduler.step()\n        self.optimizer.zero_grad(set_to_none=True)\n        self.step += 1\n        return total",
+                "        self.scheduler.step()\n        self.step += 1\n        return total",
+            ),
+        ),
+    ),
+    Variant(
+        "gradients_zeroed_not_freed",
+        "4.3",
+        "After a step the gradients are zero tensors (set_to_none=False), not None: their memory stays held.",
+        (
+            (
+                "        self.scheduler.step()\n        self.optimizer.zero_grad(set_to_none=True)\n        self.step += 1",
+                "        self.scheduler.step()\n        self.optimizer.zero_grad(set_to_none=False)\n        self.step += 1",
+            ),
+        ),
     ),
 ]

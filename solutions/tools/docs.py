@@ -150,7 +150,7 @@ def quoted_points(page: str, text: str) -> list[str]:
             problems.append(
                 f"{page}: stage {stage.number} quotes {m.group(2)} points, the manifest says {stage.points}"
             )
-    for m in re.finditer(r"练习 (\d+)\.\d+[–-]\d+\.\d+[，,] ?(\d+) 分", text):  # the Chinese pages
+    for m in re.finditer(r"练习 (\d+)\.\d+[–-]\d+\.\d+[，,] ?(?:共 )?(\d+) 分", text):  # the Chinese pages
         stage = next((s for s in STAGES if str(s.number) == m.group(1)), None)
         if stage and int(m.group(2)) != stage.points:
             problems.append(
@@ -161,7 +161,7 @@ def quoted_points(page: str, text: str) -> list[str]:
             problems.append(
                 f"{page}: 练习 {m.group(1)} quotes {m.group(2)} points, the manifest says {table[m.group(1)].points}"
             )
-    for m in re.finditer(r"(\d+) points in all|共 (\d+) 分", text):
+    for m in re.finditer(r"(\d+) points in all|(?<![，,])共 (\d+) 分", text):
         quoted = int(m.group(1) or m.group(2))
         if quoted != total_points():
             problems.append(f"{page}: quotes {quoted} points in all, the manifest says {total_points()}")

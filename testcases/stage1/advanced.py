@@ -6,10 +6,13 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from hypothesis import strategies as st
 from torch import nn
 
-from testcases.helpers import LargestAllocation, observe, randomize_lora, word
-from testcases.stage1.basic import ALPHA, IN, OUT, R, formula_reference, lora_formula
+from testcases.helpers import LargestAllocation, expect_refusal, observe, randomize_lora
+from testcases.properties import FLOATS, LAYOUTS, cases, describe_layout, for_all, in_layout, short
+from testcases.stage1.basic import ALPHA, IN, OUT, R, check_factors, formula_reference, lora_formula
 from testcases.tolerances import UNIT_ROUNDOFF, assert_close, expect_tensor, reference
 
 # ---- Exercise 1.1: the LoRA layer -----------------------------------------------------------
@@ -34,9 +37,7 @@ from testcases.tolerances import UNIT_ROUNDOFF, assert_close, expect_tensor, ref
 def test_lora_layer_error_names_the_argument_and_range(lora, kwargs, argument):
     """Every bad argument raises a ValueError naming the argument and its allowed values."""
     args = {"in_features": 8, "out_features": 8, **kwargs}
-    with pytest.raises(ValueError, match=word(argument)) as error:
-        lora.LoRALayer(**args)
-    message = str(error.value)
+    message = str(expect_refusal(lora.LoRALayer, **args, names=(argument,)))
     assert any(ch.isdigit() for ch in message) or "one of" in message or "kaiming" in message, (
         f"the message should also say the allowed values (e.g. 'r must be an int >= 1'), got: {message}"
     )
@@ -97,8 +98,7 @@ def test_reset_lora_parameters_resets_and_checks_its_argument(lora):
     assert layer.lora_A.detach().abs().max() > 1 / 64**0.5, (
         "'gaussian' redraws A from N(0, 1/r²) (beyond Kaiming's bound)"
     )
-    with pytest.raises(ValueError, match=word("init_lora_weights")):
-        layer.reset_lora_parameters("xavier")
+    expect_refusal(layer.reset_lora_parameters, "xavier", names=("init_lora_weights",), model=layer)
 
 
 @pytest.mark.exercise("1.1")
@@ -468,6 +468,146 @@ def test_merge_refuses_a_non_linear_base(lora):
             return 2 * x
 
     layer = lora.LoRALayer(4, 4, r=2, base_layer=Scale())
-    with pytest.raises(TypeError, match="Linear"):
+    randomize_lora(layer)
+    expect_refusal(layer.merge, error=TypeError, names=("Linear",), model=layer, what="the base is a Scale module")
+
+
+# ---- Properties (Hypothesis, testcases/properties.py) and refusals -------------------------------------------
+
+
+class LinearLike(nn.Module):
+    """A linear-like base that is not an nn.Linear (so LoRA adds its term out of place): y = x Wᵀ + b."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, gen: torch.Generator):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.randn(out_features, in_features, generator=gen).to(dtype))
+        self.bias = nn.Parameter(torch.randn(out_features, generator=gen).to(dtype)) if bias else None
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+# base kind, its dtype, autocast to bf16 or not
+ROUTES = {
+    "fp32 nn.Linear": ("linear", torch.float32, False),
+    "fp64 nn.Linear": ("linear", torch.float64, False),
+    "bf16 nn.Linear": ("linear", torch.bfloat16, False),
+    "fp16 nn.Linear": ("linear", torch.float16, False),
+    "fp32 nn.Linear under bf16 autocast": ("linear", torch.float32, True),
+    "fp32 linear-like module": ("like", torch.float32, False),
+    "bf16 linear-like module": ("like", torch.bfloat16, False),
+    "fp32 linear-like module under bf16 autocast": ("like", torch.float32, True),
+}
+LEADING = st.sampled_from([(), (1,), (3,), (1, 1), (2, 1), (2, 3), (1, 3, 2)])  # no batch, one token, sides of 1
+
+
+def expanded(x: torch.Tensor) -> torch.Tensor:
+    """The same shape with every leading row equal, as a stride-0 (broadcast) view."""
+    return x.reshape(-1, x.shape[-1])[:1].reshape(*(1,) * (x.dim() - 1), x.shape[-1]).expand(x.shape)
+
+
+@pytest.mark.exercise("1.2")
+@pytest.mark.parametrize("route", ROUTES)
+def test_forward_for_every_shape_dtype_and_layout(lora, route):
+    """Any sizes (1 included), a 1-D x, sides of 1, any layout, fp32/fp64/bf16/fp16 bases, autocast: the formula, the base's dtype."""
+    kind, dtype, autocast = ROUTES[route]
+
+    def check(case):
+        gen = torch.Generator().manual_seed(case.seed)
+        if kind == "linear":
+            base = nn.Linear(case.in_features, case.out_features, bias=case.bias).to(dtype)
+        else:
+            base = LinearLike(case.in_features, case.out_features, case.bias, dtype, gen)
+        layer = lora.LoRALayer.from_linear(base, r=case.r, lora_alpha=case.lora_alpha)
+        check_factors(layer, case.in_features, case.out_features)
+        adapters = layer.lora_A.dtype
+        with torch.no_grad():
+            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=gen))
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen))
+        values = torch.randn(*case.leading, case.in_features, generator=gen).to(torch.float32 if autocast else dtype)
+        want = torch.bfloat16 if autocast else dtype
+        bias = base.bias if case.bias else torch.zeros(case.out_features)
+        half = want in (torch.bfloat16, torch.float16)
+        for layout in [*LAYOUTS, "expanded"]:  # every layout of the same values
+            x = expanded(values) if layout == "expanded" else in_layout(values, layout)
+            where = "a broadcast view (stride 0)" if layout == "expanded" else describe_layout(x, layout)
+            what = f"LoRALayer(x) for x of shape {tuple(x.shape)}, {where}"
+            kept = x.clone()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = layer(x)
+            assert torch.equal(x, kept), f"{what}: forward changed its input x"
+            expect_tensor(out, (*case.leading, case.out_features), what, dtype=want,
+                          hint="(..., in) → (..., out) for any leading dimensions, none included; the output in the "
+                               "base's dtype (under autocast, the autocast dtype)")  # fmt: skip
+            assert layer.lora_A.dtype == layer.lora_B.dtype == adapters, (
+                "the forward must not change the adapters' dtype"
+            )
+            ref = reference(lambda x, W, b, A, B: lora_formula(x, W, b, A, B, case.lora_alpha / case.r),
+                            x, base.weight, bias, layer.lora_A, layer.lora_B, dtype=want,
+                            steps=case.in_features + case.r + (6 if half else 4))  # fmt: skip
+            assert_close(out, ref.value, what, bound=ref.bound,
+                         hint="h = base_layer(x) + (lora_alpha / r) · B (A x), the LoRA term in A's dtype, cast to "
+                              "the output's; x of any layout (reshape, never view)")  # fmt: skip
+
+    for_all(cases(in_features=st.integers(1, 9), out_features=st.integers(1, 9), r=st.integers(1, 4),
+                  lora_alpha=st.sampled_from([5, 1, 16]), bias=st.sampled_from([True, False]), leading=LEADING,
+                  seed=st.integers(0, 2**16)), check, salt=route)  # fmt: skip
+
+
+@pytest.mark.exercise("1.3")
+@pytest.mark.parametrize("dtype", FLOATS, ids=short)
+def test_merge_and_unmerge_for_every_size_and_dtype(lora, dtype):
+    """Any sizes (1 included) and a fp32/fp64/bf16/fp16 weight: merge adds ΔW in the weight's dtype, unmerge takes it off."""
+
+    def check(case):
+        gen = torch.Generator().manual_seed(case.seed)
+        base = nn.Linear(case.in_features, case.out_features).to(dtype)
+        layer = lora.LoRALayer.from_linear(base, r=case.r, lora_alpha=case.lora_alpha)
+        check_factors(layer, case.in_features, case.out_features)
+        with torch.no_grad():
+            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=gen) * 0.3)
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.3)
+        W0, s = base.weight.detach().clone(), case.lora_alpha / case.r
+        delta = layer.delta_weight()
+        expect_tensor(delta, (case.out_features, case.in_features), "delta_weight()", dtype=layer.lora_A.dtype,
+                      hint="ΔW = scaling · B @ A in the adapters' dtype, the shape of the base weight")  # fmt: skip
         layer.merge()
-    assert layer.merged is False, "a refused merge must leave merged = False"
+        weight = base.weight
+        assert weight.dtype == dtype and layer.merged, f"after merge() the weight stays {dtype} and merged is True"
+        ref = reference(lambda W, B, A: W + s * (B @ A), W0, layer.lora_B, layer.lora_A, dtype=dtype, steps=case.r + 3)
+        assert_close(weight, ref.value, "weight after merge()", bound=ref.bound,
+                     hint="W0 + scaling · B @ A, rounded once to the weight's dtype")  # fmt: skip
+        layer.unmerge()
+        back = reference(lambda W, B, A: W + s * (B @ A) - s * (B @ A), W0, layer.lora_B, layer.lora_A, dtype=dtype,
+                         steps=2 * case.r + 6, magnitude=lambda W, B, A: W + 2 * s * (B @ A))  # fmt: skip
+        assert_close(base.weight, back.value, "weight after merge(); unmerge()", bound=back.bound,
+                     hint="unmerge() subtracts the same ΔW, in the weight's dtype")  # fmt: skip
+        assert base.weight.dtype == dtype and not layer.merged, (
+            "after unmerge() the weight keeps its dtype, merged False"
+        )
+
+    for_all(cases(in_features=st.integers(1, 9), out_features=st.integers(1, 9), r=st.integers(1, 4),
+                  lora_alpha=st.sampled_from([5, 1, 16]), seed=st.integers(0, 2**16)), check, salt=short(dtype))  # fmt: skip
+
+
+@pytest.mark.exercise("1.1")
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [({"r": 0}, "r"), ({"r": 2.5}, "r"), ({"lora_alpha": -1.0}, "lora_alpha"), ({"lora_dropout": 1.0}, "lora_dropout"),
+     ({"init_lora_weights": "xavier"}, "init_lora_weights")],
+)  # fmt: skip
+def test_a_refused_layer_leaves_its_base_unchanged(lora, kwargs, argument):
+    """A bad argument with a given base layer: ValueError naming it, and the base is NOT frozen (checks come first)."""
+    linear = nn.Linear(8, 4)
+    expect_refusal(lora.LoRALayer.from_linear, linear, **kwargs, names=(argument,), model=linear,
+                   what="the base layer must stay trainable and unchanged: check the arguments before freezing it")  # fmt: skip
+
+
+@pytest.mark.exercise("1.1")
+def test_reset_with_an_unknown_init_changes_nothing(lora):
+    """reset_lora_parameters('xavier') raises a ValueError naming init_lora_weights before touching A or B."""
+    layer = lora.LoRALayer(IN, OUT, r=R)
+    randomize_lora(layer)
+    expect_refusal(layer.reset_lora_parameters, "xavier", names=("init_lora_weights",), model=layer,
+                   what="A and B must keep their values: check the name before zeroing B")  # fmt: skip

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from testcases.helpers import diagnose, randomize_lora, word
+from testcases.helpers import diagnose, expect_refusal, randomize_lora
 from testcases.tolerances import assert_close, expect_tensor, reference
 
 # Sizes used throughout: r = 3 does not divide lora_alpha = 5, so scaling = 5/3 (not 1, not 5).
@@ -105,8 +105,7 @@ def test_from_linear_wraps_without_copying(lora):
 )
 def test_lora_layer_rejects_bad_arguments(lora, kwargs, argument):
     """r ≤ 0, lora_alpha ≤ 0 and dropout outside [0, 1) raise a ValueError that names the argument."""
-    with pytest.raises(ValueError, match=word(argument)):
-        lora.LoRALayer(8, 8, **kwargs)
+    expect_refusal(lora.LoRALayer, 8, 8, **kwargs, names=(argument,))
 
 
 # ---- Exercise 1.2: forward --------------------------------------------------------------------

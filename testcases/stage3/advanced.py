@@ -5,9 +5,26 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import strategies as st
 from torch import nn
 
-from testcases.helpers import generator, observe, word
+from testcases.helpers import expect_refusal, generator, observe
+from testcases.properties import (
+    FLOATS,
+    LAYOUTS,
+    MAGNITUDES,
+    blocks_of,
+    cases,
+    describe_layout,
+    first_bad,
+    for_all,
+    in_layout,
+    shapes,
+    short,
+    smallest_subnormal,
+    tensor_cases,
+    unit_roundoff,
+)
 from testcases.stage3.basic import U32, check_double_quantization, half_step_bound, nf4_bound, per_element
 from testcases.tolerances import UNIT_ROUNDOFF, assert_close, expect_tensor, reference
 
@@ -73,8 +90,8 @@ def test_uniform_zero_is_exact_and_constant_blocks_work(quant):
 @pytest.mark.parametrize("argument, value", [("num_bits", 1), ("num_bits", 9), ("num_bits", 4.0), ("block_size", 0)])
 def test_uniform_rejects_bad_arguments(quant, argument, value):
     """num_bits outside 2…8 or not an int, block_size < 1: a ValueError naming the argument."""
-    with pytest.raises(ValueError, match=word(argument)):
-        quant.quantize_tensor(torch.randn(8), **{argument: value})
+    x = torch.randn(8)
+    expect_refusal(quant.quantize_tensor, x, **{argument: value}, names=(argument,), tensors={"x": x})
 
 
 @pytest.mark.exercise("3.1")
@@ -83,8 +100,7 @@ def test_uniform_rejects_non_finite_input(quant, bad):
     """A NaN or inf in x raises a ValueError naming x (it would poison its block's scale)."""
     x = torch.randn(8)
     x[2] = bad
-    with pytest.raises(ValueError, match=word("x")):
-        quant.quantize_tensor(x)
+    expect_refusal(quant.quantize_tensor, x, names=("x",), tensors={"x": x}, what=f"x[2] is {bad}")
 
 
 @pytest.mark.exercise("3.1")
@@ -101,8 +117,8 @@ def test_uniform_dtypes_of_everything(quant):
 def test_uniform_dequantize_rejects_wrong_constants(quant):
     """dequantize_tensor with a scale per block that does not fit the codes raises a ValueError."""
     q, scale, zero_point = quant.quantize_tensor(torch.randn(100), num_bits=4, block_size=50)
-    with pytest.raises(ValueError, match=word("scale")):
-        quant.dequantize_tensor(q, scale, zero_point, block_size=25)  # 4 blocks, 2 scales
+    expect_refusal(quant.dequantize_tensor, q, scale, zero_point, block_size=25, names=("scale",),
+                   tensors={"x_quant": q, "scale": scale, "zero_point": zero_point}, what="4 blocks, 2 scales")  # fmt: skip
 
 
 # ---- Exercise 3.2: absmax quantization --------------------------------------------------------
@@ -149,10 +165,9 @@ def test_absmax_zero_block_and_bad_input(quant):
     q, scale = quant.absmax_quantize(x, block_size=64)
     x_hat = quant.absmax_dequantize(q, scale, block_size=64)
     assert torch.isfinite(x_hat).all() and (x_hat[:64] == 0).all(), "an all-zero block must come back as zeros, no NaN"
-    with pytest.raises(ValueError, match=word("num_bits")):
-        quant.absmax_quantize(x, num_bits=16)
-    with pytest.raises(ValueError, match=word("x")):
-        quant.absmax_quantize(torch.tensor([1.0, float("nan")]))
+    expect_refusal(quant.absmax_quantize, x, num_bits=16, names=("num_bits",), tensors={"x": x})
+    bad = torch.tensor([1.0, float("nan")])
+    expect_refusal(quant.absmax_quantize, bad, names=("x",), tensors={"x": bad}, what="x holds a NaN")
 
 
 # ---- Exercise 3.3: code books -----------------------------------------------------------------
@@ -294,13 +309,13 @@ def test_pack_nibbles_pad_any_shape_and_code_dtypes(quant):
 @pytest.mark.exercise("3.4")
 def test_nf4_bad_input(quant):
     """inf input, block_size 0 and a packed tensor of the wrong size raise ValueErrors naming x, block_size, packed."""
-    with pytest.raises(ValueError, match=word("x")):
-        quant.quantize_nf4(torch.tensor([1.0, float("inf")]))
-    with pytest.raises(ValueError, match=word("block_size")):
-        quant.quantize_nf4(torch.randn(10), block_size=0)
-    packed, absmax = quant.quantize_nf4(torch.randn(10))
-    with pytest.raises(ValueError, match=word("packed")):
-        quant.dequantize_nf4(packed, absmax, (4, 4))  # 16 elements need 8 bytes, not 5
+    bad = torch.tensor([1.0, float("inf")])
+    expect_refusal(quant.quantize_nf4, bad, names=("x",), tensors={"x": bad}, what="x holds an inf")
+    x = torch.randn(10)
+    expect_refusal(quant.quantize_nf4, x, block_size=0, names=("block_size",), tensors={"x": x})
+    packed, absmax = quant.quantize_nf4(x)
+    expect_refusal(quant.dequantize_nf4, packed, absmax, (4, 4), names=("packed",),
+                   tensors={"packed": packed, "absmax": absmax}, what="16 elements need 8 bytes, not 5")  # fmt: skip
 
 
 @pytest.mark.exercise("3.4")
@@ -481,3 +496,347 @@ def test_fake_quantize_blocks_dtype_and_training(quant):
     # Over 55 seeds the reference ended at 2.5e-4 every time (the quantization error of the fixed target;
     # make calibrate); 0.01 is 40 times that.
     assert loss.item() < 0.01, f"QAT with the straight-through estimator must still learn (loss {loss.item():.3g})"
+
+
+# ---- Properties (Hypothesis, testcases/properties.py): every shape, dtype, magnitude and memory layout ------
+#
+# Each property draws its inputs (1-D and 0-d tensors, sides of 1, sizes that do not divide the block, float32,
+# float64, bfloat16 and float16, values of order 1 down to float32 subnormals and up to 2^127, transposed,
+# strided and misaligned views) and checks them against an oracle computed here. Rounding of subnormal values
+# is absolute (2^-149 in float32), so the bounds carry a few of those besides their relative part.
+
+SUB = 2.0**-149  # float32's smallest subnormal: the rounding step of results near 0
+
+
+def check_input_kept(x: torch.Tensor, kept: torch.Tensor, what: str) -> None:
+    assert x.dtype == kept.dtype and torch.equal(x, kept), (
+        f"{what} changed its input x: never modify the caller's tensor (an in-place op on x.float() or on a "
+        "reshape of x writes into x itself when no copy was needed)"
+    )
+
+
+@pytest.mark.exercise("3.1")
+@pytest.mark.parametrize("magnitude", MAGNITUDES)
+def test_uniform_quantization_for_every_shape_dtype_magnitude_and_layout(quant, magnitude):
+    """Any x (dtype, shape, magnitude up to 2^127, subnormals, layout): scale (hi − lo)/qmax, zeros exact, error ≤ scale/2."""
+
+    def check(case):
+        x, qmax = case.x.make(), 2**case.num_bits - 1
+        kept = x.clone()
+        q, scale, zero_point = quant.quantize_tensor(x, num_bits=case.num_bits, block_size=case.block_size)
+        check_input_kept(x, kept, "quantize_tensor")
+        numel, block = x.numel(), case.block_size or x.numel()
+        n_blocks = -(-numel // block)
+        expect_tensor(q, tuple(x.shape), "x_quant (the codes)", dtype=torch.uint8)
+        expect_tensor(scale, (n_blocks,), "scale (one per block)", dtype=torch.float32)
+        expect_tensor(zero_point, (n_blocks,), "zero_point (one per block)", dtype=torch.int32)
+        x32 = x.float().double().reshape(-1)
+        blocks = blocks_of(x32, block)
+        lo, hi = blocks.min(dim=1).values.clamp(max=0), blocks.max(dim=1).values.clamp(min=0)
+        exact = (hi - lo) / qmax  # float64: no overflow, no underflow
+        vanishes = exact <= 4 * SUB  # a range so small that a float32 scale may round to 0 (then 1 is used)
+        ok = torch.where(vanishes, (scale.double() == 1) | ((scale.double() - exact).abs() <= 4 * SUB),
+                         (scale.double() - exact).abs() <= 4 * U32 * exact + 4 * SUB)  # fmt: skip
+        assert ok.all(), (
+            f"scale of block {first_bad(~ok)}: expected (hi − lo) / qmax = {exact[first_bad(~ok)].item():.6g}, got "
+            f"{scale[first_bad(~ok)].item():.6g}. Widen [min, max] to include 0; compute without overflow (hi − lo "
+            "overflows float32 near 2^127: use hi/qmax − lo/qmax there) and without a floor (1 only for a range of 0)"
+        )
+        assert int(zero_point.min()) >= 0 and int(zero_point.max()) <= qmax and int(q.max()) <= qmax, (
+            f"codes and zero points must lie in [0, {qmax}]: got codes up to {int(q.max())}, zero points "
+            f"{int(zero_point.min())} … {int(zero_point.max())}"
+        )
+        x_hat = quant.dequantize_tensor(in_layout(q, case.x.layout), scale, zero_point, block_size=case.block_size)
+        expect_tensor(x_hat, tuple(x.shape), "dequantize_tensor(...)", dtype=torch.float32)
+        step = per_element(scale, block, numel)
+        level = q.reshape(-1).double() - per_element(zero_point, block, numel)
+        assert_close(x_hat.reshape(-1), level * step, "dequantize_tensor: (q − zero_point) · scale",
+                     bound=2 * U32 * (level.abs() + per_element(zero_point, block, numel)) * step + 2 * SUB)  # fmt: skip
+        bound = step * (0.5 + 4 * U32 * (qmax + 1)) + 4 * (qmax + 1) * SUB
+        assert_close(x_hat.reshape(-1), x32, "round trip of uniform quantization (flattened)", bound=bound,
+                     hint="every element within half a step: round x / scale, add the zero point, clamp to [0, qmax]")  # fmt: skip
+        assert (x_hat.reshape(-1)[x32 == 0] == 0).all(), "0 must come back as exactly 0 (q = zero_point)"
+
+    for_all(cases(x=tensor_cases(shapes(allow_scalar=True), magnitudes=(magnitude,)), num_bits=st.integers(2, 8),
+                  block_size=st.sampled_from([None, 64, 1, 3, 7])), check, salt=magnitude)  # fmt: skip
+
+
+@pytest.mark.exercise("3.2")
+@pytest.mark.parametrize("magnitude", MAGNITUDES)
+def test_absmax_quantization_for_every_shape_dtype_magnitude_and_layout(quant, magnitude):
+    """Any x (dtype, shape, magnitude up to 2^127, subnormals, layout): scale absmax/qmax, signs kept, error ≤ scale/2."""
+
+    def check(case):
+        x, qmax = case.x.make(), 2 ** (case.num_bits - 1) - 1
+        kept = x.clone()
+        q, scale = quant.absmax_quantize(x, num_bits=case.num_bits, block_size=case.block_size)
+        check_input_kept(x, kept, "absmax_quantize")
+        numel, block = x.numel(), case.block_size or x.numel()
+        expect_tensor(q, tuple(x.shape), "absmax codes", dtype=torch.int8)
+        expect_tensor(scale, (-(-numel // block),), "scale (one per block)", dtype=torch.float32)
+        x32 = x.float().double().reshape(-1)
+        exact = blocks_of(x32, block).abs().max(dim=1).values / qmax
+        vanishes = exact <= 4 * SUB
+        ok = torch.where(vanishes, (scale.double() == 1) | ((scale.double() - exact).abs() <= 4 * SUB),
+                         (scale.double() - exact).abs() <= 2 * U32 * exact + 2 * SUB)  # fmt: skip
+        assert ok.all(), (
+            f"scale of block {first_bad(~ok)}: expected absmax / qmax = {exact[first_bad(~ok)].item():.6g}, got "
+            f"{scale[first_bad(~ok)].item():.6g} (no epsilon, no floor: 1 only for an all-zero block)"
+        )
+        assert int(q.abs().max()) <= qmax, (
+            f"{case.num_bits}-bit codes lie in [−{qmax}, {qmax}], got {int(q.abs().max())}"
+        )
+        assert (q.reshape(-1).double() * x32 >= 0).all(), "each code keeps its value's sign (or is 0)"
+        x_hat = quant.absmax_dequantize(in_layout(q, case.x.layout), scale, block_size=case.block_size)
+        expect_tensor(x_hat, tuple(x.shape), "absmax_dequantize(...)", dtype=torch.float32)
+        step = per_element(scale, block, numel)
+        bound = step * (0.5 + 4 * U32 * (qmax + 1)) + 4 * (qmax + 1) * SUB
+        assert_close(x_hat.reshape(-1), x32, "round trip of absmax quantization (flattened)", bound=bound,
+                     hint="q = clamp(round(x / scale), −qmax, qmax) and x̂ = q · scale, scale = absmax / qmax per block")  # fmt: skip
+        assert (x_hat.reshape(-1)[x32 == 0] == 0).all(), "0 must come back as exactly 0"
+
+    for_all(cases(x=tensor_cases(shapes(allow_scalar=True), magnitudes=(magnitude,)), num_bits=st.integers(2, 8),
+                  block_size=st.sampled_from([None, 64, 1, 3, 7])), check, salt=magnitude)  # fmt: skip
+
+
+def nf4_oracle_codes(quant, x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(absmax, codes, scaled) as the contract computes them, in float32: x · fl(1/absmax) (x / absmax where the
+    reciprocal overflows), clamped, then the number of float32 midpoints strictly below (ties to the lower)."""
+    blocks = blocks_of(x.float().reshape(-1), block_size)  # float32
+    absmax = blocks.abs().amax(dim=1)
+    inverse = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
+    tiny = torch.isinf(inverse)[:, None]
+    scaled = torch.where(tiny, blocks / absmax[:, None], blocks * inverse[:, None]).clamp(-1, 1)
+    book = torch.tensor(quant.NF4_PUBLISHED, dtype=torch.float32)
+    midpoints = (book[1:] + book[:-1]) / 2
+    codes = (scaled.reshape(-1, 1) > midpoints).sum(dim=1).to(torch.uint8)
+    return absmax, codes[: x.numel()], scaled.reshape(-1)[: x.numel()]
+
+
+@pytest.mark.exercise("3.4")
+@pytest.mark.parametrize("magnitude", MAGNITUDES)
+def test_nf4_for_every_shape_dtype_magnitude_and_layout(quant, magnitude):
+    """Any x and block size: absmax exact, every code the contract's nearest level (subnormal blocks too), x untouched."""
+
+    def check(case):
+        x, block = case.x.make(), case.block_size
+        kept = x.clone()
+        packed, absmax = quant.quantize_nf4(x, block_size=block)
+        check_input_kept(x, kept, "quantize_nf4")
+        numel = x.numel()
+        expect_tensor(packed, ((numel + 1) // 2,), "packed codes", dtype=torch.uint8)
+        expect_tensor(absmax, (-(-numel // block),), "absmax (one per block of the flattened x)", dtype=torch.float32)
+        want_absmax, want, scaled = nf4_oracle_codes(quant, x, block)
+        assert torch.equal(absmax, want_absmax), (
+            f"absmax of block {first_bad(absmax != want_absmax)}: expected max |x| = "
+            f"{want_absmax[first_bad(absmax != want_absmax)].item():.6g}, got {absmax[first_bad(absmax != want_absmax)].item():.6g}"
+        )
+        codes = quant.unpack_nibbles(packed, numel)
+        if (codes != want).any():
+            i = first_bad(codes != want)
+            raise AssertionError(
+                f"{int((codes != want).sum())} of {numel} codes differ from the nearest NF4 level; first at element "
+                f"{i} (block {i // block}): x = {x.reshape(-1)[i].item():.6g}, absmax = {absmax[i // block].item():.6g}, "
+                f"scaled = {scaled[i].item():.6g}: expected code {int(want[i])}, got {int(codes[i])}. Scale by "
+                "x · (1 / absmax) in float32, except where 1 / absmax overflows (a subnormal absmax: divide); "
+                "a tie goes to the lower code"
+            )
+        if numel % 2:
+            assert int(packed[-1]) & 0x0F == 7, "an odd count is padded with the code of 0.0 (7) in the last low nibble"
+        out = quant.dequantize_nf4(in_layout(packed, case.packed_layout), absmax, tuple(x.shape), block_size=block,
+                                   dtype=case.out_dtype)  # fmt: skip
+        book = torch.tensor(quant.NF4_PUBLISHED, dtype=torch.float32)
+        expected = (book[want.long()] * absmax.repeat_interleave(block)[:numel]).to(case.out_dtype).view(x.shape)
+        expect_tensor(out, tuple(x.shape), "dequantize_nf4(...)", dtype=case.out_dtype)
+        # code[q] · absmax is one correctly rounded float32 product, then one cast: every correct code gives these bits.
+        assert torch.equal(out, expected), (
+            f"dequantize_nf4 differs at element {first_bad(out != expected)}: expected "
+            f"{expected.reshape(-1)[first_bad(out != expected)].item():.6g}, got {out.reshape(-1)[first_bad(out != expected)].item():.6g}. "
+            "Compute code[q] · absmax of the element's block in float32, then cast to dtype once; read packed bytes "
+            "of any layout (a strided or misaligned view)"
+        )
+
+    x = tensor_cases(shapes(allow_scalar=True), magnitudes=(magnitude,))
+    for_all(cases(x=x, block_size=st.sampled_from([64, 1, 2, 7, 63, 128]), packed_layout=st.sampled_from(LAYOUTS),
+                  out_dtype=st.sampled_from(FLOATS)), check, salt=magnitude)  # fmt: skip
+
+
+@pytest.mark.exercise("3.4")
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_pack_nibbles_for_every_shape_dtype_and_layout(quant, layout):
+    """Codes 0…15 of any integer dtype, shape and layout pack high nibble first, an odd count padded with pad."""
+
+    def check(case):
+        gen = torch.Generator().manual_seed(case.seed)
+        values = torch.randint(0, 16, case.shape, generator=gen)
+        codes = in_layout(values.to(case.dtype), case.layout)
+        packed = quant.pack_nibbles(codes, pad=case.pad)
+        flat = values.reshape(-1).tolist() + ([case.pad] if values.numel() % 2 else [])
+        expected = torch.tensor([16 * a + b for a, b in zip(flat[::2], flat[1::2])], dtype=torch.uint8)
+        expect_tensor(packed, tuple(expected.shape), "pack_nibbles(codes)", dtype=torch.uint8)
+        assert torch.equal(packed, expected), (
+            f"byte {first_bad(packed != expected)} is {int(packed[first_bad(packed != expected)]):#04x}, expected "
+            f"{int(expected[first_bad(packed != expected)]):#04x}: element 2i in the high nibble, 2i + 1 in the low "
+            "one, in the order of the flattened codes (reshape, not view: codes may be non-contiguous)"
+        )
+
+    for_all(cases(shape=shapes(allow_scalar=True), dtype=st.sampled_from([torch.uint8, torch.int64, torch.int32]),
+                  layout=st.just(layout), pad=st.integers(0, 15), seed=st.integers(0, 2**16)), check, salt=layout)  # fmt: skip
+
+
+@pytest.mark.exercise("3.4")
+def test_nearest_code_on_levels_midpoints_and_neighbours(quant):
+    """For any ascending code book and values (levels, midpoints, their float32 neighbours, any layout): the nearest, ties low."""
+
+    def check(case):
+        gen = torch.Generator().manual_seed(case.seed)
+        book = torch.randn(case.levels, generator=gen).sort().values
+        midpoints = (book[1:] + book[:-1]) / 2
+        pool = torch.cat([book, midpoints, torch.nextafter(midpoints, book[1:]), torch.nextafter(midpoints, book[:-1]),
+                          torch.randn(8, generator=gen) * 2])  # fmt: skip
+        values = pool[torch.randint(0, pool.numel(), case.shape, generator=gen)]
+        got = quant.nearest_code(in_layout(values, case.layout), book)
+        expected = (values.reshape(-1, 1) > midpoints).sum(dim=1).to(torch.uint8).view(case.shape)
+        expect_tensor(got, tuple(case.shape), "nearest_code(values, code)", dtype=torch.uint8)
+        assert torch.equal(got, expected), (
+            f"value {values.reshape(-1)[first_bad(got != expected)].item():.9g} got level "
+            f"{int(got.reshape(-1)[first_bad(got != expected)])}, expected {int(expected.reshape(-1)[first_bad(got != expected)])}: "
+            "the index is the number of midpoints strictly below the value (a tie goes to the lower level)"
+        )
+
+    for_all(cases(levels=st.integers(2, 20), shape=shapes(allow_scalar=True), layout=st.sampled_from(LAYOUTS),
+                  seed=st.integers(0, 2**16)), check)  # fmt: skip
+
+
+@pytest.mark.exercise("3.5")
+@pytest.mark.parametrize("magnitude", MAGNITUDES)
+def test_double_quantization_for_every_size_magnitude_and_layout(quant, magnitude):
+    """Any number of absmax values (several DQ blocks, partial ones), tiny to huge: the mean, per-block scales, nearest codes."""
+
+    def check(case):
+        absmax = case.absmax.make()
+        kept = absmax.clone()
+        n, block = absmax.numel(), case.block_size
+        codes, scale, offset = quant.double_quantize(absmax, block_size=block)
+        check_input_kept(absmax, kept, "double_quantize")
+        expect_tensor(codes, (n,), "8-bit codes, one per absmax", dtype=torch.uint8)
+        expect_tensor(scale, (-(-n // block),), f"scales, one per block of {block}", dtype=torch.float32)
+        assert isinstance(offset, torch.Tensor) and offset.numel() == 1 and offset.dtype == torch.float32, (
+            f"offset: a float32 tensor holding one value, got {offset!r}"
+        )
+        a = absmax.double()
+        mean = a.mean()
+        assert abs(offset.item() - mean.item()) <= (n + 1) * U32 * mean.item() + 2 * SUB, (
+            f"offset = mean(absmax) = {mean.item():.6g}, got {offset.item():.6g}"
+        )
+        d = a - offset.double()  # the values double quantization encodes, with this offset
+        want = blocks_of(d, block).abs().max(dim=1).values
+        assert ((scale.double() - want).abs() <= 2 * U32 * want + 2 * SUB).all(), (
+            f"scale of block {first_bad((scale.double() - want).abs() > 2 * U32 * want + 2 * SUB)}: the absmax of "
+            "absmax − offset in each block of block_size (several blocks: each its own scale)"
+        )
+        book = quant.dynamic_code_book().double()
+        step = per_element(scale, block, n)
+        target = torch.where(step > 0, d / torch.where(step > 0, step, 1.0), torch.zeros_like(d))
+        nearest = (book[None, :] - target[:, None]).abs().min(dim=1).values
+        chosen = (book[codes.long()] - target).abs()
+        far = chosen > nearest + 4 * U32 * (1 + target.abs()) + 4 * SUB / torch.where(step > 0, step, 1.0)
+        assert not far.any(), (
+            f"absmax {first_bad(far)} (block {first_bad(far) // block}): (absmax − offset) / scale = "
+            f"{target[first_bad(far)].item():.6g} took level {book[codes.long()][first_bad(far)].item():.6g}, but "
+            f"the nearest level is {nearest[first_bad(far)].item():.3g} away: the nearest 8-bit level of each "
+            "value scaled by its own block's scale (a subnormal scale: divide)"
+        )
+        restored = quant.double_dequantize(in_layout(codes, case.layout), scale, offset, block_size=block)
+        expect_tensor(restored, (n,), "double_dequantize(...)", dtype=torch.float32)
+        value = book[codes.long()] * step
+        assert_close(restored, value + offset.double(), "double_dequantize: code[q] · scale + offset",
+                     bound=2 * U32 * (value.abs() + offset.double().abs()) + 2 * SUB)  # fmt: skip
+
+    # absmax values are positive; "huge" here is 2^110: the float32 sum of 700 of them (the mean) stays finite.
+    absmax = tensor_cases(shapes(max_dims=1, max_side=700), dtypes=(torch.float32,), magnitudes=(magnitude,),
+                          positive=True, top=110)  # fmt: skip
+    for_all(cases(absmax=absmax, block_size=st.sampled_from([256, 1, 3, 64, 100]), layout=st.sampled_from(LAYOUTS)),
+            check, salt=magnitude)  # fmt: skip
+
+
+LEADING = [(), (1,), (3,), (1, 1), (2, 1), (2, 3), (1, 2, 3)]  # no batch, one token, sides of 1
+
+
+@pytest.mark.exercise("3.6")
+def test_nf4_linear_for_every_shape_dtype_and_layout(quant):
+    """Any sizes, block size (several DQ blocks), weight and compute dtype, input shape, dtype and layout, with autocast."""
+
+    def check(case):
+        gen = torch.Generator().manual_seed(case.seed)
+        linear = nn.Linear(case.in_features, case.out_features, bias=case.bias).to(case.weight_dtype)
+        with torch.no_grad():
+            linear.weight.copy_(torch.randn(linear.weight.shape, generator=gen))
+        layer = quant.NF4Linear.from_linear(linear, block_size=case.block_size, double_quant=case.double_quant,
+                                            compute_dtype=case.compute_dtype)  # fmt: skip
+        compute = case.compute_dtype or case.weight_dtype
+        shape = (case.out_features, case.in_features)
+        packed, absmax = quant.quantize_nf4(linear.weight.detach(), case.block_size)
+        if case.double_quant:
+            absmax = quant.double_dequantize(*quant.double_quantize(absmax))
+        expected_weight = quant.dequantize_nf4(packed, absmax, shape, case.block_size)
+        weight = layer.dequantize_weight(torch.float32)
+        expect_tensor(weight, shape, "dequantize_weight(torch.float32)", dtype=torch.float32)
+        assert torch.equal(weight, expected_weight), (
+            f"dequantize_weight() must equal dequantize_nf4 of quantize_nf4(W) (block_size {case.block_size}, "
+            f"{'double-dequantized absmax: each of the ' + str(-(-absmax.numel() // 256)) + ' DQ blocks its own scale' if case.double_quant else 'plain absmax'})"
+        )
+        bias = linear.bias.detach().float() if case.bias else torch.zeros(case.out_features)
+        # Outside autocast: compute_dtype. Under bf16 autocast: what autocast's rules give (bf16 for F.linear; a bias
+        # added after an autocast matmul promotes), checked to bf16's rounding.
+        dtype = torch.bfloat16 if case.autocast else compute
+        inputs = [(leading, layout, compute) for leading in LEADING for layout in LAYOUTS]  # x needing no cast
+        inputs += [((2, 3), "transposed", x_dtype) for x_dtype in FLOATS if x_dtype != compute]
+        for leading, layout, x_dtype in inputs:  # every input for the same layer
+            x = in_layout(torch.randn(*leading, case.in_features, generator=gen).to(x_dtype), layout)
+            what = f"NF4Linear(x) for a {short(x_dtype)} x of shape {tuple(x.shape)}, {describe_layout(x, layout)}"
+            kept = x.clone()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case.autocast):
+                out = layer(x)
+            assert torch.equal(x, kept), f"{what}: forward changed its input x"
+            expect_tensor(out, (*leading, case.out_features), what,
+                          hint="a 1-D x (one token, no batch) gives a 1-D output")  # fmt: skip
+            assert case.autocast or out.dtype == compute, (
+                f"{what}: the output must be {short(compute)} (compute_dtype), got {out.dtype}: cast x to "
+                "compute_dtype and compute there, whatever x's dtype"
+            )
+            ref = reference(lambda x, W, b: x @ W.T + b, x, weight, bias, dtype=dtype, steps=case.in_features + 6)
+            assert_close(out, ref.value, what, bound=ref.bound,
+                         hint="cast x to compute_dtype, then an ordinary linear with the dequantized weight (in "
+                              "compute_dtype) and the bias; flatten x with reshape, never view")  # fmt: skip
+
+    for_all(cases(in_features=st.integers(1, 40), out_features=st.integers(1, 40), bias=st.sampled_from([True, False]),
+                  block_size=st.sampled_from([64, 1, 4, 7]), double_quant=st.booleans(),
+                  weight_dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+                  compute_dtype=st.sampled_from([None, torch.float32, torch.bfloat16, torch.float16]),
+                  autocast=st.booleans(), seed=st.integers(0, 2**16)), check)  # fmt: skip
+
+
+@pytest.mark.exercise("3.7")
+@pytest.mark.parametrize("magnitude", MAGNITUDES)
+def test_fake_quantize_for_every_shape_dtype_magnitude_and_layout(quant, magnitude):
+    """Any x: same dtype and shape out, the value dequantize(quantize(x)) within x's dtype's rounding, gradient passed as is."""
+
+    def check(case):
+        x = case.x.make().requires_grad_()
+        y = quant.fake_quantize(x, num_bits=case.num_bits, block_size=case.block_size)
+        expect_tensor(y, tuple(x.shape), "fake_quantize(x)", dtype=x.dtype,
+                      hint="the straight-through estimator returns x's dtype and shape: cast x̂ to x.dtype")  # fmt: skip
+        q, scale, zero_point = quant.quantize_tensor(x.detach(), case.num_bits, case.block_size)
+        x_hat = quant.dequantize_tensor(q, scale, zero_point, case.block_size).double()
+        u, sub = max(unit_roundoff(x.dtype), U32), smallest_subnormal(x.dtype)
+        # x̂ cast to x's dtype, then x + (x̂ − x): three roundings in x's dtype (float32's at least: x̂ is float32) at most.
+        assert_close(y, x_hat, "fake_quantize(x) vs dequantize(quantize(x))",
+                     bound=3 * u * (x_hat.abs() + 2 * x.detach().double().abs()) + 3 * sub)  # fmt: skip
+        weight = torch.randn(x.shape, generator=torch.Generator().manual_seed(case.x.seed)).to(x.dtype)
+        (y * weight).sum().backward()
+        expect_tensor(x.grad, tuple(x.shape), "dL/dx", dtype=x.dtype)
+        assert torch.equal(x.grad, weight), "straight-through: dL/dx must equal dL/dy exactly (the rounding is skipped)"
+
+    for_all(cases(x=tensor_cases(shapes(allow_scalar=True), magnitudes=(magnitude,)), num_bits=st.integers(2, 8),
+                  block_size=st.sampled_from([None, 64, 1, 5])), check, salt=magnitude)  # fmt: skip

@@ -10,19 +10,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import strategies as st
 from torch import nn
 
 from testcases import helpers
 from testcases.helpers import (
-    assert_unchanged,
+    BiasedConfig,
+    BiasedMLP,
     copy_of,
+    expect_refusal,
     make_trainer,
     observe,
     randomize_lora,
     record_optimizer_steps,
-    snapshot,
-    word,
 )
+from testcases.properties import cases, for_all
 from testcases.stage4.basic import exact_network
 from testcases.tolerances import assert_close, fp32_network_bound, reference
 
@@ -51,8 +53,7 @@ from testcases.tolerances import assert_close, fp32_network_bound, reference
 )
 def test_train_config_names_the_field(trainer, field, value):
     """Each field is checked; the ValueError names the field."""
-    with pytest.raises(ValueError, match=word(field)):
-        trainer.TrainConfig(**{field: value})
+    expect_refusal(trainer.TrainConfig, **{field: value}, names=(field,))
 
 
 @pytest.mark.exercise("4.1")
@@ -62,9 +63,8 @@ def test_train_config_accepts_a_string_target(trainer):
     assert config.target_modules == ("q_proj",), f"a single string is one target, got {config.target_modules!r}"
     listed = trainer.TrainConfig(target_modules=["q_proj", "v_proj"]).target_modules
     assert listed == ("q_proj", "v_proj"), f"a list of targets is stored as a tuple, got {listed!r}"
-    with pytest.raises(ValueError, match=word("r")) as error:
-        trainer.TrainConfig(r=True)  # a bool is not a rank
-    assert any(ch.isdigit() for ch in str(error.value)), f"say the allowed values (r >= 1), got: {error.value}"
+    error = expect_refusal(trainer.TrainConfig, r=True, names=("r",), what="a bool is not a rank")
+    assert any(ch.isdigit() for ch in str(error)), f"say the allowed values (r >= 1), got: {error}"
 
 
 @pytest.mark.exercise("4.1")
@@ -73,8 +73,7 @@ def test_resolve_device_refuses_missing_cuda(trainer):
     if torch.cuda.is_available():
         assert trainer.resolve_device(trainer.TrainConfig(device="cuda")).type == "cuda", "device='cuda' uses the GPU"
         return
-    with pytest.raises(ValueError, match=word("cuda")):
-        trainer.resolve_device(trainer.TrainConfig(device="cuda"))
+    expect_refusal(trainer.resolve_device, trainer.TrainConfig(device="cuda"), names=("cuda",), what="no GPU here")
 
 
 @pytest.mark.exercise("4.1")
@@ -131,8 +130,7 @@ def test_prepare_respects_targets_precision_and_checkpointing(trainer, tiny_mode
     assert model.gradient_checkpointing is True, "config.gradient_checkpointing must switch it on in the model"
     norms = [p.dtype for n, p in model.named_parameters() if "norm" in n]
     assert norms and all(d == torch.float32 for d in norms), "norms stay fp32"
-    with pytest.raises(ValueError, match=word("LoRA")):
-        trainer.prepare_qlora_model(model, config)
+    expect_refusal(trainer.prepare_qlora_model, model, config, names=("LoRA",), model=model, what="prepared twice")
 
 
 @pytest.mark.exercise("4.2")
@@ -185,10 +183,25 @@ def test_prepare_honours_skip_modules_and_fp16(trainer, tiny_model):
 def test_prepare_refuses_a_model_with_lora_and_changes_nothing(trainer, tiny_model):
     """A model that already has LoRA layers is refused before anything is quantized."""
     model = trainer.prepare_qlora_model(tiny_model, trainer.TrainConfig(r=2, precision="fp32", quantize="none"))
-    before = snapshot(model)
-    with pytest.raises(ValueError, match=word("LoRA")):
-        trainer.prepare_qlora_model(model, trainer.TrainConfig(r=2, precision="fp32"))
-    assert_unchanged(model, before, "prepare_qlora_model on a model that has LoRA layers")
+    expect_refusal(trainer.prepare_qlora_model, model, trainer.TrainConfig(r=2, precision="fp32"), names=("LoRA",),
+                   model=model, what="a model that already has LoRA layers")  # fmt: skip
+
+
+@pytest.mark.exercise("4.2")
+@pytest.mark.parametrize(
+    "case, kwargs, name",
+    [("a target that matches nothing", {"target_modules": ("qproj",)}, "qproj"),
+     ("a target that is no linear layer", {"target_modules": ("q_proj", "embed_tokens")}, "embed_tokens"),
+     ("a non-finite weight in the last layer", {}, "non-finite")],
+)  # fmt: skip
+def test_a_refused_preparation_leaves_the_model_as_it_was(trainer, tiny_model, case, kwargs, name):
+    """A target get_lora_model refuses, or a NaN weight: ValueError, and no layer is left quantized or wrapped."""
+    if case.startswith("a non-finite"):
+        with torch.no_grad():
+            tiny_model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    config = trainer.TrainConfig(r=2, precision="fp32", **kwargs)
+    expect_refusal(trainer.prepare_qlora_model, tiny_model, config, names=(name,), model=tiny_model,
+                   what=f"{case}: quantize and wrap only once everything is known to fit, or put the layers back")  # fmt: skip
 
 
 @pytest.mark.exercise("4.2")
@@ -366,8 +379,8 @@ def test_checkpoint_file_is_atomic_plain_and_checked(trainer, tiny_model, task_d
         "a save that fails half-way must leave the old checkpoint intact: write a temp file, then rename it"
     )
     narrow = make_trainer(trainer, copy_of(tiny_model), task_data, target_modules=("q_proj",), output_dir=str(tmp_path))
-    with pytest.raises(ValueError, match=r"layers\.\d+\."):  # the message names a parameter the model lacks
-        narrow.load_checkpoint(path)  # the checkpoint has adapters on all seven projections
+    expect_refusal(narrow.load_checkpoint, path, names=(path.name, "lacks"), trainer=narrow, directory=tmp_path,
+                   what="the checkpoint has adapters on all seven projections, this trainer's model on q_proj only")  # fmt: skip
 
 
 @pytest.mark.exercise("4.3")
@@ -428,8 +441,7 @@ def test_optimizer_groups_weight_decay_and_loraplus(trainer):
 def test_optimizer_without_trainable_parameters_is_refused(trainer):
     """build_optimizer on a model with nothing to train raises; with only A and B no group is empty."""
     frozen = nn.Linear(4, 4).requires_grad_(False)
-    with pytest.raises(ValueError):
-        trainer.build_optimizer(frozen, trainer.TrainConfig())
+    expect_refusal(trainer.build_optimizer, frozen, trainer.TrainConfig(), names=("trainable",), model=frozen)
     from model.lora import get_lora_model
 
     model = get_lora_model(nn.Sequential(nn.Linear(4, 4)), r=1, target_modules=["0"])
@@ -555,5 +567,254 @@ def test_estimate_memory_breakdown(trainer):
     assert no_dq["weights"] == pytest.approx(65e9 * 4.5 / 8, rel=1e-12), (
         "without double quantization NF4 costs 4.5 bits"
     )
-    with pytest.raises(ValueError, match=word("method")):
-        trainer.estimate_memory(1e9, "adapter")
+    expect_refusal(trainer.estimate_memory, 1e9, "adapter", names=("method",))
+
+
+# ---- Corner cases and refusals (issue 19): one step, warm-up over every step, gradients after a step, resuming at
+# the end, checkpoints that do not fit, several double-quantization blocks ------------------------------------------
+
+
+@pytest.mark.exercise("4.3")
+@pytest.mark.parametrize("scheduler", ["linear", "cosine", "constant"])
+def test_lr_factor_for_every_length_and_warmup(trainer, scheduler):
+    """Any max_steps (1 included), any warm-up (none to every step): step / warmup, then the decay, 0 from max_steps on."""
+
+    def check(case):
+        config = trainer.TrainConfig(max_steps=case.max_steps, warmup_ratio=case.warmup_ratio, lr_scheduler=scheduler)
+        warmup = math.ceil(case.warmup_ratio * case.max_steps)
+        for step in range(case.max_steps + 3):
+            if step < warmup:
+                want = step / warmup
+            elif step >= case.max_steps:  # the decay is complete, also when the warm-up took every step
+                want = 1.0 if scheduler == "constant" else 0.0
+            else:
+                p = (step - warmup) / (case.max_steps - warmup)
+                want = {"linear": 1 - p, "cosine": 0.5 * (1 + math.cos(math.pi * p)), "constant": 1.0}[scheduler]
+            got = trainer.lr_factor(step, config)
+            assert got == pytest.approx(want, abs=1e-12), (
+                f"{scheduler}, max_steps={case.max_steps}, warmup_ratio={case.warmup_ratio} ({warmup} warm-up steps): "
+                f"the factor at step {step} must be {want:.6g}, got {got!r}"
+            )
+
+    ratios = st.sampled_from([0.0, 0.05, 0.5, 0.9, 0.99]) | st.floats(0.0, 0.999)
+    for_all(cases(max_steps=st.integers(1, 40), warmup_ratio=ratios), check, salt=scheduler, max_examples=30)
+
+
+@pytest.mark.exercise("4.3")
+@pytest.mark.parametrize("warmup_ratio", [0.05, 0.0])
+def test_a_run_of_one_step(trainer, tiny_model, task_data, tmp_path, warmup_ratio):
+    """max_steps=1: one step (with warm-up at factor 0, so the weights stay), the logged rate 0, no gradient left."""
+    t = make_trainer(trainer, tiny_model, task_data, max_steps=1, warmup_ratio=warmup_ratio, learning_rate=1e-2,
+                     output_dir=str(tmp_path))  # fmt: skip
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters() if p.requires_grad}
+    result = t.train()
+    assert (t.step, len(t.history), result["step"]) == (1, 1, 1), (
+        f"max_steps=1 is one optimizer step: step {t.step}, {len(t.history)} history records"
+    )
+    assert t.history[0]["lr"] == 0.0, (
+        f"after the last step the decay is complete: the logged rate must be 0, got {t.history[0]['lr']!r} (from "
+        "max_steps on lr_factor is 0, also when warm-up covers every step)"
+    )
+    moved = [n for n, p in t.model.named_parameters() if n in before and not torch.equal(p, before[n])]
+    if warmup_ratio > 0:
+        assert not moved, f"the one warm-up step trains at factor 0 (step / warmup = 0 / 1): {moved[:2]} moved"
+    else:
+        assert moved, "without warm-up the one step trains at the full rate: the adapters must move"
+    left = [n for n, p in t.model.named_parameters() if p.grad is not None]
+    assert not left, f"after a step every gradient is None (zero_grad(set_to_none=True)), still set: {left[:2]}"
+
+
+@pytest.mark.exercise("4.3")
+def test_warmup_covering_every_step(trainer, tiny_model, task_data, tmp_path):
+    """warmup_ratio=0.9 of 3 steps is 3 warm-up steps: rates 0, 1/3, 2/3 of the peak, then 0 is logged after the last."""
+    t = make_trainer(trainer, tiny_model, task_data, max_steps=3, warmup_ratio=0.9, learning_rate=3e-3,
+                     output_dir=str(tmp_path))  # fmt: skip
+    seen = []
+    original = t.optimizer.step
+
+    def step(*args, **kwargs):
+        seen.append(t.optimizer.param_groups[0]["lr"])
+        return original(*args, **kwargs)
+
+    t.optimizer.step = step
+    t.train()
+    assert seen == pytest.approx([0.0, 1e-3, 2e-3], abs=1e-12), (
+        f"three warm-up steps must train at 0, 1/3 and 2/3 of 3e-3, got {seen}"
+    )
+    logged = [h["lr"] for h in t.history]
+    assert logged == pytest.approx([1e-3, 2e-3, 0.0], abs=1e-12), (
+        f"the history logs the rate after each step's scheduler update: 1/3, 2/3, then 0 (max_steps reached), got {logged}"
+    )
+
+
+@pytest.mark.exercise("4.3")
+def test_gradients_are_none_after_every_step(trainer, tiny_model, task_data, tmp_path):
+    """After a successful step and after a skipped one, every trainable parameter's .grad is None (no memory held)."""
+    t = make_trainer(trainer, tiny_model, task_data, gradient_accumulation_steps=2, output_dir=str(tmp_path))
+    t.train_step([t.micro_batch(0), t.micro_batch(1)])
+    left = [n for n, p in t.model.named_parameters() if p.requires_grad and p.grad is not None]
+    assert not left, (
+        f"after a successful step {left[:2]} still hold a gradient: zero the gradients at the END of the step with "
+        "set_to_none=True (optimizer.zero_grad()), so no gradient memory is held between steps"
+    )
+    handle = t.model.lm_head.register_forward_hook(lambda module, args, out: out * float("nan"))
+    t.train_step([t.micro_batch(2)])
+    handle.remove()
+    left = [n for n, p in t.model.named_parameters() if p.requires_grad and p.grad is not None]
+    assert t.skipped_steps == 1 and not left, f"after a skipped step the gradients are None too, still set: {left[:2]}"
+
+
+@pytest.mark.exercise("4.3")
+def test_weight_decay_never_on_vectors(trainer):
+    """Trainable vectors get no weight decay, a norm's weight as much as a bias; trainable matrices get it."""
+    from model.lora import get_lora_model
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 4))
+    get_lora_model(model, r=2, target_modules=["0"])
+    model[1].requires_grad_(True)  # a norm that trains: weight and bias are vectors
+    model[2].weight.requires_grad_(True)  # a full matrix that trains
+    optimizer = trainer.build_optimizer(model, trainer.TrainConfig(weight_decay=0.1))
+    by_param = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            want = 0.0 if p.ndim < 2 else 0.1
+            got = by_param[id(p)]["weight_decay"] if id(p) in by_param else None
+            assert got == want, (
+                f"{name} (a {'vector' if p.ndim < 2 else 'matrix'}) must get weight_decay {want}, got {got}: decay "
+                "applies to trainable matrices; every trainable vector (biases AND norm weights) gets none"
+            )
+
+
+@pytest.mark.exercise("4.3")
+def test_resume_at_the_last_step(trainer, tiny_model, task_data, tmp_path):
+    """A checkpoint saved after the last step resumes to a finished run: no further step, the same adapters and history."""
+    done = make_trainer(
+        trainer, copy_of(tiny_model), task_data, max_steps=3, warmup_ratio=0.0, output_dir=str(tmp_path)
+    )
+    done.train()
+    path = done.save_checkpoint(tmp_path / "last.pt")
+    resumed = make_trainer(trainer, copy_of(tiny_model), task_data, max_steps=3, warmup_ratio=0.0,
+                           output_dir=str(tmp_path))  # fmt: skip
+    resumed.load_checkpoint(path)
+    calls = record_optimizer_steps(resumed.optimizer)
+    result = resumed.train()
+    assert not calls and resumed.step == 3 and result["step"] == 3, (
+        f"resumed at step 3 of 3, train() must take no step: it took {len(calls)}, step is {resumed.step}"
+    )
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in done.history], (
+        "the history is the finished run's"
+    )
+    for (name, a), b in zip(done.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b), f"{name} differs from the finished run's after resuming at its last step"
+
+
+def checkpoint_of(trainer, tiny_model, task_data, folder, **overrides):
+    """A checkpoint after two real steps (no warm-up, so the adapters and optimizer states are not the initial ones)."""
+    t = make_trainer(trainer, copy_of(tiny_model), task_data, warmup_ratio=0.0, output_dir=str(folder), **overrides)
+    t.train(steps=2)
+    return t.save_checkpoint(folder / "state.pt")
+
+
+@pytest.mark.exercise("4.3")
+@pytest.mark.parametrize(
+    "case, saved, resuming, name",
+    [("written at another precision", {"precision": "fp32"}, {"precision": "fp16", "device": "cpu"}, "precision"),
+     ("adapters of another rank", {"r": 4}, {}, "shape"),
+     ("adapters on fewer projections", {"target_modules": ("q_proj",)}, {"target_modules": ("q_proj", "v_proj")},
+      "v_proj")],
+)  # fmt: skip
+def test_a_checkpoint_that_does_not_fit_changes_nothing(trainer, tiny_model, task_data, tmp_path, case, saved,
+                                                        resuming, name):  # fmt: skip
+    """A checkpoint of another precision, rank or set of adapters: ValueError naming path and misfit, the trainer untouched."""
+    path = checkpoint_of(trainer, tiny_model, task_data, tmp_path, **saved)
+    t = make_trainer(trainer, copy_of(tiny_model), task_data, output_dir=str(tmp_path / "run"), **resuming)
+    t.train_step([t.micro_batch(0)])  # a trainer with a state of its own
+    expect_refusal(t.load_checkpoint, path, names=(path.name, name), trainer=t, directory=tmp_path,
+                   what=f"a checkpoint {case}: check that everything fits before restoring anything")  # fmt: skip
+
+
+@pytest.mark.exercise("4.3")
+def test_train_step_refuses_an_empty_list(trainer, tiny_model, task_data, tmp_path):
+    """train_step([]) raises a ValueError naming micro_batches and changes nothing (no step, no schedule)."""
+    t = make_trainer(trainer, tiny_model, task_data, output_dir=str(tmp_path))
+    expect_refusal(t.train_step, [], names=("micro_batches",), trainer=t, directory=tmp_path)
+
+
+@pytest.mark.exercise("4.3")
+@pytest.mark.parametrize("case", ["batch_size above the data", "nothing trainable"])
+def test_a_refused_trainer_changes_nothing(trainer, tiny_model, task_data, tmp_path, case):
+    """A batch larger than the data, or a model with nothing to train: ValueError, the model and output_dir untouched."""
+    batch_size = 128 if case.startswith("batch") else 16
+    config = trainer.TrainConfig(r=2, precision="fp32", batch_size=batch_size, output_dir=str(tmp_path / "run"))
+    model = trainer.prepare_qlora_model(tiny_model, config)
+    if case == "nothing trainable":
+        model.requires_grad_(False)
+    expect_refusal(trainer.QLoRATrainer, model, config, task_data, names=("batch_size" if batch_size > 64 else "trainable",),
+                   model=model, directory=tmp_path / "run", what=f"{case} (64 examples)")  # fmt: skip
+
+
+@pytest.mark.exercise("4.4")
+def test_merge_and_export_with_several_dq_blocks(trainer):
+    """Layers of 16,800 weights (263 NF4 blocks, a partial one; 2 DQ blocks, a partial one): each exported weight exact."""
+    model = BiasedMLP(BiasedConfig(d=24, f=700)).eval()
+    config = trainer.TrainConfig(r=3, lora_alpha=5, precision="fp32", target_modules=("gate_proj", "down_proj"))
+    model = trainer.prepare_qlora_model(model, config)
+    randomize_lora(model, std=0.2)
+    expected = {}
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        module = model.get_submodule(name)
+        base = getattr(module, "base_layer", module)
+        assert base.absmax_codes.numel() == 263, f"{name}: 16,800 weights in blocks of 64 are 263 NF4 blocks"
+        W0 = base.dequantize_weight(torch.float32)
+        if hasattr(module, "lora_A"):
+            expected[name] = reference(lambda W, B, A: W + (5 / 3) * (B @ A), W0, module.lora_B, module.lora_A,
+                                       dtype=torch.float32, steps=3 + 2)  # fmt: skip
+        else:
+            expected[name] = reference(lambda W: W, W0, dtype=torch.float32, steps=1)
+    plain = trainer.merge_and_export(model)
+    for name, ref in expected.items():
+        layer = plain.get_submodule(name)
+        assert type(layer) is nn.Linear, f"{name} must be exported as an nn.Linear, got {type(layer).__name__}"
+        assert_close(layer.weight, ref.value, f"exported {name} weight", bound=ref.bound,
+                     hint="dequantize with the layer's own constants (dequantize_weight): 263 absmax values are two "
+                          "double-quantization blocks, each with its own scale")  # fmt: skip
+
+
+class Doubler(nn.Module):
+    """A linear-like layer (LoRA wraps it) that is no nn.Linear, so nothing can be merged into it: y = 2x."""
+
+    in_features = out_features = 8
+
+    def forward(self, x):
+        return 2 * x
+
+
+@pytest.mark.exercise("4.4")
+def test_merge_and_export_refuses_before_dequantizing(trainer):
+    """A LoRA layer whose base is neither NF4Linear nor nn.Linear: TypeError naming nn.Linear, nothing dequantized or merged."""
+    model = nn.Sequential(nn.Linear(8, 8), Doubler())
+    model = trainer.prepare_qlora_model(model, trainer.TrainConfig(r=2, precision="fp32", target_modules=("0", "1")))
+    randomize_lora(model)
+    expect_refusal(trainer.merge_and_export, model, error=TypeError, names=("Linear",), model=model,
+                   what="layer 0 is NF4 under LoRA, layer 1 a Doubler under LoRA: check every base first")  # fmt: skip
+
+
+@pytest.mark.exercise("4.4")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_merge_and_export_in_every_dtype(trainer, biased_model, dtype):
+    """dtype=fp32/fp64/bf16/fp16: each exported weight and bias in that dtype, dequant(W0) + ΔW within its rounding."""
+    config = trainer.TrainConfig(r=3, lora_alpha=5, precision="fp32", target_modules=("gate_proj", "up_proj"))
+    model = trainer.prepare_qlora_model(biased_model, config)
+    randomize_lora(model, std=0.2)
+    layer = model.gate_proj
+    W0, bias = layer.base_layer.dequantize_weight(torch.float32), layer.base_layer.bias.detach().clone()
+    unit = dtype if dtype != torch.float64 else torch.float32  # ΔW itself is a float32 product
+    ref = reference(lambda W, B, A: W + (5 / 3) * (B @ A), W0, layer.lora_B, layer.lora_A, dtype=unit, steps=3 + 4)
+    plain = trainer.merge_and_export(model, dtype=dtype)
+    gate = plain.gate_proj
+    assert gate.weight.dtype == dtype and gate.bias.dtype == dtype, (
+        f"dtype={dtype}: the exported weight and bias must be {dtype}, got {gate.weight.dtype} and {gate.bias.dtype}"
+    )
+    assert_close(gate.weight, ref.value, f"exported gate_proj weight in {dtype}", bound=ref.bound,
+                 hint="dequantize to dtype, then merge ΔW (rounded once to dtype)")  # fmt: skip
+    assert torch.equal(gate.bias, bias.to(dtype)), "the bias is exported as it was, cast to dtype once"

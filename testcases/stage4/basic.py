@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from testcases.helpers import copy_of, make_trainer, observe, randomize_lora, record_optimizer_steps, word
+from testcases.helpers import copy_of, expect_refusal, make_trainer, observe, randomize_lora, record_optimizer_steps
 from testcases.tolerances import NETWORK_RTOL, assert_close, assert_network_close, expect_tensor, fp32_network_bound
 
 
@@ -32,8 +32,7 @@ def float64_lora_trainer(trainer, model, data, **overrides):
 )
 def test_train_config_rejects_bad_values(trainer, kwargs, field):
     """A bad field raises a ValueError that names the field."""
-    with pytest.raises(ValueError, match=word(field)):
-        trainer.TrainConfig(**kwargs)
+    expect_refusal(trainer.TrainConfig, **kwargs, names=(field,))
 
 
 @pytest.mark.exercise("4.1")

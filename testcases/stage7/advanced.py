@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from testcases.helpers import assert_unchanged, call_text, copy_of, refuses, seed, snapshot, word
+from testcases.helpers import assert_unchanged, copy_of, describe_call, refuses, seed, snapshot, word
 from testcases.stage7.basic import (
     N_VIRTUAL,
     context_tokens,
@@ -41,7 +41,7 @@ def refuses_unchanged(model: nn.Module, call, *args, name: str, **kwargs) -> Non
     __tracebackhide__ = True
     before, config = snapshot(model), model.config
     refuses(call, model, *args, match=word(name), **kwargs)
-    what = call_text(call, (model, *args), kwargs)
+    what = describe_call(call, (model, *args), kwargs)
     assert_unchanged(model, before, what)
     assert model.config == config, f"{what} changed the model's config although it raised an error"
 
