@@ -105,11 +105,27 @@ def check(variant: Variant) -> str:
 
 
 class _Recorder:
-    """A pytest plugin that remembers the first failing test and whether everything passed."""
+    """A pytest plugin that remembers the first failing test and whether everything passed.
 
-    def __init__(self) -> None:
+    ``first``: the exercise whose tests run first, then the rest of its stage's, then the others' (each
+    group in its collected order). A mutant meets the tests closest to its code first: they are the
+    likeliest to catch it, and with ``-x`` the (slower) later stages' suites then run only for the
+    mutants that the earlier tests let through. The verdict does not depend on the order.
+    """
+
+    def __init__(self, first: str | None = None) -> None:
+        self.first = first
         self.failed: list[str] = []
         self.collection_error: list[str] = []
+
+    def pytest_collection_modifyitems(self, items) -> None:
+        def nearness(item) -> int:
+            marker = item.get_closest_marker("exercise")
+            exercise = str(marker.args[0]) if marker and marker.args else ""
+            return 0 if exercise == self.first else 1 if exercise.split(".")[0] == self.first.split(".")[0] else 2
+
+        if self.first:
+            items.sort(key=nearness)  # stable: the collected order within each group
 
     def pytest_collectreport(self, report) -> None:
         if report.failed:
@@ -121,8 +137,11 @@ class _Recorder:
             self.failed.append(f"{report.nodeid.split('::', 1)[-1]}: {message[-1][:110] if message else ''}")
 
 
-def run_suite(files: dict[str, str], selection: list[str], stop_first: bool) -> tuple[int, _Recorder]:
-    """Run the graded tests of ``selection`` in this process on the given student files (path -> text)."""
+def run_suite(
+    files: dict[str, str], selection: list[str], stop_first: bool, first: str | None = None
+) -> tuple[int, _Recorder]:
+    """Run the graded tests of ``selection`` in this process on the given student files (path -> text);
+    the tests of exercise ``first`` and its stage run first."""
     import pytest
 
     from model import _impl
@@ -135,7 +154,7 @@ def run_suite(files: dict[str, str], selection: list[str], stop_first: bool) -> 
         for module in student_modules():
             sys.modules.pop(module, None)
         _impl._broken.clear()
-        recorder = _Recorder()
+        recorder = _Recorder(first)
         args = ["-q", "--no-header", "-p", "no:nbmake", "-W", "ignore", "--impl", tmp, "--ex", ",".join(selection)]
         args += ["-x"] if stop_first else []
         args += stage_modules(selection)
@@ -163,7 +182,8 @@ def selection_for(exercise: str) -> list[str]:
 def run_mutant(mutant: Variant) -> tuple[bool, str]:
     import pytest
 
-    code, recorder = run_suite({mutant.file: check(mutant)}, selection_for(mutant.exercise), stop_first=True)
+    selection = selection_for(mutant.exercise)
+    code, recorder = run_suite({mutant.file: check(mutant)}, selection, stop_first=True, first=mutant.exercise)
     if code == pytest.ExitCode.TESTS_FAILED and recorder.failed:
         first = recorder.failed[0]
         if "NameError" in first or "SyntaxError" in first:
