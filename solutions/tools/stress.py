@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -72,6 +73,11 @@ def run(cap: str, seed: int, threads: int) -> tuple[bool, list[str]]:
     return proc.returncode == 0, [line for line in proc.stdout.splitlines() if line.startswith("FAILED")]
 
 
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=10, help="seed offsets 1 … N")
@@ -86,12 +92,13 @@ def main(argv: list[str] | None = None) -> int:
         label = "" if cap == "native" else f", capability {cap}"
         for seed in range(1, args.seeds + 1):
             for threads in args.threads:
-                t0 = time.monotonic()
+                t0, cpu0 = time.monotonic(), children_cpu()
                 ok, failures = run(cap, seed, threads)
                 failed, total = failed + (not ok), total + 1
-                seconds = time.monotonic() - t0
+                seconds, cpu = time.monotonic() - t0, children_cpu() - cpu0
+                verdict = "ok" if ok else "FAILED"
                 print(
-                    f"seed +{seed:<3} {threads} thread(s){label}: {'ok' if ok else 'FAILED'} ({seconds:.0f} s)",
+                    f"seed +{seed:<3} {threads} thread(s){label}: {verdict} ({seconds:.0f} s, {cpu:.0f} s CPU)",
                     flush=True,
                 )
                 if not ok:
