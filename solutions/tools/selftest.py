@@ -65,66 +65,39 @@ class Job:
     env: dict[str, str] = field(default_factory=dict)
 
 
+def module(name: str, *args: str) -> list[str]:
+    return [PY, "-m", name, *args]
+
+
+def stress(threads: int, cap: str) -> list[str]:
+    return module("solutions.tools.stress", "--seeds", "1", "--threads", str(threads), "--caps", cap)
+
+
 def notebook_jobs() -> list[Job]:
     costs = {"01": 5, "02": 10, "03": 12, "04": 30, "05": 45, "06": 25, "07": 35}  # smoke sizes, measured
-    smoke = {"LORA_IMPL": "solutions", **SMOKE}
+    run = [*PYTEST, "--nbmake", "--nbmake-timeout=600", "--timeout", "900"]
+    env = {"LORA_IMPL": "solutions", **SMOKE}
+    notebooks = sorted((REPO / "notebooks").glob("*.ipynb"))
     return [
-        Job(
-            9,
-            f"notebook-{path.stem}",
-            [*PYTEST, "--nbmake", "--nbmake-timeout=600", "--timeout", "900", str(path)],
-            cost=costs.get(path.stem[:2], 30),
-            env=smoke,
-        )  # fmt: skip
-        for path in sorted((REPO / "notebooks").glob("*.ipynb"))
+        Job(9, f"notebook-{nb.stem}", [*run, str(nb)], cost=costs.get(nb.stem[:2], 30), env=env) for nb in notebooks
     ]
 
 
 def jobs() -> list[Job]:
+    stubs = ["--impl", "student", "--expect-not-attempted", "--details", "0", "--results", "runs/selftest/stubs.json"]
     return [
-        Job(1, "stubs", [PY, "-m", "solutions.tools.stubgen", "--check"], cost=1),
+        Job(1, "stubs", module("solutions.tools.stubgen", "--check"), cost=1),
         Job(2, "ruff-check", [RUFF, "check", "."], cost=1),
         Job(2, "ruff-format", [RUFF, "format", "--check", "."], cost=1),
         Job(3, "reference", [*PYTEST, "-p", "no:nbmake", "testcases", "--impl", "solutions"], cost=70),
-        Job(
-            4,
-            "stubs-score-zero",
-            [
-                PY,
-                "-m",
-                "testcases.grade",
-                "--impl",
-                "student",
-                "--expect-not-attempted",
-                "--details",
-                "0",
-                "--results",
-                "runs/selftest/stubs.json",
-            ],
-            cost=15,
-        ),  # fmt: skip
-        Job(5, "variants", [PY, "-m", "solutions.tools.variants", "--jobs", "2"], cores=2, cost=150),
-        Job(6, "hostile", [PY, "-m", "solutions.tools.hostile"], cores=2, cost=90),
+        Job(4, "stubs-score-zero", module("testcases.grade", *stubs), cost=15),
+        Job(5, "variants", module("solutions.tools.variants", "--jobs", "2"), cores=2, cost=150),
+        Job(6, "hostile", module("solutions.tools.hostile"), cores=2, cost=90),
+        # Not graded, so no grading budget: 600 s per test (a clone graded beside other jobs takes longer than 60 s).
         Job(7, "instructor", [*PYTEST, "-p", "no:nbmake", "solutions/tools", "--timeout", "600"], cost=110),
-        Job(
-            8,
-            "stress-1-thread",
-            [PY, "-m", "solutions.tools.stress", "--seeds", "1", "--threads", "1", "--caps", "native"],
-            cost=13,
-        ),  # fmt: skip
-        Job(
-            8,
-            "stress-2-threads",
-            [PY, "-m", "solutions.tools.stress", "--seeds", "1", "--threads", "2", "--caps", "native"],
-            cores=2,
-            cost=13,
-        ),  # fmt: skip
-        Job(
-            8,
-            "stress-capability-default",
-            [PY, "-m", "solutions.tools.stress", "--seeds", "1", "--threads", "1", "--caps", "default"],
-            cost=15,
-        ),  # fmt: skip
+        Job(8, "stress-1-thread", stress(1, "native"), cost=13),
+        Job(8, "stress-2-threads", stress(2, "native"), cores=2, cost=13),
+        Job(8, "stress-capability-default", stress(1, "default"), cost=25),
         *notebook_jobs(),
     ]
 
@@ -149,14 +122,21 @@ def start(job: Job, logs: Path) -> Run:
     return Run(job, proc, log, time.monotonic())
 
 
-def tail(path: Path, lines: int = 80) -> str:
+VERDICTS = ("FAILED", "SURVIVED", "LOST", "WRONG", "Error", "error:")  # the lines a runner prints for what went wrong
+
+
+def tail(path: Path, lines: int = 60) -> str:
+    """The end of a log; before it, from a longer log, every line that names something that went wrong."""
     text = path.read_text(errors="replace").splitlines()
-    return "\n".join(("    " + line) for line in text[-lines:])
+    flagged = [line for line in text[:-lines] if any(word in line for word in VERDICTS)][:100]
+    return "\n".join("    " + line for line in [*flagged, *(["..."] if flagged else []), *text[-lines:]])
 
 
 def schedule(todo: list[Job], cores: int, logs: Path, t0: float, running: dict[int, Run]) -> list[Run]:
     """Run every job, the costliest first, never more cores' worth at once than ``cores``."""
-    queue = sorted(todo, key=lambda j: (-j.cores, -j.cost))  # two-core jobs first: they need both cores free
+    # The quick checks first (a lint error shows at once), then the two-core jobs (they need both cores free),
+    # then the rest, longest first.
+    queue = sorted(todo, key=lambda j: (j.cost > 2, -j.cores, -j.cost))
     done: list[Run] = []
     while queue or running:
         free = cores - sum(r.job.cores for r in running.values())
@@ -177,7 +157,7 @@ def schedule(todo: list[Job], cores: int, logs: Path, t0: float, running: dict[i
         print(f"[{run.ended - t0:4.0f} s] {word} {run.job.step}/9 {run.job.name:<28} "
               f"{run.ended - run.started:5.0f} s, {run.cpu:5.0f} s CPU", flush=True)  # fmt: skip
         if run.status != 0:
-            print(f"  {run.log.relative_to(REPO) if run.log.is_relative_to(REPO) else run.log} ends:\n{tail(run.log)}")
+            print(f"  {run.log.relative_to(REPO) if run.log.is_relative_to(REPO) else run.log}:\n{tail(run.log)}")
     return done
 
 
@@ -213,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.logs.mkdir(parents=True, exist_ok=True)
     todo = [job for job in jobs() if not args.steps or job.step in args.steps]
+    logs = args.logs.relative_to(REPO) if args.logs.is_relative_to(REPO) else args.logs
+    print(f"make test: {len(todo)} jobs on {args.cores} cores; each job's output in {logs}/<job>.log", flush=True)
     t0, running = time.monotonic(), {}
     try:
         done = schedule(todo, args.cores, args.logs, t0, running)
