@@ -4,9 +4,11 @@
 
 The nine steps (``make help`` and README.md name them) are split into jobs, one process each:
 the notebooks one job per notebook, the stress runs one job per combination, ... A small scheduler
-starts the longest jobs first and keeps the cores busy: a job that is one single-threaded process
-takes one core; the mutants runner and the hostile runner judge two things at a time and a
-two-thread stress run uses two threads, so those take both cores. Every process runs torch on one
+keeps the cores busy: a job that is one single-threaded process takes one core; the mutants runner
+and the hostile runner judge two things at a time and a two-thread stress run uses two threads, so
+those take both cores (the hostile runner's short time budgets must not compete with another job).
+The quick checks start first, then the two-core jobs, then the others, longest first; no job
+overtakes one that waits for both cores. Every process runs torch on one
 thread (``OMP_NUM_THREADS=1``) except the run that tests two threads on purpose: two processes with
 two threads each on two cores spin against each other and run many times slower.
 
@@ -133,19 +135,17 @@ def tail(path: Path, lines: int = 60) -> str:
 
 
 def schedule(todo: list[Job], cores: int, logs: Path, t0: float, running: dict[int, Run]) -> list[Run]:
-    """Run every job, the costliest first, never more cores' worth at once than ``cores``."""
-    # The quick checks first (a lint error shows at once), then the two-core jobs (they need both cores free),
-    # then the rest, longest first.
+    """Run every job, never more cores' worth at once than ``cores``; print one line as each ends."""
+    # The quick checks first (a lint error shows at once), then the two-core jobs, then the rest, longest first.
     queue = sorted(todo, key=lambda j: (j.cost > 2, -j.cores, -j.cost))
     done: list[Run] = []
     while queue or running:
         free = cores - sum(r.job.cores for r in running.values())
-        for job in list(queue):
-            if job.cores <= free or not running:  # a job wider than the machine still runs, alone
-                queue.remove(job)
-                run = start(job, logs)
-                running[run.proc.pid] = run
-                free -= job.cores
+        while queue and (queue[0].cores <= free or not running):  # in order: a two-core job is not overtaken
+            job = queue.pop(0)
+            run = start(job, logs)
+            running[run.proc.pid] = run
+            free -= job.cores
         pid, status, usage = os.wait4(-1, 0)
         run = running.pop(pid, None)
         if run is None:
