@@ -11,8 +11,8 @@
 #   SEEDS      make stress: how many seed offsets; make variants: how many seeds
 #   THREADS CAPS  make stress: torch thread counts (1 2) and CPU code paths (native default avx2 avx512)
 #   FORCE      make stubs: overwrite filled-in exercises
-#   MODEL DATA ADAPTER PROMPT INPUT   make finetune / generate: a Hugging Face Llama directory, a JSONL file, ...
-#   ARGS       extra options for finetune, generate, ddp (--help lists them); NPROC: make ddp's processes (2)
+#   MODEL DATA ADAPTER PROMPT INPUT   make finetune / generate / chat: a Hugging Face Llama directory, a JSONL file, ...
+#   ARGS       extra options for finetune, generate, chat, ddp, fsdp (--help lists them); NPROC: make ddp's and fsdp's processes (2)
 
 PY        ?= python3
 VENV      := .venv
@@ -37,7 +37,7 @@ SHOW       = $(if $(IMPL),LORA_IMPL=$(IMPL))
 INSTRUCTOR := $(wildcard solutions/tools/variants.py)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup grade demo variants peft-family finetune generate ddp notebooks bench lint format pretrain clean
+.PHONY: help setup grade demo variants peft-family finetune generate chat ddp fsdp notebooks bench lint format pretrain clean
 
 help: ## list the targets
 	@awk -F':.*## ' -v all=$(if $(INSTRUCTOR),1,0) '/^ifneq / && !all {exit} /^[a-z-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' Makefile
@@ -73,13 +73,20 @@ generate: $(STAMP) ## continue PROMPT="…" (INPUT="…") with MODEL=<HF dir>, A
 	$(if $(MODEL),,test -d runs/toy/model || $(PYTHON) -m training.toy_checkpoint runs/toy)
 	$(SHOW) $(PYTHON) -m training.generate --model $(or $(MODEL),runs/toy/model) $(if $(ADAPTER),--adapter $(ADAPTER)) --prompt "$(or $(PROMPT),Reverse the digits.)" $(if $(INPUT),--input "$(INPUT)") $(ARGS)
 
+chat: $(STAMP) ## a conversation in the model's chat format, streamed: MODEL=<HF dir> ADAPTER=<dir> (no MODEL: the toy one)
+	$(if $(MODEL),,test -d runs/toy/model || $(PYTHON) -m training.toy_checkpoint runs/toy)
+	$(SHOW) $(PYTHON) -m training.chat --model $(or $(MODEL),runs/toy/model) $(if $(ADAPTER),--adapter $(ADAPTER)) $(ARGS)
+
 ddp: $(STAMP) ## QLoRA on the bundled task with NPROC processes under torchrun (DistributedDataParallel; ARGS=…)
 	$(SHOW) $(VENV)/bin/torchrun --nproc_per_node=$(NPROC) -m training.distributed $(ARGS)
+
+fsdp: $(STAMP) ## the same, sharded over NPROC processes (FSDP2 fully_shard, sharded checkpoints; ARGS=…)
+	$(SHOW) $(VENV)/bin/torchrun --nproc_per_node=$(NPROC) -m training.fsdp $(ARGS)
 
 notebooks: $(STAMP) ## open Jupyter Lab on notebooks/ (IMPL=student runs them on your code)
 	$(SHOW) $(VENV)/bin/jupyter lab notebooks
 
-bench: $(STAMP) ## timings: LoRA layer overhead, NF4 throughput, LoRA vs QLoRA step (PRECISION=bf16)
+bench: $(STAMP) ## timings: LoRA layer overhead, NF4 throughput, LoRA vs QLoRA step, KV-cache generation (PRECISION=bf16)
 	$(SHOW) BENCH_PRECISION=$(PRECISION) $(PYTHON) -m training.bench
 
 lint: $(STAMP) ## ruff check and ruff format --check

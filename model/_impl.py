@@ -127,6 +127,25 @@ def refuse_stubs(command: str, stages: Iterable[int]) -> None:
         sys.exit(2)
 
 
+def refuse_exercise_stubs(command: str, runs: dict[str, Iterable[str]]) -> None:
+    """Exit (status 2) naming the exercises still stubs that the chosen parts of ``command`` run; others do not matter.
+
+    ``runs``: {part (a method's name): the exercises its code runs}. ``python -m training.variants lora
+    dora`` then needs only what LoRA and DoRA run, not every exercise of Stage 5.
+    """
+    stubbed = set(missing_exercises())
+    blocked = {part: [ex for ex in dict.fromkeys(exercises) if ex in stubbed] for part, exercises in runs.items()}
+    blocked = {part: missing for part, missing in blocked.items() if missing}
+    if blocked:
+        hint = f" or see the reference first: {command} IMPL=solutions" if (REPO / "solutions").is_dir() else ""
+        lines = "\n".join(f"  {part}: {', '.join(missing)}" for part, missing in blocked.items())
+        print(
+            f"{command} runs the files in {implementation_root()}, where these exercises are still stubs:\n{lines}\n"
+            f"Finish them (make grade shows what each test expects), or choose other methods{hint}."
+        )
+        sys.exit(2)
+
+
 _broken: dict[str, str] = {}  # module -> why it cannot be imported in this process
 
 

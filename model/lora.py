@@ -278,8 +278,9 @@ def get_lora_model(
 
     Raises (and leaves the model unchanged):
         ValueError: a bad LoRA argument; no module matches (or, for an explicit list, one of the
-            names matches nothing); a matched module is not an ``nn.Linear``; a matched module
-            is already wrapped.
+            names matches nothing: the message names it; with the default, it names the defaults,
+            q_proj … down_proj, and lists the model's linear layers); a matched module is not an
+            ``nn.Linear``; a matched module is already wrapped.
     """
     raise NotImplementedError(
         "Exercise 2.1: find the targets, check them all, then wrap them and freeze the rest (use matches_target, is_linear_like) — see tutorial/02-lora-in-a-model.md"

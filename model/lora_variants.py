@@ -18,7 +18,8 @@ thing: the scale, the parametrisation, the initialisation, what trains, or how t
                                                          singular values until a budget of ranks is left
     5.8  Delta-LoRA W0 += λ · (s B'A' − s B A) after each step: W0 moves too, with no gradient for it
     5.9  LoRA-drop  measure ‖s B A x‖² per layer; keep the layers holding most of it, the rest share one
-    5.10 files      rsLoRA, DoRA and PiSSA/OLoRA adapters in PEFT's format (PiSSA converted to plain LoRA)
+    5.10 files      every adapter above in PEFT's format, both ways: rsLoRA, DoRA, PiSSA/OLoRA (converted to a
+                    plain LoRA), LoftQ, VeRA, AdaLoRA; PEFT's own PiSSA/OLoRA/LoftQ files recompute W0 on load
 
               x (..., in)
               │
@@ -404,19 +405,30 @@ def full_precision_weight(layer: LoRALayer) -> torch.Tensor:
         raise ValueError("the layer is merged; unmerge it before initialising its adapter from W0")
     if getattr(layer, "init_method", None) is not None:
         raise ValueError(f"the layer was already initialised by {layer.init_method}; W0 holds a residual now")
-    base = layer.base_layer
-    if type(base) is not nn.Linear or base.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        kind = type(base).__name__ if type(base) is not nn.Linear else f"nn.Linear in {base.weight.dtype}"
+    check_initialisable(layer.base_layer, layer.r)
+    return layer.base_layer.weight.detach().to(torch.float32, copy=True)  # (out, in)
+
+
+def check_initialisable(base_layer: nn.Module, r: int, context: str = "") -> None:
+    """Given: a ValueError (prefixed by ``context``) unless PiSSA, OLoRA and LoftQ can start from ``base_layer``.
+
+    It must be an ``nn.Linear`` in float32, float16 or bfloat16 (PEFT's rule: initialise in full
+    precision, quantize the residual afterwards), and r <= min(in_features, out_features).
+    """
+    prefix = f"{context}: " if context else ""
+    weight = getattr(base_layer, "weight", None)
+    if type(base_layer) is not nn.Linear or weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        kind = type(base_layer).__name__ if type(base_layer) is not nn.Linear else f"nn.Linear in {weight.dtype}"
         raise ValueError(
-            f"initialising from W0 needs an nn.Linear base in float32, float16 or bfloat16, got {kind}; "
+            f"{prefix}initialising from W0 needs an nn.Linear base in float32, float16 or bfloat16, got {kind}; "
             "initialise before quantizing (LoftQ quantizes for you)"
         )
-    if layer.r > min(layer.in_features, layer.out_features):
+    smallest = min(base_layer.in_features, base_layer.out_features)
+    if r > smallest:
         raise ValueError(
-            f"r must be <= min(in_features, out_features) = {min(layer.in_features, layer.out_features)} "
-            f"to take r singular/QR directions of W0, got r={layer.r}"
+            f"{prefix}r must be <= min(in_features, out_features) = {smallest} "
+            f"to take r singular/QR directions of W0, got r={r}"
         )
-    return base.weight.detach().to(torch.float32, copy=True)  # (out, in)
 
 
 def install_initial_adapter(
@@ -441,13 +453,14 @@ def install_initial_adapter(
 def svd_split(matrix: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Given: the best rank-r factors of ``matrix`` (out, in), as PEFT's LoftQ ``_low_rank_decomposition``.
 
-    U S Vᵀ = matrix; B = U √S[:, :r] (out, r), A = √S[:r] Vᵀ (r, in): the singular values split
-    evenly between the two factors, so B A is the truncated SVD (Eckart–Young: the closest
-    rank-r matrix in Frobenius norm). fp32 in, fp32 out.
+    U S Vᵀ = matrix, the reduced SVD: U (out, q), S (q,), Vᵀ (q, in) with q = min(out, in);
+    B = U √S[:, :r] (out, r), A = √S[:r] Vᵀ (r, in): the singular values split evenly between the
+    two factors, so B A is the truncated SVD (Eckart–Young: the closest rank-r matrix in Frobenius
+    norm). fp32 in, fp32 out.
     """
-    U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
-    B = U @ torch.sqrt(torch.diag(S)[:, :r])  # (out, k) @ (k, r) -> (out, r)
-    A = torch.sqrt(torch.diag(S)[:r, :]) @ Vh  # (r, k) @ (k, in) -> (r, in)
+    U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)  # (out, q), (q,), (q, in); q = min(out, in)
+    B = U @ torch.sqrt(torch.diag(S)[:, :r])  # (out, q) @ (q, r) -> (out, r)
+    A = torch.sqrt(torch.diag(S)[:r, :]) @ Vh  # (r, q) @ (q, in) -> (r, in)
     return B, A
 
 
@@ -482,7 +495,8 @@ def nf4_linear_from_codes(
 def pissa_init(layer: LoRALayer) -> LoRALayer:
     """PiSSA: A, B from W0's top-r singular triplets; W0 keeps the rest (Meng et al. 2024).
 
-    With W0 = V diag(S) Uᵀ (``torch.linalg.svd`` in fp32; PEFT's names, V (out, k), Uᵀ (k, in)):
+    With W0 = V diag(S) Uᵀ, the reduced SVD (``torch.linalg.svd(full_matrices=False)`` in fp32;
+    PEFT's names: V (out, q), S (q,), Uᵀ (q, in) with q = min(out, in), S in decreasing order):
 
         S_r = S[:r] / s                      (PEFT divides by the scaling s = lora_alpha / r)
         A = diag(√S_r) Uᵀ[:r]   (r, in)       B = V[:, :r] diag(√S_r)   (out, r)
@@ -503,8 +517,8 @@ def pissa_init(layer: LoRALayer) -> LoRALayer:
 def olora_init(layer: LoRALayer) -> LoRALayer:
     """OLoRA: B, A from the QR factorisation of W0; W0 keeps the rest (Büyükakyüz 2024).
 
-    With W0 = Q R (``torch.linalg.qr`` in fp32; Q (out, k) orthonormal columns, R (k, in) upper
-    triangular, k = min(out, in)):
+    With W0 = Q R, the reduced QR (``torch.linalg.qr`` in fp32; Q (out, q) orthonormal columns,
+    R (q, in) upper triangular, q = min(out, in)):
 
         B = Q[:, :r]   (out, r)        A = R[:r]   (r, in)        W0 ← W0 − s·B A
 
@@ -655,10 +669,15 @@ class VeRALayer(AddedDeltaLayer):
 
     Cost: the thin products take r·(in + out) multiply-adds per token, more than one (out, in)
     matmul's in·out once r > in·out / (in + out) — r > 32 for a 64 × 64 projection, whereas a
-    4096 × 4096 projection breaks even only at r = 2048. So the forward picks the cheaper of two
-    orders that compute the same function: PEFT's thin products, or ΔW formed once per call
-    (``delta_weight``, r·in·out) and one (out, in) matmul. At PEFT's r = 256 on the bundled model
-    the second order makes a training step about 1.15× LoRA's instead of 2.4×.
+    4096 × 4096 projection breaks even only at r = 2048. So the forward chooses between two orders
+    that compute the same function by their cost PER TOKEN: PEFT's thin products when
+    r·(in + out) <= in·out, otherwise ΔW formed once per call (``delta_weight``) and one (out, in)
+    matmul. The rule leaves out what forming ΔW costs, r·in·out multiply-adds per call whatever
+    the number of tokens N, so the dense order is cheaper only when N·(r·(in + out) − in·out) >
+    r·in·out: above N ≈ 37 tokens per call for a 64 × 64 projection at r = 256, N ≈ 58 for 64 × 176
+    and 176 × 64. A training batch of the course (64 × 19 = 1,216 tokens) is far above that, and
+    there the dense order makes a step at PEFT's r = 256 on the bundled model about 1.15× LoRA's
+    instead of 2.4×; generating one token at a time (N = 1) takes the costlier path.
 
     Args: base_layer (nn.Linear or NF4Linear, frozen), projections (the shared ``VeRAProjections``;
     it must be at least (r, in) and (out, r)), d_initial, vera_dropout (on the VeRA input only).
@@ -685,11 +704,11 @@ class VeRALayer(AddedDeltaLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) → (..., out): base(x) + λ_b ⊙ B_s(λ_d ⊙ A_s(dropout(x))), in the base output's dtype.
 
-        Computed in the cheaper order (see the class docstring): the thin products when
+        The order by the class docstring's per-token rule: the thin products when
         r·(in + out) <= in·out, else ``F.linear(dropout(x), delta_weight())``.
         """
         raise NotImplementedError(
-            "Exercise 5.6: PEFT's VeRA forward on the slices, in the cheaper order — see tutorial/05-lora-variants.md"
+            "Exercise 5.6: PEFT's VeRA forward on the slices, in the order the per-token rule picks — see tutorial/05-lora-variants.md"
         )
 
     def delta_weight(self) -> torch.Tensor:
@@ -784,10 +803,11 @@ def get_adalora_model(
 
     Targets as in ``get_lora_model`` (``target_paths``, same errors). Trainable afterwards:
     ``lora_A``, ``lora_E``, ``lora_B`` only. The rank budget comes later, from ``RankAllocator``.
-    Raises ValueError (model unchanged) for a bad argument or target.
+    Raises ValueError (model unchanged) naming a bad argument (init_r an int >= 1, lora_alpha > 0,
+    lora_dropout in [0, 1)) or a target that matches nothing.
     """
     raise NotImplementedError(
-        "Exercise 5.7: check, find the targets, wrap (use check_lora_args, target_paths, mark_trainable) — see tutorial/05-lora-variants.md"
+        "Exercise 5.7: check, find the targets, wrap (use check_int, check_lora_args, target_paths, mark_trainable) — see tutorial/05-lora-variants.md"
     )
 
 
@@ -836,7 +856,14 @@ class RankAllocator(OptimizerHooks):
 
     Args: model (with AdaLoRA layers), total_step T, target_r (average final rank), tinit,
     tfinal, deltaT, beta1, beta2, orth_reg_weight — PEFT's ``AdaLoraConfig`` fields and defaults.
-    Attributes: ``rank_pattern`` ({path: bool (r,)} of the last mask, or None), ``budget``.
+    Raises ValueError naming the argument: no AdaLoRA layers; total_step < 1, target_r < 0 or above
+    the layers' average initial rank, tinit < 0, tfinal < 0, deltaT < 1 (ints), tinit >= total_step −
+    tfinal (no step left for budgeting); beta1 or beta2 outside the open interval (0, 1), as PEFT's
+    RankAllocator asserts (β1 = 0 or β2 = 1 leaves every uncertainty Ū, so every score, at 0; β1 = 1
+    never moves Ī from 0); orth_reg_weight < 0.
+    Attributes: the arguments under their own names (``save_variant_adapter`` writes them into
+    PEFT's config), ``layers`` ([(path, AdaLoRALayer)]), ``rank_pattern`` ({path: bool (r,)} of the
+    last mask, or None), ``budget``.
     """
 
     def __init__(
@@ -988,7 +1015,29 @@ def lora_drop(model: nn.Module, importance: dict[str, float], keep_share: float 
     )
 
 
-# ---- Given: PEFT's adapter config ----------------------------------------------------------------
+# ---- Given: PEFT's adapter configs and files -----------------------------------------------------
+
+# PEFT's init_lora_weights values whose file holds the whole adapter: W0 stays as it was.
+PLAIN_INITS = (True, False, "gaussian")
+# ... and those that changed W0 too (PiSSA, OLoRA: the residual W0 − s·B0A0; LoftQ: W0's quantization Q̂):
+# PEFT's from_pretrained runs the init again on the original base before it loads A and B.
+RESIDUAL_INITS = ("pissa", "olora", "loftq")
+# Where PEFT stores VeRA's shared pair when save_projection is true (model-level keys, not per layer).
+VERA_A_KEY, VERA_B_KEY = "base_model.vera_A", "base_model.vera_B"
+
+
+def peft_config_fields(peft_type: str, target_modules: Iterable[str]) -> dict[str, object]:
+    """Given: the fields every PEFT adapter_config.json has (the type, the targets, inference settings)."""
+    return {
+        "peft_type": peft_type,
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "target_modules": sorted(set(target_modules)),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
 
 
 def variant_adapter_config(
@@ -1000,34 +1049,150 @@ def variant_adapter_config(
     use_dora: bool = False,
 ) -> dict[str, object]:
     """Given: the ``adapter_config.json`` fields ``peft.PeftModel.from_pretrained`` reads for a LoRA-type adapter."""
-    return {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": None,
+    return peft_config_fields("LORA", target_modules) | {
         "r": r,
         "lora_alpha": lora_alpha,
         "lora_dropout": lora_dropout,
-        "target_modules": sorted(set(target_modules)),
-        "bias": "none",
-        "fan_in_fan_out": False,
         "init_lora_weights": True,
-        "modules_to_save": None,
         "use_rslora": use_rslora,
         "use_dora": use_dora,
-        "inference_mode": True,
     }
 
 
-# ---- Exercise 5.10: rsLoRA, DoRA and PiSSA/OLoRA adapters in PEFT's format -------------------------
+def vera_adapter_config(
+    r: int, target_modules: Iterable[str], projection_prng_key: int, save_projection: bool, vera_dropout: float
+) -> dict[str, object]:
+    """Given: PEFT's ``VeraConfig`` fields for a VeRA adapter file.
+
+    d_initial is left out: it only sets λ_d before the file's values replace it (PEFT's default 0.1 applies).
+    """
+    return peft_config_fields("VERA", target_modules) | {
+        "r": r,
+        "projection_prng_key": projection_prng_key,
+        "save_projection": save_projection,
+        "vera_dropout": vera_dropout,
+        "init_weights": True,
+    }
 
 
-def save_variant_adapter(model: nn.Module, directory: str | Path) -> Path:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` that ``PeftModel.from_pretrained`` reads.
+def adalora_adapter_config(
+    allocator: RankAllocator, lora_dropout: float, target_modules: Iterable[str], rank_pattern: dict | None
+) -> dict[str, object]:
+    """Given: PEFT's ``AdaLoraConfig`` fields: the layers' init_r and lora_alpha, the allocator's schedule, the pattern.
+
+    ``rank_pattern``: PEFT's {"<path>.lora_E": [bool] * init_r} (None before the first mask). The
+    schedule is read from the allocator's attributes (its arguments, kept under their own names).
+    """
+    layer = allocator.layers[0][1]
+    return peft_config_fields("ADALORA", target_modules) | {
+        "init_r": layer.r,
+        "target_r": allocator.target_r,
+        "lora_alpha": layer.lora_alpha,
+        "lora_dropout": lora_dropout,
+        "total_step": allocator.total_step,
+        "tinit": allocator.tinit,
+        "tfinal": allocator.tfinal,
+        "deltaT": allocator.deltaT,
+        "beta1": allocator.beta1,
+        "beta2": allocator.beta2,
+        "orth_reg_weight": allocator.orth_reg_weight,
+        "rank_pattern": rank_pattern,
+        "init_lora_weights": True,
+    }
+
+
+def adapter_init_method(config: dict) -> str | None:
+    """Given: which W0-changing init a LoRA file's ``init_lora_weights`` names: "pissa", "olora", "loftq", or None.
+
+    None for PLAIN_INITS (A and B are the whole adapter). PEFT's ``save_pretrained`` of a PiSSA,
+    OLoRA or LoftQ model keeps ``init_lora_weights`` as it was ("pissa", "olora", "loftq" with a
+    ``loftq_config``) and stores A and B relative to the changed W0; its ``from_pretrained`` runs the
+    init again on the original base, which ``load_variant_adapter`` does too.
+    Raises ValueError naming ``init_lora_weights`` for any other value: "pissa_niter_K" (a randomised
+    SVD: the residual would depend on the draw), "corda", "lora_ga", "eva", … — convert such a file to a
+    plain LoRA first (PEFT: ``save_pretrained(path_initial_model_for_weight_conversion=…)``, then
+    ``init_lora_weights`` is true); and naming ``loftq_config`` unless it has loftq_bits 4 and an int loftq_iter ≥ 1.
+    """
+    init = config.get("init_lora_weights", True)
+    if init in PLAIN_INITS and isinstance(init, (bool, str)):
+        return None
+    method = init.lower() if isinstance(init, str) else None
+    if method not in RESIDUAL_INITS:
+        raise ValueError(
+            f"init_lora_weights={init!r}: this loader recomputes W0 only for {RESIDUAL_INITS} (and loads "
+            f"{PLAIN_INITS} as they are); convert the adapter to a plain LoRA for the original base first "
+            "(PEFT: save_pretrained(path_initial_model_for_weight_conversion=...), which writes init_lora_weights: true)"
+        )
+    if method == "loftq":
+        loftq = config.get("loftq_config") or {}
+        bits, iters = loftq.get("loftq_bits"), loftq.get("loftq_iter")
+        if bits != 4 or isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+            raise ValueError(
+                f"loftq_config must have loftq_bits 4 (NF4) and an int loftq_iter >= 1 to recompute LoftQ's base, got {loftq}"
+            )
+    return method
+
+
+def read_adapter_files(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Given: (adapter_config.json as a dict, the tensors of adapter_model.safetensors) of an adapter folder."""
+    directory = Path(directory)
+    return json.loads((directory / ADAPTER_CONFIG_NAME).read_text()), load_file(directory / ADAPTER_WEIGHTS_NAME)
+
+
+def write_adapter_files(directory: str | Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """Given: write adapter_config.json and adapter_model.safetensors (contiguous CPU copies) into ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    tensors = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
+    save_file(tensors, directory / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
+    return directory
+
+
+def paths_in_file(tensors: dict[str, torch.Tensor], names: tuple[str, ...]) -> list[str]:
+    """Given: the module paths of the per-layer keys ``base_model.model.<path>.<name>`` (name in ``names``)."""
+    found = {tuple(key[len(PEFT_KEY_PREFIX) :].rsplit(".", 1)) for key in tensors if key.startswith(PEFT_KEY_PREFIX)}
+    return sorted({path for path, name in found if name in names})
+
+
+def check_fresh_linears(model: nn.Module, paths: list[str]) -> dict[str, nn.Module]:
+    """Given: {path: module} after checking that the model has no adapter yet and every path is a linear layer."""
+    refuse_adapted(model)
+    modules = dict(model.named_modules())
+    for path in paths:
+        if path not in modules or not is_linear_like(modules[path]):
+            raise ValueError(f"the adapter has weights for {path!r}, which is not a linear layer of the model")
+    return {path: modules[path] for path in paths}
+
+
+def expect_shapes(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
+    """Given: a ValueError naming the first key of ``shapes`` that is missing or has another shape."""
+    for key, shape in shapes.items():
+        if key not in tensors or tuple(tensors[key].shape) != shape:
+            found = tuple(tensors[key].shape) if key in tensors else "nothing"
+            raise ValueError(f"{key}: expected shape {shape}, found {found}")
+
+
+def refuse_other_trainables(model: nn.Module, suffixes: tuple[str, ...]) -> None:
+    """Given: a ValueError if a trainable parameter not named ``*<suffix>`` would be lost by the adapter files."""
+    others = [n for n, p in model.named_parameters() if p.requires_grad and not n.endswith(suffixes)]
+    if others:
+        raise ValueError(
+            f"{len(others)} trainable parameters besides the adapter (e.g. {others[0]}) would be lost; "
+            "freeze them or save them separately"
+        )
+
+
+# ---- Exercise 5.10: adapters in PEFT's format: the LoRA family, VeRA, AdaLoRA ------------------------
+
+
+def lora_adapter_files(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, tensors) of the model's LoRA-type adapter, as ``PeftModel.from_pretrained`` reads them.
 
     - rsLoRA: ``"use_rslora": true`` (PEFT then scales by lora_alpha / √r).
     - DoRA: ``"use_dora": true`` and each layer's magnitude (out,) under
       ``base_model.model.<path>.lora_magnitude_vector`` (PEFT's key, no ``.weight``).
-    - PiSSA / OLoRA: saved CONVERTED to a plain LoRA relative to the ORIGINAL W0, as PEFT's
+    - PiSSA / OLoRA: CONVERTED to a plain LoRA relative to the ORIGINAL W0, as PEFT's
       ``save_pretrained(path_initial_model_for_weight_conversion=…)`` does. Since
       W_res = W0 − s·B0A0, the trained layer computes W0 + s·(B A − B0 A0), and
       B A − B0 A0 = [B | −B0] @ [A ; A0]: rank 2r with A' = cat(A, A0) (2r, in),
@@ -1035,40 +1200,199 @@ def save_variant_adapter(model: nn.Module, directory: str | Path) -> Path:
       rsLoRA) so that the scale stays s. PEFT loads it onto the original model.
     - LoftQ: A and B as they are; they belong with the LoftQ-quantized base, not the original.
     Layers that LoRA-drop made share tensors are written as separate copies (safetensors refuses
-    aliases). Keys and A/B layout as ``lora_state_dict`` (Stage 2.4). Returns the directory.
+    aliases). Keys and A/B layout as ``lora_state_dict`` (Stage 2.4); config from ``variant_adapter_config``.
 
-    Raises ValueError: no LoRA layers (VeRA and AdaLoRA are not saved here); layers that differ
-    in r, lora_alpha or rsLoRA; a mix of DoRA and LoRA layers, or of PiSSA/OLoRA and other inits;
-    PiSSA/OLoRA with DoRA; another trainable parameter that the files would lose.
+    Raises ValueError: layers that differ in r, lora_alpha or rsLoRA; a mix of DoRA and LoRA layers,
+    or of PiSSA/OLoRA and other inits; PiSSA/OLoRA with DoRA; another trainable parameter that the
+    files would lose (``refuse_other_trainables``).
     """
     layers = list(lora_layers(model))
-    if not layers:
-        raise ValueError("the model has no LoRA layers to save (VeRA and AdaLoRA adapters are not saved here)")
     raise NotImplementedError(
-        "Exercise 5.10: check, collect, convert, add magnitudes, write (use lora_state_dict, variant_adapter_config) — see tutorial/05-lora-variants.md"
+        "Exercise 5.10: check, collect, convert, add magnitudes (use lora_state_dict, variant_adapter_config) — see tutorial/05-lora-variants.md"
     )
 
 
-def load_variant_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
-    """Load an adapter written by ``save_variant_adapter`` or by PEFT (LoRA, rsLoRA, DoRA) into ``model``.
+def vera_adapter_files(model: nn.Module, save_projection: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, tensors) of the model's VeRA adapter in PEFT's format (``VeraConfig``, PEFT 0.21.2).
+
+        base_model.model.<path>.vera_lambda_d   (r,)       base_model.model.<path>.vera_lambda_b   (out,)
+        base_model.vera_A (r, max_in), base_model.vera_B (max_out, r)   the shared pair, once, only with
+                                                                         save_projection (PEFT's default)
+
+    config: ``vera_adapter_config`` with r, the target names, the pair's ``projection_prng_key``,
+    ``save_projection`` and the layers' vera_dropout. Without the pair in the file, a loader
+    regenerates it from the key (``vera_projections``): exact on the same torch, which PEFT warns
+    may not hold on every platform — hence its default.
+
+    Raises ValueError: layers that do not share one ``VeRAProjections``, or that differ in
+    vera_dropout; another trainable parameter that the files would lose (``refuse_other_trainables``).
+    """
+    layers = list(vera_layers(model))
+    raise NotImplementedError(
+        "Exercise 5.10: per-layer λ vectors, the shared pair once (use vera_adapter_config, refuse_other_trainables) — see tutorial/05-lora-variants.md"
+    )
+
+
+def adalora_adapter_files(model: nn.Module, allocator: RankAllocator) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, tensors) of the model's AdaLoRA adapter in PEFT's format (``AdaLoraConfig``, PEFT 0.21.2).
+
+        base_model.model.<path>.lora_A (k, in)   .lora_E (k, 1)   .lora_B (out, k)     (no ".weight"; ranknum
+                                                                                      is not saved: it is init_r)
+
+    Before the allocator's first mask (``allocator.rank_pattern`` None) k = init_r and the config's
+    rank_pattern is null. After it, PEFT's ``resize_state_dict_by_rank_pattern``: each layer keeps
+    only its k unmasked triplets (rows of A and E, columns of B, in order), and the config records
+    ``rank_pattern`` {"<path>.lora_E": [bool] * init_r} (lists of Python bools), so PEFT rebuilds
+    the layer with rank k and the same scale lora_alpha / init_r. config: ``adalora_adapter_config``.
+
+    Raises ValueError: ``allocator`` not a RankAllocator over exactly these layers; layers that
+    differ in r, lora_alpha or lora_dropout; another trainable parameter the files would lose.
+    """
+    layers = list(adalora_layers(model))
+    raise NotImplementedError(
+        "Exercise 5.10: cut each layer to its kept triplets, record the pattern (use adalora_adapter_config) — see tutorial/05-lora-variants.md"
+    )
+
+
+def save_variant_adapter(
+    model: nn.Module, directory: str | Path, allocator: RankAllocator | None = None, save_projection: bool = True
+) -> Path:
+    """Given: write ``adapter_config.json`` + ``adapter_model.safetensors`` that ``PeftModel.from_pretrained`` reads.
+
+    One adapter kind per model: LoRA-type layers (plain, rsLoRA, DoRA, PiSSA/OLoRA converted, LoftQ;
+    ``lora_adapter_files``), VeRA layers (``vera_adapter_files``; ``save_projection`` as PEFT's, default
+    true) or AdaLoRA layers (``adalora_adapter_files``; ``allocator``, the model's ``RankAllocator``, is
+    required: PEFT's config holds its schedule and rank pattern). Everything is checked before anything is
+    written: a refusal leaves no folder behind. Returns the directory.
+
+    Raises ValueError: no adapter layers, layers of more than one kind, AdaLoRA without ``allocator``, or what
+    the kind's function raises.
+    """
+    kinds = {
+        "LoRA": list(lora_layers(model)),
+        "VeRA": list(vera_layers(model)),
+        "AdaLoRA": list(adalora_layers(model)),
+    }
+    found = [kind for kind, layers in kinds.items() if layers]
+    if len(found) != 1:
+        raise ValueError(
+            "the model must hold exactly one kind of adapter layers (LoRA, VeRA or AdaLoRA) to be saved, found "
+            + (", ".join(found) if found else "none")
+        )
+    if found[0] == "VeRA":
+        config, tensors = vera_adapter_files(model, save_projection)
+    elif found[0] == "AdaLoRA":
+        if allocator is None:
+            raise ValueError(
+                "an AdaLoRA adapter needs allocator=<its RankAllocator>: PEFT's AdaLoraConfig records the schedule "
+                "(total_step, target_r, …) and the rank pattern"
+            )
+        config, tensors = adalora_adapter_files(model, allocator)
+    else:
+        config, tensors = lora_adapter_files(model)
+    return write_adapter_files(directory, config, tensors)
+
+
+def load_lora_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Load a LoRA-type adapter (``"peft_type": "LORA"``) written by ``save_variant_adapter`` or by PEFT.
 
     Plain and rsLoRA adapters go through ``load_lora`` (Stage 2.4: it adds LoRA layers to exactly
     the modules the file names when the model has none, and checks every shape); then
     ``use_rslora`` if the config says so. A DoRA adapter (``use_dora``) adds DoRA layers
     (``get_dora_model`` on the modules the file names) unless the model already has them, loads A
     and B through ``load_lora`` and copies the magnitudes. A converted PiSSA/OLoRA adapter is a
-    plain LoRA for the original base. Returns the model.
+    plain LoRA for the original base.
+
+    PiSSA, OLoRA and LoftQ as PEFT's ``save_pretrained`` writes them by default
+    (``init_lora_weights`` "pissa", "olora" or "loftq": ``adapter_init_method``): A and B as trained,
+    relative to a CHANGED W0. PEFT's ``from_pretrained`` runs the init again on the original base, then
+    loads A and B; so does this: the layers are added (``load_lora``; ``use_rslora`` if set), each runs
+    ``pissa_init`` / ``olora_init`` / ``loftq_init`` (num_iters = loftq_config["loftq_iter"], blocks of
+    64) on its W0, then gets the file's A and B back. The result is W_res + s·B A (Q̂ + s·B A for
+    LoftQ), as PEFT's: the model must be the ORIGINAL full-precision base without LoRA layers.
 
     Raises ValueError, leaving the model unchanged, when the adapter does not fit: magnitudes
     without ``use_dora``, DoRA weights for LoRA layers (or the reverse), a scale (rsLoRA or not)
-    that differs from the existing layers', a module or shape that does not match (``load_lora``'s checks).
+    that differs from the existing layers', a module or shape that does not match (``load_lora``'s
+    checks); for an ``init_lora_weights`` it cannot recompute (``adapter_init_method``); and for
+    PiSSA/OLoRA/LoftQ files with ``use_dora``, into a model with LoRA layers, or onto a base the
+    init cannot start from (``check_initialisable``: nn.Linear in float32/float16/bfloat16, r ≤ min(in, out)).
     """
-    directory = Path(directory)
-    config = json.loads((directory / ADAPTER_CONFIG_NAME).read_text())
-    tensors = load_file(directory / ADAPTER_WEIGHTS_NAME)
+    config, tensors = read_adapter_files(directory)
     raise NotImplementedError(
-        "Exercise 5.10: check all, then layers, A and B, magnitudes (use load_lora, get_dora_model, use_rslora) — see tutorial/05-lora-variants.md"
+        "Exercise 5.10: check all, then layers, A and B, magnitudes, W0's new value (use load_lora, get_dora_model, use_rslora, adapter_init_method, check_initialisable) — see tutorial/05-lora-variants.md"
     )
+
+
+def initialise_like_peft(model: nn.Module, init: str, config: dict) -> None:
+    """Run ``init`` ("pissa", "olora", "loftq") on every LoRA layer, then give each its loaded A and B back.
+
+    What PEFT's ``from_pretrained`` does for such a file: the init changes W0 (and sets A0, B0,
+    kept as ``lora_A_init`` / ``lora_B_init`` for a later conversion), the file's A and B replace A0, B0.
+    """
+    raise NotImplementedError(
+        "Exercise 5.10: keep A and B, run the init, put A and B back (use pissa_init, olora_init, loftq_init) — see tutorial/05-lora-variants.md"
+    )
+
+
+def load_vera_adapter(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """Load a VeRA file (``"peft_type": "VERA"``, PEFT's or ours) into a model without adapter layers.
+
+    The modules are those with ``vera_lambda_d`` / ``vera_lambda_b`` in the file (``paths_in_file``);
+    ``get_vera_model`` wraps them with the config's r, projection_prng_key and vera_dropout, which draws
+    the shared pair from the key; with ``save_projection`` the file's ``base_model.vera_A`` /
+    ``base_model.vera_B`` (r, max_in) / (max_out, r) replace the drawn pair, as PEFT does. Then each
+    layer's λ_d (r,) and λ_b (out,) are copied. Returns the model.
+
+    Raises ValueError, leaving the model unchanged: the model already has adapter layers, a path is not
+    a linear layer of the model, a tensor is missing or has another shape, the file holds other keys.
+    """
+    raise NotImplementedError(
+        "Exercise 5.10: check everything, wrap, copy the pair (if saved) and the λ vectors (use get_vera_model) — see tutorial/05-lora-variants.md"
+    )
+
+
+def load_adalora_adapter(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """Load an AdaLoRA file (``"peft_type": "ADALORA"``, PEFT's or ours) into a model without adapter layers.
+
+    ``get_adalora_model`` wraps the modules the file names with the config's init_r, lora_alpha and
+    lora_dropout (ranknum = init_r, the scale PEFT keeps). With a ``rank_pattern``, layer ``path``
+    holds only its k kept triplets (``rank_pattern["<path>.lora_E"]``, init_r bools, k of them True):
+    they go to the kept positions (rows of A and E, columns of B) and every masked position is 0, so
+    Λ_i = 0 there, as PEFT's resized layer. The RankAllocator is not restored: build a new one to
+    train on. Returns the model.
+
+    Raises ValueError, leaving the model unchanged: the model already has adapter layers, a path is not
+    a linear layer of the model, a rank_pattern entry is not init_r bools or names no layer of the
+    file, a tensor is missing or has another shape, the file holds other keys.
+    """
+    raise NotImplementedError(
+        "Exercise 5.10: check everything, wrap, scatter the kept triplets (use get_adalora_model) — see tutorial/05-lora-variants.md"
+    )
+
+
+def load_variant_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Given: load an adapter written by ``save_variant_adapter`` or by PEFT into ``model``; returns the model.
+
+    By the config's ``peft_type``: "LORA" (plain, rsLoRA, DoRA, PiSSA, OLoRA, LoftQ) ``load_lora_adapter``,
+    "VERA" ``load_vera_adapter``, "ADALORA" ``load_adalora_adapter``.
+
+    Raises ValueError, the model unchanged, naming what does not fit: a peft_type other than those three;
+    an init_lora_weights whose W0 cannot be recomputed here, or a loftq_config other than 4 bits
+    (``adapter_init_method``); such a file with use_dora, into a model with LoRA layers, or onto a base its
+    init cannot start from; a rank_pattern entry that is not init_r bools; a tensor missing or of another
+    shape (named by its key, e.g. ``base_model.model.<path>.vera_lambda_b``); and what ``load_lora``
+    refuses (modules, ranks, shapes).
+    """
+    config, tensors = read_adapter_files(directory)
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type == "VERA":
+        return load_vera_adapter(model, config, tensors)
+    if peft_type == "ADALORA":
+        return load_adalora_adapter(model, config, tensors)
+    if peft_type != "LORA":
+        raise ValueError(f"peft_type must be one of ('LORA', 'VERA', 'ADALORA'), got {peft_type!r}")
+    return load_lora_adapter(model, directory)
 
 
 # ---- Given: one entry point for comparing the methods -------------------------------------------

@@ -1,33 +1,42 @@
 """``make grade``: score the student files; the scoring process never runs student code.
 
-    python -m testcases.grade [--impl student|solutions|DIR] [--ex 1.2] [--results PATH]
-                              [--seed N] [--timeout S] [--budget S] [--jobs N] [--memory GiB]
+    python -m testcases.grade [--impl student|solutions|DIR] [--ex 1.2] [--results PATH] [--logs DIR]
+                              [--details all|N] [--seed N] [--timeout S] [--budget S] [--jobs N]
+                              [--memory GiB] [--no-sandbox]
 
 How a grade is made:
 1. The plan. The exercises to grade (``--ex``, default all) are grouped by stage. Each stage gets a
    sandbox: a fresh copy of the given code and the tests (model/, training/, testcases/) and, in
    ``impl/``, copies of the student files only (from this checkout, the reference, or a submission:
-   a full clone, whose own tests are ignored, or a folder of loose files). Everything is copied
-   before any student code runs.
+   a full clone, whose own tests are ignored, or a folder of loose files), and its scratch folders
+   (home, tmp, pytest-tmp). Everything is copied before any student code runs.
 2. The runs. Each stage's tests run in a child pytest process (two at a time by default), started
    in its own session behind a small waiting process, with a memory limit, one torch thread, its
-   sandbox as working directory and HOME, and a pipe on which the grading plugin
+   sandbox as working directory, HOME and TMPDIR, and a pipe on which the grading plugin
    (testcases/plugin.py) reports events: the plan, each student file's import, each test's start
-   and outcome (as data). The scorer keeps the clock: a test that runs past its time budget (60 s
-   by default; a test may ask for more) plus a grace period, a student file whose import hangs, a
-   child that exits, crashes or is killed — each costs the tests it touches, named in one line, and
-   the stage goes on in a new child without them (an exercise whose test hung or crashed keeps
-   its remaining tests out, so a hang costs one budget per exercise, not per test). An overall
-   budget bounds the whole run.
+   and outcome (as data), and each refusal of the sandbox. Before the student files load, the
+   child closes the sandbox (testcases/sandbox.py: an audit hook, and Landlock where the kernel has
+   it): student code may read only the sandbox and Python's own folders, write only the scratch
+   folders, and may not start programs or call C code; a refusal fails the test during which it
+   happened (the scorer's own record, from the pipe, wins over what the child reports), or makes a
+   file that was being imported not importable. The scorer keeps the clock: a test that runs past
+   its time budget (60 s by default; a test may ask for more) plus a grace period, a student file
+   whose import hangs, a child that exits, crashes or is killed — each costs the tests it touches,
+   named in one line, and the stage goes on in a new child without them. After a test hangs, its
+   exercise's remaining tests are not run, nor those of the exercises that run its code, in any
+   stage (a stop file in each sandbox tells the children): a hang costs one budget in all.
+   An overall budget bounds the whole run.
 3. The score. Outcomes are accepted only for tests in the plan, once each; points come from
    testcases/manifest.py, never from the child. After every child and every process they left
-   behind is gone, the scorer prints the table and writes results.json (Gradescope's schema), so
-   nothing a submission writes survives. The exit status is 0 only for full marks.
+   behind is gone, the scorer prints the table (every failing test: ``--details all``) and writes
+   results.json (Gradescope's schema), so nothing a submission writes survives; the children's
+   logs go to runs/grade/logs. The exit status is 0 only for full marks.
 
 What this does not stop (see the instructor section of README.md): code that deliberately
-reaches into the child's memory to forge its reports, kills the scorer by hunting for its process,
-or writes into this checkout for a later run. Run the grader as an unprivileged user in a
-throwaway container (Gradescope does) when grades matter.
+reaches into the test process's memory to switch the sandbox off or forge its reports, native
+code reading files where the kernel has no Landlock, or a submission that hunts down the scorer's
+process to kill it. Run the grader as an unprivileged user in a throwaway container when grades
+matter.
 """
 
 from __future__ import annotations
@@ -48,10 +57,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from model._impl import find_student_file, implementation_root
-from testcases.manifest import REPO, STAGES, Stage, exercises, select, student_files
-from testcases.scoring import BLOCKED, CRASHED, NOT_ATTEMPTED, NOT_RUN, SKIPPED, TIMED_OUT, Gradebook, Outcome
+from testcases.manifest import REPO, STAGES, Stage, exercises, files_needed, select, student_files
+from testcases.sandbox import SCRATCH, landlock_abi, loading_refused, python_roots, refusal_message
+from testcases.scoring import (
+    BLOCKED,
+    CRASHED,
+    FAILED,
+    NOT_ATTEMPTED,
+    NOT_RUN,
+    PASSED,
+    SKIPPED,
+    TIMED_OUT,
+    Gradebook,
+    Outcome,
+    details_option,
+    merge_stops,
+    stops_after_a_hang,
+)
 
 GIVEN = ("model", "training", "testcases", "pyproject.toml")  # copied into every sandbox
+STOP_FILE = "stopped.json"  # exercises stopped after a hang elsewhere, which each test process reads before a test
+STARTUP = 60.0  # extra seconds a test process may take to import torch and collect (given code only) on a busy machine
 IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", ".ipynb_checkpoints", "runs")
 # The waiting process: it sets the limits the test process inherits, then waits for it. Student code
 # that kills its parent (os.getppid()) kills this one, not the scorer.
@@ -87,7 +113,9 @@ def make_sandbox(where: Path, root: Path) -> list[str]:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(found, target)
     (where / "impl").mkdir(exist_ok=True)
-    (where / "home").mkdir(exist_ok=True)
+    for name in SCRATCH:  # HOME, TMPDIR and pytest's --basetemp: the only folders the tests may write
+        (where / name).mkdir(exist_ok=True)
+    (where / STOP_FILE).write_text("{}")  # there before the test process starts: read-only to it
     return missing
 
 
@@ -108,6 +136,7 @@ class Child:
     last_event: float = 0.0
     restarts: int = 0
     reported: set[str] = field(default_factory=set)
+    planned: bool = False  # it has reported its plan: before that it runs only given code (imports, collection)
 
 
 class Scorer:
@@ -120,7 +149,10 @@ class Scorer:
         self.wanted = select(args.ex)
         self.plan: dict[str, dict] = {}  # nodeid -> planned test (function, exercise, weight, timeout)
         self.outcomes: dict[str, Outcome] = {}
-        self.stopped: dict[str, str] = {}  # exercise -> why its remaining tests are not run
+        # exercise -> (why its remaining tests are not run, the exercise that hung or None)
+        self.stopped: dict[str, tuple[str, str | None]] = {}
+        self.refusals: dict[str, str] = {}  # nodeid -> what the sandbox refused during that test
+        self.load_refusals: dict[str, str] = {}  # student file -> why it could not be imported
         self.notes: list[str] = []
         self.events: queue.Queue = queue.Queue()
         self.children: list[Child] = []
@@ -128,7 +160,8 @@ class Scorer:
         self.started = time.monotonic()
         self.budget_spent = False
         self.work = Path(tempfile.mkdtemp(prefix="grade-"))
-        self.logs = Path(args.results).resolve().parent / "logs"
+        self.sandboxes: list[Path] = []
+        self.logs = Path(args.logs).resolve()
 
     # -- setting up -------------------------------------------------------------------------------
 
@@ -141,6 +174,7 @@ class Scorer:
                 continue
             sandbox = self.work / f"stage{stage.number}"
             sandbox.mkdir()
+            self.sandboxes.append(sandbox)
             missing = make_sandbox(sandbox, self.root)
             for relative in missing:
                 note = f"{relative} is not in {self.root}: its exercises count as not attempted"
@@ -153,8 +187,11 @@ class Scorer:
         cmd = [sys.executable, "-m", "pytest", "testcases/basic_test.py", "testcases/advanced_test.py",
                "--impl", str(child.sandbox / "impl"), "--ex", ",".join(mine), "--seed", str(self.args.seed),
                "--report-fd", str(write_fd), "--timeout", str(self.args.timeout),
+               "--basetemp", str(child.sandbox / "pytest-tmp"), "--stop-file", str(child.sandbox / STOP_FILE),
                "--load-timeout", str(self.args.timeout), "-p", "no:cacheprovider", "-p", "no:nbmake",
                "-q", "--no-header", "-rN", "--tb=no", "-W", "ignore::DeprecationWarning"]  # fmt: skip
+        if self.args.no_sandbox:
+            cmd.append("--no-sandbox")
         if child.run:
             only = child.sandbox / f"run-only-{len(child.reported)}-{time.monotonic_ns()}.json"
             only.write_text(json.dumps(child.run))
@@ -168,8 +205,8 @@ class Scorer:
     def spawn(self, child: Child) -> None:
         read_fd, write_fd = os.pipe()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("LORA_", "PYTEST_", "CALIBRATE_"))}
-        env.update(PYTHONPATH=str(child.sandbox), HOME=str(child.sandbox / "home"), MPLBACKEND="Agg",
-                   OMP_NUM_THREADS=str(self.args.threads), PYTHONDONTWRITEBYTECODE="1")  # fmt: skip
+        env.update(PYTHONPATH=str(child.sandbox), HOME=str(child.sandbox / "home"), TMPDIR=str(child.sandbox / "tmp"),
+                   MPLBACKEND="Agg", OMP_NUM_THREADS=str(self.args.threads), PYTHONDONTWRITEBYTECODE="1")  # fmt: skip
         with open(child.log, "ab") as log:
             child.process = subprocess.Popen(
                 [sys.executable, "-c", NANNY, str(int(self.args.memory * 2**30)), *self.command(child, write_fd)],
@@ -210,6 +247,8 @@ class Scorer:
     def handle(self, child: Child, event: dict) -> None:
         kind, now = event.get("event"), time.monotonic()
         child.last_event = now
+        if kind == "plan":
+            child.planned = True
         if kind == "plan" and not child.run:
             for test in event.get("tests", []):
                 known = isinstance(test, dict) and "nodeid" in test and test.get("exercise") in exercises()
@@ -229,10 +268,27 @@ class Scorer:
             child.phase = None
         elif kind == "note":
             self.note(str(event.get("text"))[:500])
+        elif kind == "refused":
+            self.refused(child, str(event.get("what"))[:500])
         elif kind == "done":
             child.done = True
         elif kind == "eof":
             child.finished = True
+
+    def refused(self, child: Child, what: str) -> None:
+        """The sandbox refused something: it costs the test, or the file being imported, during which it happened.
+
+        The child fails that test itself; the scorer keeps its own record from the pipe, written before
+        the student code could catch the error, and applies it to what the child reports.
+        """
+        phase, stage = child.phase, child.stage.number
+        if phase and phase[0] == "test":
+            self.refusals.setdefault(phase[1], what)
+        elif phase and phase[0] == "load":
+            self.load_refusals.setdefault(phase[1], loading_refused(phase[1], what))
+            self.note(f"stage {stage}: {self.load_refusals[phase[1]]}")
+        else:
+            self.note(f"stage {stage}: between tests, student code tried to {what}, which the grading sandbox refused")
 
     def accept(self, child: Child, data: dict) -> None:
         """Take a child's outcome only for a planned test of its stage, once; points come from the plan."""
@@ -246,12 +302,30 @@ class Scorer:
             return
         outcome = Outcome(nodeid, planned["function"], planned["exercise"], float(planned["weight"]),
                           reported.status, reported.message[:4000], reported.blocked_by, reported.seconds)  # fmt: skip
-        if outcome.status == BLOCKED and outcome.blocked_by not in exercises():
+        broken = [why for file, why in self.load_refusals.items() if file in files_needed([outcome.exercise])]
+        if (
+            nodeid in self.refusals
+            and outcome.status not in (TIMED_OUT, CRASHED)
+            and not outcome.message.startswith("integrity:")
+        ):
+            outcome.status, outcome.message = FAILED, refusal_message([self.refusals[nodeid]])
+        elif broken and outcome.status == PASSED:
+            outcome.status, outcome.message = FAILED, broken[0]
+        if outcome.blocked_by is not None and outcome.blocked_by not in exercises():
             outcome.blocked_by = "?"
         self.outcomes[nodeid] = outcome
         child.reported.add(nodeid)
         if outcome.status == TIMED_OUT:
-            self.stopped.setdefault(outcome.exercise, f"an earlier test of exercise {outcome.exercise} timed out")
+            self.stop(stops_after_a_hang(outcome.exercise))
+
+    def stop(self, stops: dict[str, tuple[str, str | None]]) -> None:
+        """Keep these exercises' remaining tests out, here and in every test process (their stop files)."""
+        merge_stops(self.stopped, stops)
+        text = json.dumps(self.stopped)
+        for sandbox in self.sandboxes:
+            tmp = self.work / f"stopped-{sandbox.name}.json"  # written beside the sandbox, then moved in whole
+            tmp.write_text(text)
+            os.replace(tmp, sandbox / STOP_FILE)
 
     def watch(self) -> None:
         now = time.monotonic()
@@ -277,8 +351,10 @@ class Scorer:
                 self.finish(child, "")
             elif child.done and now - child.last_event > 5:
                 self.finish(child, "")  # it finished but something it started still holds the pipe
-            elif not phase and now - child.last_event > self.args.timeout + self.args.grace:
-                self.finish(child, "")  # silent between tests for too long
+            elif not phase and now - child.last_event > self.args.timeout + self.args.grace + (
+                0 if child.planned else STARTUP
+            ):
+                self.finish(child, "")  # silent between tests for too long (or at start-up, on a very busy machine)
 
     def finish(self, child: Child, why: str) -> None:
         """The child is gone (or must go): account for what it was doing, then restart its stage if needed."""
@@ -303,8 +379,12 @@ class Scorer:
             self.outcomes[nodeid] = Outcome(
                 nodeid, planned["function"], planned["exercise"], float(planned["weight"]), status, text
             )
-            verb = "timed out" if status == TIMED_OUT else "ended the test process"
-            self.stopped.setdefault(planned["exercise"], f"an earlier test of exercise {planned['exercise']} {verb}")
+            ex = planned["exercise"]
+            self.stop(
+                stops_after_a_hang(ex)
+                if status == TIMED_OUT
+                else {ex: (f"an earlier test of exercise {ex} ended the test process", None)}
+            )
         elif phase and phase[0] == "load":
             module = phase[1].removesuffix(".py").replace("/", ".")
             child.broken[module] = why or f"{phase[1]} could not be imported: the test process {how} while importing it"
@@ -320,8 +400,9 @@ class Scorer:
         for nodeid in (t for t in child.run if t not in self.outcomes):
             planned = self.plan[nodeid]
             if planned["exercise"] in self.stopped:
+                why, by = self.stopped[planned["exercise"]]
                 self.outcomes[nodeid] = Outcome(nodeid, planned["function"], planned["exercise"], float(planned["weight"]),
-                                                NOT_RUN, f"not run: {self.stopped[planned['exercise']]}")  # fmt: skip
+                                                NOT_RUN, f"not run: {why}", by)  # fmt: skip
             else:
                 remaining.append(nodeid)
         if remaining and not child.done:
@@ -421,6 +502,15 @@ def reap_orphans() -> None:
 # ---- the command line -------------------------------------------------------------------------------
 
 
+def sandbox_mode(args: argparse.Namespace) -> str:
+    """How the test processes are confined (testcases/sandbox.py), for the first line of the output."""
+    if args.no_sandbox:
+        return "NOT sandboxed (--no-sandbox)"
+    return (
+        "sandboxed (audit hook + Landlock)" if landlock_abi() else "sandboxed (audit hook; this kernel has no Landlock)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m testcases.grade", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -437,8 +527,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="stages graded at once")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per test process")
     parser.add_argument("--memory", type=float, default=6.0, help="GiB of address space per test process")
-    parser.add_argument("--details", type=int, default=3, help="failure messages shown per exercise")
+    parser.add_argument("--logs", default="runs/grade/logs", help="where the test processes' logs go (this run's only)")
+    parser.add_argument(
+        "--details",
+        type=details_option,
+        default="all",
+        help="failures shown per exercise: all (default: the first with its message, every other one on a line) "
+        "or a number of messages (0: none)",
+    )
     parser.add_argument("--expect-not-attempted", action="store_true", help="self-test: every test must stop at a stub")
+    parser.add_argument(
+        "--no-sandbox",
+        action="store_true",
+        help="run the tests without the audit-hook sandbox (testcases/sandbox.py), to measure its cost or to see "
+        "a hostile case's escape succeed; never for grades",
+    )
     args = parser.parse_args(argv)
     try:
         select(args.ex)
@@ -448,7 +551,10 @@ def main(argv: list[str] | None = None) -> int:
     become_subreaper()
     scorer = Scorer(args)
     print(f"Grading {scorer.root if args.impl not in ('student', 'solutions') else args.impl + ' files'}: "
-          f"each stage in its own process, {args.timeout:g} s per test, {args.budget:g} s in all", flush=True)  # fmt: skip
+          f"each stage in its own process, {sandbox_mode(args)}, {args.timeout:g} s per test, "
+          f"{args.budget:g} s in all", flush=True)  # fmt: skip
+    if exposed := [root for root in python_roots() if REPO.resolve().is_relative_to(root)]:
+        scorer.note(f"the Python installation {exposed[0]} contains this checkout: submissions may read all of it")
     try:
         book = scorer.run()
     finally:

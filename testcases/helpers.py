@@ -193,3 +193,57 @@ class LargestAllocation:
 
     def __exit__(self, *exc) -> None:
         self.mode.__exit__(*exc)
+
+
+# ---- refusals that say what they passed (Stages 5–7) ------------------------------------------------
+
+
+def shown(value: object) -> str:
+    """A short, readable repr of an argument for a failure message: tensors by shape, modules by type."""
+    if isinstance(value, torch.Tensor):
+        return f"tensor{tuple(value.shape)}" if value.numel() > 4 else repr(value.tolist())
+    if isinstance(value, nn.Module):
+        return type(value).__name__
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def call_text(call, args: tuple, kwargs: dict) -> str:
+    """``name(arg, key=value)`` as the failure message shows the refused call."""
+    name = getattr(call, "__qualname__", None) or type(call).__name__
+    parts = [shown(a) for a in args] + [f"{k}={shown(v)}" for k, v in kwargs.items()]
+    return f"{name}({', '.join(parts)})"
+
+
+def pattern_text(match: str) -> str:
+    """What a ``match`` pattern asks for, in words: ``word(name)`` back to its name, else the pattern."""
+    import re
+
+    found = re.fullmatch(r"\(\?<!\[A-Za-z0-9_\]\)(.*)\(\?!\[A-Za-z0-9_\]\)", match)
+    return repr(re.sub(r"\\(.)", r"\1", found.group(1)) if found else match)
+
+
+def refuses(call, *args, match: str | None = None, error: type[Exception] = ValueError, **kwargs) -> Exception:
+    """``call(*args, **kwargs)`` must raise ``error`` whose message matches ``match``; returns the error.
+
+    ``match``: a regex, usually ``word(name)`` (the argument the message must name). Unlike a bare
+    ``pytest.raises`` (whose failure reads "DID NOT RAISE"), a failure here shows the call with the
+    arguments it was given, and the message it raised if that lacks the name. A stub's
+    NotImplementedError (and any other error type) passes through unchanged.
+    """
+    __tracebackhide__ = True
+    import re
+
+    try:
+        call(*args, **kwargs)
+    except error as raised:
+        if match is not None and not re.search(match, str(raised)):
+            raise AssertionError(
+                f"{call_text(call, args, kwargs)} raised {type(raised).__name__}: {raised}\n"
+                f"but its message must name {pattern_text(match)}"
+            ) from None
+        return raised
+    naming = f" naming {pattern_text(match)}" if match is not None else ""
+    raise AssertionError(
+        f"{call_text(call, args, kwargs)} must raise {error.__name__}{naming}, but it returned without an error"
+    )

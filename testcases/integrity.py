@@ -6,11 +6,13 @@ course code, ``builtins``, ``math``, and torch's core namespaces and classes (``
 ``torch.Tensor.__eq__``, ``nn.Module.__call__``, ...). After the student files load, and after
 every test, ``check()`` compares each name with the snapshot, puts the original back, and says
 what had changed. The plugin fails the test during which it happened ("this test does not count")
-and reports a change made at import time as a note; the rest of the run uses the originals.
+and reports a change made at import time as a note; the rest of the run uses the originals. The
+modules whose bindings the grading sandbox replaces (``_posixsubprocess``, ``subprocess``,
+``_imp``: testcases/sandbox.py) are protected the same way, so its stand-ins stay in place.
 
-This is a tripwire for patching, not a sandbox: code that deliberately digs into the
-interpreter's objects can still find ways around it. The instructor section of README.md states
-the threat model.
+This is a tripwire for patching: code that deliberately digs into the interpreter's objects can
+still find ways around it. What student code may read, write and start is the sandbox's business
+(testcases/sandbox.py); the instructor section of README.md states the threat model.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import inspect
 import math
 import sys
 from types import ModuleType
+
+from testcases.sandbox import DISARMED_MODULES
 
 # Module name prefixes whose every binding is protected, additions included.
 GIVEN_PREFIXES = ("testcases", "model", "training")
@@ -59,7 +63,8 @@ class Guard:
             if not isinstance(module, ModuleType) or name in self.student_modules:
                 continue
             given = name.split(".")[0] in GIVEN_PREFIXES and name not in self.student_modules
-            if given or name in TORCH_MODULES or name in ("pytest", "_pytest.python_api", "_pytest.outcomes"):
+            trusted = name in TORCH_MODULES or name in DISARMED_MODULES
+            if given or trusted or name in ("pytest", "_pytest.python_api", "_pytest.outcomes"):
                 spaces[name] = (module, given)
                 if given:
                     for attr, value in list(vars(module).items()):

@@ -49,6 +49,7 @@ class Stage:
     title: str
     student_file: str  # the file the student writes, relative to the repository root (stages may share one)
     exercises: tuple[Exercise, ...] = field(default_factory=tuple)
+    title_zh: str = ""  # the title in the Chinese pages (tutorial/zh-CN/, README.zh-CN.md)
 
     lesson = _path("tutorial/{n:02d}-{name}.md")
     notebook = _path("notebooks/{n:02d}_{snake}.ipynb")
@@ -79,7 +80,7 @@ LORA_IN_A_MODEL = (
 QUANTIZATION = (
     Exercise("3.1", "uniform (affine) quantization", 5),
     Exercise("3.2", "absmax quantization, per tensor and per block", 5),
-    Exercise("3.3", "the NF4 and FP4 code books", 4),
+    Exercise("3.3", "the NF4 and FP4 code books", 4, needs=("3.2",)),
     Exercise("3.4", "NF4 blockwise quantization", 10, needs=("3.3",)),
     Exercise("3.5", "double quantization", 6, needs=("3.4",)),
     Exercise("3.6", "NF4Linear", 8, needs=("3.4", "3.5")),
@@ -87,23 +88,28 @@ QUANTIZATION = (
 )
 QLORA_TRAINING = (
     Exercise("4.1", "TrainConfig checks", 4),
-    Exercise("4.2", "prepare_qlora_model", 8, needs=("4.1", "2.1", "3.6")),
+    Exercise("4.2", "prepare_qlora_model", 8, needs=("4.1", "2.1", "1.3", "3.6")),
     Exercise("4.3", "the mixed-precision trainer", 14, needs=("4.2",)),
     Exercise("4.4", "merge_and_export", 4, needs=("4.2", "2.3")),
     Exercise("4.5", "estimate_memory", 4, needs=("3.5",)),
 )
 
 LORA_VARIANTS = (
-    Exercise("5.1", "rsLoRA: rslora_scaling, use_rslora", 4, needs=("2.1",)),
+    Exercise("5.1", "rsLoRA: rslora_scaling, use_rslora", 4, needs=("2.1", "1.3")),
     Exercise("5.2", "DoRALayer (magnitude, forward, merge), get_dora_model", 10, needs=("2.1", "3.6")),
-    Exercise("5.3", "PiSSA and OLoRA initialisation", 8, needs=("2.1",)),
-    Exercise("5.4", "LoftQ initialisation", 8, needs=("2.1", "3.6")),
-    Exercise("5.5", "LoRA-FA: freeze_lora_A", 3, needs=("2.1",)),
+    Exercise("5.3", "PiSSA and OLoRA initialisation", 8, needs=("2.1", "1.3", "3.6")),
+    Exercise("5.4", "LoftQ initialisation", 8, needs=("1.2", "3.6")),
+    Exercise("5.5", "LoRA-FA: freeze_lora_A", 3, needs=("2.1", "5.2")),
     Exercise("5.6", "VeRA: shared projections, VeRALayer, get_vera_model", 8, needs=("2.1",)),
     Exercise("5.7", "AdaLoRA: SVD-form layer, orthogonal regulariser, RankAllocator", 12, needs=("2.1",)),
     Exercise("5.8", "Delta-LoRA through optimizer hooks", 5, needs=("2.1", "4.3")),
     Exercise("5.9", "LoRA-drop: output importance, shared adapters", 5, needs=("2.1",)),
-    Exercise("5.10", "rsLoRA, DoRA, PiSSA adapters in PEFT's format", 6, needs=("2.4", "5.1", "5.2", "5.3")),
+    Exercise(
+        "5.10",
+        "adapters in PEFT's format: the LoRA family, VeRA, AdaLoRA",
+        10,
+        needs=("2.4", "5.1", "5.2", "5.3", "5.4", "5.6", "5.7"),
+    ),
 )
 MEMORY = (
     Exercise("6.1", "8-bit state codes: unsigned dynamic code, lookup table, blockwise", 8, needs=("3.4",)),
@@ -113,30 +119,41 @@ MEMORY = (
     Exercise("6.5", "memory accounting: state bytes, estimate and measurement", 10, needs=("6.4", "4.2")),
 )
 PEFT_FAMILY = (
-    Exercise("7.1", "bottleneck adapters (Houlsby, Pfeiffer)", 8, needs=("2.1",)),
+    Exercise("7.1", "bottleneck adapters (Houlsby, Pfeiffer)", 8, needs=("2.1", "3.6")),
     Exercise("7.2", "prompt tuning: PromptEmbedding, PromptLearningModel", 8),
     Exercise("7.3", "P-tuning: PromptEncoder (MLP, LSTM)", 6, needs=("7.2",)),
-    Exercise("7.4", "prefix tuning: PrefixEncoder, prefixes per layer, folding", 10, needs=("7.2", "7.3")),
+    Exercise("7.4", "prefix tuning: PrefixEncoder, prefixes per layer, folding", 10, needs=("2.1", "7.2", "7.3")),
     Exercise("7.5", "P-tuning v2: deep prompts", 3, needs=("7.4",)),
-    Exercise("7.6", "IA³: IA3Layer, merge, get_ia3_model", 9, needs=("2.1",)),
+    Exercise("7.6", "IA³: IA3Layer, merge, get_ia3_model", 9, needs=("2.1", "3.6", "4.3")),
     Exercise(
-        "7.7", "get_peft_method_model, method_profile", 6, needs=("2.2", "7.1", "7.2", "7.3", "7.4", "7.5", "7.6")
+        "7.7",
+        "get_peft_method_model, method_profile",
+        6,
+        needs=("2.2", "4.3", "7.1", "7.2", "7.3", "7.4", "7.5", "7.6"),
     ),
 )
 
 STAGES: tuple[Stage, ...] = (
-    Stage(1, "lora-layer", "The LoRA layer", "model/lora.py", LORA_LAYER),
-    Stage(2, "lora-in-a-model", "LoRA in a model", "model/lora.py", LORA_IN_A_MODEL),
-    Stage(3, "quantization", "Quantization: from int8 to NF4", "model/quant.py", QUANTIZATION),
-    Stage(4, "qlora-training", "QLoRA training", "training/qlora_trainer.py", QLORA_TRAINING),
-    Stage(5, "lora-variants", "The LoRA family", "model/lora_variants.py", LORA_VARIANTS),
-    Stage(6, "memory", "QLoRA's memory: 8-bit and paged optimizers, checkpointing", "training/memory.py", MEMORY),
+    Stage(1, "lora-layer", "The LoRA layer", "model/lora.py", LORA_LAYER, "LoRA 层"),
+    Stage(2, "lora-in-a-model", "LoRA in a model", "model/lora.py", LORA_IN_A_MODEL, "在模型中应用 LoRA"),
+    Stage(3, "quantization", "Quantization: from int8 to NF4", "model/quant.py", QUANTIZATION, "量化：从 int8 到 NF4"),
+    Stage(4, "qlora-training", "QLoRA training", "training/qlora_trainer.py", QLORA_TRAINING, "QLoRA 训练"),
+    Stage(5, "lora-variants", "The LoRA family", "model/lora_variants.py", LORA_VARIANTS, "LoRA 家族"),
+    Stage(
+        6,
+        "memory",
+        "QLoRA's memory: 8-bit and paged optimizers, checkpointing",
+        "training/memory.py",
+        MEMORY,
+        "QLoRA 的显存：8 位优化器、分页优化器与梯度检查点",
+    ),
     Stage(
         7,
         "peft-family",
         "LoRA among its relatives: adapters, prompts, prefixes, IA³",
         "model/peft_methods.py",
         PEFT_FAMILY,
+        "LoRA 与它的近亲：适配器、提示、前缀、IA³",
     ),
 )
 

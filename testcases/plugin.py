@@ -5,6 +5,10 @@ Options (``pytest testcases/basic_test.py --ex 1.2 --impl solutions``):
     --ex 1.2 | 1 | 1,2.3           only the graded tests of these exercises or stages
     --seed N                       shift every seed the tests use by N (grading keeps 0)
     --results-json PATH            write Gradescope's results.json
+    --details all | N              failures under each exercise's row (all: the first with its message,
+                                   every other one on a line; N: the first N with their messages)
+    --sandbox                      close the grading sandbox before the student files load, as
+                                   ``make grade`` does (testcases/sandbox.py; the process cannot open it again)
     --expect-not-attempted         self-test of the stubs: succeed only if every graded test stops at a stub
 
 What it does:
@@ -12,23 +16,30 @@ What it does:
   with an id from testcases/manifest.py.
 - Imports the student files once, before the first test, each within a time limit; a file that
   does not import costs the tests that need it, with one line naming the file and the error.
+- In the grader's children (or with ``--sandbox``), closes the sandbox first: a refusal during a
+  test fails that test ("this test does not count"), one during an import makes the file not
+  importable; the process then ends with ``os._exit``, so nothing runs after the audit hooks go.
 - Seeds every test and puts torch's global state back after it; undoes and reports any rebinding of
   what the checks rely on (testcases/integrity.py).
 - Classifies each test as data (testcases/scoring.py): passed, failed, not attempted (its own
-  exercise's stub), blocked by X.Y (another exercise's stub), timed out, ... and prints the points
-  table. ``make grade`` runs the same tests in child processes (testcases/grade.py); in that mode
-  (``--report-fd``) this plugin only streams events to the grader and prints nothing of its own.
+  exercise's stub), blocked by X.Y (another exercise's stub), timed out, not run (after a hang in
+  its exercise or one whose code it runs), ... and prints the points table. ``make grade`` runs the
+  same tests in child processes (testcases/grade.py); in that mode (``--report-fd``) this plugin
+  only streams events to the grader and prints nothing of its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import linecache
 import os
 import re
 import signal
+import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,6 +59,9 @@ from testcases.scoring import (
     TIMED_OUT,
     Gradebook,
     Outcome,
+    details_option,
+    merge_stops,
+    stops_after_a_hang,
 )
 
 TESTCASES = Path(__file__).resolve().parent
@@ -63,17 +77,31 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--ex", help="run the graded tests of an exercise (1.2), a stage (1) or a list (1,2.3)")
     group.addoption("--seed", type=int, default=0, help="shift every seed the tests use by this much (default 0)")
     group.addoption("--results-json", help="write Gradescope's results.json here")
-    group.addoption("--details", type=int, default=3, help="failure messages shown per exercise in the table")
+    group.addoption(
+        "--details",
+        type=details_option,
+        default="all",
+        help="failures shown per exercise in the table: all (default: the first with its message, the rest one line "
+        "each) or a number of messages",
+    )
     group.addoption(
         "--expect-not-attempted",
         action="store_true",
         help="self-test of the stubs: succeed only if every graded test ran into a stub",
     )
     group.addoption("--load-timeout", type=float, default=60.0, help="seconds allowed to import each student file")
+    group.addoption(
+        "--sandbox",
+        action="store_true",
+        help="close the grading sandbox before the student files load, as make grade does (testcases/sandbox.py): "
+        "reads only in this folder and Python's, writes only new files and runs/sandbox/, no programs, no ctypes",
+    )
     # For testcases/grade.py's child processes only: the report pipe, the tests to run, files known broken.
     group.addoption("--report-fd", type=int, help=argparse.SUPPRESS)
+    group.addoption("--no-sandbox", action="store_true", help=argparse.SUPPRESS)  # grade.py --no-sandbox
     group.addoption("--run-only", help=argparse.SUPPRESS)
     group.addoption("--broken", help=argparse.SUPPRESS)
+    group.addoption("--stop-file", help=argparse.SUPPRESS)  # exercises the grader stopped after a hang elsewhere
 
 
 # ---- configuration and selection -----------------------------------------------------------------
@@ -93,7 +121,10 @@ class Events:
 EVENTS = pytest.StashKey[Events]()
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest's tmpdir plugin reads --basetemp
 def pytest_configure(config: pytest.Config) -> None:
+    if sandboxed(config) and not config.option.basetemp:
+        config.option.basetemp = str(Path.cwd() / DIRECT_SCRATCH / "pytest-tmp")
     if impl := config.getoption("--impl"):
         try:
             _impl.implementation_root(impl)
@@ -111,6 +142,12 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[EVENTS] = Events(config.getoption("--report-fd"))
     if config.getoption("--report-fd") is not None:  # the grader prints; keep the child quiet
         config.option.verbose = -1
+
+
+def sandboxed(config: pytest.Config) -> bool:
+    """The grader's children close the sandbox (unless the instructor says --no-sandbox); a direct run does with --sandbox."""
+    child = config.getoption("--report-fd") is not None and not config.getoption("--no-sandbox")
+    return child or config.getoption("--sandbox")
 
 
 def is_graded(item: pytest.Item) -> bool:
@@ -178,9 +215,13 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     import training.data  # noqa: F401
     from testcases.integrity import Guard
 
+    planned = {p["exercise"] for p in plan}
+    files = files_needed(planned)
+    if sandboxed(config):
+        close_sandbox(config, planned)
     guard = Guard(set(_impl.student_modules()))
     session.config.stash[GUARD] = guard
-    for file in files_needed({p["exercise"] for p in plan}):
+    for file in files:
         load_student_file(config, module_name(file))
     if changed := guard.check():
         from testcases.integrity import describe
@@ -191,6 +232,43 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 GUARD = pytest.StashKey[object]()
+REFUSALS = pytest.StashKey[object]()  # the sandbox's list of refusals (testcases/sandbox.py install())
+DIRECT_SCRATCH = Path("runs") / "sandbox"  # a direct run's scratch folders under --sandbox
+# The tests of these exercises run given code that imports these modules lazily, and their first import
+# does what the sandbox refuses (matplotlib runs fc-list to build its font cache for the loss curve, 4.3):
+# they are imported before it closes, in the test processes that run those tests.
+WARM_UP = {"4.3": ("matplotlib.font_manager",)}
+
+
+def close_sandbox(config: pytest.Config, planned: set[str]) -> None:
+    """Install the grading sandbox (testcases/sandbox.py) with this folder as the sandbox, before any student file loads."""
+    from testcases import sandbox
+
+    for ex in sorted(planned):
+        for module in WARM_UP.get(ex, ()):
+            with contextlib.suppress(ImportError):
+                importlib.import_module(module)
+    sandbox.calm_hypothesis()
+    here = Path.cwd().resolve()
+    tmp = Path(tempfile.gettempdir()).resolve()
+    if not tmp.is_relative_to(here):  # a direct run: tempfile's files go to the scratch folder too
+        tmp = here / DIRECT_SCRATCH / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        tempfile.tempdir = os.environ["TMPDIR"] = str(tmp)
+    scratch = [tmp, Path(config.option.basetemp).resolve()]
+    home = Path(os.environ.get("HOME", "/")).resolve()
+    if home.is_relative_to(here) and home != here:
+        scratch.append(home)
+    student_files = _impl.implementation_root()  # in the sandbox (the grader's children), or --impl DIR elsewhere
+    config.stash[REFUSALS], landlock = sandbox.install(here, scratch, [student_files], config.getoption("--report-fd"))
+    if isinstance(landlock, str):  # the kernel offers Landlock but would not restrict this process
+        config.stash[EVENTS].emit("note", text=f"the sandbox is the audit hook alone here ({landlock})")
+
+
+def refusals(config: pytest.Config) -> tuple[str, ...]:
+    """What the sandbox refused so far in this process (nothing without the sandbox)."""
+    reader = config.stash.get(REFUSALS, None)
+    return reader() if reader is not None else ()
 
 
 class LoadTimeout(BaseException):
@@ -222,7 +300,7 @@ def load_student_file(config: pytest.Config, module: str) -> None:
         return
     events.emit("load", file=relative)
     state = helpers.torch_global_state()
-    error = None
+    error, before = None, len(refusals(config))
     try:
         with alarm(config.getoption("--load-timeout")):
             importlib.import_module(module)
@@ -236,6 +314,10 @@ def load_student_file(config: pytest.Config, module: str) -> None:
         error = f"{relative} could not be imported: {describe_exception(exc)}"
     finally:
         helpers.restore_torch_global_state(state)
+    if refused := refusals(config)[before:]:  # even if the file caught the PermissionError
+        from testcases.sandbox import loading_refused
+
+        error = loading_refused(relative, refused[0])
     if error:
         _impl.mark_broken(module, error)
     events.emit("loaded", file=relative, error=error)
@@ -253,23 +335,32 @@ def _torch_state():
     helpers.restore_torch_global_state(state)
 
 
-STOPPED = pytest.StashKey[dict]()  # exercise -> why its remaining tests are not run
+STOPPED = pytest.StashKey[dict]()  # exercise -> (why its remaining tests are not run, the exercise that hung)
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """After a test of an exercise times out, its remaining tests are not run (one budget per exercise)."""
+    """After a test of an exercise times out, its remaining tests and its dependents' are not run (one budget in all).
+
+    In the grader's children the scorer adds what other test processes ran into (``--stop-file``).
+    """
     stopped = item.config.stash.setdefault(STOPPED, {})
+    if (path := item.config.getoption("--stop-file")) and is_graded(item):
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+            found = json.loads(Path(path).read_text())
+            merge_stops(stopped, {ex: (str(why), by if by in exercises() else None) for ex, (why, by) in found.items()})
     if is_graded(item) and (ex := exercise_of(item)[0]) in stopped:
-        pytest.skip(f"{NOT_RUN_PREFIX}{stopped[ex]}")
+        pytest.skip(f"{NOT_RUN_PREFIX}{stopped[ex][0]}")
 
 
 NOT_RUN_PREFIX = "not run: "
+REFUSED_BEFORE = pytest.StashKey[int]()  # how many refusals the sandbox had recorded when the test started
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem):
     events = item.config.stash[EVENTS]
+    item.stash[REFUSED_BEFORE] = len(refusals(item.config))
     if is_graded(item):
         events.emit("start", nodeid=item.nodeid)
     result = yield
@@ -283,30 +374,42 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     report = yield
     guard = item.config.stash.get(GUARD, None)
     changed = guard.check() if guard is not None else []
-    if not is_graded(item) or (report.when != "call" and report.passed and not changed):
+    refused = refusals(item.config)[item.stash.get(REFUSED_BEFORE, 0) :]
+    if not is_graded(item) or (report.when != "call" and report.passed and not changed and not refused):
         return report  # a passing setup or teardown says nothing about the test
     ex, weight = exercise_of(item)
     outcome = classify(item, call, report, ex)
-    if changed:
-        from testcases.integrity import describe
-
-        outcome.status = FAILED
-        outcome.message = (
-            f"integrity: code run by this test rebound {describe(changed)} (undone); this test does not count. "
-            "Student code must not replace functions of torch or of the tests."
-        )
+    if changed or refused:
+        outcome.status, outcome.message = FAILED, integrity_message(changed, refused)
         report.outcome, report.longrepr = "failed", outcome.message
     outcome.function, outcome.weight, outcome.seconds = item.originalname, weight, call.duration
     if outcome.status in (NOT_ATTEMPTED, BLOCKED):
         report.longrepr = (
             f"{outcome.status}{' by ' + outcome.blocked_by if outcome.blocked_by else ''}: {outcome.message}"
         )
+    stopped = item.config.stash.setdefault(STOPPED, {})
+    if outcome.status == NOT_RUN and ex in stopped:
+        outcome.blocked_by = stopped[ex][1]
     if outcome.status == TIMED_OUT:
-        item.config.stash.setdefault(STOPPED, {}).setdefault(ex, f"an earlier test of exercise {ex} timed out")
+        merge_stops(stopped, stops_after_a_hang(ex))
     book = item.config.stash[BOOK]
     book.add(outcome)
     item.stash[OUTCOME] = book.outcomes[item.nodeid]
     return report
+
+
+def integrity_message(changed: list[str], refused: tuple[str, ...]) -> str:
+    """Why a test does not count: what its code rebound (testcases/integrity.py) or tried past the sandbox."""
+    from testcases.integrity import describe
+
+    if refused:
+        from testcases.sandbox import refusal_message
+
+        return refusal_message(refused)
+    return (
+        f"integrity: code run by this test rebound {describe(changed)} (undone); this test does not count. "
+        "Student code must not replace functions of torch or of the tests."
+    )
 
 
 def classify(item: pytest.Item, call: pytest.CallInfo, report: pytest.TestReport, ex: str) -> Outcome:
@@ -406,14 +509,22 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     if path := config.getoption("--results-json"):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        elapsed = time.time() - terminalreporter._sessionstarttime
+        elapsed = time.time() - config.stash[STARTED]
         path.write_text(json.dumps(book.results_json(elapsed), indent=2) + "\n")
         terminalreporter.write_line(f"Gradescope results written to {path}")
+
+
+STARTED = pytest.StashKey[float]()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[STARTED] = time.time()  # for results.json's execution_time
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     config = session.config
     config.stash[EVENTS].emit("done")
+    config.stash[SESSION] = session
     if not config.getoption("--expect-not-attempted"):
         return
     outcomes = config.stash[BOOK].outcomes
@@ -424,3 +535,18 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
     else:
         session.exitstatus = pytest.ExitCode.OK
+
+
+SESSION = pytest.StashKey[pytest.Session]()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Under the sandbox the process ends here: finalizers that ran later would run after the audit hooks are cleared."""
+    if REFUSALS not in config.stash:
+        return
+    session = config.stash.get(SESSION, None)
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(int(session.exitstatus) if session is not None else 1)

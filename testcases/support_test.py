@@ -18,8 +18,20 @@ import pytest
 import torch
 
 from model import _impl
-from testcases.manifest import REPO, STAGES, dependencies, exercises, module_name, select, student_files
-from testcases.scoring import BLOCKED, FAILED, NOT_ATTEMPTED, PASSED, SKIPPED, Gradebook, Outcome, split_cents
+from testcases.manifest import REPO, STAGES, dependencies, dependents, exercises, module_name, select, student_files
+from testcases.scoring import (
+    BLOCKED,
+    FAILED,
+    NOT_ATTEMPTED,
+    NOT_RUN,
+    PASSED,
+    SKIPPED,
+    Gradebook,
+    Outcome,
+    details_option,
+    split_cents,
+    stops_after_a_hang,
+)
 from testcases.tolerances import (
     DERIVED,
     EXACT,
@@ -195,6 +207,48 @@ def test_gradebook_statuses_weights_and_json():
     assert json.dumps(results) and "blocked by 1.1" in json.dumps(results)
 
 
+def test_table_lists_every_failure_and_says_why_cases_were_skipped():
+    """--details all: the first failure with its message, every other one on a line; skips say why ("CUDA case, no GPU")."""
+    book = Gradebook()
+    for i in range(5):
+        book.add(Outcome(f"a::t{i}", f"t{i}", "1.2", 1.0, FAILED, f"wrong value {i}\n  Likely cause: {i}"))
+    book.add(Outcome("a::t5[cuda]", "t5", "1.2", 1.0, SKIPPED, "CUDA is not available on this machine: ..."))
+    book.add(Outcome("a::t6", "t6", "1.2", 1.0, SKIPPED, "needs two processes"))
+    table = book.table(details="all")
+    assert all(f"t{i} — failed" in table for i in range(5)) and "more failing tests" not in table, table
+    assert "Likely cause: 0" in table and "Likely cause: 1" not in table, "only the first failure in full"
+    assert "(2 skipped: 1 CUDA case, no GPU; 1 needs two processes)" in table, table
+    assert "(+3 more failing tests in results.json)" in book.table(details=2)
+    with pytest.raises(ValueError, match="all"):
+        details_option("some")
+
+
+def test_a_hang_blocks_the_exercises_that_run_its_code():
+    """After a test of 1.2 times out, 1.2's other tests and every exercise whose tests run 1.2's code are not run."""
+    stops = stops_after_a_hang("1.2")
+    assert set(stops) == {"1.2"} | dependents("1.2") and stops["1.2"][1] is None
+    assert all(
+        by == "1.2" and why.startswith("blocked by a hang in 1.2") for ex, (why, by) in stops.items() if ex != "1.2"
+    )
+    book = Gradebook()
+    book.add(Outcome("a::t1", "t1", "1.3", 1.0, NOT_RUN, f"not run: {stops['1.3'][0]}", "1.2"))
+    assert book.rows()[0].status == "blocked by a hang in 1.2"
+
+
+def test_direct_route_writes_results_json(tmp_path):
+    """The route README gives for a debugger, pytest ... --ex 1.1 --results-json OUT, ends with Gradescope's file."""
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:nbmake", "testcases/basic_test.py", "--ex", "1.1",
+         "--results-json", str(out)],
+        cwd=REPO, capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "LORA_IMPL"},
+    )  # fmt: skip
+    assert "INTERNALERROR" not in proc.stdout + proc.stderr and out.exists(), (proc.stdout + proc.stderr)[-3000:]
+    results = json.loads(out.read_text())
+    assert results["tests"] and all(t["number"] == "1.1" for t in results["tests"]), results
+    assert round(sum(t["score"] for t in results["tests"]), 2) == results["score"] and results["execution_time"] > 0
+
+
 # ---- the given model and data ------------------------------------------------------------------------------
 
 
@@ -279,8 +333,14 @@ def test_stage_1_to_4_data_unchanged():
 
 def test_no_network_or_cuda_assumption_in_the_code():
     """No .cuda() and no download anywhere in the course code."""
-    # dev-only scripts that load a local adapter folder with PEFT's from_pretrained; never run by tests
-    dev_only = {"check_peft_compat.py", "check_peft_variants.py", "check_peft_methods.py", "check_hf_checkpoint.py"}
+    # dev-only scripts that load a local folder with from_pretrained (a PEFT adapter, a tokenizer); never run by tests
+    dev_only = {
+        "check_peft_compat.py",
+        "check_peft_variants.py",
+        "check_peft_methods.py",
+        "check_hf_checkpoint.py",
+        "check_chat_template.py",
+    }
     for path in [*REPO.glob("model/*.py"), *REPO.glob("training/*.py"), *REPO.glob("solutions/**/*.py")]:
         text = path.read_text()
         assert ".cuda()" not in text, f"{path.relative_to(REPO)}: use devices from tensors, not .cuda()"
@@ -431,3 +491,509 @@ def test_nf4_table_is_robust():
                 down = -torch.special.ndtri(torch.tensor(neg[:-1], dtype=torch.float64)) * (1 + nudge * 2.0**-52)
                 levels = torch.cat([up, torch.zeros(1, dtype=torch.float64), down]).float().sort().values
                 assert torch.equal(levels / levels.max(), published), (pos, neg, nudge)
+
+
+# ---- lessons: every exercise's hints in layers ----------------------------------------------------
+
+HINT_LAYERS = ("Hint 1 — the idea", "Hint 2 — the equations, with shapes", "Hint 3 — a code sketch")
+
+
+def hint_layers(lesson: str, exercise_id: str) -> list[tuple[str, str]]:
+    """(summary, body) of every Hint block in the ``### Exercise X.Y`` section of ``lesson``; [] without one."""
+    import re
+
+    text = (REPO / lesson).read_text()
+    head = re.search(rf"^### Exercise {re.escape(exercise_id)} ", text, re.MULTILINE)
+    if head is None:
+        return []
+    end = re.compile(r"^(#{2,3} |---$)", re.MULTILINE).search(text, head.end())  # a "# comment" in code is no heading
+    section = text[head.end() : end.start() if end else len(text)]
+    blocks = re.findall(r"<details><summary>(.*?)</summary>\n(.*?)</details>", section, re.DOTALL)
+    return [(summary, body) for summary, body in blocks if summary.startswith("Hint")]
+
+
+def test_every_exercise_has_its_hints_in_layers():
+    """Each exercise's section has three hints, in order: the idea, the equations with shapes, a code sketch.
+
+    A student opens them one at a time and stops at the layer they need, so the code comes last:
+    Hints 1 and 2 hold no code block, Hint 3 holds one. No single-layer "Hint" is left in a lesson.
+    """
+    problems = []
+    for stage in STAGES:
+        if "<summary>Hint</summary>" in (REPO / stage.lesson).read_text():
+            problems.append(f"{stage.lesson}: a single-layer <summary>Hint</summary> is left")
+        for exercise in stage.exercises:
+            layers = hint_layers(stage.lesson, exercise.id)
+            titles = tuple(summary for summary, _ in layers)
+            if titles != HINT_LAYERS:
+                problems.append(f"{exercise.id} ({stage.lesson}): hints {titles}, expected {HINT_LAYERS} in this order")
+                continue
+            bodies = [body for _, body in layers]
+            if not all(body.strip() for body in bodies):
+                problems.append(f"{exercise.id}: an empty hint")
+            if any("```" in body for body in bodies[:2]):
+                problems.append(f"{exercise.id}: a code block in Hint 1 or 2 (the code sketch belongs in Hint 3)")
+            if "```" not in bodies[2]:
+                problems.append(f"{exercise.id}: Hint 3 has no code block")
+    assert not problems, "\n".join(problems)
+
+
+# ---- every refusal a test demands is stated where the student reads -----------------------------------
+#
+# A test that demands ``pytest.raises(..., match=M)`` or ``refuses(f, ..., match=M)`` holds the student to a
+# rule: the error must contain M (usually ``word(name)``, an argument's name). That rule is fair only if the
+# docstring of the function or class under test (stubs copy them from the reference) says so. The check below
+# reads each stage test module (AST), resolves M to its literal patterns (string constants, ``word(...)``,
+# names bound by ``parametrize`` or a ``for`` over literals, module-level dict constants) and the targets (every
+# ``<student module>.<attr>`` used in the raising code; a method called on an object stands for every student
+# class that defines it), and requires each pattern to match the docstring text of at least one target.
+
+STUDENT_FIXTURES = {"lora": "model.lora", "quant": "model.quant", "trainer": "training.qlora_trainer",
+                    "qlora_trainer": "training.qlora_trainer", "lora_variants": "model.lora_variants",
+                    "memory": "training.memory", "peft_methods": "model.peft_methods"}  # fmt: skip
+
+
+def signature_names(node: ast.FunctionDef | ast.ClassDef) -> list[str]:
+    """The parameter names a stub shows: a function's arguments; a class's __init__ arguments and dataclass fields."""
+    if isinstance(node, ast.FunctionDef):
+        return [a.arg for a in (*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs)]
+    names = [i.target.id for i in node.body if isinstance(i, ast.AnnAssign) and isinstance(i.target, ast.Name)]
+    init = next((i for i in node.body if isinstance(i, ast.FunctionDef) and i.name == "__init__"), None)
+    return names + (signature_names(init) if init else [])
+
+
+RAISES = ("ValueError", "TypeError", "Raises", "raises", "refuse")  # a docstring that says the code refuses input
+
+
+def student_docstrings() -> dict[str, dict[str, str]]:
+    """{module: {"name" or "Class.method": text}}: the docstring, and when it says the code raises, the parameter
+    names the stub's signature shows (an error "naming the argument" may name any of them). A class's entry holds
+    its own and its __init__'s."""
+    from testcases.manifest import student_modules
+
+    found: dict[str, dict[str, str]] = {}
+    for module, relative in {m: student_modules()[m] for m in set(STUDENT_FIXTURES.values())}.items():
+        docs = found.setdefault(module, {})
+        for node in ast.parse((REPO / relative).read_text()).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                docs[node.name] = ast.get_docstring(node) or ""
+            if isinstance(node, ast.ClassDef):
+                for item in node.body:
+                    if isinstance(item, ast.FunctionDef):
+                        docs[f"{node.name}.{item.name}"] = with_signature(ast.get_docstring(item) or "", item)
+                        if item.name in ("__init__", "__post_init__"):
+                            docs[node.name] += "\n" + (ast.get_docstring(item) or "")
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                docs[node.name] = with_signature(docs[node.name], node)
+    return found
+
+
+def with_signature(doc: str, node: ast.FunctionDef | ast.ClassDef) -> str:
+    """``doc``, plus the signature's parameter names when the docstring says the code raises."""
+    return doc + ("\nsignature: " + " ".join(signature_names(node)) if any(w in doc for w in RAISES) else "")
+
+
+def literal_strings(node: ast.AST) -> list[str] | None:
+    """The strings a literal holds (a str, or the strs in a list/tuple/set/dict values); None if not a literal."""
+    try:
+        value = ast.literal_eval(node)
+    except ValueError:
+        return None
+    values = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple, set)) else [value]
+    return [v for v in values if isinstance(v, str)]
+
+
+class RaiseChecks(ast.NodeVisitor):
+    """Collects (test name, line, patterns or None, targets) for every raise check of one test module."""
+
+    def __init__(self, tree: ast.Module, helpers: dict[str, ast.FunctionDef]) -> None:
+        self.constants = {
+            t.id: node.value
+            for node in tree.body
+            if isinstance(node, ast.Assign)
+            for t in node.targets
+            if isinstance(t, ast.Name)
+        }
+        self.helpers = helpers | {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+        self.found: list[tuple[str, int, list[str] | None, set[str]]] = []
+        self.test: ast.FunctionDef | None = None
+
+    def visit_FunctionDef(self, node: ast.FunctionDef) -> None:
+        if node.name.startswith("test_"):
+            self.test = node
+            self.generic_visit(node)
+            self.test = None
+
+    def visit_With(self, node: ast.With) -> None:
+        for item in node.items:
+            call = item.context_expr
+            if isinstance(call, ast.Call) and getattr(call.func, "attr", "") == "raises":
+                match = next((k.value for k in call.keywords if k.arg == "match"), None)
+                if match is not None and not (isinstance(match, ast.Constant) and match.value is None):
+                    self.record(node.lineno, match, node.body)
+        self.generic_visit(node)
+
+    # refusal helpers: name -> (index of the refused callable, keyword of the pattern, whether it is a bare name)
+    HELPERS = {"refuses": (0, "match", False), "refuses_unchanged": (1, "name", True)}
+
+    def visit_Call(self, node: ast.Call) -> None:
+        helper = self.HELPERS.get(node.func.id) if isinstance(node.func, ast.Name) else None
+        if self.test is not None and helper is not None and len(node.args) > helper[0]:
+            index, keyword, bare = helper
+            match = next((k.value for k in node.keywords if k.arg == keyword), None)
+            if match is not None:
+                match = ast.Call(func=ast.Name(id="word"), args=[match], keywords=[]) if bare else match
+                self.record(node.lineno, match, [node.args[index]])
+        self.generic_visit(node)
+
+    def record(self, line: int, match: ast.AST, code: list[ast.AST]) -> None:
+        """One raise check: its patterns, minus those that only echo a string the test passed in (the error names
+        the offending value: "qproj"), and its targets."""
+        patterns = self.patterns(match)
+        if patterns is not None:
+            nodes = list(ast.walk(self.test))
+            keys = {id(k) for n in nodes if isinstance(n, ast.Dict) for k in n.keys}  # {"beta2": 0.0}: an argument
+            constants = [
+                n.value for n in nodes if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in keys
+            ]
+            constants += [n.arg for n in nodes if isinstance(n, ast.keyword) and n.arg]  # options passed by name
+            patterns = [p for p in patterns if not self.echoes(p, constants)]
+        self.found.append((self.test.name, line, patterns, self.targets(code)))
+
+    @staticmethod
+    def echoes(pattern: str, constants: list[str]) -> bool:
+        """Whether ``pattern`` (a literal or word(literal)) is a string the test passes as input somewhere."""
+        import re
+
+        from testcases.helpers import word
+
+        text = re.sub(r"\(\?<?[!=][^)]*\)", "", pattern).replace("\\", "")
+        inside = [c for c in constants if c not in (text, pattern) and re.search(word(text), c)]
+        return constants.count(text) >= 2 or bool(inside)
+
+    def patterns(self, node: ast.AST) -> list[str] | None:
+        """The regexes ``node`` evaluates to, over every parametrized case; None if it cannot be read statically."""
+        from testcases.helpers import word
+
+        if isinstance(node, ast.Constant):
+            return [] if node.value is None else [node.value] if isinstance(node.value, str) else None
+        if isinstance(node, ast.IfExp):
+            body, orelse = self.patterns(node.body), self.patterns(node.orelse)
+            return None if body is None or orelse is None else body + orelse
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "word" and node.args:
+            names = self.patterns(node.args[0])
+            return None if names is None else [word(name) for name in names]
+        if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id in self.constants:
+            return literal_strings(self.constants[node.value.id])
+        if isinstance(node, ast.Name):
+            return self.bound_values(node.id)
+        return None
+
+    def bound_values(self, name: str) -> list[str] | None:
+        """The string values ``name`` takes in the test: a parametrize argument, a for-loop target, an assignment."""
+        for decorator in self.test.decorator_list:
+            if isinstance(decorator, ast.Call) and getattr(decorator.func, "attr", "") == "parametrize":
+                names, cases = ast.literal_eval(decorator.args[0]), decorator.args[1]
+                names = [n.strip() for n in (names.split(",") if isinstance(names, str) else names)]
+                if name in names:
+                    return self.column(cases, names.index(name), len(names))
+        for node in ast.walk(self.test):
+            if isinstance(node, ast.For):
+                targets = [node.target] if isinstance(node.target, ast.Name) else list(getattr(node.target, "elts", []))
+                for i, target in enumerate(targets):
+                    if isinstance(target, ast.Name) and target.id == name:
+                        return self.column(node.iter, i, len(targets))
+            if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+                return self.patterns(node.value)
+        return None
+
+    def column(self, cases: ast.AST, index: int, width: int) -> list[str] | None:
+        """Element ``index`` of every case of a literal list of cases (tuples of ``width``, or pytest.param)."""
+        if isinstance(cases, ast.Name) and cases.id in self.constants:
+            cases = self.constants[cases.id]
+        if isinstance(cases, ast.Call) and getattr(cases.func, "id", "") == "list" and cases.args:
+            cases = cases.args[0]
+            if isinstance(cases, ast.Name) and cases.id in self.constants:
+                cases = self.constants[cases.id]
+        if isinstance(cases, ast.Dict):
+            elements = cases.keys if index == 0 else cases.values
+            return [s for e in elements for s in (literal_strings(e) or [])]
+        if not isinstance(cases, (ast.List, ast.Tuple)):
+            return None
+        values = []
+        for case in cases.elts:
+            if isinstance(case, ast.Call):  # pytest.param(...)
+                case = ast.Tuple(elts=case.args)
+            element = case if width == 1 else case.elts[index] if isinstance(case, ast.Tuple) else None
+            if element is None:
+                return None
+            values += literal_strings(element) or []
+        return values
+
+    def targets(self, nodes: list[ast.AST], depth: int = 0) -> set[str]:
+        """ "module:attr" for every student-module attribute the nodes use; ".method" for a method call on an object."""
+        found = set()
+        for node in (n for top in nodes for n in ast.walk(top)):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                if node.value.id in STUDENT_FIXTURES:
+                    found.add(f"{STUDENT_FIXTURES[node.value.id]}:{node.attr}")
+                elif node.value.id not in ("pytest", "torch", "nn", "F", "math", "json"):
+                    found.add(f".{node.attr}")
+            elif isinstance(node, ast.Name) and node.id in self.helpers and depth < 1:  # a test helper: what it calls
+                found |= self.targets(self.helpers[node.id].body, depth + 1)
+        return found
+
+
+def refusal_problems(sources: dict[str, str], docs: dict[str, dict[str, str]], helpers: dict) -> list[str]:
+    """For test modules {path: source}: every raise check whose pattern no docstring of its targets states."""
+    import re
+
+    problems = []
+    for path, source in sources.items():
+        checks = RaiseChecks(ast.parse(source), helpers)
+        checks.visit(ast.parse(source))
+        for test, line, patterns, targets in checks.found:
+            where = f"{path}:{line} ({test})"
+            texts = []
+            for target in targets:
+                if target.startswith("."):  # .method on some object: any student class that defines it
+                    texts += [t for m in docs.values() for k, t in m.items() if k.endswith(target)]
+                else:  # module:attr — a function or a class
+                    module, _, attr = target.partition(":")
+                    texts += [docs[module].get(attr, "")]
+            texts = [t for t in texts if t]
+            if patterns is None:
+                problems.append(f"{where}: its match= pattern cannot be read statically")
+            elif not texts:
+                problems.append(f"{where}: no student function or class with a docstring is called in it")
+            else:
+                for pattern in patterns:
+                    if not any(re.search(pattern, text) for text in texts):
+                        names = sorted(t.split(":")[-1] for t in targets)
+                        shown = re.sub(r"\(\?<?[!=][^)]*\)", "", pattern).replace("\\", "")
+                        problems.append(f"{where}: {shown!r} is in no docstring of {names}")
+    return sorted(set(problems))
+
+
+def test_every_refusal_a_test_demands_is_stated_in_a_docstring():
+    """Each ``match=`` of a raise check (pytest.raises or helpers.refuses) is in the docstring of what it tests.
+
+    Stages 1–7: a student who reads the stub's docstring (or the lesson) knows which name an error must
+    contain. Stated means: in the docstring, or — when the docstring says the code raises — a parameter
+    name of the stub's signature; a pattern that only echoes what the test passed in (a target "qproj", an
+    option misspelt on purpose) needs no statement. A pattern that cannot be read statically, or a check
+    whose function under test cannot be found, is a problem too: write
+    ``refuses(module.function, args…, match=word("name"))``.
+    """
+    helpers = {
+        node.name: node
+        for path in [*(p for s in STAGES for p in s.tests), "testcases/helpers.py"]
+        for node in ast.parse((REPO / path).read_text()).body
+        if isinstance(node, ast.FunctionDef) and not node.name.startswith("test_")
+    }
+    sources = {path: (REPO / path).read_text() for stage in STAGES for path in stage.tests}
+    problems = refusal_problems(sources, student_docstrings(), helpers)
+    assert not problems, "a test demands what no docstring states:\n" + "\n".join(problems)
+
+
+def test_the_refusal_check_reads_parametrized_names_and_catches_an_unstated_one():
+    """The checker resolves parametrize, for-loops and word(); an unstated name is reported, an echoed value is not."""
+    source = """
+@pytest.mark.parametrize("kwargs, name", [({"beta2": 0.0}, "beta2"), ({"gamma": 1}, "gamma")])
+def test_a(lora_variants, kwargs, name):
+    refuses(lora_variants.RankAllocator, None, **kwargs, match=word(name))
+
+def test_b(lora_variants):
+    for kwargs, name in (({"target_modules": ["qproj"]}, "qproj"),):
+        with pytest.raises(ValueError, match=word(name)):
+            lora_variants.get_vera_model(None, **kwargs)
+"""
+    docs = {"model.lora_variants": {"RankAllocator": "Raises ValueError naming beta1 or beta2.",
+                                    "get_vera_model": "Raises ValueError for a target that matches nothing."}}  # fmt: skip
+    problems = refusal_problems({"synthetic.py": source}, docs, {})
+    assert problems == ["synthetic.py:4 (test_a): 'gamma' is in no docstring of ['RankAllocator']"], problems
+
+
+# ---- the grading sandbox (testcases/sandbox.py) -------------------------------------------------------
+
+
+@pytest.fixture
+def checker(tmp_path):
+    """A sandbox with a given file, a scratch folder and a 'venv' beside it; a secret outside all three."""
+    from testcases.sandbox import make_checker
+
+    box, venv = tmp_path / "box", tmp_path / "venv"
+    for folder in (box / "testcases", box / "tmp", venv / "lib"):
+        folder.mkdir(parents=True)
+    (box / "testcases" / "basic.py").write_text("given")
+    (venv / "lib" / "ext.so").write_text("")
+    (tmp_path / "secret.py").write_text("the reference")
+    (box / "tmp" / "out").symlink_to(tmp_path)  # made before the sandbox closes: judged by its target
+    check = make_checker(box, [venv], [venv], [box / "testcases"], [box / "tmp"])
+    return check, box, venv, tmp_path / "secret.py"
+
+
+def test_sandbox_reads_writes_and_links(checker):
+    """Reads: the sandbox and Python's folders only, wherever a path leads; writes: scratch and new files only."""
+    check, box, venv, secret = checker
+    assert check("open", (str(box / "testcases" / "basic.py"), "r", os.O_RDONLY)) is None
+    assert check("open", (str(venv / "lib" / "ext.so"), "rb", os.O_RDONLY)) is None
+    assert check("open", (str(box / "tmp" / "x"), "w", os.O_WRONLY | os.O_CREAT)) is None
+    assert check("open", (str(box / "new.json"), "w", os.O_WRONLY | os.O_CREAT)) is None
+    assert check("builtins.id", (1,)) is None and check("os.listdir", (str(venv),)) is None
+    refused = {
+        "a file outside": ("open", (str(secret), "r", os.O_RDONLY)),
+        "through a link": ("open", (str(box / "tmp" / "out" / "secret.py"), "r", os.O_RDONLY)),
+        "a parent": ("open", (str(box / "tmp" / ".." / ".." / "secret.py"), "r", os.O_RDONLY)),
+        "as bytes": ("open", (os.fsencode(secret), None, os.O_RDONLY)),
+        "a given file, written": ("open", (str(box / "testcases" / "basic.py"), "r+", os.O_RDWR)),
+        "listing outside": ("os.listdir", (str(secret.parent),)),
+        "/proc/<pid>/cwd": ("open", (f"/proc/{os.getpid()}/cwd/secret.py", "r", os.O_RDONLY)),
+        "a folder fd outside": ("open", (str(venv), None, os.O_RDONLY)),
+        "a link out": ("os.symlink", (str(secret), str(box / "tmp" / "l"), -1)),
+        "removing a given file": ("os.remove", (str(box / "testcases" / "basic.py"), -1)),
+        "renaming to outside": ("os.rename", (str(box / "tmp" / "x"), str(secret), -1, -1)),
+    }
+    for name, (event, args) in refused.items():
+        assert check(event, args) is not None, f"{name}: {event}{args} was allowed"
+    what = check("open", (str(box / "tmp" / "out" / "secret.py"), "r", os.O_RDONLY))
+    assert str(secret) in what and "outside the sandbox" in what, what
+    assert check("os.symlink", (str(box / "tmp" / "x"), str(box / "tmp" / "l"), -1)) is None, "links inside scratch"
+
+
+def test_sandbox_refuses_programs_c_code_and_escape_hatches(checker):
+    """No program, no ctypes, no heap walk, no subinterpreter, no tracer, no fresh copy of a disarmed module."""
+    check, box, venv, _ = checker
+    for event, args in [
+        ("subprocess.Popen", ("cat", ["cat"], None, None)),
+        ("os.system", (b"cat x",)),
+        ("os.exec", ("/bin/sh", ["sh"], None)),
+        ("os.posix_spawn", ("/bin/sh", ["sh"], None)),
+        ("os.fork", ()),
+        ("_posixsubprocess.fork_exec", ()),
+        ("ctypes.dlopen", ("libc.so.6",)),
+        ("ctypes.call_function", (0, ())),
+        ("gc.get_referrers", ((),)),
+        ("cpython.PyInterpreterState_New", ()),
+        ("sys.settrace", (None,)),
+        ("sys.addaudithook", ()),
+        ("socket.connect", (None, ("example.com", 80))),
+        ("import", ("_posixsubprocess", None, None, None, None)),
+        ("import", ("evil", str(box / "tmp" / "evil.so"), None, None, None)),
+        ("import", ("evil", str(box / "tmp" / "evil.dat"), None, None, None)),  # dlopen takes any name
+    ]:
+        assert check(event, args) is not None, f"{event} was allowed"
+    assert check("import", ("ext", str(venv / "lib" / "ext.so"), None, None, None)) is None, "Python's own C code"
+
+
+def test_sandbox_reads_only_exact_types(checker):
+    """A path object of the student's own class is refused: its __fspath__ could name one file to the check, another to the call."""
+    check, box, _, secret = checker
+
+    class Shifty:
+        def __init__(self):
+            self.calls = 0
+
+        def __fspath__(self):
+            self.calls += 1
+            return str(secret) if self.calls % 2 else str(box / "tmp" / "x")
+
+    class Str(str):
+        def split(self, *args):
+            raise AssertionError("the checker must not call a method of a student's object")
+
+    shifty = Shifty()
+    assert check("os.listdir", (shifty,)) is not None and shifty.calls == 0, "refused without calling __fspath__"
+    assert check("open", (Str(str(box / "tmp" / "x")), "r", 0)) is not None
+    path = box / "tmp"
+    os.listdir(path)  # the os function calls its __fspath__, which caches the text the checker reads
+    assert check("os.listdir", (path,)) is None, "a pathlib.Path is read through its own cached text"
+
+
+def test_sandbox_checker_looks_up_no_global_name():
+    """The checker and the hook bind every name when the sandbox closes: rebinding a builtin or os.lstat later changes nothing."""
+    import dis
+    import types
+
+    from testcases import sandbox
+
+    def code_objects(code):
+        for const in code.co_consts:
+            if isinstance(const, types.CodeType):
+                yield const
+                yield from code_objects(const)
+
+    at_run_time = [c for f in (sandbox.make_checker, sandbox.install) for c in code_objects(f.__code__)]
+    at_run_time = [c for c in at_run_time if c.co_name not in ("<listcomp>", "<dictcomp>", "<genexpr>")]
+    found = {
+        c.co_name: sorted({i.argval for i in dis.get_instructions(c) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")})
+        for c in at_run_time
+    }
+    assert len(found) > 10 and not any(found.values()), {k: v for k, v in found.items() if v}
+
+
+FAILING_PROPERTY = """
+import os, sys
+import hypothesis
+from hypothesis import given, strategies as st
+from testcases import sandbox
+
+sandbox.calm_hypothesis()
+refusals, _ = sandbox.install(os.getcwd(), [os.path.join(os.getcwd(), "tmp")], [sys.argv[1]])
+
+
+@given(st.integers())
+def test_small(x):
+    assert x < 50, "too big"
+
+
+try:
+    test_small()
+except AssertionError as error:
+    print("failed as it should:", error)
+print("refused:", refusals())
+os._exit(0)
+"""
+
+
+@pytest.mark.parametrize("ci", ["", "true"], ids=["CI unset", "CI=true"])
+def test_a_failing_property_test_fails_for_its_own_reason_under_the_sandbox(tmp_path, ci):
+    """Hypothesis under the sandbox: a failing property shows its failure, not a refusal (no tracer, no database).
+
+    ``CI=true`` matters: Hypothesis then loads its derandomized "ci" profile, whose first run registers
+    a random generator by walking the interpreter's objects (``gc.get_referrers``).
+    """
+    (tmp_path / "failing_property.py").write_text(FAILING_PROPERTY)
+    env = {key: value for key, value in os.environ.items() if key != "CI"}
+    env.update({"PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path / "tmp")}, **({"CI": ci} if ci else {}))
+    proc = subprocess.run([sys.executable, "failing_property.py", str(REPO)], cwd=tmp_path, capture_output=True,
+                          text=True, env=env)  # fmt: skip
+    assert "failed as it should: too big" in proc.stdout and "refused: ()" in proc.stdout, proc.stdout + proc.stderr
+
+
+HOSTILE_IMPORT = """
+try:
+    open({secret!r}).read()
+except PermissionError as error:
+    print("refused, and caught:", error)
+"""
+
+
+def test_sandbox_in_a_direct_run(tmp_path):
+    """pytest --sandbox closes the sandbox as make grade does: a file that reads outside it cannot be imported."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for students")
+    submission = tmp_path / "submission"
+    submission.mkdir()
+    for relative in ("model/lora.py", "model/quant.py"):
+        text = (REPO / relative).read_text()
+        extra = HOSTILE_IMPORT.format(secret=str(secret)) if relative == "model/lora.py" else ""
+        (submission / Path(relative).name).write_text(text + extra)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:nbmake", "testcases/basic_test.py", "--ex", "1.1",
+         "--impl", str(submission), "--sandbox", "--basetemp", str(tmp_path / "basetemp")],
+        cwd=REPO, capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "LORA_IMPL"},
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "refused, and caught" in out, out[-3000:]
+    assert f"model/lora.py could not be imported: it tried to open {secret} (outside the sandbox)" in out, out[-3000:]

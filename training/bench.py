@@ -23,6 +23,12 @@
    default r = 256 (its forward picks the cheaper of two multiplication orders), AdaLoRA from
    rank 12 towards 8 with its RankAllocator attached (importance and masking after every step),
    Delta-LoRA with its W0 update attached. Measured in alternating rounds, like section 1.
+5. Greedy generation (``training/generate.py``) after a 16-token prompt, 32, 128 and 512 new
+   tokens, with and without the KV cache, on a random model of the toy checkpoint's family
+   (grouped-query attention 4/2, tied embeddings) at width 128 and 4 layers, where the
+   projections' compute, not Python's overhead per call, sets the pace: tokens per second and
+   milliseconds per new token. With the cache the cost per token stays flat in the length;
+   without it, each token reruns the whole sequence, so it grows with the length.
 
 Every number is the median of repeated runs in one process (torch.utils.benchmark).
 Run it on a quiet machine: other processes using the cores distort every timing.
@@ -274,6 +280,47 @@ def variant_steps(precision: str) -> None:
             hook.detach()
 
 
+GENERATION_LENGTHS = (32, 128, 512)  # new tokens after the prompt
+
+
+def generation_speed(rounds: int = 3) -> None:
+    """Section 5: tokens per second of greedy generation with and without the KV cache (median of ``rounds``).
+
+    Wall time, and the process's CPU time beside it (all threads): on a shared machine the CPU time
+    still shows the cost per token when the wall time mostly shows the other processes.
+    """
+    import time
+
+    from model.tiny_llama import KVCache, LlamaConfig, TinyLlama
+    from training.generate import generate
+
+    config = LlamaConfig(vocab_size=353, max_seq_len=640, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2,
+                         d_ff=352, tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    model = TinyLlama(config).eval()
+    prompt = [list(range(1, 17))]
+    generate(model, prompt, None, 8)  # warm up
+    print(f"\n5. Greedy generation after a 16-token prompt: a random {config.n_layers}-layer model, width "
+          f"{config.d_model}, {config.n_heads} / {config.kv_heads} heads, fp32, {torch.get_num_threads()} threads "
+          f"(median of {rounds})")  # fmt: skip
+    print("   new tokens   with the cache: tok/s, ms/token (CPU)   without: tok/s, ms/token (CPU)   speed-up")
+    for n in GENERATION_LENGTHS:
+        wall: dict[bool, list[float]] = {True: [], False: []}
+        cpu: dict[bool, list[float]] = {True: [], False: []}
+        for _ in range(rounds):  # alternating, so that drift hits both alike
+            for use_cache in wall:
+                start, start_cpu = time.perf_counter(), time.process_time()
+                generate(model, prompt, None, n, use_cache=use_cache)
+                wall[use_cache].append(time.perf_counter() - start)
+                cpu[use_cache].append(time.process_time() - start_cpu)
+        (cached, full), (cached_cpu, full_cpu) = ([statistics.median(t[k]) for k in (True, False)] for t in (wall, cpu))
+        print(f"   {n:10d}   {n / cached:13.0f} {cached / n * 1e3:6.2f} ({cached_cpu / n * 1e3:5.2f})"
+              f"   {n / full:20.0f} {full / n * 1e3:6.2f} ({full_cpu / n * 1e3:5.2f})   {full / cached:6.1f}x")  # fmt: skip
+    per_token = KVCache.bytes_per_token(config, torch.float32)
+    print(f"   the cache: {per_token:,} bytes per token (2 · {config.n_layers} layers · {config.kv_heads} kv heads · "
+          f"head_dim {config.head_dim} · 4 bytes), {per_token * (16 + 511):,} bytes at 16 + 511 positions")  # fmt: skip
+
+
 def main() -> None:
     precision = bench_precision()
     torch.set_num_threads(THREADS)
@@ -281,6 +328,7 @@ def main() -> None:
     nf4_throughput()
     training_step(precision)
     variant_steps(precision)
+    generation_speed()
 
 
 if __name__ == "__main__":

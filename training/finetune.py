@@ -4,11 +4,15 @@ The same recipe as Stage 4, on a Hugging Face Llama-family directory instead of 
 
     MODEL/config.json, model.safetensors (or shards), tokenizer.json   ->  load_hf_checkpoint, load_tokenizer
     DATA: one JSON object per line, {"instruction": …, "input": … (optional), "output": …}
+          or a conversation, {"messages": [{"role": "system" | "user" | "assistant", "content": …}, …]}
     prepare_qlora_model (Stage 4.2)  ->  QLoRATrainer (Stage 4.3)  ->  an adapter PEFT loads onto MODEL
 
-Each record becomes one sequence in the instruction format below (Alpaca's, without its preamble);
-the loss is on the response tokens and the closing EOS only (the prompt's labels are −100, as in
-every instruction-tuning recipe):
+A conversation is laid out by MODEL's chat template (``training/chat_template.py``: the same ids as
+transformers' ``apply_chat_template``), and the loss is on the assistant turns only (their text and
+the end-of-turn marker after it); a MODEL without a template gets the Alpaca format below, and a
+message saying so. Each instruction record becomes one sequence in the instruction format below
+(Alpaca's, without its preamble); the loss is on the response tokens and the closing EOS only (the
+prompt's labels are −100, as in every instruction-tuning recipe):
 
     <bos>### Instruction:
     {instruction}
@@ -33,10 +37,11 @@ tensor names and ``base_model_name_or_path`` = MODEL, so that PEFT's ``PeftModel
 loads it onto transformers' ``AutoModelForCausalLM`` of MODEL (lesson 08 shows the two lines). Every TrainConfig option of Stage 4 is accepted too (``--r``, ``--learning-rate``,
 ``--max-steps``, ``--batch-size``, ``--quantize none`` for plain LoRA, …); ``--help`` lists them.
 ``IMPL=student`` (``LORA_IMPL=student``) runs your Stage 1–4 code. Under torchrun it trains with
-DistributedDataParallel (``training/distributed.py``): each of the N processes takes every N-th row
-of each micro-batch, rank 0 writes the outputs.
+DistributedDataParallel (``training/distributed.py``), or with ``--fsdp`` sharded by FSDP2
+(``training/fsdp.py``; checkpoints are then sharded directories ``checkpoint-<step>/``): each of the
+N processes takes every N-th row of each micro-batch, rank 0 writes the outputs.
 
-    torchrun --nproc_per_node=2 -m training.finetune --model DIR --data FILE.jsonl
+    torchrun --nproc_per_node=2 -m training.finetune --model DIR --data FILE.jsonl [--fsdp]
 
     make finetune MODEL=~/models/SmolLM2-135M DATA=my_data.jsonl ARGS="--max-steps 200"
 """
@@ -44,9 +49,9 @@ of each micro-batch, rank 0 writes the outputs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -56,8 +61,10 @@ from model._impl import refuse_stubs, use_default_for
 use_default_for("show")  # the reference where this checkout has it, unless IMPL / LORA_IMPL says otherwise
 
 from model.hf_checkpoint import load_hf_checkpoint, save_hf_adapter  # noqa: E402
+from training.chat_template import ChatFormat, check_messages, load_chat_format  # noqa: E402
+from training.cli import override_defaults, train_config  # noqa: E402
 from training.data import IGNORE_INDEX  # noqa: E402
-from training.qlora_trainer import QLoRATrainer, TrainConfig, config_parser, prepare_qlora_model  # noqa: E402
+from training.qlora_trainer import QLoRATrainer, config_parser, prepare_qlora_model  # noqa: E402
 
 TOKENIZER_NAME = "tokenizer.json"
 PROMPT = "### Instruction:\n{instruction}\n\n"
@@ -118,8 +125,12 @@ def special_token_ids(model_dir: str | Path, tokenizer) -> tuple[int | None, int
 # ---- data -------------------------------------------------------------------------------------------
 
 
-def read_records(path: str | Path) -> list[dict[str, str]]:
-    """The JSONL records; each needs a non-empty "instruction" and an "output" ("input" is optional)."""
+def read_records(path: str | Path) -> list[dict]:
+    """The JSONL records: instructions (a non-empty "instruction" and "output", "input" optional) or conversations.
+
+    A conversation is {"messages": [...]}: roles system (first only), user, assistant, string contents,
+    at least one assistant turn, and not an assistant turn first. Errors name the file and line.
+    """
     records = []
     for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
         if not line.strip():
@@ -128,10 +139,16 @@ def read_records(path: str | Path) -> list[dict[str, str]]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}:{number}: not a JSON object ({error.msg})") from None
+        if isinstance(record, dict) and "messages" in record:
+            records.append({"messages": conversation(record["messages"], f"{path}:{number}: messages")})
+            continue
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{number}: not a JSON object")
         missing = [k for k in ("instruction", "output") if not isinstance(record.get(k), str) or not record[k]]
         if missing:
             raise ValueError(
-                f"{path}:{number}: needs string fields instruction and output; missing or empty: {missing}"
+                f"{path}:{number}: needs string fields instruction and output (or a messages list); "
+                f"missing or empty: {missing}"
             )
         records.append(
             {"instruction": record["instruction"], "input": record.get("input") or "", "output": record["output"]}
@@ -139,6 +156,17 @@ def read_records(path: str | Path) -> list[dict[str, str]]:
     if not records:
         raise ValueError(f"{path} holds no records")
     return records
+
+
+def conversation(messages: object, where: str) -> list[dict[str, str]]:
+    """A checked conversation for training: valid messages, an assistant turn to learn from, a prompt before it."""
+    messages = check_messages(messages, where)
+    roles = [m["role"] for m in messages]
+    if "assistant" not in roles:
+        raise ValueError(f"{where}: no assistant turn, so nothing to learn from")
+    if roles[0] == "assistant":
+        raise ValueError(f"{where}[0]: a conversation cannot open with an assistant turn")
+    return messages
 
 
 def prompt_text(instruction: str, input_text: str = "") -> str:
@@ -153,6 +181,15 @@ def encode_record(record: dict[str, str], tokenizer, bos: int | None, eos: int) 
     ).ids
     response = tokenizer.encode(record["output"], add_special_tokens=False).ids + [eos]
     return prompt + response, [False] * len(prompt) + [True] * len(response)
+
+
+def encode_example(
+    record: dict, tokenizer, bos: int | None, eos: int, chat: ChatFormat | None
+) -> tuple[list[int], list[bool]]:
+    """An instruction record (``encode_record``) or a conversation (the chat format: assistant turns scored)."""
+    if "messages" in record:
+        return chat.encode_conversation(record["messages"])
+    return encode_record(record, tokenizer, bos, eos)
 
 
 def build_dataset(
@@ -216,14 +253,6 @@ def evaluate(model: torch.nn.Module, data: dict[str, torch.Tensor], batch_size: 
     return {"eval_loss": loss_sum / max(tokens, 1), "accuracy": exact / data["input_ids"].shape[0]}
 
 
-def override_defaults(parser: argparse.ArgumentParser, **defaults: object) -> None:
-    """``parser.set_defaults(**defaults)``, and the same defaults in the options' help texts."""
-    parser.set_defaults(**defaults)
-    for action in parser._actions:
-        if action.dest in defaults and action.help:
-            action.help = re.sub(r"\(default: [^)]*\)$", f"(default: {defaults[action.dest]})", action.help)
-
-
 # ---- the run -------------------------------------------------------------------------------------------
 
 
@@ -236,15 +265,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         required=True,
         help="a Hugging Face Llama-family directory (config.json, safetensors, tokenizer.json)",
     )
-    parser.add_argument("--data", required=True, help="JSONL: instruction, input (optional), output")
+    parser.add_argument(
+        "--data", required=True, help="JSONL: instruction, input (optional), output; or messages (a conversation)"
+    )
     parser.add_argument("--max-length", type=int, default=256, help="tokens per training sequence (default: 256)")
     parser.add_argument("--packing", action="store_true", help="concatenate the sequences into full rows")
     parser.add_argument("--eval-fraction", type=float, default=0.1, help="share of records held out (default: 0.1)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="weights' dtype before quantization")
     parser.add_argument("--save-every", type=int, default=0, help="write checkpoint.pt every N steps (0: at the end)")
     parser.add_argument("--resume", action="store_true", help="continue from output-dir/checkpoint.pt if present")
+    parser.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model with FSDP2, not DDP")
     override_defaults(parser, output_dir="runs/finetune", max_steps=100, batch_size=8, precision="fp32", log_every=10)
     args = parser.parse_args(argv)
+    if args.fsdp and "RANK" not in os.environ:
+        parser.error("--fsdp shards the model over processes: launch with torchrun --nproc_per_node=N")
     if args.dtype == "bf16" and args.precision != "bf16":
         parser.error(
             "--dtype bf16 needs --precision bf16: the 4-bit layers compute in the precision's dtype, "
@@ -260,13 +294,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     rank, world = 0, 1
     if distributed:
         from training.distributed import DistributedTrainer, init_distributed
+        from training.fsdp import FSDPTrainer
 
         rank, world, _ = init_distributed()
-    fields = {f for f in TrainConfig.__dataclass_fields__}
-    config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in fields})
+    config = train_config(args)
     tokenizer = load_tokenizer(args.model)
     bos, eos = special_token_ids(args.model, tokenizer)
-    sequences = [encode_record(r, tokenizer, bos, eos) for r in read_records(args.data)]
+    records = read_records(args.data)
+    note = (lambda text: print(text, flush=True)) if rank == 0 else (lambda text: None)
+    chat = load_chat_format(args.model, tokenizer, bos, eos, note) if any("messages" in r for r in records) else None
+    sequences = [encode_example(r, tokenizer, bos, eos, chat) for r in records]
     train_data, eval_data = split(
         build_dataset(sequences, args.max_length, eos, args.packing), args.eval_fraction, config.seed
     )
@@ -274,21 +311,26 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     config.batch_size = max(world, min(config.batch_size, rows) // world * world)  # each process gets batch / N rows
     model = load_hf_checkpoint(args.model, dtype=DTYPES[args.dtype])
     model = prepare_qlora_model(model, config)
-    trainer = (DistributedTrainer if distributed else QLoRATrainer)(model, config, train_data, eval_data)
+    trainer_class = (FSDPTrainer if args.fsdp else DistributedTrainer) if distributed else QLoRATrainer
+    trainer = trainer_class(model, config, train_data, eval_data)
     module = getattr(trainer, "module", trainer.model)  # the model itself, without DDP's wrapper
-    checkpoint = Path(config.output_dir) / "checkpoint.pt"
-    if args.resume and checkpoint.is_file():
-        trainer.load_checkpoint(checkpoint)
-        print(f"resumed from {checkpoint} at step {trainer.step}", flush=True)
-    before = evaluate(module, eval_data)
+    single = Path(config.output_dir) / "checkpoint.pt"  # one process: Stage 4's checkpoint file
+    checkpoint_path = trainer.checkpoint_path if distributed else lambda: single
+    latest = trainer.latest_checkpoint() if distributed else single if single.is_file() else None
+    if args.resume and latest is not None:
+        trainer.load_checkpoint(latest)
+        print(f"resumed from {latest} at step {trainer.step}", flush=True)
+    before = evaluate(module, eval_data)  # under FSDP every rank runs it: a forward gathers every unit
     every = args.save_every or config.max_steps
     while trainer.step < config.max_steps:
         trainer.train(steps=every)
-        trainer.save_checkpoint(checkpoint)
+        trainer.save_checkpoint(checkpoint_path())
     after = evaluate(module, eval_data)
     adapter = Path(config.output_dir) / "adapter"
+    with trainer.full_parameters() if distributed else contextlib.nullcontext():  # FSDP: the adapter gathered
+        if rank == 0:
+            save_hf_adapter(module, adapter, Path(args.model).resolve())
     if rank == 0:
-        save_hf_adapter(module, adapter, Path(args.model).resolve())
         trainer.save_loss_curve()
         print(f"eval loss {before['eval_loss']:.3f} -> {after['eval_loss']:.3f}, response exact match "
               f"{before['accuracy']:.1%} -> {after['accuracy']:.1%} ({len(sequences)} records, {rows} train rows "

@@ -82,7 +82,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from model._impl import refuse_stubs, use_default_for
+from model._impl import use_default_for
 
 use_default_for("show")  # the reference where this checkout has it, unless IMPL / LORA_IMPL says otherwise
 
@@ -93,9 +93,17 @@ from model.peft_methods import (  # noqa: E402
     merge_ia3,
     method_profile,
 )
-from training.data import HARD_TASK, IGNORE_INDEX, exact_match_accuracy, hard_finetune_data  # noqa: E402
-from training.qlora_trainer import QLoRATrainer, TrainConfig  # noqa: E402
-from training.variants import compare_methods, methods_parser, parse_methods  # noqa: E402
+from training.data import HARD_TASK, IGNORE_INDEX, hard_finetune_data  # noqa: E402
+from training.qlora_trainer import QLoRATrainer  # noqa: E402
+from training.variants import (  # noqa: E402
+    Run,
+    begin,
+    compare_methods,
+    methods_parser,
+    parse_methods,
+    run_config,
+    run_method,
+)
 
 OUT = Path(__file__).resolve().parents[1] / "runs" / "peft_family"
 STEPS = 300  # optimizer steps per method (plain LoRA at r = 2 learns the task between step 200 and 300)
@@ -106,8 +114,12 @@ LATENCY_EXAMPLES = 256  # the inference batch: the first evaluation examples
 # Timed forwards per model (after one warm-up); the median is reported. make test's smoke run of notebook 07 sets
 # PEFT_FAMILY_LATENCY_REPEATS=3: the same figure from fewer samples (most of a 20-step run's time is timing).
 LATENCY_REPEATS = int(os.environ.get("PEFT_FAMILY_LATENCY_REPEATS", "25"))
+RUN = Run(STEPS, OUT)  # every row's steps and output folder (train_method's default)
 GUESS_LOSS = 8 / 9 * math.log(10)  # the loss of a model that knows EOS and guesses the 8 digits uniformly
-STAGES_USED = (1, 2, 4, 7)  # LoRA (1-2), the trainer (4), the methods (7)
+# The exercises every row runs: count_parameters (2.2), TrainConfig and the trainer (4.1, 4.3), the entry point
+# and the profile (7.7). Layer methods also find their targets with get_lora_model (LAYERS).
+TRAINING = ("2.2", "4.1", "4.3", "7.7")
+LAYERS = ("1.1", "1.2", "2.1")
 
 
 @dataclass(frozen=True)
@@ -117,17 +129,18 @@ class Method:
     method: str  # one of model.peft_methods.METHODS
     learning_rate: float  # peak learning rate (after warmup)
     options: dict = field(default_factory=dict)  # the builder's options (get_peft_method_model's **options)
+    exercises: tuple[str, ...] = ()  # the exercises its code runs besides TRAINING's (make peft-family checks them)
 
 
 PROMPT = {"num_virtual_tokens": NUM_VIRTUAL_TOKENS}
 METHODS = {
-    "lora": Method("lora", 3e-3, {"r": 2, "lora_alpha": 4}),
-    "adapter": Method("adapter", 1e-2, {"bottleneck": 8, "placement": "houlsby"}),
-    "prompt_tuning": Method("prompt_tuning", 3e-2, {**PROMPT, "init": "sample_vocab"}),
-    "p_tuning": Method("p_tuning", 1e-2, {**PROMPT, "encoder_type": "mlp"}),
-    "prefix_tuning": Method("prefix_tuning", 1e-2, {**PROMPT, "projection": True}),
-    "p_tuning_v2": Method("p_tuning_v2", 3e-2, PROMPT),
-    "ia3": Method("ia3", 3e-1),
+    "lora": Method("lora", 3e-3, {"r": 2, "lora_alpha": 4}, (*LAYERS, "1.3", "2.3")),
+    "adapter": Method("adapter", 1e-2, {"bottleneck": 8, "placement": "houlsby"}, (*LAYERS, "7.1")),
+    "prompt_tuning": Method("prompt_tuning", 3e-2, {**PROMPT, "init": "sample_vocab"}, ("7.2",)),
+    "p_tuning": Method("p_tuning", 1e-2, {**PROMPT, "encoder_type": "mlp"}, ("7.2", "7.3", "7.4")),
+    "prefix_tuning": Method("prefix_tuning", 1e-2, {**PROMPT, "projection": True}, ("7.4",)),
+    "p_tuning_v2": Method("p_tuning_v2", 3e-2, PROMPT, ("7.4", "7.5")),
+    "ia3": Method("ia3", 3e-1, exercises=(*LAYERS, "7.6")),
 }
 # How each method is made free (or cheaper) at inference; the others have nothing to merge.
 MERGES = {"lora": "merge_and_unload", "ia3": "merge_ia3", "p_tuning": "fold", "prefix_tuning": "fold"}
@@ -205,16 +218,9 @@ def digit_accuracy(model: nn.Module, data: dict[str, torch.Tensor], batch_size: 
 
 
 def train_method(
-    name: str,
-    base: nn.Module,
-    data: dict,
-    steps: int = STEPS,
-    out: Path = OUT,
-    progress: bool = True,
-    seed: int = SEED,
-    method: Method | None = None,
+    name: str, base: nn.Module, data: dict, run: Run = RUN, method: Method | None = None
 ) -> tuple[dict, QLoRATrainer]:
-    """Build, train and measure one method; returns (metrics, the trainer that ran it).
+    """Build, train (``run_method``) and measure one method; returns (metrics, the trainer that ran it).
 
     ``method`` overrides ``METHODS[name]`` (e.g. another learning rate; ``name`` then only names the
     run's output directory). Latency: the base model, the trained one and a merged or folded copy
@@ -222,34 +228,17 @@ def train_method(
     """
     method = method or METHODS[name]
     device = next(base.parameters()).device
-    config = TrainConfig(
-        **COMMON, learning_rate=method.learning_rate, max_steps=steps, seed=seed, quantize="none",
-        precision="bf16" if device.type == "cuda" else "fp32", device=device.type, output_dir=str(out / name),
-        progress=progress,
-    )  # fmt: skip
-    (out / name / "metrics.jsonl").unlink(missing_ok=True)  # the trainer appends to it
-    model = build(method, base, seed)
+    config = run_config(name, run, device, learning_rate=method.learning_rate, quantize="none")
+    model = build(method, base, run.seed)
     profile = method_profile(model)
-    accuracy_before = exact_match_accuracy(model, data["eval"])
-    trainer = QLoRATrainer(model, config, data["train"], data["eval"])
-    started = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - started
-    history = trainer.history
-    metrics = {
-        "method": method.method,
-        "learning_rate": method.learning_rate,
-        "options": method.options,
-        "accuracy_before": accuracy_before,
-        "accuracy_after": trainer.evaluate()["accuracy"],
-        "digit_accuracy": digit_accuracy(trainer.model, data["eval"]),
-        "final_loss": sum(h["loss"] for h in history[-10:]) / len(history[-10:]),  # mean of the last 10 steps
-        "loss_curve": [h["loss"] for h in history],
-        "trainable_params": count_parameters(trainer.model)[0],
-        "extra_positions": profile["extra_positions"],
-        "mergeable": profile["mergeable"],
-        "seconds_per_step": seconds / steps,
-    }
+    metrics, trainer, _ = run_method(config, data, model)
+    metrics.update(
+        method=method.method,
+        options=method.options,
+        digit_accuracy=digit_accuracy(trainer.model, data["eval"]),
+        extra_positions=profile["extra_positions"],
+        mergeable=profile["mergeable"],
+    )
     ids = data["eval"]["input_ids"][:LATENCY_EXAMPLES].to(device)
     merged = merge_for_inference(copy.deepcopy(trainer.model), method.method)
     timed = {"base": base, "trained": trainer.model, **({"merged": merged} if merged is not None else {})}
@@ -267,16 +256,9 @@ def train_method(
     return metrics, trainer
 
 
-def compare(
-    names: tuple[str, ...] | list[str] = tuple(METHODS),
-    steps: int = STEPS,
-    out: Path = OUT,
-    progress: bool = True,
-    data: dict | None = None,
-    seed: int = SEED,
-) -> dict[str, dict]:
+def compare(names: tuple[str, ...] | list[str] = tuple(METHODS), run: Run = RUN, data: dict | None = None) -> dict:
     """Train every method in ``names`` from the bundled base model; {name: metrics}. Prints one line per method."""
-    return compare_methods(train_method, names, steps, out, progress, data, seed)
+    return compare_methods(train_method, names, run, data)
 
 
 def table(results: dict[str, dict]) -> str:
@@ -381,21 +363,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = methods_parser(__doc__, METHODS)
     parser.add_argument("--steps", type=int, default=STEPS, help=f"optimizer steps per method (default {STEPS})")
     parser.add_argument("--seed", type=int, default=SEED, help=f"init and data order (default {SEED})")
-    args = parse_methods(parser, argv, METHODS)
-    if args.steps < 1:
-        parser.error(f"--steps must be at least 1, got {args.steps}")
-    return args
+    return parse_methods(parser, argv, METHODS, positive=("steps",))
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     args = parse_args(argv)
     names = args.methods or list(METHODS)
-    refuse_stubs("make peft-family", STAGES_USED)
-    started = time.perf_counter()
-    torch.set_num_threads(1)  # the model is tiny: one thread is nearly as fast and never fights for the cores
+    started = begin("make peft-family", {name: TRAINING + METHODS[name].exercises for name in names})
     print(f"{len(names)} methods on {HARD_TASK!r}: {args.steps} steps of {COMMON['batch_size']}, seed {args.seed}")
     data = {"train": hard_finetune_data("train"), "eval": hard_finetune_data("eval")}
-    results = compare(names, steps=args.steps, data=data, seed=args.seed)
+    results = compare(names, Run(args.steps, OUT, seed=args.seed), data)
     settings = {
         "task": HARD_TASK, "steps": args.steps, "seed": args.seed, **COMMON, "num_virtual_tokens": NUM_VIRTUAL_TOKENS,
         "latency_examples": LATENCY_EXAMPLES, "latency_repeats": LATENCY_REPEATS, "torch_threads": 1,

@@ -278,7 +278,11 @@ class QLoRATrainer:
         raise NotImplementedError("Exercise 4.3: one file, written atomically — see tutorial/04-qlora-training.md")
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """Restore a state written by ``save_checkpoint`` into this trainer (same model layout)."""
+        """Restore a state written by ``save_checkpoint`` into this trainer (same model layout).
+
+        Raises ValueError naming the parameters the checkpoint has and the model lacks (e.g.
+        ``layers.0.self_attn.q_proj.lora_A``: another model's checkpoint), before anything is restored.
+        """
         raise NotImplementedError("Exercise 4.3: restore every piece — see tutorial/04-qlora-training.md")
 
 

@@ -7,12 +7,16 @@ first try offline) they run on this: ``python -m training.toy_checkpoint DIR`` w
                                                                    2 layers, grouped-query attention (4 query,
                                                                    2 key/value heads), tied embeddings
     DIR/model/tokenizer.json, tokenizer_config.json               a byte-level BPE tokenizer trained here with
-                                                                   the ``tokenizers`` library on the data below
+                                                                   the ``tokenizers`` library on the data below,
+                                                                   with a ChatML chat template (SmolLM2's style:
+                                                                   <|im_start|> and <|im_end|> are special tokens)
     DIR/data.jsonl                                                 instruction records of the course's digit
                                                                    tasks in words ("Reverse the digits." …)
+    DIR/chat.jsonl                                                 the same tasks as conversations of 1-3 turns
+                                                                   ({"messages": [...]}, for make finetune / chat)
 
 The model is random, so a short run teaches it the format and some of the tasks; the point is that
-every piece of the real path runs: config, shards, tokenizer, special tokens, masking,
+every piece of the real path runs: config, shards, tokenizer, special tokens, masking, chat template,
 QLoRA, checkpoints, the PEFT-format adapter.
 """
 
@@ -29,6 +33,7 @@ from model.hf_checkpoint import save_hf_checkpoint
 from model.tiny_llama import LlamaConfig, TinyLlama
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")  # ChatML's turn markers, special tokens as in SmolLM2-Instruct
 TASKS = {
     "Copy the digits.": lambda d: d,
     "Reverse the digits.": lambda d: d[::-1],
@@ -50,8 +55,23 @@ def toy_records(n: int = 200, seed: int = 0) -> list[dict[str, str]]:
     return records
 
 
-def train_tokenizer(texts: list[str], vocab_size: int = 512):
-    """A byte-level BPE tokenizer (GPT-2 / Llama 3 style) trained on ``texts``, with <s>, </s> and <pad>."""
+def toy_conversations(records: list[dict[str, str]], seed: int = 0) -> list[dict[str, list[dict[str, str]]]]:
+    """The records as conversations of 1-3 turns: the user gives the task and its digits, the assistant the answer."""
+    rng = random.Random(seed)
+    conversations, i = [], 0
+    while i < len(records):
+        turns = records[i : i + rng.randint(1, 3)]
+        i += len(turns)
+        messages = []
+        for r in turns:
+            messages += [{"role": "user", "content": f"{r['instruction']}\n{r['input']}"},
+                         {"role": "assistant", "content": r["output"]}]  # fmt: skip
+        conversations.append({"messages": messages})
+    return conversations
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 512, special_tokens: tuple[str, ...] = ()):
+    """A byte-level BPE tokenizer (GPT-2 / Llama 3 style) trained on ``texts``, with <s>, </s>, <pad> and ``special_tokens``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -59,7 +79,7 @@ def train_tokenizer(texts: list[str], vocab_size: int = 512):
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[BOS, EOS, PAD],
+        special_tokens=[BOS, EOS, PAD, *special_tokens],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -69,18 +89,24 @@ def train_tokenizer(texts: list[str], vocab_size: int = 512):
 
 def write_toy_checkpoint(directory: str | Path, n_records: int = 200, sharded: bool = False, seed: int = 0) -> Path:
     """Write DIR/model (checkpoint + tokenizer) and DIR/data.jsonl; returns DIR."""
+    from training.chat_template import CHATML, render
     from training.finetune import prompt_text  # the same instruction format the fine-tuning uses
 
     directory = Path(directory)
     model_dir = directory / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
     records = toy_records(n_records, seed)
+    conversations = toy_conversations(records, seed)
     with open(directory / "data.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
+    with open(directory / "chat.jsonl", "w") as f:
+        f.writelines(json.dumps(c) + "\n" for c in conversations)
     texts = [prompt_text(r["instruction"], r["input"]) + r["output"] for r in records]
-    tokenizer = train_tokenizer(texts)
+    texts += [render(CHATML, c["messages"]) for c in conversations]
+    tokenizer = train_tokenizer(texts, special_tokens=CHATML_TOKENS)
     tokenizer.save(str(model_dir / "tokenizer.json"))
-    special = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
+    special = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "chat_template": CHATML,
+               "tokenizer_class": "PreTrainedTokenizerFast"}  # fmt: skip
     (model_dir / "tokenizer_config.json").write_text(json.dumps(special, indent=2) + "\n")
     config = LlamaConfig(
         vocab_size=tokenizer.get_vocab_size(),
@@ -111,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sharded", action="store_true", help="write the weights as several shards + an index")
     args = parser.parse_args(argv)
     directory = write_toy_checkpoint(args.directory, args.records, args.sharded)
-    print(f"toy checkpoint in {directory / 'model'}, data in {directory / 'data.jsonl'}")
+    print(f"toy checkpoint in {directory / 'model'}, data in {directory / 'data.jsonl'} and {directory / 'chat.jsonl'}")
 
 
 if __name__ == "__main__":

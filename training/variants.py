@@ -65,7 +65,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from model._impl import refuse_stubs, use_default_for
+from model._impl import refuse_exercise_stubs, use_default_for
 
 use_default_for("show")  # the reference where this checkout has it, unless IMPL / LORA_IMPL says otherwise
 
@@ -100,10 +100,30 @@ COMMON = {"batch_size": 64, "warmup_ratio": 0.05, "log_every": 50}
 
 
 @dataclass(frozen=True)
+class Run:
+    """How every row of a comparison trains: steps, where its output goes, the progress bar, the seed."""
+
+    steps: int = STEPS  # optimizer steps per method
+    out: Path = OUT  # each method writes to out / <name>
+    progress: bool = True  # the trainer's progress bar
+    seed: int = SEED  # adapters' init and the data order
+
+
+RUN = Run()  # every row's steps and output folder (train_method's and compare's default)
+
+
+# The exercises every row runs: LoRA layers and their merge (Stage 1), get_lora_model and
+# count_parameters (Stage 2), TrainConfig and the trainer (Stage 4). A method adds its own (Method.exercises).
+TRAINING = ("1.1", "1.2", "1.3", "2.1", "2.2", "4.1", "4.3")
+NF4 = ("3.3", "3.4", "3.5", "3.6", "2.3", "4.4")  # a 4-bit base: NF4Linear, and merge_and_export for the merge check
+
+
+@dataclass(frozen=True)
 class Method:
     """One row of the comparison: how to build the adapted model and how to train it."""
 
     variant: str  # apply_variant's method; "qlora" = Stage 4's prepare_qlora_model
+    exercises: tuple[str, ...] = ()  # the exercises its code runs besides TRAINING's (make variants checks them)
     learning_rate: float = LR  # peak learning rate
     r: int = R  # the adapter's rank (VeRA: its own r; AdaLoRA: the target rank)
     options: dict = field(default_factory=dict)  # apply_variant's options for this method
@@ -114,19 +134,19 @@ class Method:
 
 METHODS = {
     "lora": Method("lora"),
-    "rslora": Method("rslora"),
-    "dora": Method("dora"),
-    "pissa": Method("pissa"),
-    "olora": Method("olora"),
-    "lora-fa": Method("lora-fa"),
+    "rslora": Method("rslora", ("5.1",)),
+    "dora": Method("dora", ("5.2",)),
+    "pissa": Method("pissa", ("5.3",)),
+    "olora": Method("olora", ("5.3",)),
+    "lora-fa": Method("lora-fa", ("5.5",)),
     "lora+": Method("lora", loraplus_lr_ratio=4.0),
-    "vera": Method("vera", learning_rate=2e-2, r=256),
-    "adalora": Method("adalora", learning_rate=2e-2),
+    "vera": Method("vera", ("5.6",), learning_rate=2e-2, r=256),
+    "adalora": Method("adalora", ("5.7",), learning_rate=2e-2),
     "lora-lr2e-2": Method("lora", learning_rate=2e-2),  # the control for VeRA's and AdaLoRA's learning rate
-    "delta-lora": Method("delta-lora"),
-    "lora-drop": Method("lora", drop_after=0.25),
-    "qlora": Method("qlora"),
-    "loftq": Method("loftq", options={"num_iters": 5}),
+    "delta-lora": Method("delta-lora", ("5.8",)),
+    "lora-drop": Method("lora", ("5.9",), drop_after=0.25),
+    "qlora": Method("qlora", ("4.2", *NF4)),
+    "loftq": Method("loftq", ("5.4", *NF4), options={"num_iters": 5}),
 }
 MERGE_CHECK_EXAMPLES = 64  # eval examples on which merged and unmerged logits are compared
 # A merge is exact up to rounding: compared in float64 (4-bit bases: fp32, where merged and unmerged
@@ -196,60 +216,84 @@ def merge_gap(model: nn.Module, ids: torch.Tensor) -> tuple[float, float]:
         return (model(ids).to(expected.dtype) - expected).abs().max().item(), expected.abs().max().item()
 
 
-def train_method(
-    name: str,
-    base: nn.Module,
+def run_config(name: str, run: Run, device: torch.device, **fields) -> TrainConfig:
+    """The Stage 4 TrainConfig of one row of a comparison: the shared schedule (COMMON), ``run``'s steps, seed and
+    progress bar, the device's precision, output under ``run.out / name``; ``fields``: the method's own (its
+    learning rate, rank, …)."""
+    return TrainConfig(
+        **COMMON, max_steps=run.steps, seed=run.seed, precision="bf16" if device.type == "cuda" else "fp32",
+        device=device.type, output_dir=str(run.out / name), progress=run.progress, **fields,
+    )  # fmt: skip
+
+
+def run_method(
+    config: TrainConfig,
     data: dict,
-    steps: int = STEPS,
-    out: Path = OUT,
-    progress: bool = True,
-    seed: int = SEED,
-    method: Method | None = None,
+    model: nn.Module,
+    attach: Callable[[torch.optim.Optimizer], object] | None = None,
+    train: Callable[[QLoRATrainer], tuple[QLoRATrainer, dict]] | None = None,
+) -> tuple[dict, QLoRATrainer, object]:
+    """The loop every comparison shares (``make variants``, ``make peft-family``): train one built model, measure it.
+
+    Exact-match accuracy before; a Stage 4 ``QLoRATrainer``; ``attach(trainer.optimizer)`` (a method's
+    per-step hooks, returned as the third element); ``train(trainer)`` (default: ``trainer.train()``;
+    it may hand back another trainer and extra metrics) timed; then the metrics every row has:
+    learning_rate, accuracy_before/after, final_loss (mean of the last 10 steps), loss_curve,
+    trainable_params, seconds_per_step, and the extras. Returns (metrics, the trainer that finished, hooks).
+    """
+    (Path(config.output_dir) / "metrics.jsonl").unlink(missing_ok=True)  # the trainer appends to it
+    accuracy_before = exact_match_accuracy(model, data["eval"])
+    trainer = QLoRATrainer(model, config, data["train"], data["eval"])
+    hooks = attach(trainer.optimizer) if attach is not None else None
+    started = time.perf_counter()
+    if train is None:
+        trainer.train()
+        extras = {}
+    else:
+        trainer, extras = train(trainer)
+    seconds = time.perf_counter() - started
+    history = trainer.history
+    metrics = {
+        "learning_rate": config.learning_rate,
+        "accuracy_before": accuracy_before,
+        "accuracy_after": trainer.evaluate()["accuracy"],
+        "final_loss": sum(h["loss"] for h in history[-10:]) / len(history[-10:]),
+        "loss_curve": [h["loss"] for h in history],
+        "trainable_params": count_parameters(trainer.model)[0],
+        "seconds_per_step": seconds / config.max_steps,
+        **extras,
+    }
+    return metrics, trainer, hooks
+
+
+def train_method(
+    name: str, base: nn.Module, data: dict, run: Run = RUN, method: Method | None = None
 ) -> tuple[dict, QLoRATrainer]:
-    """Build, train and measure one method; returns (metrics, the trainer that finished the run).
+    """Build, train (``run_method``) and measure one method; returns (metrics, the trainer that finished the run).
 
     ``method`` overrides ``METHODS[name]`` (e.g. the same method at another rank; ``name`` then only
-    names the run's output directory).
+    names the run's output directory). Besides ``run_method``'s metrics: r, the training memory
+    (with the hooks' state), AdaLoRA's ranks, LoftQ's errors, LoRA-drop's importances, the merge check.
 
     The trainer's model has been merged by the merge check (``merge_gap``): evaluate it, do not train it on.
     """
     method = method or METHODS[name]
-    device = next(base.parameters()).device
-    config = TrainConfig(
-        **COMMON, r=method.r, lora_alpha=LORA_ALPHA, learning_rate=method.learning_rate, max_steps=steps,
-        seed=seed, loraplus_lr_ratio=method.loraplus_lr_ratio, quantize="nf4" if method.variant == "qlora" else "none",
-        precision="bf16" if device.type == "cuda" else "fp32", device=device.type, output_dir=str(out / name),
-        progress=progress,
+    config = run_config(
+        name, run, next(base.parameters()).device, r=method.r, lora_alpha=LORA_ALPHA,
+        learning_rate=method.learning_rate, loraplus_lr_ratio=method.loraplus_lr_ratio,
+        quantize="nf4" if method.variant == "qlora" else "none",
     )  # fmt: skip
-    (out / name / "metrics.jsonl").unlink(missing_ok=True)  # the trainer appends to it
-    model, attach, extras = build(method, base, config, steps)
-    accuracy_before = exact_match_accuracy(model, data["eval"])
-    trainer = QLoRATrainer(model, config, data["train"], data["eval"])
-    hooks = attach(trainer.optimizer)
-    started = time.perf_counter()
-    if method.drop_after is None:
-        trainer.train()
-    else:
-        trainer, extras = lora_drop_run(trainer, method, data)
-    seconds = time.perf_counter() - started
+    model, attach, extras = build(method, base, config, run.steps)
+    train = None if method.drop_after is None else (lambda trainer: lora_drop_run(trainer, method, data))
+    metrics, trainer, hooks = run_method(config, data, model, attach, train)
     if isinstance(hooks, RankAllocator):
         extras["adalora_ranks"] = hooks.ranks()
-    history = trainer.history
-    metrics = {
-        "learning_rate": method.learning_rate,
-        "r": method.r,
-        "accuracy_before": accuracy_before,
-        "accuracy_after": trainer.evaluate()["accuracy"],
-        "final_loss": sum(h["loss"] for h in history[-10:]) / len(history[-10:]),  # mean of the last 10 steps
-        "loss_curve": [h["loss"] for h in history],
-        "trainable_params": count_parameters(trainer.model)[0],
-        "training_memory_bytes": training_memory(trainer) + hook_state_bytes(trainer.model, hooks),
-        "seconds_per_step": seconds / steps,
-        **extras,
-    }
+    metrics.update(
+        r=method.r, training_memory_bytes=training_memory(trainer) + hook_state_bytes(trainer.model, hooks), **extras
+    )
     if hooks is not None:
         hooks.detach()
-    ids = data["eval"]["input_ids"][:MERGE_CHECK_EXAMPLES].to(device)
+    ids = data["eval"]["input_ids"][:MERGE_CHECK_EXAMPLES].to(config.device)
     metrics["merge_max_abs_logit_diff"], metrics["max_abs_logit"] = merge_gap(trainer.model, ids)
     return metrics, trainer
 
@@ -274,28 +318,15 @@ def lora_drop_run(trainer: QLoRATrainer, method: Method, data: dict) -> tuple[QL
     return second, {"lora_drop_importance": importance, "lora_drop_kept": kept, "lora_drop_after_steps": first}
 
 
-def compare(
-    names: tuple[str, ...] | list[str] = tuple(METHODS),
-    steps: int = STEPS,
-    out: Path = OUT,
-    progress: bool = True,
-    data: dict | None = None,
-    seed: int = SEED,
-) -> dict[str, dict]:
+def compare(names: tuple[str, ...] | list[str] = tuple(METHODS), run: Run = RUN, data: dict | None = None) -> dict:
     """Train every method in ``names`` from the bundled base model; {name: metrics}. Prints one line per method."""
-    return compare_methods(train_method, names, steps, out, progress, data, seed)
+    return compare_methods(train_method, names, run, data)
 
 
 def compare_methods(
-    train: Callable[..., tuple[dict, QLoRATrainer]],
-    names: tuple[str, ...] | list[str],
-    steps: int,
-    out: Path,
-    progress: bool,
-    data: dict | None,
-    seed: int,
+    train: Callable[..., tuple[dict, QLoRATrainer]], names: tuple[str, ...] | list[str], run: Run, data: dict | None
 ) -> dict[str, dict]:
-    """``train(name, base, data, steps, out, progress, seed)`` for each of ``names`` from the bundled base model.
+    """``train(name, base, data, run)`` for each of ``names`` from the bundled base model.
 
     One base model on the fastest device, the harder task unless ``data`` is given, one printed line
     per method; {name: metrics}. ``make variants`` and ``make peft-family`` both run their methods so.
@@ -305,7 +336,7 @@ def compare_methods(
     data = data or {"train": hard_finetune_data("train"), "eval": hard_finetune_data("eval")}
     results = {}
     for name in names:
-        results[name], _ = train(name, base, data, steps, out, progress, seed)
+        results[name], _ = train(name, base, data, run)
         m = results[name]
         print(f"[{name}] accuracy {m['accuracy_before']:.1%} -> {m['accuracy_after']:.1%}, "
               f"loss {m['final_loss']:.3f}, {m['seconds_per_step'] * 1e3:.0f} ms/step", flush=True)  # fmt: skip
@@ -331,7 +362,8 @@ def rank_sweep(
     for name in names:
         for r in ranks:
             method = dataclasses.replace(METHODS[name], r=r)
-            sweep[name][r], _ = train_method(f"{name}-r{r}", base, data, steps, out, progress=False, method=method)
+            run = Run(steps, out, progress=False)
+            sweep[name][r], _ = train_method(f"{name}-r{r}", base, data, run, method=method)
             m = sweep[name][r]
             print(f"[{name} r={r}] accuracy {m['accuracy_after']:.1%}, loss {m['final_loss']:.3f}", flush=True)
     return sweep
@@ -403,7 +435,7 @@ def seed_spread(names: list[str], seeds: list[int]) -> dict[str, dict]:
     the loss, and another initialisation moves the drop by tens of steps. Per method: the accuracy
     and final loss of each seed, and the mean and range of the accuracy.
     """
-    runs = {seed: compare(names, progress=False, seed=seed, out=OUT / f"seed{seed}") for seed in seeds}
+    runs = {seed: compare(names, Run(out=OUT / f"seed{seed}", progress=False, seed=seed)) for seed in seeds}
     spread = {}
     for name in names:
         accuracy = [runs[seed][name]["accuracy_after"] for seed in seeds]
@@ -439,30 +471,39 @@ def methods_parser(doc: str, methods: dict) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_methods(parser: argparse.ArgumentParser, argv: list[str] | None, methods: dict) -> argparse.Namespace:
-    """``parser.parse_args(argv)``, refusing a method name that is not in ``methods``."""
+def parse_methods(
+    parser: argparse.ArgumentParser, argv: list[str] | None, methods: dict, positive: tuple[str, ...] = ()
+) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, refusing a method name that is not in ``methods`` and an option of ``positive``
+    (int options, e.g. "steps") below 1."""
     args = parser.parse_args(argv)
     if unknown := [name for name in args.methods if name not in methods]:
         parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(methods)}")
+    for option in positive:
+        if getattr(args, option) < 1:
+            parser.error(f"--{option} must be at least 1, got {getattr(args, option)}")
     return args
+
+
+def begin(command: str, runs: dict[str, tuple[str, ...]]) -> float:
+    """Before a comparison: refuse the stubs the chosen methods run (``runs``: {name: exercises}), use one torch
+    thread (the model is tiny: nearly as fast, and it never fights for the cores); returns the start time."""
+    refuse_exercise_stubs(command, runs)
+    torch.set_num_threads(1)
+    return time.perf_counter()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = methods_parser(__doc__, METHODS)
     parser.add_argument("--seeds", type=int, default=1, metavar="N",
                         help="also run seeds 1..N-1 and print the accuracy's spread (default 1: seed 0 only)")  # fmt: skip
-    args = parse_methods(parser, argv, METHODS)
-    if args.seeds < 1:
-        parser.error(f"--seeds must be at least 1, got {args.seeds}")
-    return args
+    return parse_methods(parser, argv, METHODS, positive=("seeds",))
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     args = parse_args(argv)
     names = args.methods or list(METHODS)
-    refuse_stubs("make variants", range(1, 6))  # the stages it runs; stubs elsewhere do not stop it
-    started = time.perf_counter()
-    torch.set_num_threads(1)  # the model is tiny: one thread is nearly as fast and never fights for the cores
+    started = begin("make variants", {name: TRAINING + METHODS[name].exercises for name in names})
     print(f"{len(names)} methods on {HARD_TASK!r}: r = {R} (VeRA r = 256), {STEPS} steps of {COMMON['batch_size']}, "
           f"seed {SEED}")  # fmt: skip
     results = compare(names)

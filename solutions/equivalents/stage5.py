@@ -205,4 +205,39 @@ EQUIVALENTS = [
             ),
         ),
     ),
+    Variant(
+        "adalora_scatter_by_index_copy",
+        "5.10",
+        "The kept triplets scattered with index_copy_ on the kept indices (after zeroing), instead of boolean masks.",
+        (
+            (
+                '            layer.lora_A[mask] = tensors[f"{key}.lora_A"].to(layer.lora_A)\n'
+                '            layer.lora_E[mask] = tensors[f"{key}.lora_E"].to(layer.lora_E)\n'
+                '            layer.lora_B[:, mask] = tensors[f"{key}.lora_B"].to(layer.lora_B)\n',
+                "            index = mask.nonzero().flatten()\n"
+                '            layer.lora_A.index_copy_(0, index, tensors[f"{key}.lora_A"].to(layer.lora_A))\n'
+                '            layer.lora_E.index_copy_(0, index, tensors[f"{key}.lora_E"].to(layer.lora_E))\n'
+                '            layer.lora_B.index_copy_(1, index, tensors[f"{key}.lora_B"].to(layer.lora_B))\n',
+            ),
+        ),
+    ),
+    Variant(
+        "reinit_with_a_state_copy",
+        "5.10",
+        "The loaded A and B kept as a state_dict copy and put back with load_state_dict after the init.",
+        block="5.10: keep A and B, run the init",
+        code="""
+            import functools
+
+            run = {"pissa": pissa_init, "olora": olora_init}
+            if init == "loftq":
+                run["loftq"] = functools.partial(loftq_init, num_iters=config["loftq_config"]["loftq_iter"])
+            for _, layer in lora_layers(model):
+                saved = {name: layer.get_parameter(name).detach().clone() for name in ("lora_A", "lora_B")}
+                run[init](layer)
+                with torch.no_grad():
+                    for name, value in saved.items():
+                        layer.get_parameter(name).copy_(value)
+            """,
+    ),
 ]

@@ -58,7 +58,7 @@ EQUIVALENTS = [
         block="7.4: view, permute, pair up",
         code="""
             n = flat.shape[0]
-            grid = flat.reshape(n, n_layers, 2, n_heads, -1)  # (n, L, 2, H, hd)
+            grid = flat.reshape(n, n_layers, 2, n_kv_heads, -1)  # (n, L, 2, H_kv, hd)
             pairs = []
             for layer in grid.unbind(dim=1):  # (n, 2, H, hd)
                 key, value = (t.permute(1, 0, 2) for t in layer.unbind(dim=1))  # (H, n, hd) each

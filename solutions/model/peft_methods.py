@@ -26,14 +26,15 @@ Where each one sits in a Llama block (x: the residual stream, (B, T, C)):
       x + ◄──────────────────────────┘
     LoRA (Stage 2): W x + s·B A x inside any of the seven projections.
 
-The methods in equations (n virtual tokens, C = d_model, L layers, H heads, hd = C / H):
+The methods in equations (n virtual tokens, C = d_model, L layers, H heads, hd = C / H, H_kv key/value heads):
 
     7.1 adapter         h ← h + W_up f(W_down h + b_down) + b_up       W_down (m, C), W_up (C, m) = 0 at init
     7.2 prompt tuning   X = [E_virtual ; E(tokens)]                      E_virtual (n, C) trains
     7.3 P-tuning        E_virtual = MLP(E') or MLP(BiLSTM(E'))           E' (n, C) and the encoder train
-    7.4 prefix tuning   K_l = [P^K_l ; R(W_k x)], V_l = [P^V_l ; W_v x]   [P^K ; P^V] = MLP(E'), E' (n, C);
-                                                                      R: RoPE at positions n…n+T−1, P^K not rotated
-    7.5 P-tuning v2     the same, with the (n, 2·L·C) prefixes trained directly (no MLP)
+    7.4 prefix tuning   K_l = [P^K_l ; R(W_k x)], V_l = [P^V_l ; W_v x]   [P^K ; P^V] = MLP(E'), E' (n, D);
+                                                                      R: RoPE at positions n…n+T−1, P^K not rotated;
+                                                                      D = H_kv·hd, the width of one layer's keys
+    7.5 P-tuning v2     the same, with the (n, 2·L·D) prefixes trained directly (no MLP)
     7.6 IA³             k = l_k ⊙ W_k x,  v = l_v ⊙ W_v x,  down_proj(l_ff ⊙ a)   vectors, init 1
 
 PEFT 0.21.2 is the reference for the four methods it has: given the same parameters, prompt tuning,
@@ -105,6 +106,20 @@ def model_shape(model: nn.Module) -> tuple[int, int, int, int]:
             f"expected the course's TinyLlama (with .config, .embed_tokens, .layers), got {type(model).__name__}"
         )
     return config.n_layers, config.n_heads, config.d_model, config.max_seq_len
+
+
+def prefix_shape(model: nn.Module) -> tuple[int, int, int]:
+    """Given: (n_layers, n_kv_heads, token_dim) of the prefixes of ``model``; token_dim = H_kv · hd.
+
+    A prefix is one layer's keys (or values) for a virtual token: H_kv heads of hd numbers. With
+    grouped-query attention (``config.n_kv_heads`` < n_heads, as in SmolLM2, TinyLlama and Llama 3.2)
+    that is narrower than d_model: 6 query heads sharing 2 key/value heads of hd 8 give 16, not 48.
+    PEFT sizes its prefixes the same way (``peft/utils/other.py``: token_dim = head_dim ·
+    num_key_value_heads, PEFT issue 1901). Without grouped-query attention H_kv = H and token_dim = d_model.
+    """
+    n_layers, _, _, _ = model_shape(model)
+    kv_heads = model.config.kv_heads
+    return n_layers, kv_heads, kv_heads * model.config.head_dim
 
 
 def refuse_peft_method(model: nn.Module) -> None:
@@ -429,12 +444,15 @@ def get_p_tuning_model(
 class PrefixEncoder(nn.Module):
     """Prefix tuning's parameters (Li & Liang 2021), as PEFT's: forward() -> (n, 2·L·dim).
 
+    ``dim`` is PEFT's token_dim, the width of one layer's keys: H_kv · hd (``prefix_shape``), which is
+    d_model only without grouped-query attention.
     projection=True (training with the reparameterisation):
         embedding nn.Embedding(n, dim), transform = Linear(dim, hidden) Tanh Linear(hidden, 2·L·dim)
     projection=False (P-tuning v2, or prefix tuning after ``fold_reparameterization``):
         embedding nn.Embedding(n, 2·L·dim), the prefixes themselves
     Row i holds token i's key and value for every layer (the layout ``prefix_key_values`` reads).
-    hidden defaults to dim (PEFT's default).
+    hidden defaults to dim (PEFT's default: encoder_hidden_size = token_dim).
+    Raises ValueError naming num_virtual_tokens or hidden_size for a count below 1.
     """
 
     def __init__(
@@ -467,18 +485,19 @@ class PrefixEncoder(nn.Module):
 
 
 def prefix_key_values(
-    flat: torch.Tensor, batch_size: int, n_layers: int, n_heads: int
+    flat: torch.Tensor, batch_size: int, n_layers: int, n_kv_heads: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Split (n, 2·L·C) prefixes into L (key, value) pairs, each (batch_size, H, n, hd), PEFT's layout.
+    """Split (n, 2·L·D) prefixes into L (key, value) pairs, each (batch_size, H_kv, n, hd), PEFT's layout.
 
-    Row i = token i; its 2·L·C numbers are 2·L slices of C (slice 2l: layer l's key, 2l+1: its
-    value), each slice H heads of hd. PEFT: ``view(B, n, 2L, H, hd).permute(2, 0, 3, 1, 4).split(2)``.
+    Row i = token i; its 2·L·D numbers are 2·L slices of D = H_kv·hd (slice 2l: layer l's key,
+    2l+1: its value), each slice H_kv heads of hd: the key/value heads, fewer than the query heads
+    with grouped-query attention. PEFT: ``view(B, n, 2L, H_kv, hd).permute(2, 0, 3, 1, 4).split(2)``.
     The batch dimension is an expand (no copy): every example sees the same prefix.
     """
     # BEGIN SOLUTION 7.4: view, permute, pair up, expand over the batch
     n = flat.shape[0]
-    slices = flat.view(n, 2 * n_layers, n_heads, -1).permute(1, 2, 0, 3)  # (2L, H, n, hd)
-    slices = slices.unsqueeze(1).expand(-1, batch_size, -1, -1, -1)  # (2L, B, H, n, hd)
+    slices = flat.view(n, 2 * n_layers, n_kv_heads, -1).permute(1, 2, 0, 3)  # (2L, H_kv, n, hd)
+    slices = slices.unsqueeze(1).expand(-1, batch_size, -1, -1, -1)  # (2L, B, H_kv, n, hd)
     return [(slices[2 * layer], slices[2 * layer + 1]) for layer in range(n_layers)]
     # END SOLUTION
 
@@ -488,7 +507,7 @@ class PrefixTuningModel(nn.Module):
 
     forward(input_ids (B, T)) -> logits (B, T, vocab):
 
-        [K_l ; V_l] = prefix_key_values(prefix_encoder())[l]        (B, H, n, hd) each, for every layer l
+        [K_l ; V_l] = prefix_key_values(prefix_encoder())[l]        (B, H_kv, n, hd) each, for every layer l
         logits = base_model(input_ids, prefix=[(K_0, V_0), …])
 
     Every token attends to the n prefix positions and then causally to the text; the text takes
@@ -507,9 +526,9 @@ class PrefixTuningModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         # BEGIN SOLUTION 7.4: build the prefixes, pass them to the model (use prefix_key_values)
-        config = self.base_model.config
-        flat = self.prefix_encoder().to(self.base_model.embed_tokens.weight.dtype)  # (n, 2·L·C)
-        prefix = prefix_key_values(flat, input_ids.shape[0], config.n_layers, config.n_heads)
+        n_layers, kv_heads, _ = prefix_shape(self.base_model)
+        flat = self.prefix_encoder().to(self.base_model.embed_tokens.weight.dtype)  # (n, 2·L·D)
+        prefix = prefix_key_values(flat, input_ids.shape[0], n_layers, kv_heads)
         return self.base_model(input_ids, prefix=prefix)  # (B, T, vocab)
         # END SOLUTION
 
@@ -519,10 +538,12 @@ def get_prefix_tuning_model(
 ) -> PrefixTuningModel:
     """Freeze ``model`` and wrap it in a PrefixTuningModel; only the PrefixEncoder trains.
 
-    Raises ValueError (model unchanged) for a bad argument.
+    The encoder's width is the key/value width D = H_kv · hd (``prefix_shape``), as PEFT's.
+    Raises ValueError (model unchanged) for a bad num_virtual_tokens (1 to max_seq_len) or
+    hidden_size (at least 1), or a model that already has a method.
     """
-    # BEGIN SOLUTION 7.4: check, build the encoder, freeze, wrap
-    n_layers, _, dim, _ = model_shape(model)
+    # BEGIN SOLUTION 7.4: check, build the encoder, freeze, wrap (use prefix_shape)
+    n_layers, _, dim = prefix_shape(model)
     check_virtual_tokens(num_virtual_tokens, model)
     refuse_peft_method(model)
     encoder = PrefixEncoder(num_virtual_tokens, n_layers, dim, projection, hidden_size)
@@ -535,7 +556,7 @@ def fold_reparameterization(model: nn.Module) -> nn.Module:
     """Replace a trained encoder by the table it computes; the function is unchanged (up to rounding).
 
     Prefix tuning: PrefixEncoder(projection=True) -> PrefixEncoder(projection=False) holding
-    ``encoder()`` as its (n, 2·L·C) table. P-tuning: PromptEncoder -> PromptEmbedding holding
+    ``encoder()`` as its (n, 2·L·D) table. P-tuning: PromptEncoder -> PromptEmbedding holding
     ``encoder()`` (n, C). The MLP (and LSTM) exist only to make training better conditioned (Li &
     Liang §4.3; Liu et al.); afterwards only the table is needed. The new table trains
     (requires_grad True), on the old one's device and dtype. In place; returns ``model``. Anything
@@ -543,9 +564,9 @@ def fold_reparameterization(model: nn.Module) -> nn.Module:
     """
     # BEGIN SOLUTION 7.4: compute the table once, swap the encoder for it (use new_table_module)
     if isinstance(model, PrefixTuningModel) and model.prefix_encoder.projection:
-        n_layers, _, dim, _ = model_shape(model.base_model)
+        n_layers, _, dim = prefix_shape(model.base_model)
         with torch.no_grad():
-            table = model.prefix_encoder()  # (n, 2·L·C)
+            table = model.prefix_encoder()  # (n, 2·L·D)
         model.prefix_encoder = new_table_module(
             lambda: PrefixEncoder(table.shape[0], n_layers, dim, projection=False), table
         )
@@ -572,7 +593,7 @@ def get_p_tuning_v2_model(model: nn.Module, num_virtual_tokens: int = 8) -> Pref
     The paper's method is prefix tuning without the reparameterisation MLP (it found the MLP's
     benefit task-dependent) and with prompts in every layer instead of the input only: here a
     PrefixTuningModel whose PrefixEncoder has projection=False. PEFT spells it
-    ``PrefixTuningConfig(prefix_projection=False)``. Trainable: n · 2 · L · C. Its init is
+    ``PrefixTuningConfig(prefix_projection=False)``. Trainable: n · 2 · L · D (D = H_kv · hd). Its init is
     nn.Embedding's N(0, 1), as PEFT's.
     """
     # BEGIN SOLUTION 7.5: prefix tuning without the projection
@@ -633,7 +654,11 @@ class IA3Layer(nn.Module):
         # END SOLUTION
 
     def unmerge(self) -> None:
-        """Undo ``merge`` by dividing (a no-op if not merged); a zero in l erased its row or column: a ValueError."""
+        """Undo ``merge`` by dividing (a no-op if not merged).
+
+        A zero in ``ia3_l`` erased its row or column of W, which no division restores: a ValueError
+        naming ia3_l, the layer left merged.
+        """
         # BEGIN SOLUTION 7.6: divide W's rows or columns by l
         if not self.merged:
             return

@@ -1083,7 +1083,10 @@ MUTANTS = [
         "5.10",
         "save_variant_adapter writes one r/lora_alpha for layers that differ.",
         (
-            ("    if len(settings) > 1:\n        raise ValueError(", "    if False:\n        raise ValueError("),
+            (
+                '    if len(settings) > 1:\n        raise ValueError(\n            f"every layer must share one (r, lora_alpha, use_rslora)',
+                '    if False:\n        raise ValueError(\n            f"every layer must share one (r, lora_alpha, use_rslora)',
+            ),
             ("    r, lora_alpha, rslora = settings.pop()", "    r, lora_alpha, rslora = sorted(settings)[0]"),
         ),
     ),
@@ -1091,7 +1094,12 @@ MUTANTS = [
         "load_ignores_use_rslora",
         "5.10",
         "load_variant_adapter loads an rsLoRA adapter with LoRA's scale (use_rslora ignored).",
-        (("        return use_rslora(model) if rslora else model", "        return model"),),
+        (
+            (
+                "        if rslora:\n            use_rslora(model)\n        if init is not None:",
+                "        if init is not None:",
+            ),
+        ),
     ),
     Variant(
         "load_dora_without_rslora",
@@ -1122,14 +1130,125 @@ MUTANTS = [
         "load_variant_adapter adds the DoRA layers before checking the shapes (a refused file leaves the model changed).",
         (
             (
-                "    modules = dict(model.named_modules())\n    for path in paths:",
+                "    modules = dict(model.named_modules())\n    for path in paths:\n        module = modules.get(path)",
                 "    if not existing:\n"
                 '        get_dora_model(model, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0), paths)\n'
-                "    modules = dict(model.named_modules())\n    for path in paths:",
+                "    modules = dict(model.named_modules())\n    for path in paths:\n        module = modules.get(path)",
             ),
             (
                 '    if not existing:\n        get_dora_model(model, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0), paths)\n    with tempfile',
                 "    with tempfile",
+            ),
+        ),
+    ),
+    Variant(
+        "load_ignores_init_lora_weights",
+        "5.10",
+        "load_variant_adapter reads PEFT's default PiSSA/OLoRA/LoftQ file as a plain LoRA: the file's A and B land on the "
+        "ORIGINAL W0 although they were trained against W0's residual (or Q̂).",
+        (("        if init is not None:\n            initialise_like_peft(model, init, config)\n", ""),),
+    ),
+    Variant(
+        "load_keeps_the_init_factors",
+        "5.10",
+        "After recomputing the residual, the layer keeps the init's A0, B0 instead of the file's trained A, B.",
+        (
+            (
+                "        with torch.no_grad():\n            layer.lora_A.copy_(loaded_A)\n            layer.lora_B.copy_(loaded_B)\n",
+                "",
+            ),
+        ),
+    ),
+    Variant(
+        "load_loftq_one_iteration",
+        "5.10",
+        "A LoftQ file is re-quantized with one LoftQ iteration whatever its loftq_config's loftq_iter says.",
+        (
+            (
+                '            loftq_init(layer, num_iters=config["loftq_config"]["loftq_iter"])',
+                "            loftq_init(layer, num_iters=1)",
+            ),
+        ),
+    ),
+    Variant(
+        "vera_save_projection_ignored",
+        "5.10",
+        "The shared pair is written even with save_projection=False (the config then contradicts the file).",
+        (("    if save_projection:\n        tensors[VERA_A_KEY]", "    if True:\n        tensors[VERA_A_KEY]"),),
+    ),
+    Variant(
+        "vera_lambda_keys_with_weight",
+        "5.10",
+        "VeRA's vectors saved as '<path>.vera_lambda_d.weight' (PEFT's keys have no .weight).",
+        (
+            (
+                '        tensors[f"{PEFT_KEY_PREFIX}{path}.vera_lambda_d"] = layer.lambda_d',
+                '        tensors[f"{PEFT_KEY_PREFIX}{path}.vera_lambda_d.weight"] = layer.lambda_d',
+            ),
+        ),
+    ),
+    Variant(
+        "vera_load_ignores_the_saved_pair",
+        "5.10",
+        "load_variant_adapter always draws the pair from projection_prng_key, even when the file holds it "
+        "(PEFT uses the saved pair).",
+        (
+            (
+                "            shared.vera_A.copy_(tensors[VERA_A_KEY])\n            shared.vera_B.copy_(tensors[VERA_B_KEY])\n",
+                "            pass\n",
+            ),
+        ),
+    ),
+    Variant(
+        "adalora_save_ignores_the_pattern",
+        "5.10",
+        "The AdaLoRA file records rank_pattern but keeps every layer at init_r (PEFT cuts each to its kept triplets).",
+        (
+            (
+                "        keep = pattern[path] if pattern is not None else torch.ones(layer.r, dtype=torch.bool)",
+                "        keep = torch.ones(layer.r, dtype=torch.bool)",
+            ),
+        ),
+    ),
+    Variant(
+        "adalora_keys_with_weight",
+        "5.10",
+        "AdaLoRA's tensors saved as '<path>.lora_A.weight' (PEFT's AdaLoRA keys have no .weight).",
+        (
+            (
+                '        tensors[f"{key}.lora_A"] = layer.lora_A[keep]  # (k, in)',
+                '        tensors[f"{key}.lora_A.weight"] = layer.lora_A[keep]  # (k, in)',
+            ),
+        ),
+    ),
+    Variant(
+        "adalora_load_packs_the_kept_triplets_first",
+        "5.10",
+        "The kept triplets are loaded into the first k positions instead of their own (the masked ones then hold "
+        "trained values, the pattern no longer matches the allocator's).",
+        (
+            (
+                '            layer.lora_A[mask] = tensors[f"{key}.lora_A"].to(layer.lora_A)\n'
+                '            layer.lora_E[mask] = tensors[f"{key}.lora_E"].to(layer.lora_E)\n'
+                '            layer.lora_B[:, mask] = tensors[f"{key}.lora_B"].to(layer.lora_B)\n',
+                "            k = int(mask.sum())\n"
+                '            layer.lora_A[:k] = tensors[f"{key}.lora_A"].to(layer.lora_A)\n'
+                '            layer.lora_E[:k] = tensors[f"{key}.lora_E"].to(layer.lora_E)\n'
+                '            layer.lora_B[:, :k] = tensors[f"{key}.lora_B"].to(layer.lora_B)\n',
+            ),
+        ),
+    ),
+    Variant(
+        "adalora_load_ranknum_k",
+        "5.10",
+        "The loaded layer gets rank k (the kept triplets), so ranknum = k and the scale lora_alpha / k changes "
+        "(PEFT keeps ranknum = init_r).",
+        (
+            (
+                '    get_adalora_model(model, init_r, config["lora_alpha"], config.get("lora_dropout", 0.0), paths)',
+                '    get_adalora_model(model, init_r, config["lora_alpha"], config.get("lora_dropout", 0.0), paths)\n'
+                "    for path, layer in adalora_layers(model):\n"
+                "        layer.ranknum.fill_(float(keep[path].sum()))",
             ),
         ),
     ),

@@ -186,8 +186,8 @@ MUTANTS = [
         "The row is viewed as (H, 2L, hd) instead of (2L, H, hd).",
         (
             (
-                "    slices = flat.view(n, 2 * n_layers, n_heads, -1).permute(1, 2, 0, 3)  # (2L, H, n, hd)",
-                "    slices = flat.view(n, n_heads, 2 * n_layers, -1).permute(2, 1, 0, 3)",
+                "    slices = flat.view(n, 2 * n_layers, n_kv_heads, -1).permute(1, 2, 0, 3)  # (2L, H_kv, n, hd)",
+                "    slices = flat.view(n, n_kv_heads, 2 * n_layers, -1).permute(2, 1, 0, 3)",
             ),
         ),
     ),
@@ -221,6 +221,35 @@ MUTANTS = [
             (
                 "    return [(slices[2 * layer], slices[2 * layer + 1]) for layer in range(n_layers)]",
                 "    return [(slices[0], slices[1]) for layer in range(n_layers)]",
+            ),
+        ),
+    ),
+    Variant(
+        "prefix_sized_by_d_model",
+        "7.4",
+        "The prefixes are d_model wide (the query heads' width): wrong on a grouped-query model, where PEFT's "
+        "token_dim is n_kv_heads · head_dim.",
+        (("    n_layers, _, dim = prefix_shape(model)\n", "    n_layers, _, dim, _ = model_shape(model)\n"),),
+    ),
+    Variant(
+        "prefix_split_by_query_heads",
+        "7.4",
+        "The (n, 2·L·D) table is split into n_heads heads instead of the n_kv_heads key/value heads.",
+        (
+            (
+                "        n_layers, kv_heads, _ = prefix_shape(self.base_model)",
+                "        n_layers, kv_heads = self.base_model.config.n_layers, self.base_model.config.n_heads",
+            ),
+        ),
+    ),
+    Variant(
+        "prefix_hidden_defaults_to_d_model",
+        "7.4",
+        "The MLP's hidden size defaults to d_model instead of PEFT's token_dim (H_kv · hd).",
+        (
+            (
+                "    encoder = PrefixEncoder(num_virtual_tokens, n_layers, dim, projection, hidden_size)",
+                "    encoder = PrefixEncoder(num_virtual_tokens, n_layers, dim, projection, hidden_size or model.config.d_model)",
             ),
         ),
     ),

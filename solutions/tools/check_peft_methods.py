@@ -16,6 +16,9 @@ real tokens, over a batch of 4 at T = 20 and T = 12:
                     ``fold_reparameterization`` computes vs the one PEFT saves
                     (``get_prompt_embedding_to_save``); logits after the fold
      P-tuning v2    PrefixTuningConfig(prefix_projection=False)
+     GQA            prefix tuning and P-tuning v2 again on a grouped-query model (6 query heads, 2 key/value
+                    heads of hd 8, 3 virtual tokens, PEFT's default hidden size): PEFT sizes the prefixes by the
+                    key/value heads (token_dim = 16, ``peft/utils/other.py``); trainable counts, draws, logits
      IA³            IA3Config defaults (PEFT picks k_proj, v_proj, down_proj; down_proj feed-forward);
                     logits, merged weights and logits after ``merge_ia3`` / ``merge_and_unload``
 
@@ -27,7 +30,7 @@ takes the ids themselves, so there is nothing to compare without one: not checke
 One line per check; exit 1 if any exceeds 1e-5 (fp32). Run from the repository root (the
 environment needs peft and transformers):
 
-    LORA_IMPL=solutions OMP_NUM_THREADS=1 /tmp/peftenv/bin/python solutions/tools/check_peft_methods.py
+    LORA_IMPL=solutions OMP_NUM_THREADS=1 /tmp/bnbenv/bin/python solutions/tools/check_peft_methods.py
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ TOLERANCE = 1e-5
 N_VIRTUAL = 8
 HIDDEN = 48  # encoder_hidden_size / our hidden_size: not d_model, so a mix-up of the two would show
 results: list[tuple[str, float]] = []
-BASE_LOGITS: dict[int, torch.Tensor] = {}  # T -> the base model's logits on that batch (filled by check_base)
+BASE_LOGITS: dict[tuple[str, int], torch.Tensor] = {}  # (base label, T) -> its logits on that batch (check_base)
 
 M = importlib.import_module("model.peft_methods")  # through the switch (LORA_IMPL)
 
@@ -96,12 +99,14 @@ def peft_logits(peft_model: PeftModel, ids: torch.Tensor, prepended: int = 0) ->
     return logits[:, prepended:]
 
 
-def compare(name: str, ours: nn.Module, theirs: PeftModel, batches: list[torch.Tensor], prepended: int = 0) -> None:
+def compare(
+    name: str, ours: nn.Module, theirs: PeftModel, batches: list[torch.Tensor], prepended: int = 0, base: str = "base"
+) -> None:
     """Logits of ours vs PEFT's per batch; the note also says how far the method moves them from the base."""
     with torch.no_grad():
         logits = [ours(ids) for ids in batches]
         diffs = [maxdiff(mine, peft_logits(theirs, ids, prepended)) for ids, mine in zip(batches, logits)]
-        moved = max(maxdiff(mine, BASE_LOGITS[ids.shape[1]]) for ids, mine in zip(batches, logits))
+        moved = max(maxdiff(mine, BASE_LOGITS[base, ids.shape[1]]) for ids, mine in zip(batches, logits))
     note = (
         "   (" + ", ".join(f"T={ids.shape[1]}: {d:.2e}" for ids, d in zip(batches, diffs)) + f"; vs base {moved:.1f})"
     )
@@ -149,19 +154,21 @@ def check_folded_table(label: str, table: torch.Tensor, theirs: PeftModel) -> No
 # ---- base ----------------------------------------------------------------------------------------
 
 
-def check_base(base: nn.Module, twin: nn.Module, batches: list[torch.Tensor]) -> None:
+def check_base(base: nn.Module, twin: nn.Module, batches: list[torch.Tensor], label: str = "base") -> None:
+    """Our model vs its transformers twin; remembers the base logits under ``label`` (for compare's note)."""
     with torch.no_grad():
-        BASE_LOGITS.update({ids.shape[1]: base(ids) for ids in batches})
+        logits = {ids.shape[1]: base(ids) for ids in batches}
         diffs = [
-            maxdiff(BASE_LOGITS[ids.shape[1]], twin(input_ids=ids, attention_mask=torch.ones_like(ids)).logits)
+            maxdiff(logits[ids.shape[1]], twin(input_ids=ids, attention_mask=torch.ones_like(ids)).logits)
             for ids in batches
         ]
         eager = copy.deepcopy(twin)
         eager.set_attn_implementation("eager")
-        own = max(maxdiff(BASE_LOGITS[ids.shape[1]], eager(input_ids=ids).logits) for ids in batches)
-        scale = max(logits.abs().max().item() for logits in BASE_LOGITS.values())
-    check("base: TinyLlama vs LlamaForCausalLM (sdpa)", max(diffs))
-    print(f"info base: with attn_implementation='eager' instead, max |Δ| = {own:.2e} (logits reach {scale:.1f})")
+        own = max(maxdiff(logits[ids.shape[1]], eager(input_ids=ids).logits) for ids in batches)
+        scale = max(value.abs().max().item() for value in logits.values())
+    check(f"{label}: TinyLlama vs LlamaForCausalLM (sdpa)", max(diffs))
+    print(f"info {label}: with attn_implementation='eager' instead, max |Δ| = {own:.2e} (logits reach {scale:.1f})")
+    BASE_LOGITS.update({(label, t): value for t, value in logits.items()})
 
 
 # ---- 7.2 prompt tuning ---------------------------------------------------------------------------
@@ -220,31 +227,58 @@ def check_p_tuning(base: nn.Module, twin: nn.Module, batches: list[torch.Tensor]
 # ---- 7.4 prefix tuning, 7.5 P-tuning v2 ----------------------------------------------------------
 
 
-def check_prefix_tuning(base: nn.Module, twin: nn.Module, batches: list[torch.Tensor], projection: bool) -> None:
-    label = "prefix tuning" if projection else "P-tuning v2"
+def check_prefix_tuning(
+    base: nn.Module,
+    twin: nn.Module,
+    batches: list[torch.Tensor],
+    projection: bool,
+    n_virtual: int = N_VIRTUAL,
+    hidden: int | None = HIDDEN,
+    base_label: str = "base",
+) -> None:
+    """PEFT's prefix tuning (projection) or P-tuning v2 against ours; ``hidden`` None: both take their default."""
+    label = ("prefix tuning" if projection else "P-tuning v2") + ("" if base_label == "base" else f" ({base_label})")
     config = PrefixTuningConfig(
         task_type="CAUSAL_LM",
-        num_virtual_tokens=N_VIRTUAL,
+        num_virtual_tokens=n_virtual,
         prefix_projection=projection,
-        encoder_hidden_size=HIDDEN if projection else None,
+        encoder_hidden_size=hidden if projection else None,
     )
     theirs = peft_on(twin, config, seed=6)
     torch.manual_seed(6)
     if projection:
-        ours = M.get_prefix_tuning_model(copy.deepcopy(base), N_VIRTUAL, projection=True, hidden_size=HIDDEN)
+        ours = M.get_prefix_tuning_model(copy.deepcopy(base), n_virtual, projection=True, hidden_size=hidden)
     else:
-        ours = M.get_p_tuning_v2_model(copy.deepcopy(base), N_VIRTUAL)
+        ours = M.get_p_tuning_v2_model(copy.deepcopy(base), n_virtual)
     ours.eval()
     encoder = theirs.prompt_encoder["default"]
+    counts = [sum(p.numel() for p in m.parameters() if p.requires_grad) for m in (ours, theirs)]
+    print(f"info {label}: trainable parameters ours {counts[0]:,}, PEFT's {counts[1]:,}")
+    check(f"{label}: trainable parameters (count differing)", float(abs(counts[0] - counts[1])))
     check(f"{label}: init, same seed (bit for bit)", same_draws(ours.prefix_encoder, encoder))
 
     randomize(encoder, seed=7, std=0.5)
     ours.prefix_encoder.load_state_dict(encoder.state_dict(), strict=True)
-    compare(f"{label}: logits", ours, theirs, batches)
+    compare(f"{label}: logits", ours, theirs, batches, base=base_label)
     if projection:
         M.fold_reparameterization(ours)
         check_folded_table(label, ours.prefix_encoder(), theirs)
-        compare(f"{label}: logits after fold_reparameterization (ours)", ours, theirs, batches)
+        compare(f"{label}: logits after fold_reparameterization (ours)", ours, theirs, batches, base=base_label)
+
+
+def gqa_base() -> nn.Module:
+    """A random TinyLlama with grouped-query attention: 6 query heads share 2 key/value heads of hd 8 (issue 22)."""
+    from model.tiny_llama import LlamaConfig, TinyLlama
+
+    config = LlamaConfig(d_model=48, n_heads=6, n_kv_heads=2, n_layers=3, d_ff=96)
+    with torch.random.fork_rng(devices=[]):
+        model = TinyLlama(config)
+    randomize(model, seed=11, std=0.15)  # larger than the init's 0.02, so the logits (and a wrong prefix) show
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+    return model.eval()
 
 
 # ---- 7.6 IA³ -------------------------------------------------------------------------------------
@@ -301,6 +335,11 @@ def main() -> int:
     check_p_tuning(base, twin, batches, "lstm")
     check_prefix_tuning(base, twin, batches, projection=True)
     check_prefix_tuning(base, twin, batches, projection=False)
+    gqa = gqa_base()  # 3 virtual tokens, PEFT's default hidden size (token_dim = 2 · 8 = 16)
+    gqa_twin = hf_twin(gqa)
+    check_base(gqa, gqa_twin, batches, label="GQA base")
+    for projection in (True, False):
+        check_prefix_tuning(gqa, gqa_twin, batches, projection, n_virtual=3, hidden=None, base_label="GQA base")
     check_ia3(base, twin, batches)
     failed = [name for name, value in results if not value <= TOLERANCE]
     print(

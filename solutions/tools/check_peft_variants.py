@@ -17,13 +17,20 @@ same weights (copied from ours), and we report max |Δ| of the logits (and of th
                 RankAllocator (attached through optimizer hooks) against PEFT's update_and_allocate
      files      PEFT loads our rsLoRA, DoRA, PiSSA and OLoRA adapters (PiSSA/OLoRA converted, onto the
                 ORIGINAL base) with the same logits; we load PEFT's DoRA adapter
-     LoftQ      (informational) ‖W − (Q̂ + s·BA)‖ per iteration; PEFT's LoftQ needs bitsandbytes and a GPU
+                PEFT's DEFAULT files of a trained PiSSA / OLoRA model (init_lora_weights kept, A and B relative
+                to the residual): we load them as PEFT does (W0's residual recomputed) — logits, residuals, and
+                the file read as a plain LoRA for scale; then saved again (converted), PEFT loads ours
+                PEFT's default LoftQ files (1 and 2 iterations, s = 1 and 2; PEFT's LoftQ made to run on the CPU
+                as on a GPU, see peft_loftq_on_cpu): we recompute Q̂ as PEFT does — logits and the bases
+                VeRA both ways, with the shared pair saved (save_projection) and regenerated from the key
+                AdaLoRA both ways, before any mask and after the allocator run (rank_pattern, resized tensors)
+     LoftQ      (informational) ‖W − (Q̂ + s·BA)‖ per iteration
 
 One line per check; exit 1 if any exceeds 1e-5 (fp32) or, where PEFT itself rounds more (a
 comparison with the base model, merged vs unmerged, a different operation order), PEFT's own
 error on the same comparison. Run from the repository root (the environment needs peft):
 
-    LORA_IMPL=solutions OMP_NUM_THREADS=1 /tmp/peftenv/bin/python solutions/tools/check_peft_variants.py
+    LORA_IMPL=solutions OMP_NUM_THREADS=1 /tmp/bnbenv/bin/python solutions/tools/check_peft_variants.py
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import importlib
 import json
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -274,7 +282,7 @@ def copy_adalora(ours: nn.Module, theirs: PeftModel, inner: str) -> None:
                 getattr(target, name)["default"].copy_(getattr(layer, name))
 
 
-def check_adalora(base: nn.Module, ids: torch.Tensor) -> None:
+def check_adalora(base: nn.Module, ids: torch.Tensor) -> tuple[nn.Module, PeftModel, object]:
     total_step, steps = 10, 12
     ours = V.get_adalora_model(copy.deepcopy(base), init_r=6, lora_alpha=8)
     config = AdaLoraConfig(
@@ -318,6 +326,7 @@ def check_adalora(base: nn.Module, ids: torch.Tensor) -> None:
     check("AdaLoRA: masked singular values that differ (count)", patterns)
     ours.eval(), theirs.eval()
     check("AdaLoRA: logits after the allocator run", maxdiff(ours(ids), theirs(ids).logits))
+    return ours, theirs, allocator
 
 
 # ---- Files: our adapters in PEFT, PEFT's in ours -------------------------------------------------
@@ -368,6 +377,168 @@ def check_files(base: nn.Module, ids: torch.Tensor, rslora: nn.Module, dora: nn.
         check("files: we load PEFT's DoRA adapter (logits)", maxdiff(ours(ids), theirs(ids)))
 
 
+# ---- Files PEFT writes by default for PiSSA, OLoRA, LoftQ; VeRA and AdaLoRA files both ways ------------
+
+
+def peft_reload(base: nn.Module, tmp: str) -> PeftModel:
+    """PEFT's own from_pretrained of a folder onto a copy of the original base (eval mode)."""
+    return PeftModel.from_pretrained(copy.deepcopy(base), tmp).eval()
+
+
+def check_residual_files(base: nn.Module, ids: torch.Tensor, name: str, method: str, theirs: PeftModel) -> None:
+    """PEFT's default save_pretrained of a trained PiSSA/OLoRA model (init_lora_weights kept): we load it as PEFT does."""
+    theirs.peft_config["default"].init_lora_weights = method  # check_w0_init set it to True for its initial adapter
+    with tempfile.TemporaryDirectory() as tmp:
+        theirs.save_pretrained(tmp)
+        config = json.loads((Path(tmp) / "adapter_config.json").read_text())
+        print(f"info {name}: PEFT's default file has init_lora_weights={config['init_lora_weights']!r}")
+        ours = V.load_variant_adapter(copy.deepcopy(base), tmp).eval()
+        own = maxdiff(peft_reload(base, tmp)(ids), theirs(ids))
+        note = f"   (PEFT's own reload: {own:.2e}; the file read as a plain LoRA would be off by "
+        plain = copy.deepcopy(base)
+        get_lora_model(plain, r=config["r"], lora_alpha=config["lora_alpha"], target_modules=config["target_modules"])
+        tensors = load_file(Path(tmp) / "adapter_model.safetensors")
+        with torch.no_grad():
+            for path, layer in lora_layers(plain):
+                layer.lora_A.copy_(tensors[f"base_model.model.{path}.lora_A.weight"])
+                layer.lora_B.copy_(tensors[f"base_model.model.{path}.lora_B.weight"])
+        note += f"{maxdiff(plain.eval()(ids), theirs(ids)):.2f})"
+        check(
+            f"files: we load PEFT's default {name} file (logits vs PEFT's model)", maxdiff(ours(ids), theirs(ids)), note
+        )
+        residual = max(
+            maxdiff(layer.base_layer.weight, peft_module(theirs, path).base_layer.weight)
+            for path, layer in lora_layers(ours)
+        )
+        check(f"files: {name} residual W0 − s·B0A0 recomputed on load (vs PEFT's)", residual)
+        V.save_variant_adapter(ours, tmp + "/converted")  # and on to a plain LoRA for the original base, as ours
+        back = peft_reload(base, tmp + "/converted")
+        check(f"files: {name} loaded, saved converted, PEFT loads it on W0 (logits)", maxdiff(back(ids), theirs(ids)))
+    theirs.peft_config["default"].init_lora_weights = True
+
+
+def peft_loftq_on_cpu() -> None:
+    """Let PEFT 0.21.2's LoftQ run here as it runs on a GPU: its ``loftq_init`` source with two edits.
+
+    1. It sends the weight to "cuda" (or "xpu"): "cpu" instead (bitsandbytes 0.50 quantizes NF4 on the CPU).
+    2. Its dequantization, ``bnb.functional.dequantize_4bit``, takes bitsandbytes' AVX-512 CPU kernel on this
+       host, which indexes absmax by row and is wrong when in_features is not a multiple of 64 (down_proj's
+       176; see make_nf4_golden.py, case nf4_fp32_16x64_bs128): bitsandbytes' flat-block reference instead,
+       what CUDA and every other CPU compute.
+    Its LoraConfig also wants scipy, which 4-bit LoftQ does not use (``without_scipy_check``).
+    """
+    import inspect
+
+    import peft.tuners.lora.layer as lora_layer
+    import peft.utils.loftq_utils as loftq_utils
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
+    def flat_dequantize(packed: torch.Tensor, state) -> torch.Tensor:
+        return _dequantize_4bit_compute(
+            packed.reshape(-1), state.absmax, state.code, state.blocksize, tuple(state.shape), state.dtype
+        )
+
+    source = inspect.getsource(loftq_utils.loftq_init)
+    edits = {
+        'compute_device = "xpu" if is_xpu_available() else "cuda"': 'compute_device = "cpu"',
+        "bnb.functional.dequantize_4bit(qweight.data, qweight.quant_state)": "flat_dequantize(qweight.data, qweight.quant_state)",
+    }
+    for old, new in edits.items():
+        assert source.count(old) == 1, f"PEFT's loftq_init changed: {old!r} not found once"
+        source = source.replace(old, new)
+    namespace = dict(vars(loftq_utils)) | {"flat_dequantize": flat_dequantize}
+    exec(compile(source, loftq_utils.__file__, "exec"), namespace)
+    lora_layer.loftq_init = namespace["loftq_init"]
+
+
+def without_scipy_check():
+    import importlib.util
+    from unittest import mock
+
+    real = importlib.util.find_spec
+    return mock.patch("importlib.util.find_spec", lambda name, *a: real(name, *a) or (name == "scipy") or None)
+
+
+def check_loftq_files(base: nn.Module, ids: torch.Tensor, iters: int, lora_alpha: float) -> None:
+    """PEFT's LoftQ (on the CPU) trained and saved by default (init_lora_weights "loftq"): we load it as PEFT does."""
+    targets = ["q_proj", "v_proj", "down_proj"]
+    with without_scipy_check():
+        config = LoraConfig(r=4, lora_alpha=lora_alpha, target_modules=targets)
+        config.init_lora_weights, config.loftq_config = "loftq", {"loftq_bits": 4, "loftq_iter": iters}
+        theirs = get_peft_model(copy.deepcopy(base), config).eval()
+        randomize([p for n, p in theirs.named_parameters() if "lora_" in n], seed=iters, std=0.05)
+        label = f"LoftQ {iters} iter{'s' if iters > 1 else ''}, s={lora_alpha / 4:g}"
+        with tempfile.TemporaryDirectory() as tmp:
+            theirs.save_pretrained(tmp)
+            ours = V.load_variant_adapter(copy.deepcopy(base), tmp).eval()
+            own = maxdiff(peft_reload(base, tmp)(ids), theirs(ids))
+    check(f"files: we load PEFT's default {label} file (logits)", maxdiff(ours(ids), theirs(ids)),
+          f"   (PEFT's own reload: {own:.2e})")  # fmt: skip
+    bases = max(
+        maxdiff(layer.base_layer.dequantize_weight(torch.float32), peft_module(theirs, path).base_layer.weight)
+        for path, layer in lora_layers(ours)
+    )
+    check(f"files: {label}: our NF4 base Q̂ vs PEFT's recomputed base", bases)
+
+
+def check_vera_files(base: nn.Module, ids: torch.Tensor) -> None:
+    """Our VeRA adapter into PEFT and PEFT's into ours, with the shared pair saved and regenerated from the key."""
+    targets = ["q_proj", "v_proj", "up_proj", "down_proj"]
+    for save_projection in (True, False):
+        note = f"save_projection={save_projection}"
+        ours = V.get_vera_model(copy.deepcopy(base), r=16, target_modules=targets, projection_prng_key=5).eval()
+        for path, layer in V.vera_layers(ours):
+            randomize([layer.lambda_d, layer.lambda_b], seed=len(path), std=0.5)
+        with tempfile.TemporaryDirectory() as tmp:
+            V.save_variant_adapter(ours, tmp, save_projection=save_projection)
+            check(
+                f"files: PEFT loads our VeRA adapter, {note} (logits)", maxdiff(ours(ids), peft_reload(base, tmp)(ids))
+            )
+        config = VeraConfig(r=16, target_modules=targets, projection_prng_key=5, save_projection=save_projection)
+        theirs = get_peft_model(copy.deepcopy(base), config).eval()
+        randomize([p for n, p in theirs.named_parameters() if "vera_lambda" in n], seed=3, std=0.5)
+        with tempfile.TemporaryDirectory() as tmp:
+            theirs.save_pretrained(tmp)
+            mine = V.load_variant_adapter(copy.deepcopy(base), tmp).eval()
+            check(f"files: we load PEFT's VeRA adapter, {note} (logits)", maxdiff(mine(ids), theirs(ids)))
+
+
+def check_adalora_files(base: nn.Module, ids: torch.Tensor, ours: nn.Module, theirs: PeftModel, allocator) -> None:
+    """After the allocator run (masked triplets): ours into PEFT, PEFT's (a plain-base twin of ``theirs``) into ours."""
+    pattern = sum(int((~kept).sum()) for kept in allocator.rank_pattern.values())
+    with tempfile.TemporaryDirectory() as tmp:
+        V.save_variant_adapter(ours, tmp, allocator=allocator)
+        loaded = peft_reload(base, tmp)
+        check(
+            f"files: PEFT loads our AdaLoRA adapter, {pattern} triplets masked (logits)",
+            maxdiff(ours(ids), loaded(ids)),
+        )
+    fresh = V.get_adalora_model(copy.deepcopy(base), init_r=6, lora_alpha=8)
+    with tempfile.TemporaryDirectory() as tmp:  # before any mask: rank_pattern null, init_r everywhere
+        allocator_fresh = V.RankAllocator(fresh, total_step=10, target_r=3)
+        for path, layer in V.adalora_layers(fresh):
+            randomize([layer.lora_E], seed=len(path), std=0.2)
+        V.save_variant_adapter(fresh, tmp, allocator=allocator_fresh)
+        check(
+            "files: PEFT loads our AdaLoRA adapter before any mask (logits)",
+            maxdiff(fresh.eval()(ids), peft_reload(base, tmp)(ids)),
+        )
+    config = copy.deepcopy(theirs.peft_config["default"])
+    config.rank_pattern = {key.removeprefix("lm."): value for key, value in config.rank_pattern.items()}
+    plain = get_peft_model(copy.deepcopy(base), config).eval()  # PEFT's model on the plain base, theirs's weights
+    with torch.no_grad():
+        for name, param in plain.named_parameters():
+            if ".lora_" in name:
+                param.copy_(theirs.get_parameter(name.replace("base_model.model.", "base_model.model.lm.", 1)))
+    with tempfile.TemporaryDirectory() as tmp:
+        plain.save_pretrained(tmp)
+        saved = json.loads((Path(tmp) / "adapter_config.json").read_text())
+        kept = sum(sum(v) for v in saved["rank_pattern"].values())
+        mine = V.load_variant_adapter(copy.deepcopy(base), tmp).eval()
+        check(f"files: we load PEFT's AdaLoRA adapter ({kept} triplets kept; logits)", maxdiff(mine(ids), plain(ids)),
+              f"   (vs PEFT's own reload: {maxdiff(mine(ids), peft_reload(base, tmp)(ids)):.2e})")  # fmt: skip
+
+
 def report_loftq(base: nn.Module) -> None:
     ours = get_lora_model(copy.deepcopy(base), r=4, lora_alpha=4, target_modules=["q_proj"])
     path, layer = next(lora_layers(ours))
@@ -376,6 +547,7 @@ def report_loftq(base: nn.Module) -> None:
 
 
 def main() -> int:
+    warnings.filterwarnings("ignore", module="peft")  # save_projection=False, rank_pattern keys, zero-rank layers
     torch.manual_seed(0)
     base = load_base_model().eval()
     ids = torch.randint(0, 18, (4, 19))
@@ -385,8 +557,15 @@ def main() -> int:
     olora = check_w0_init(base, ids, "olora")
     check_vera(base, ids, r=16)
     check_vera(base, ids, r=256)
-    check_adalora(base, ids)
+    adalora = check_adalora(base, ids)
     check_files(base, ids, rslora, dora, PiSSA=pissa, OLoRA=olora)
+    check_residual_files(base, ids, "PiSSA", "pissa", pissa[1])
+    check_residual_files(base, ids, "OLoRA", "olora", olora[1])
+    peft_loftq_on_cpu()
+    for iters, lora_alpha in ((1, 4), (2, 4), (2, 8)):
+        check_loftq_files(base, ids, iters, lora_alpha)
+    check_vera_files(base, ids)
+    check_adalora_files(base, ids, *adalora)
     report_loftq(base)
     failed = [name for name, value, allowed in results if not value <= allowed]
     print(

@@ -9,10 +9,14 @@ tutorial/*.md:
     stage-table       tutorial/README.md: one row per stage
     exercise-table    tutorial/README.md: one row per exercise
     catalogue-counts  README.md: how many mutants, equivalents and hostile submissions there are
+    layout            README.md: the folders and files a student receives, student files (from the
+                      manifest) and given files (what git tracks) apart
+    which-code-runs   README.md and tutorial/README.md: the student modules IMPL switches, and the rule
     tests-X.Y         a lesson page: what the graded tests of exercise X.Y check, one line per test,
                       the first line of each test's docstring (so a graded behaviour cannot go
                       unmentioned, and a mentioned one cannot go ungraded)
-Checked in prose: "Exercise X.Y … (N points)", "exercises X.Y–X.Z, N points" and "N points in all".
+Checked in prose: "Exercise X.Y … (N points)", "exercises X.Y–X.Z, N points", "N points in all", and
+every "folder of loose files (…)" names exactly the student files.
 """
 
 from __future__ import annotations
@@ -20,12 +24,16 @@ from __future__ import annotations
 import argparse
 import ast
 import re
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
-from testcases.manifest import REPO, STAGES, exercises, stage_of, total_points
+from testcases.manifest import REPO, STAGES, exercises, stage_of, student_files, student_modules, total_points
 
 PAGES = ("README.md", "tutorial/README.md", *(s.lesson for s in STAGES))
+# The Chinese twins (tutorial/zh-CN/, README.zh-CN.md) get the same blocks in Chinese where they exist.
+ZH_PAGES = ("README.zh-CN.md", "tutorial/zh-CN/README.md", *(f"tutorial/zh-CN/{Path(s.lesson).name}" for s in STAGES))
 BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /generated -->)", re.DOTALL)
 
 
@@ -44,7 +52,10 @@ def test_lines() -> dict[str, list[tuple[str, str, str]]]:
     return found
 
 
-def render(name: str) -> str:
+def render(name: str, lang: str = "en") -> str:
+    """The body of generated block ``name`` for a page in ``lang`` ("en", or "zh" for the Chinese twins)."""
+    if lang == "zh":
+        return render_zh(name)
     if name == "course-map":
         rows = ["| stage | lesson | you write in | exercises (points) |", "|---|---|---|---|"]
         for s in STAGES:
@@ -66,19 +77,63 @@ def render(name: str) -> str:
             for e in s.exercises:
                 rows.append(f"| {e.id} | {e.title} | {', '.join(e.needs) or '—'} | {e.points} |")
         return "\n".join(rows) + "\n"
+    if name == "layout":
+        return layout()
+    if name == "which-code-runs":
+        return which_code_runs()
     if name == "catalogue-counts":
         counts = catalogue_counts()
         return (f"The catalogues hold {counts['mutants']} mutants, {counts['equivalents']} equivalents and "
                 f"{counts['hostile']} hostile submissions.\n")  # fmt: skip
     if name.startswith("tests-"):
         ex = name.removeprefix("tests-")
-        lines = [f"- {doc} *({level}: `{test}`)*" for level, test, doc in test_lines()[ex]]
-        return (
-            f"The graded tests of {ex} check ({stage_of(ex).tests[0].rsplit('/', 1)[0]}/):\n\n"
-            + "\n".join(lines)
-            + "\n"
-        )
+        return f"The graded tests of {ex} check ({stage_of(ex).tests[0].rsplit('/', 1)[0]}/):\n\n" + test_list(ex)
     raise KeyError(name)
+
+
+def test_list(ex: str) -> str:
+    """One line per graded test of ``ex``: its docstring's first line (English in every language: it is code)."""
+    return "\n".join(f"- {doc} *({level}: `{test}`)*" for level, test, doc in test_lines()[ex]) + "\n"
+
+
+def zh_lesson(stage) -> str:
+    return str(Path(stage.lesson).parent / "zh-CN" / Path(stage.lesson).name)
+
+
+def render_zh(name: str) -> str:
+    """The Chinese pages' generated blocks: the same facts from the manifest, Chinese words around them."""
+    if name == "course-map":
+        rows = ["| 阶段 | 课程 | 你编写的文件 | 练习（分数） |", "|---|---|---|---|"]
+        for s in STAGES:
+            ex = " · ".join(f"{e.id} {e.title} ({e.points})" for e in s.exercises)
+            rows.append(f"| {s.number} | [{s.title_zh}]({zh_lesson(s)}) | `{s.student_file}` | {ex} |")
+        return "\n".join(rows) + f"\n\n共 {total_points()} 分。\n"
+    if name == "stage-table":
+        rows = ["| 阶段 | 课程页面 | 学生文件 | 练习 | 分数 |", "|---|---|---|---|---|"]
+        for s in STAGES:
+            page = Path(s.lesson).name
+            rows.append(f"| {s.number} · {s.title_zh} | [{page}]({page}) | `{s.student_file}` | "
+                        f"{s.exercises[0].id}–{s.exercises[-1].id} | {s.points} |")  # fmt: skip
+        rows.append(f"| | | | **合计** | **{total_points()}** |")
+        return "\n".join(rows) + "\n"
+    if name == "exercise-table":
+        rows = ["| 练习 | 你要实现的内容 | 依赖 | 分数 |", "|---|---|---|---|"]
+        for s in STAGES:
+            rows.append(f"| **第 {s.number} 阶段** · `{s.student_file}` | | | |")
+            for e in s.exercises:
+                rows.append(f"| {e.id} | {e.title} | {', '.join(e.needs) or '—'} | {e.points} |")
+        return "\n".join(rows) + "\n"
+    if name == "which-code-runs":
+        return which_code_runs_zh()
+    if name == "catalogue-counts":
+        counts = catalogue_counts()
+        return (f"目录中共有 {counts['mutants']} 个变异体（mutant）、{counts['equivalents']} 个等价实现和 "
+                f"{counts['hostile']} 个恶意提交。\n")  # fmt: skip
+    if name.startswith("tests-"):
+        ex = name.removeprefix("tests-")
+        folder = stage_of(ex).tests[0].rsplit("/", 1)[0]
+        return f"练习 {ex} 的评分测试检查以下各项（{folder}/，测试说明保留英文原文）：\n\n" + test_list(ex)
+    raise KeyError(f"{name}: no Chinese rendering (solutions/tools/docs.py render_zh)")
 
 
 def quoted_points(page: str, text: str) -> list[str]:
@@ -95,9 +150,114 @@ def quoted_points(page: str, text: str) -> list[str]:
             problems.append(
                 f"{page}: stage {stage.number} quotes {m.group(2)} points, the manifest says {stage.points}"
             )
-    for m in re.finditer(r"(\d+) points in all", text):
-        if int(m.group(1)) != total_points():
-            problems.append(f"{page}: quotes {m.group(1)} points in all, the manifest says {total_points()}")
+    for m in re.finditer(r"练习 (\d+)\.\d+[–-]\d+\.\d+[，,] ?(\d+) 分", text):  # the Chinese pages
+        stage = next((s for s in STAGES if str(s.number) == m.group(1)), None)
+        if stage and int(m.group(2)) != stage.points:
+            problems.append(
+                f"{page}: stage {stage.number} quotes {m.group(2)} points, the manifest says {stage.points}"
+            )
+    for m in re.finditer(r"练习 (\d+\.\d+)[^\n]*?[（(](\d+) 分[）)]", text):
+        if m.group(1) in table and int(m.group(2)) != table[m.group(1)].points:
+            problems.append(
+                f"{page}: 练习 {m.group(1)} quotes {m.group(2)} points, the manifest says {table[m.group(1)].points}"
+            )
+    for m in re.finditer(r"(\d+) points in all|共 (\d+) 分", text):
+        quoted = int(m.group(1) or m.group(2))
+        if quoted != total_points():
+            problems.append(f"{page}: quotes {quoted} points in all, the manifest says {total_points()}")
+    return problems
+
+
+ROLES = {"_impl.py": "the switch", "tiny_llama.py": "the base model", "data.py": "the tasks",
+         "manifest.py": "the course in one table"}  # fmt: skip
+INDENT = 14  # where the layout's descriptions start
+NBSP = "\u00a0"  # a space textwrap does not break at
+
+
+def tracked(folder: str) -> list[str]:
+    """The files git tracks directly in ``folder`` (not in its subfolders), sorted."""
+    out = subprocess.run(["git", "ls-files", folder], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    return sorted(Path(f).name for f in out.split() if Path(f).parent.as_posix() == folder)
+
+
+def wrap(text: str, width: int) -> list[str]:
+    """``textwrap.wrap`` that never breaks inside `code` nor before a " · " separator."""
+    keep = re.sub(r"`[^`]*`", lambda m: m.group(0).replace(" ", NBSP), text).replace(" · ", f"{NBSP}· ")
+    return [line.replace(NBSP, " ") for line in textwrap.wrap(keep, width, break_on_hyphens=False)]
+
+
+def layout_row(folder: str, items: list[str]) -> str:
+    """One folder of the layout, its items joined by " · " and wrapped under the description column."""
+    return f"{folder + '/':<{INDENT}}" + ("\n" + " " * INDENT).join(wrap(" · ".join(items), 100 - INDENT))
+
+
+def layout() -> str:
+    """README's Layout: student files from the manifest, given files from git, stages and notebooks counted."""
+    first, last = STAGES[0].number, STAGES[-1].number
+    rows = ["```", "README.md  Makefile  requirements.txt  pyproject.toml"]
+    lessons = [f for f in tracked("tutorial") if f != "README.md"]
+    capstone = [f[:2] for f in lessons if not any(f == Path(s.lesson).name for s in STAGES)]
+    rows.append(layout_row("tutorial", [f"{first:02d}–{last:02d} one page per stage"]
+                           + [f"{n} the capstone" for n in capstone] + ["README.md (the map)"]))  # fmt: skip
+    for folder in ("model", "training"):
+        mine = [s for s in student_files() if s.startswith(folder + "/")]
+        stages = {f: [st.number for st in STAGES if st.student_file == f] for f in mine}
+        students = [f"{Path(f).name} (Stage{'s' if len(v) > 1 else ''} {'–'.join(str(n) for n in sorted({min(v), max(v)}))})"
+                    for f, v in stages.items()]  # fmt: skip
+        given = [f"{name} ({ROLES[name]})" if name in ROLES else name
+                 for name in tracked(folder) if f"{folder}/{name}" not in mine and name != "__init__.py"]  # fmt: skip
+        extra = ["checkpoints/"] if folder == "model" else []
+        rows.append(layout_row(folder, [f"student files: {', '.join(students)}", f"given: {', '.join(given)}", *extra]))
+    entry = ("basic_test.py", "advanced_test.py")
+    support = [f for f in tracked("testcases") if f not in (*entry, "manifest.py", "__init__.py")]
+    rows.append(layout_row("testcases", [f"manifest.py ({ROLES['manifest.py']})", f"{', '.join(entry)} (entry points)",
+                                         f"stage{first}/ … stage{last}/ (the tests)", ", ".join(support), "fixtures/"]))  # fmt: skip
+    rows.append(layout_row("notebooks", [f"{first:02d}–{last:02d}, one per stage"]))
+    return "\n".join([*rows, "```"]) + "\n"
+
+
+def which_code_runs() -> str:
+    """The IMPL paragraph: the student modules come from the manifest."""
+    modules = [f"`{m}`" for m in student_modules()]
+    loose = ", ".join(f"`{Path(f).name}`" for f in student_files())
+    text = (
+        f"**Which code runs (`IMPL`)?** Tests, notebooks, the demo and the comparisons import the student "
+        f"modules {', '.join(modules[:-1])} and {modules[-1]} (the list is `testcases/manifest.py`'s); one "
+        f"setting decides which files those names load: `student` (your files), `solutions` (the reference, "
+        f"where the checkout has it) or a directory — a clone, or a folder of loose files ({loose}), where a "
+        f"missing file counts as not attempted. It is `IMPL=` for make, `--impl` for pytest and the grader, "
+        f"`LORA_IMPL` in the environment. Unset, grading (`make grade`, pytest) uses your files, and showing "
+        f"(`make demo`, `make variants`, `make peft-family`, `make notebooks`, `make bench`, and lesson 08's "
+        f"`make finetune`, `make generate`, `make chat`, `make ddp`, `make fsdp`) uses the reference where the "
+        f"checkout has one, else your files. `model/_impl.py` is the switch."
+    )
+    return "\n".join(wrap(text, 100)) + "\n"
+
+
+def which_code_runs_zh() -> str:
+    """The IMPL paragraph of the Chinese pages: the same facts as ``which_code_runs``."""
+    modules = [f"`{m}`" for m in student_modules()]
+    loose = "、".join(f"`{Path(f).name}`" for f in student_files())
+    text = (
+        f"**运行的是哪一份代码（`IMPL`）？** 测试、笔记本、演示和各项对比都导入学生模块 {'、'.join(modules[:-1])} 和 "
+        f"{modules[-1]}（清单来自 `testcases/manifest.py`）；由一个设置决定这些名字加载哪些文件：`student`（你的文件）、"
+        f"`solutions`（参考实现，仅当检出目录中有它时）或一个目录——一份克隆，或一个散放文件的文件夹（{loose}），其中缺少的"
+        f"文件按未作答计。make 使用 `IMPL=`，pytest 和评分器使用 `--impl`，环境变量为 `LORA_IMPL`。未设置时，评分（`make grade`、"
+        f"pytest）使用你的文件；展示类命令（`make demo`、`make variants`、`make peft-family`、`make notebooks`、`make bench`，"
+        f"以及第 08 课的 `make finetune`、`make generate`、`make chat`、`make ddp`、`make fsdp`）在检出目录有参考实现时使用参考实现，"
+        f"否则使用你的文件。切换逻辑在 `model/_impl.py`。"
+    )
+    return text + "\n"
+
+
+def loose_file_lists(page: str, text: str) -> list[str]:
+    """Every "folder of loose files (…)" in prose must name exactly the student files."""
+    problems, expected = [], {Path(f).name for f in student_files()}
+    for m in re.finditer(r"folder of loose files\s*\(([^)]*)\)", text):
+        named = set(re.findall(r"`([\w.]+\.py)`", m.group(1)))
+        if named != expected:
+            problems.append(f"{page}: a folder of loose files lists {sorted(named)}, the manifest's student files "
+                            f"are {sorted(expected)}")  # fmt: skip
     return problems
 
 
@@ -112,19 +272,23 @@ def sync(write: bool) -> list[str]:
     problems = []
     tested = {ex for ex, lines in test_lines().items() if lines}
     listed = set()
-    for page in PAGES:
+    pages = [(page, "en") for page in PAGES] + [(page, "zh") for page in ZH_PAGES if (REPO / page).is_file()]
+    for page, lang in pages:
         path = REPO / page
         text = path.read_text()
-        new = BLOCK.sub(lambda m: m.group(1) + render(m.group("name")) + m.group(4), text)
-        listed |= {
-            m.group("name").removeprefix("tests-") for m in BLOCK.finditer(text) if m.group("name").startswith("tests-")
-        }
+        new = BLOCK.sub(lambda m, lang=lang: m.group(1) + render(m.group("name"), lang) + m.group(4), text)
+        if lang == "en":
+            listed |= {
+                m.group("name").removeprefix("tests-")
+                for m in BLOCK.finditer(text)
+                if m.group("name").startswith("tests-")
+            }
         if new != text:
             if write:
                 path.write_text(new)
             else:
                 problems.append(f"{page}: a generated block is out of date (run python -m solutions.tools.docs)")
-        problems += quoted_points(page, new)
+        problems += quoted_points(page, new) + loose_file_lists(page, new)
     if missing := sorted(tested - listed, key=lambda e: tuple(map(int, e.split(".")))):
         problems.append(f"no lesson lists the tests of {', '.join(missing)}: add <!-- generated: tests-X.Y --> blocks")
     return problems

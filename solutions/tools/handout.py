@@ -26,13 +26,25 @@ from pathlib import Path
 from testcases.manifest import REPO, student_files
 
 DROPPED = ("solutions", ".ci")
-STRIPPED = ("README.md", "tutorial/*.md")  # pages (globs) whose <!-- instructor --> passages a handout drops
-INSTRUCTOR_ONLY = re.compile(r"\n?<!-- instructor -->.*?<!-- /instructor -->\n?", re.DOTALL)
+STRIPPED = (
+    "README.md",
+    "README.zh-CN.md",
+    "tutorial/*.md",
+    "tutorial/zh-CN/*.md",
+)  # pages (globs) whose <!-- instructor --> passages a handout drops
+# An instructor passage, and whether it starts a line and ends one: then its lines go entirely.
+INSTRUCTOR_ONLY = re.compile(r"(^)?<!-- instructor -->.*?<!-- /instructor -->(\n)?", re.DOTALL | re.MULTILINE)
 
 
 def student_text(text: str) -> str:
-    """A page without its instructor-only passages (and without the markers)."""
-    return INSTRUCTOR_ONLY.sub("\n", text)
+    """A page without its instructor-only passages (and without the markers), leaving no stray line break.
+
+    A passage that fills whole lines goes with its last line break; one inside a line goes alone, so
+    the text around it joins as written ("format. <!-- instructor -->…<!-- /instructor -->`make demo`"
+    becomes "format. `make demo`"). A removed block between two blank lines leaves one blank line.
+    """
+    cut = INSTRUCTOR_ONLY.sub(lambda m: "" if m.group(1) is not None else (m.group(2) or ""), text)
+    return re.sub(r"\n{3,}", "\n\n", cut) if "\n\n\n" not in text else cut
 
 
 def build(dest: Path, ref: str = "HEAD") -> Path:

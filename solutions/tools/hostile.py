@@ -7,7 +7,11 @@ temporary folder and graded by ``python -m testcases.grade`` with short budgets 
 of grace); where a case expects "twin" scores, the same files without the hostile part are graded
 too. Checked: the scorer survives and writes its own results.json (nothing the submission wrote
 survives, not even later), the per-exercise points match, no process of the submission outlives
-the grader, and each case finishes within its time. Prints one line per case: name, points, seconds.
+the grader, and each case finishes within its time. A case that tries a way out of the grading
+sandbox is also graded with the sandbox off (``--no-sandbox``), where it must earn more than its
+twin: the way out is real, and the sandbox is what shuts it. A case that only the kernel's Landlock
+can stop is skipped, and the skip printed, on a kernel without it. Prints one line per case: name,
+seconds, points.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 from solutions.hostile.cases import CASES, Hostile
 from solutions.tools.variants import catalogue
 from testcases.manifest import REPO, exercises, student_files
+from testcases.sandbox import landlock_abi
 
 FAST = ["--timeout", "3", "--grace", "2", "--budget", "150", "--jobs", "1", "--details", "0"]
 
@@ -41,12 +46,13 @@ def write_submission(folder: Path, case: Hostile, hostile: bool) -> None:
         target.write_text(text)
 
 
-def grade(folder: Path, ex: str) -> tuple[dict[str, float], dict, float, int]:
+def grade(folder: Path, ex: str, *extra: str) -> tuple[dict[str, float], dict, float, int]:
     """(points per exercise, results.json, seconds, exit status) of the isolated grader on ``folder``."""
     results = folder / "out" / "results.json"
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "testcases.grade", "--impl", str(folder), "--ex", ex,
-                           "--results", str(results), *FAST], cwd=REPO, capture_output=True, text=True)  # fmt: skip
+                           "--results", str(results), "--logs", str(results.parent / "logs"), *FAST, *extra],
+                          cwd=REPO, capture_output=True, text=True)  # fmt: skip
     seconds = time.monotonic() - started
     data = json.loads(results.read_text()) if results.exists() else {}
     points: dict[str, float] = {}
@@ -55,7 +61,13 @@ def grade(folder: Path, ex: str) -> tuple[dict[str, float], dict, float, int]:
     return points, data, seconds, proc.returncode
 
 
-def run_case(case: Hostile) -> tuple[bool, str]:
+def run_case(case: Hostile) -> tuple[bool | None, str]:
+    """(True, details) if the case scores as expected, (False, problems), or (None, why) if it cannot run here."""
+    if case.needs_landlock and not landlock_abi():
+        return (
+            None,
+            "skipped: this kernel has no Landlock, so native code in a submission can read outside its sandbox here",
+        )
     with tempfile.TemporaryDirectory(prefix=f"hostile-{case.name}-") as tmp:
         folder = Path(tmp) / "submission"
         write_submission(folder, case, hostile=True)
@@ -69,13 +81,25 @@ def run_case(case: Hostile) -> tuple[bool, str]:
         )
         if not data or "output" not in data or after != data:
             problems.append("results.json is missing, not the grader's, or changed after the grader finished")
+        logs = "".join(log.read_text(errors="replace") for log in (folder / "out" / "logs").glob("*.log"))
+        if case.log_says and case.log_says not in logs:
+            problems.append(f"the hostile code never printed {case.log_says!r}: its attack did not run as designed")
         if data and abs(sum(t["score"] for t in data["tests"]) - data["score"]) > 1e-9:
             problems.append("results.json's score is not the sum of its tests")
         twin = {}
-        if "twin" in case.expect.values():
+        if "twin" in case.expect.values() or case.escapes:
             twin_folder = Path(tmp) / "twin"
             write_submission(twin_folder, case, hostile=False)
             twin, _, _, _ = grade(twin_folder, case.ex)
+        if case.escapes:  # the way out is real: with the sandbox off, the same files earn more than their twin
+            free_folder = Path(tmp) / "unsandboxed"
+            write_submission(free_folder, case, hostile=True)
+            free, _, _, _ = grade(free_folder, case.ex, "--no-sandbox")
+            gained, honest = (round(sum(points.get(ex, 0.0) for ex in case.expect), 2) for points in (free, twin))
+            if gained <= honest:
+                problems.append(
+                    f"with the sandbox off it earns {gained}, no more than its twin's {honest}: no real escape"
+                )
         for ex, want in case.expect.items():
             got = points.get(ex)
             full = float(exercises()[ex].points)
@@ -105,9 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     with ThreadPoolExecutor(args.jobs) as pool:
         outcomes = list(pool.map(run_case, cases))
     for case, (ok, detail) in zip(cases, outcomes):
-        print(f"{'ok    ' if ok else 'WRONG '} {case.name:<28} {detail}")
-    bad = sum(not ok for ok, _ in outcomes)
-    print(f"{len(cases)} hostile submissions graded in {time.monotonic() - started:.0f} s; "
+        print(f"{'skip  ' if ok is None else 'ok    ' if ok else 'WRONG '} {case.name:<30} {detail}")
+    bad, skipped = sum(ok is False for ok, _ in outcomes), sum(ok is None for ok, _ in outcomes)
+    print(f"{len(cases) - skipped} hostile submissions graded in {time.monotonic() - started:.0f} s"
+          + (f" ({skipped} skipped)" if skipped else "") + "; "
           + ("every score right" if not bad else f"{bad} WRONG"))  # fmt: skip
     return 1 if bad else 0
 

@@ -150,7 +150,10 @@ def main() -> None:
     opt = bnb.optim.AdamW8bit([probe])
     probe.grad = torch.ones(4096)
     opt.step()
-    tensors["code.signed"], tensors["code.unsigned"] = opt.state[probe]["qmap1"].clone(), opt.state[probe]["qmap2"].clone()
+    tensors["code.signed"], tensors["code.unsigned"] = (
+        opt.state[probe]["qmap1"].clone(),
+        opt.state[probe]["qmap2"].clone(),
+    )
     for name, spec in CASES.items():
         ref = trajectory(bnb.optim.AdamW8bit, spec)
         mine = trajectory(memory.AdamW8bit, spec)

@@ -103,7 +103,8 @@ def test_lesson_figures_are_produced_by_the_code():
 
 
 def grade(impl: Path, results: Path, *extra: str, cwd: Path = REPO) -> tuple[dict, subprocess.CompletedProcess]:
-    proc = subprocess.run([PYTHON, "-m", "testcases.grade", "--impl", str(impl), "--results", str(results), *extra],
+    proc = subprocess.run([PYTHON, "-m", "testcases.grade", "--impl", str(impl), "--results", str(results),
+                           "--logs", str(results.parent / "logs"), *extra],
                           cwd=cwd, capture_output=True, text=True)  # fmt: skip
     return (json.loads(results.read_text()) if results.exists() else {}), proc
 
@@ -115,6 +116,7 @@ def per_exercise(results: dict) -> dict[str, float]:
     return points
 
 
+@pytest.mark.timeout(600)  # full isolated grades: ~25 s on free cores, minutes on loaded ones
 def test_grade_a_full_clone_ignores_its_own_tests(tmp_path):
     """make grade IMPL=<a clone>: only its student files count; its rigged testcases/ are never run."""
     clone = tmp_path / "clone"
@@ -154,6 +156,7 @@ def built_handout(tmp_path_factory):
     return dest
 
 
+@pytest.mark.timeout(600)  # full isolated grades: ~25 s on free cores, minutes on loaded ones
 def test_gradescope_package_runs_on_a_local_autograder_tree(tmp_path, built_handout):
     """make gradescope: setup.sh and run_autograder at the zip's root; run_autograder grades /autograder/submission."""
     archive = build_zip(tmp_path / "build")
@@ -196,6 +199,7 @@ def test_handout_has_no_answers_and_only_working_targets(built_handout):
         assert f"make {name} " in targets, f"the handout README documents {command!r}, which its Makefile lacks"
 
 
+@pytest.mark.timeout(600)  # full isolated grades: ~25 s on free cores, minutes on loaded ones
 def test_handout_grade_demo_and_pytest_commands(built_handout):
     """In the handout: make grade scores the stubs 0 (exit 1), make demo names the missing exercises, pytest runs."""
     graded = run(["make", "grade"], built_handout)
@@ -253,7 +257,61 @@ def test_stress_skips_a_capability_this_cpu_lacks(monkeypatch, capsys):
     assert stress.usable(["avx2"]) == ["avx2"], "named alone, the native capability runs"
 
 
+@pytest.mark.timeout(900)  # every graded test, traced: about 50 s of one core
+def test_every_exercise_a_test_runs_is_in_the_manifest():
+    """Traced on the reference, the tests of each exercise run only its code and its manifest needs' (solutions/tools/needs.py)."""
+    proc = subprocess.run([PYTHON, "-m", "solutions.tools.needs"], cwd=REPO, capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items() if k != "LORA_IMPL"})  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
 def test_syntax_of_every_tool_is_python():
     """Every file under solutions/ parses (a catalogue with a typo would only fail later)."""
     for path in (REPO / "solutions").rglob("*.py"):
         ast.parse(path.read_text(), str(path))
+
+
+def test_handout_cuts_instructor_passages_without_stray_line_breaks(built_handout):
+    """A passage inside a line goes alone, one filling whole lines goes with them; the quick start opens with 1.1."""
+    cases = {
+        "format. <!-- instructor -->In this; <!-- /instructor -->`make demo`\nruns.\n": "format. `make demo`\nruns.\n",
+        "a\n\n<!-- instructor -->\n### Instructor\n<!-- /instructor -->\n\n## B\n": "a\n\n## B\n",
+        "| `X=1`<!-- instructor -->, `IMPL=dir`<!-- /instructor --> |\n| next |\n": "| `X=1` |\n| next |\n",
+        "(…).\n<!-- instructor -->A whole line.<!-- /instructor -->\nmore\n": "(…).\nmore\n",
+    }
+    for page, expected in cases.items():
+        assert handout.student_text(page) == expected, (page, handout.student_text(page))
+    readme = (built_handout / "README.md").read_text()
+    quick = readme.split("## Quick start", 1)[1]
+    first = next(line for line in quick.splitlines() if line.startswith("make "))
+    assert first.startswith("make grade EX=1.1"), f"the handout's first command is {first!r}"
+    assert "\n\n\n" not in readme and "IMPL=student" not in quick.split("## Course map")[0]
+
+
+def test_comparisons_refuse_only_the_stubs_their_methods_run(tmp_path):
+    """make variants / make peft-family with chosen methods: only the exercises those methods run may stop them."""
+    from solutions.tools.variants import replace_block
+
+    for relative in ("model/lora.py", "model/quant.py", "model/lora_variants.py", "model/peft_methods.py",
+                     "training/qlora_trainer.py", "training/memory.py"):  # fmt: skip
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_text((REPO / "solutions" / relative).read_text())
+    variants_file = tmp_path / "model" / "lora_variants.py"
+    text = variants_file.read_text()
+    for block in ("5.3: SVD", "5.3: QR"):
+        text = replace_block(text, block, 'raise NotImplementedError("Exercise 5.3: stub")', "test")
+    variants_file.write_text(text)
+    env = {**os.environ, "LORA_IMPL": str(tmp_path)}
+    refused = subprocess.run([PYTHON, "-m", "training.variants", "pissa", "lora"], cwd=REPO, env=env,
+                             capture_output=True, text=True)  # fmt: skip
+    assert refused.returncode == 2 and "pissa: 5.3" in refused.stdout and "lora:" not in refused.stdout, (
+        refused.stdout + refused.stderr[-2000:]
+    )
+    check = (
+        "from model._impl import refuse_exercise_stubs\n"
+        "from training.variants import METHODS, TRAINING\n"
+        "refuse_exercise_stubs('make variants', {n: TRAINING + METHODS[n].exercises for n in ('lora', 'dora', 'vera', 'adalora')})\n"
+        "print('runs')"
+    )
+    allowed = subprocess.run([PYTHON, "-c", check], cwd=REPO, env=env, capture_output=True, text=True)
+    assert allowed.returncode == 0 and allowed.stdout.strip() == "runs", allowed.stdout + allowed.stderr[-2000:]

@@ -13,9 +13,10 @@ reference with exact text replacements, or with one solution block's body replac
 The reference runs on every graded test, first and alongside the variants; if it fails anything
 the run stops and fails (a mutant can only be "caught" by a suite the reference passes). A mutant
 meets the tests of its exercise and of every exercise that runs its code (testcases/manifest.py
-``dependents``), stopping at the first failure, which is printed so you can see which test caught it. An equivalent must pass every test
-of its own exercise alone; then all equivalents of a student file together must pass every test
-that runs that file.
+``dependents``; its own exercise's and stage's first), stopping at the first failure, which is
+printed so you can see which test caught it. An equivalent must pass every test of its own
+exercise alone; then all equivalents of a student file together must pass every test that runs
+that file.
 
 Each line (each variant) runs the suites in a child forked from one process that has already
 imported torch, pytest and the tests, so a variant costs its tests, not a Python start-up; a child
@@ -325,10 +326,10 @@ def run_all(names: list[str], jobs: int) -> tuple[bool, bool]:
             bad += not ok
             if name == "reference" and not ok:
                 reference_ok = False
-                for pid in running:
-                    os.kill(pid, signal.SIGKILL)
-                for pid in running:
-                    os.waitpid(pid, 0)
+                for child in running:
+                    os.kill(child, signal.SIGKILL)
+                for child in running:
+                    os.waitpid(child, 0)
                 running, todo = {}, []
     return bad == 0, reference_ok
 

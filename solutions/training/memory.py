@@ -266,7 +266,13 @@ class AdamW8bit(torch.optim.Optimizer):
         block_size: int = STATE_BLOCK_SIZE,
         min_8bit_size: int = MIN_8BIT_SIZE,
     ) -> None:
-        """Check every argument first (a ValueError naming it and its allowed range), then build the groups."""
+        """Check every argument first, then build the groups.
+
+        A bad argument raises ValueError naming it, as the signature spells it, and its allowed range:
+        lr, eps and weight_decay finite numbers >= 0; betas a pair, each in [0, 1) (torch's AdamW
+        allows β = 0; the message may name the element, betas[0] or betas[1]); block_size an int >= 1;
+        min_8bit_size an int >= 0.
+        """
         # BEGIN SOLUTION 6.2: check lr, betas, eps, weight_decay, block_size, min_8bit_size (use check_number, check_int)
         check_number("lr", lr, 0.0, math.inf)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -607,7 +613,8 @@ class MemoryConfig(TrainConfig):
     output_dir: str = option("runs/memory", "metrics.jsonl, loss_curve.png, adapter/, checkpoints")
 
     def __post_init__(self) -> None:
-        """Stage 4's checks, then ``optimizer`` and ``min_8bit_size`` (a ValueError naming the field)."""
+        """Stage 4's checks (a bad TrainConfig field, e.g. r or learning_rate, named as TrainConfig names it), then
+        ``optimizer`` (one of OPTIMIZERS) and ``min_8bit_size`` (an int >= 0): a ValueError naming the field."""
         # BEGIN SOLUTION 6.4: the parent's checks first, then the two new fields (use check_int)
         super().__post_init__()
         if self.optimizer not in OPTIMIZERS:

@@ -403,7 +403,11 @@ class QLoRATrainer:
         # END SOLUTION
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """Restore a state written by ``save_checkpoint`` into this trainer (same model layout)."""
+        """Restore a state written by ``save_checkpoint`` into this trainer (same model layout).
+
+        Raises ValueError naming the parameters the checkpoint has and the model lacks (e.g.
+        ``layers.0.self_attn.q_proj.lora_A``: another model's checkpoint), before anything is restored.
+        """
         # BEGIN SOLUTION 4.3: restore every piece
         state = torch.load(path, map_location="cpu", weights_only=True)
         params = dict(self.model.named_parameters())

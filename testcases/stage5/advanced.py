@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from testcases.helpers import assert_unchanged, copy_of, generator, randomize_lora, snapshot, word
+from testcases.helpers import assert_unchanged, copy_of, generator, randomize_lora, refuses, snapshot, word
 from testcases.stage5.basic import (
     SPECTRUM,
     U32,
+    OneProj,
     adalora_expected,
     adalora_pair,
     adalora_step_grads,
@@ -42,6 +44,7 @@ from testcases.stage5.basic import (
     matrix_with_spectrum,
     olora_product_bound,
     peft_golden,
+    peft_lora_config,
     pissa_product_bound,
     pissa_trained,
     plain_nf4,
@@ -52,6 +55,7 @@ from testcases.stage5.basic import (
     top_r_part,
     vera_draw_bound,
     vera_expected,
+    write_adapter,
 )
 from testcases.tolerances import NETWORK_RTOL, UNIT_ROUNDOFF, assert_close, assert_network_close
 
@@ -84,8 +88,7 @@ def identities(lora, model: nn.Module) -> dict[str, tuple[int, int]]:
 )
 def test_rslora_scaling_rejects_bad_arguments(lora_variants, kwargs, argument):
     """r not an int ≥ 1 (a bool is not an int here), lora_alpha not a finite number > 0: a ValueError naming it."""
-    with pytest.raises(ValueError, match=word(argument)):
-        lora_variants.rslora_scaling(**kwargs)
+    refuses(lora_variants.rslora_scaling, **kwargs, match=word(argument))
 
 
 @pytest.mark.exercise("5.1")
@@ -102,8 +105,7 @@ def test_use_rslora_refuses_and_changes_nothing(lora, lora_variants, tiny_model,
             weight = last.base_layer.weight.detach()
             lora_variants.install_initial_adapter(last, last.lora_A.detach(), last.lora_B.detach(), weight, "pissa")
     before, scales = snapshot(tiny_model), scalings(lora, tiny_model)
-    with pytest.raises(ValueError):
-        lora_variants.use_rslora(tiny_model)
+    refuses(lora_variants.use_rslora, tiny_model)
     assert_unchanged(tiny_model, before, f"use_rslora on a model with {case}")
     assert scalings(lora, tiny_model) == scales, (
         f"use_rslora raised for {case} but had already changed the scale of some layers: check EVERY layer first, "
@@ -126,7 +128,7 @@ def test_use_rslora_twice_and_peft_parity(lora, lora_variants):
     )
     set_values(layer, lora_A=golden["rslora.A"], lora_B=golden["rslora.B"])
     assert_network_close(model(golden["x"]), golden["rslora.out"], "output vs PEFT 0.21.2 (use_rslora=True, r=4, alpha=8)",
-                         "h = W0 x + b + (lora_alpha / √r)·B A x")  # fmt: skip
+                         "the check: h = W0 x + b + (lora_alpha / √r)·B A x")  # fmt: skip
 
 
 # ---- Exercise 5.2: DoRA --------------------------------------------------------------------------
@@ -139,13 +141,13 @@ def test_dora_matches_peft(lora_variants):
     linear = golden_linear(golden)
     layer = lora_variants.DoRALayer.from_linear(linear, r=4, lora_alpha=8)
     assert_network_close(layer.magnitude, golden["dora.magnitude_init"], "magnitude right after wrapping, vs PEFT",
-                         "PEFT's lora_magnitude_vector starts at the row norms of W0")  # fmt: skip
+                         "the check: the magnitude starts at the row norms of W0 (PEFT's lora_magnitude_vector)")  # fmt: skip
     set_values(layer, lora_A=golden["dora.A"], lora_B=golden["dora.B"], magnitude=golden["dora.magnitude"])
     assert_network_close(layer.eval()(golden["x"]), golden["dora.out"], "eval output vs PEFT",
-                         "h = base(x) + (m/n − 1) ⊙ W0 x + (m/n) ⊙ s·B A x, W0 x without the bias")  # fmt: skip
+                         "the check: h = base(x) + (m/n − 1) ⊙ W0 x + (m/n) ⊙ s·B A x, W0 x without the bias")  # fmt: skip
     layer.merge()
     assert_network_close(linear.weight, golden["dora.merged_weight"], "merged weight vs PEFT's merge_adapter()",
-                         "W ← (m/n)[:, None] ⊙ (W0 + s·B A)")  # fmt: skip
+                         "the check: the merged weight is (m/n)[:, None] ⊙ (W0 + s·B A)")  # fmt: skip
 
 
 @pytest.mark.exercise("5.2")
@@ -159,10 +161,9 @@ def test_dora_delta_weight_is_the_whole_change(lora_variants):
     adapted = W + (5 / 3) * B @ A
     expected = (m / adapted.norm(dim=1))[:, None] * adapted - W
     assert_network_close(layer.delta_weight(), expected, "DoRA delta_weight()",
-                         "not s·B A: the effective weight (m/n) ⊙ (W0 + s·BA) minus W0")  # fmt: skip
+                         "the check: delta_weight() = (m/n) ⊙ (W0 + s·B A) − W0, the change of the effective weight (not s·B A)")  # fmt: skip
     layer.merge()
-    with pytest.raises(ValueError):
-        layer.delta_weight()  # merged: the base holds W0 + ΔW, and W0 is gone until unmerge()
+    refuses(layer.delta_weight)  # merged: the base holds W0 + ΔW, and W0 is gone until unmerge()
 
 
 @pytest.mark.exercise("5.2")
@@ -174,8 +175,7 @@ def test_dora_delta_weight_is_the_whole_change(lora_variants):
 def test_get_dora_model_bad_input_changes_nothing(lora_variants, tiny_model, kwargs, match):
     """A bad argument or a target that matches nothing: ValueError naming it, the model untouched."""
     before = snapshot(tiny_model)
-    with pytest.raises(ValueError, match=word(match)):
-        lora_variants.get_dora_model(tiny_model, **kwargs)
+    refuses(lora_variants.get_dora_model, tiny_model, **kwargs, match=word(match))
     assert_unchanged(tiny_model, before, "get_dora_model")
 
 
@@ -184,8 +184,7 @@ def test_get_dora_model_refuses_an_adapted_model(lora, lora_variants, tiny_model
     """A model that already has LoRA layers: ValueError, nothing changed (no DoRA on top of LoRA)."""
     lora.get_lora_model(tiny_model, r=2, target_modules=["q_proj"])
     before = snapshot(tiny_model)
-    with pytest.raises(ValueError):
-        lora_variants.get_dora_model(tiny_model, r=2, target_modules=["v_proj"])
+    refuses(lora_variants.get_dora_model, tiny_model, r=2, target_modules=["v_proj"])
     assert_unchanged(tiny_model, before, "get_dora_model on a model with LoRA layers")
 
 
@@ -197,8 +196,7 @@ def test_dora_merge_needs_a_full_precision_base(lora_variants, quant):
     set_values(layer, lora_B=randn(8, 2, seed=104, std=0.2))
     x = randn(3, 64, seed=105, dtype=torch.float32)
     before = layer(x).detach()
-    with pytest.raises(TypeError):
-        layer.merge()
+    refuses(layer.merge, error=TypeError)
     assert layer.merged is False, "a refused merge must leave merged = False"
     assert torch.equal(layer(x), before), "a refused merge must leave the layer computing what it computed"
 
@@ -224,7 +222,7 @@ def test_dora_dtypes(lora_variants):
     # 32 + 8 roundings of bf16, each at most u·((1 + m/n)·(|W0||x| + s|B||A||x|) + |b|)
     magnitude = (1 + factor) * (x64.abs() @ (W.abs() + 2.0 * B.abs() @ A.abs()).T) + b.abs()
     assert_close(out, expected, "DoRA output on a bf16 base", bound=(32 + 8) * UNIT_ROUNDOFF[torch.bfloat16] * magnitude,
-                 hint="norm and DoRA term in fp32, the result cast to the base output's dtype")  # fmt: skip
+                 hint="the check: the norm and the DoRA term in fp32, the result in the base output's dtype")  # fmt: skip
 
 
 @pytest.mark.exercise("5.2")
@@ -289,9 +287,9 @@ def test_w0_inits_match_peft(lora, lora_variants, method):
     pissa = method == "pissa"
     bound = 2 * pissa_product_bound(weight, 4, layer) if pissa else olora_product_bound(weight, 4, product)
     assert_close(product, golden[f"{method}.product"], f"s·B A after {method}_init vs PEFT", bound=bound,
-                 hint="PiSSA: √(S_r / s) on each side; OLoRA: B = Q[:, :r], A = R[:r] (no ÷ s)")  # fmt: skip
+                 hint="the check: the adapter's product is PEFT's (PiSSA: √(S_r / s) on each side; OLoRA: B = Q[:, :r], A = R[:r], no ÷ s)")  # fmt: skip
     assert_close(residual, golden[f"{method}.residual"], f"the residual in the base after {method}_init vs PEFT",
-                 bound=bound + 8 * U32 * (W.abs() + product.abs()), hint="W0 ← W0 − s·B A")  # fmt: skip
+                 bound=bound + 8 * U32 * (W.abs() + product.abs()), hint="the check: the base holds W0 − s·B A")  # fmt: skip
     if pissa:  # PEFT splits √(S/s) evenly: compare each triplet's share (sign-free norms)
         _, S = top_r_part(weight, 4)
         for i in range(4):
@@ -319,8 +317,7 @@ def test_w0_init_refusals_change_nothing(lora, lora_variants, quant, method):
     cases["r = 11 > min(12, 10)"] = lora.LoRALayer.from_linear(make_linear(12, 10, seed=116, dtype=torch.float32), r=11)
     for case, target in cases.items():
         before = snapshot(target)
-        with pytest.raises(ValueError):
-            init(target)
+        refuses(init, target)
         assert_unchanged(target, before, f"{method}_init on {case}")
 
 
@@ -342,14 +339,14 @@ def test_pissa_on_a_bf16_base(lora, lora_variants):
     # the residual W0 − s·B A is rounded once to bf16, on top of the fp32 SVD's error
     bound = pissa_product_bound(weight, 4, layer) + UNIT_ROUNDOFF[torch.bfloat16] * (weight.double() - top).abs()
     assert_close(residual, weight.double() - top, "the bf16 residual after pissa_init", bound=bound,
-                 hint="compute in fp32, then store W0 − s·B A in the base's dtype")  # fmt: skip
+                 hint="the check: the base holds W0 − s·B A computed in fp32 and rounded once to the base's dtype")  # fmt: skip
     with torch.no_grad():
         x = randn(7, 12, seed=40, dtype=torch.bfloat16)
         got = layer.base_layer(x).float() + layer.scaling * (x.float() @ layer.lora_A.T) @ layer.lora_B.T
     mag = x.double().abs() @ (residual.abs() + 2.0 * B.abs() @ A.abs()).T + bias.double().abs()
     bound = (12 + 8) * UNIT_ROUNDOFF[torch.bfloat16] * mag + x.double().abs() @ bound.T
     assert_close(got, x.double() @ weight.double().T + bias.double(), "a bf16 PiSSA layer's function at step 0",
-                 bound=bound, hint="W_res + s·B A = W0 up to the rounding of W_res to bf16")  # fmt: skip
+                 bound=bound, hint="the check: W_res + s·B A = W0 up to the rounding of W_res to bf16")  # fmt: skip
 
 
 @pytest.mark.exercise("5.3")
@@ -365,7 +362,9 @@ def test_w0_init_with_scale_one(lora, lora_variants):
     top, _ = top_r_part(weight, 4)
     A, B = f64(layer.lora_A, layer.lora_B)
     bound = pissa_product_bound(weight, 4, layer)
-    assert_close(B @ A, top, "B A with s = 1", bound=bound, hint="A = diag(√S_r) Uᵀ[:r], B = V[:, :r] diag(√S_r)")
+    assert_close(
+        B @ A, top, "B A with s = 1", bound=bound, hint="the check: A = diag(√S_r) Uᵀ[:r], B = V[:, :r] diag(√S_r)"
+    )
     check_w0_init_function(layer, weight, bias, bound + 8 * U32 * weight.double().abs(), "PiSSA output, s = 1")
 
 
@@ -426,7 +425,7 @@ def test_loftq_keeps_the_bias_and_the_forward(lora, lora_variants):
     # fp32 forward: 64 + 3 + 4 roundings of |Q̂||x| + s|B||A||x| + |b|
     bound = (64 + 3 + 4) * U32 * (x64.abs() @ (Q.abs() + 2.0 * B.abs() @ A.abs()).T + bias.double().abs())
     assert_close(layer(x), expected, "output after loftq_init", bound=bound, dtype=torch.float32,
-                 hint="the LoRA layer runs its NF4 base (Q̂ and the bias) plus s·B A x")  # fmt: skip
+                 hint="the check: the layer computes its NF4 base (Q̂ x + b) plus s·B A x")  # fmt: skip
 
 
 @pytest.mark.exercise("5.4")
@@ -439,8 +438,7 @@ def test_loftq_refusals(lora, lora_variants, quant):
     for target, kwargs, name in ((fresh, {"num_iters": 0}, "num_iters"), (fresh, {"block_size": 0}, "block_size"),
                                  (layer, {}, None), (nf4, {}, None)):  # fmt: skip
         before = snapshot(target)
-        with pytest.raises(ValueError, match=word(name) if name else None):
-            lora_variants.loftq_init(target, **kwargs)
+        refuses(lora_variants.loftq_init, target, **kwargs, match=word(name) if name else None)
         assert_unchanged(target, before, f"loftq_init({kwargs or target.base_layer.__class__.__name__})")
 
 
@@ -460,8 +458,7 @@ def test_loftq_many_iterations(lora, lora_variants):
 @pytest.mark.exercise("5.5")
 def test_freeze_lora_a_needs_lora_layers(lora_variants):
     """A model without LoRA layers: ValueError."""
-    with pytest.raises(ValueError):
-        lora_variants.freeze_lora_A(nn.Sequential(nn.Linear(4, 4)))
+    refuses(lora_variants.freeze_lora_A, nn.Sequential(nn.Linear(4, 4)))
 
 
 @pytest.mark.exercise("5.5")
@@ -505,7 +502,7 @@ def test_vera_matches_peft(lora_variants):
     # another CPU (uniform_draws_close: 4 ulps of the bound), carried through λ_b ⊙ B(λ_d ⊙ A x)
     bound = NETWORK_RTOL * (out.abs().max().item() + 1) + vera_draw_bound(golden)
     assert_close(model(golden["x"]), out, "VeRA output vs PEFT", bound=bound,
-                 hint="h = W0 x + b + λ_b ⊙ B_s(λ_d ⊙ A_s x), with PEFT's draws for key 0")  # fmt: skip
+                 hint="the check: h = W0 x + b + λ_b ⊙ B_s(λ_d ⊙ A_s x), with PEFT's draws for key 0")  # fmt: skip
 
 
 @pytest.mark.exercise("5.6")
@@ -517,8 +514,9 @@ def test_vera_matches_peft(lora_variants):
 def test_get_vera_model_bad_input_changes_nothing(lora_variants, tiny_model, kwargs, match):
     """A bad argument or target: ValueError naming it, the model untouched."""
     before = snapshot(tiny_model)
-    with pytest.raises(ValueError, match=word(match)):
-        lora_variants.get_vera_model(tiny_model, **{"r": 4, **kwargs})  # a copy: the parameters are reused
+    refuses(
+        lora_variants.get_vera_model, tiny_model, **{"r": 4, **kwargs}, match=word(match)
+    )  # a copy: the parameters are reused
     assert_unchanged(tiny_model, before, "get_vera_model")
 
 
@@ -533,7 +531,7 @@ def test_vera_delta_weight_merge_and_gradients(lora_variants, biased_model):
     W, A, B, d, lb = f64(layer.base_layer.weight, layer.vera_A, layer.vera_B, layer.lambda_d, layer.lambda_b)
     expected = (lb[:, None] * B[:24]) @ (d[:, None] * A[:, :70])
     assert_network_close(layer.delta_weight(), expected, "VeRA delta_weight() of down_proj (70 → 24)",
-                         "ΔW = (λ_b[:, None] ⊙ B_s) @ (λ_d[:, None] ⊙ A_s), the (out, in) slices")  # fmt: skip
+                         "the check: ΔW = (λ_b[:, None] ⊙ B_s) @ (λ_d[:, None] ⊙ A_s), from the (out, in) slices")  # fmt: skip
     x = randn(5, 24, seed=132)
     out = model(x)
     out.square().sum().backward()
@@ -541,7 +539,12 @@ def test_vera_delta_weight_merge_and_gradients(lora_variants, biased_model):
     assert with_grad == ["lambda_b", "lambda_d"], f"only λ_d and λ_b may get gradients, got {with_grad}"
     assert not layer.vera_A.requires_grad and not layer.vera_B.requires_grad, "the shared pair is frozen"
     layer.merge()
-    assert_network_close(model(x), out.detach(), "output after merging down_proj", "W0 ← W0 + delta_weight()")
+    assert_network_close(
+        model(x),
+        out.detach(),
+        "output after merging down_proj",
+        "the check: merged, the base weight is W0 + delta_weight()",
+    )
 
 
 @pytest.mark.exercise("5.6")
@@ -574,7 +577,7 @@ def test_vera_thin_order_on_a_wide_layer(lora_variants):
     W, b, A, B, d, lb = f64(layer.base_layer.weight, layer.base_layer.bias, layer.vera_A, layer.vera_B,
                             layer.lambda_d, layer.lambda_b)  # fmt: skip
     assert_network_close(model.eval()(x), vera_expected(x, W, b, A, B, d, lb), "VeRA output (40 → 30, r = 3) in eval",
-                         "dropout acts on the VeRA input only, and never in eval mode")  # fmt: skip
+                         "the check: in eval mode dropout changes nothing; in train mode it acts on the VeRA input only")  # fmt: skip
 
 
 @pytest.mark.exercise("5.6")
@@ -587,7 +590,7 @@ def test_vera_dropout_acts_on_the_vera_input(lora_variants, r):
     x = randn(50, 40, seed=138)
     base = layer.base_layer(x).detach()
     assert_network_close(layer(x), base, f"training-mode output with λ_b = 0 and vera_dropout = 0.5 (r = {r})",
-                         "dropout must never touch the base path")  # fmt: skip
+                         "the check: the base path is the same in train and eval mode (dropout acts on the VeRA input only)")  # fmt: skip
     set_values(layer, lambda_d=randn(r, seed=139), lambda_b=randn(30, seed=140))
     update = layer(x).detach() - base
     zeros = (update == 0).double().mean().item()
@@ -615,7 +618,7 @@ def test_adalora_matches_peft(lora_variants):
     lora_variants.get_adalora_model(model, init_r=6, lora_alpha=8, target_modules=["0"])
     set_values(model[0], lora_A=golden["adalora.A"], lora_E=golden["adalora.E"], lora_B=golden["adalora.B"])
     assert_network_close(model(golden["x"]), golden["adalora.out"], "AdaLoRA output vs PEFT",
-                         "PEFT's SVDLinear: x (Q ⊙ Λ)ᵀ Pᵀ · lora_alpha / (ranknum + 1e-5)")  # fmt: skip
+                         "the check: PEFT's SVDLinear, h = base(x) + x (Q ⊙ Λ)ᵀ Pᵀ · lora_alpha / (ranknum + 1e-5)")  # fmt: skip
 
 
 @pytest.mark.exercise("5.7")
@@ -629,21 +632,17 @@ def test_rank_allocator_rejects_bad_settings(lora_variants, kwargs, match):
     """A bad schedule or EMA setting (target_r above the initial rank, no budgeting step left): ValueError naming it."""
     model = adalora_pair(lora_variants)
     settings = {"total_step": 20, "target_r": 2, **kwargs}
-    with pytest.raises(ValueError, match=word(match)):
-        lora_variants.RankAllocator(model, **settings)
+    refuses(lora_variants.RankAllocator, model, **settings, match=word(match))
 
 
 @pytest.mark.exercise("5.7")
 def test_adalora_needs_adalora_layers(lora_variants, tiny_model):
     """RankAllocator and orthogonal_regularization refuse a model without AdaLoRA layers; bad targets change nothing."""
-    with pytest.raises(ValueError):
-        lora_variants.orthogonal_regularization(tiny_model)
-    with pytest.raises(ValueError):
-        lora_variants.RankAllocator(tiny_model, total_step=10)
+    refuses(lora_variants.orthogonal_regularization, tiny_model)
+    refuses(lora_variants.RankAllocator, tiny_model, total_step=10)
     before = snapshot(tiny_model)
-    for kwargs, match in (({"init_r": 0}, "r"), ({"target_modules": ["qproj"]}, "qproj")):
-        with pytest.raises(ValueError, match=word(match)):
-            lora_variants.get_adalora_model(tiny_model, **kwargs)
+    for kwargs, match in (({"init_r": 0}, "init_r"), ({"target_modules": ["qproj"]}, "qproj")):
+        refuses(lora_variants.get_adalora_model, tiny_model, **kwargs, match=word(match))
         assert_unchanged(tiny_model, before, f"get_adalora_model({kwargs})")
 
 
@@ -698,7 +697,7 @@ def test_masking_keeps_ranknum_and_the_final_pattern(lora_variants):
     layer = layers["0"]
     W, b, A, E, B = f64(layer.base_layer.weight, layer.base_layer.bias, layer.lora_A, layer.lora_E, layer.lora_B)
     assert_network_close(layer(x2), adalora_expected(x2, W, b, A, E, B, 8, 6), "output of a masked layer",
-                         "the forward still divides by ranknum = init_r (+ 1e-5)")  # fmt: skip
+                         "the check: after masking the forward still divides by ranknum = init_r (+ 1e-5)")  # fmt: skip
 
 
 @pytest.mark.exercise("5.7")
@@ -779,8 +778,12 @@ def test_delta_lora_refusals(lora, lora_variants, tiny_model, case):
         lora.get_lora_model(tiny_model, r=2, target_modules=["q_proj"])
         kwargs = {"update_ratio": float("nan")} if case == "update_ratio" else {"start_step": -1}
     before = snapshot(tiny_model)
-    with pytest.raises(ValueError, match=word(case) if case in ("update_ratio", "start_step") else None):
-        lora_variants.DeltaLoRA(tiny_model, **kwargs)
+    refuses(
+        lora_variants.DeltaLoRA,
+        tiny_model,
+        **kwargs,
+        match=word(case) if case in ("update_ratio", "start_step") else None,
+    )
     assert_unchanged(tiny_model, before, f"DeltaLoRA with {case}")
 
 
@@ -790,8 +793,7 @@ def test_delta_lora_refuses_a_4bit_base(lora, lora_variants, quant, tiny_model):
     lora.get_lora_model(tiny_model, r=2, target_modules=["q_proj"])
     first = tiny_model.layers[0].self_attn.q_proj
     first.base_layer = quant.NF4Linear.from_linear(first.base_layer)
-    with pytest.raises(TypeError):
-        lora_variants.DeltaLoRA(tiny_model)
+    refuses(lora_variants.DeltaLoRA, tiny_model, error=TypeError)
 
 
 # ---- Exercise 5.9: LoRA-drop ---------------------------------------------------------------------
@@ -828,11 +830,9 @@ def test_output_importance_reads_every_batch_format(lora, lora_variants, tiny_mo
 @pytest.mark.exercise("5.9")
 def test_output_importance_refusals(lora, lora_variants, tiny_model, token_ids):
     """No LoRA layer, or no batch: ValueError."""
-    with pytest.raises(ValueError):
-        lora_variants.lora_output_importance(tiny_model, [token_ids])
+    refuses(lora_variants.lora_output_importance, tiny_model, [token_ids])
     lora.get_lora_model(tiny_model, r=2)
-    with pytest.raises(ValueError):
-        lora_variants.lora_output_importance(tiny_model, [])
+    refuses(lora_variants.lora_output_importance, tiny_model, [])
 
 
 @pytest.mark.exercise("5.9")
@@ -857,8 +857,9 @@ def test_lora_drop_bad_input_changes_nothing(lora, lora_variants, tiny_model, ca
     else:
         importance = dict.fromkeys(paths, 0.0)
     before, ids = snapshot(tiny_model), identities(lora, tiny_model)
-    with pytest.raises(ValueError, match=word(match) if match else None):
-        lora_variants.lora_drop(tiny_model, importance, keep_share=keep_share)
+    refuses(
+        lora_variants.lora_drop, tiny_model, importance, keep_share=keep_share, match=word(match) if match else None
+    )
     assert_unchanged(tiny_model, before, f"lora_drop with {case}")
     assert identities(lora, tiny_model) == ids, f"lora_drop with {case} raised but had already shared some adapters"
 
@@ -951,7 +952,7 @@ def test_dora_adapter_loads_into_an_existing_dora_model(lora, lora_variants, tin
     lora_variants.use_rslora(target)
     lora_variants.load_variant_adapter(target, tmp_path)
     assert_network_close(target(token_ids), tiny_model64(token_ids), "logits after loading into existing DoRA layers",
-                         "copy A, B and each magnitude into the model's DoRA layers")  # fmt: skip
+                         "the check: loaded into existing DoRA layers, the logits equal the saved model's (A, B and every magnitude)")  # fmt: skip
 
 
 def saved_dora(lora_variants, model, path, **kwargs):
@@ -995,8 +996,7 @@ def test_load_variant_adapter_refusals_change_nothing(lora, lora_variants, tiny_
         lora_variants.get_dora_model(tiny_model, r=2, lora_alpha=4, target_modules=["q_proj"])
     before = snapshot(tiny_model)
     scales = {path: layer.scaling for path, layer in lora.lora_layers(tiny_model)}
-    with pytest.raises(ValueError):
-        lora_variants.load_variant_adapter(tiny_model, tmp_path)
+    refuses(lora_variants.load_variant_adapter, tiny_model, tmp_path)
     assert_unchanged(tiny_model, before, f"load_variant_adapter with {case}")
     assert {path: layer.scaling for path, layer in lora.lora_layers(tiny_model)} == scales, (
         f"load_variant_adapter with {case} raised but changed a layer's scaling: check everything first"
@@ -1021,8 +1021,7 @@ def test_save_variant_adapter_refusals_write_nothing(lora, lora_variants, tiny_m
         lora_variants.get_dora_model(tiny_model, r=2, target_modules=["q_proj"])
         for _, layer in list(lora.lora_layers(tiny_model)):
             lora_variants.pissa_init(layer)
-    with pytest.raises(ValueError):
-        lora_variants.save_variant_adapter(tiny_model, tmp_path / "adapter")
+    refuses(lora_variants.save_variant_adapter, tiny_model, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists(), "a refused save must not leave a (half-written) adapter folder"
 
 
@@ -1042,7 +1041,7 @@ def test_peft_written_dora_adapter_loads(lora, lora_variants, tmp_path):
     model.proj = golden_linear(golden)
     lora_variants.load_variant_adapter(model, tmp_path)
     assert_network_close(model.proj.eval()(golden["x"]), golden["dora.out"], "a PEFT DoRA adapter, loaded",
-                         "read lora_magnitude_vector (no .weight) into each DoRA layer's magnitude")  # fmt: skip
+                         "the check: the loaded layer gives PEFT's output (lora_magnitude_vector, no .weight, is each layer's magnitude)")  # fmt: skip
 
 
 @pytest.mark.exercise("5.10")
@@ -1067,4 +1066,196 @@ def test_rslora_dora_adapter_round_trip(lora, lora_variants, tiny_model64, token
         f"the loaded DoRA layers must use rsLoRA's scale lora_alpha / √r = 4 (the config says use_rslora), got {scales}"
     )
     assert_network_close(loaded(token_ids), expected, "logits of the base + the loaded rsLoRA DoRA adapter",
-                         "a DoRA adapter with use_rslora: add DoRA layers, load A and B, switch to rsLoRA, copy the magnitudes")  # fmt: skip
+                         "the check: the loaded rsLoRA DoRA model's logits equal the saved one's (DoRA layers, A, B, rsLoRA's scale, magnitudes)")  # fmt: skip
+
+
+@pytest.mark.exercise("5.10")
+@pytest.mark.parametrize("iters", [1, 2])
+def test_peft_default_loftq_file_requantizes_w0(lora, lora_variants, quant, tmp_path, iters):
+    """PEFT's default LoftQ file (init_lora_weights "loftq"): the base becomes LoftQ's Q̂ of W0 again, A and B the file's."""
+    weight = make_linear(64, 24, seed=210, dtype=torch.float32).weight.detach().clone()
+    A, B = randn(2, 64, seed=211, std=0.1, dtype=torch.float32), randn(24, 2, seed=212, std=0.1, dtype=torch.float32)
+    config = peft_lora_config(
+        2, 4, ["proj"], init_lora_weights="loftq", loftq_config={"loftq_bits": 4, "loftq_iter": iters}
+    )
+    folder = write_adapter(tmp_path, config, {"base_model.model.proj.lora_A.weight": A,
+                                              "base_model.model.proj.lora_B.weight": B})  # fmt: skip
+    loaded = lora_variants.load_variant_adapter(OneProj(weight), folder).proj
+    assert isinstance(loaded.base_layer, quant.NF4Linear), (
+        f"init_lora_weights='loftq': PEFT runs LoftQ on W0 again when it loads the file, so the base becomes Q̂ "
+        f"(an NF4Linear here), got {type(loaded.base_layer).__name__}"
+    )
+    if iters == 1:  # Q̂_1 = NF4(W0): exact (Stage 3's codes are bit for bit bitsandbytes')
+        expected = plain_nf4(quant, weight)
+        what = "NF4(W0), LoftQ's first quantization"
+    else:  # the same loftq_init on the same W0 in this process: the same bits
+        twin = lora.LoRALayer.from_linear(OneProj(weight).proj, r=2, lora_alpha=4)
+        lora_variants.loftq_init(twin, num_iters=2)
+        expected = twin.base_layer.dequantize_weight(torch.float32)
+        what = "loftq_init(num_iters=2) of W0"
+    assert torch.equal(loaded.base_layer.dequantize_weight(torch.float32), expected), (
+        f"the loaded base must be {what} (loftq_config's loftq_iter = {iters}, blocks of 64)"
+    )
+    assert torch.equal(loaded.lora_A, A) and torch.equal(loaded.lora_B, B), (
+        "after LoftQ's init the file's A and B replace the ones it computed"
+    )
+
+
+@pytest.mark.exercise("5.10")
+def test_peft_written_vera_file_loads(lora_variants, tmp_path):
+    """A VeRA file in PEFT's layout whose saved pair is not the key's draw: the saved pair is used (PEFT's rule)."""
+    W = randn(10, 12, seed=220, std=0.4)
+    A_s, B_s = randn(4, 12, seed=221, std=0.5), randn(10, 4, seed=222, std=0.5)
+    lambda_d, lambda_b = randn(4, seed=223), randn(10, seed=224)
+    config = {"peft_type": "VERA", "r": 4, "target_modules": ["proj"], "projection_prng_key": 0,
+              "save_projection": True, "vera_dropout": 0.0, "d_initial": 0.1, "bias": "none"}  # fmt: skip
+    folder = write_adapter(tmp_path, config, {"base_model.vera_A": A_s, "base_model.vera_B": B_s,
+                                              "base_model.model.proj.vera_lambda_d": lambda_d,
+                                              "base_model.model.proj.vera_lambda_b": lambda_b})  # fmt: skip
+    model = OneProj(W)
+    b = model.proj.bias.detach().clone()
+    lora_variants.load_variant_adapter(model, folder)
+    x = randn(6, 12, seed=225)
+    assert_network_close(model.eval()(x), vera_expected(x, W, b, A_s, B_s, lambda_d, lambda_b),
+                         "a PEFT VeRA file with a saved pair, loaded",
+                         "the check: with save_projection true, the layer computes with the file's pair (base_model.vera_A / vera_B), not the key's draw")  # fmt: skip
+
+
+@pytest.mark.exercise("5.10")
+def test_peft_written_adalora_file_loads(lora_variants, tmp_path):
+    """An AdaLoRA file in PEFT's layout with a rank_pattern: the kept triplets at their positions, Λ_i = 0 elsewhere."""
+    W, keep = randn(10, 12, seed=230, std=0.4), torch.tensor([True, False, True, True, False, True])
+    A, E, B = randn(6, 12, seed=231, std=0.3), randn(6, 1, seed=232) * keep[:, None], randn(10, 6, seed=233, std=0.3)
+    config = {"peft_type": "ADALORA", "init_r": 6, "target_r": 2, "lora_alpha": 8, "lora_dropout": 0.0,
+              "total_step": 10, "target_modules": ["proj"], "rank_pattern": {"proj.lora_E": keep.tolist()}}  # fmt: skip
+    folder = write_adapter(tmp_path, config, {"base_model.model.proj.lora_A": A[keep],
+                                              "base_model.model.proj.lora_E": E[keep],
+                                              "base_model.model.proj.lora_B": B[:, keep]})  # fmt: skip
+    model = OneProj(W)
+    b = model.proj.bias.detach().clone()
+    lora_variants.load_variant_adapter(model, folder)
+    layer = model.proj
+    assert torch.equal(layer.lora_E.detach(), E) and torch.equal(layer.lora_A.detach()[keep], A[keep]), (
+        "each kept triplet goes back to its own position (rows 0, 2, 3, 5 here), the masked Λ_i are 0"
+    )
+    x = randn(6, 12, seed=234)
+    assert_network_close(layer.eval()(x), adalora_expected(x, W, b, A * keep[:, None], E, B * keep, 8, 6),
+                         "a PEFT AdaLoRA file with a rank_pattern, loaded",
+                         "the check: the layer keeps r = init_r = 6 (ranknum 6, PEFT's scale) with Λ = 0 where the pattern is false")  # fmt: skip
+
+
+def refused_file(tmp_path: Path, case: str) -> Path:
+    """An adapter folder that ``load_variant_adapter`` must refuse for ``case``."""
+    pissa = {
+        "base_model.model.proj.lora_A.weight": torch.zeros(4, 12),
+        "base_model.model.proj.lora_B.weight": torch.zeros(10, 4),
+    }
+    files = {
+        "init_lora_weights='pissa_niter_4'": (
+            peft_lora_config(4, 8, ["proj"], init_lora_weights="pissa_niter_4"),
+            pissa,
+        ),
+        "init_lora_weights='corda'": (peft_lora_config(4, 8, ["proj"], init_lora_weights="corda"), pissa),
+        "8-bit LoftQ": (
+            peft_lora_config(
+                4, 8, ["proj"], init_lora_weights="loftq", loftq_config={"loftq_bits": 8, "loftq_iter": 1}
+            ),
+            pissa,
+        ),  # fmt: skip
+        "a PiSSA file with r above min(in, out)": (
+            peft_lora_config(11, 8, ["proj"], init_lora_weights="pissa"),
+            {
+                "base_model.model.proj.lora_A.weight": torch.zeros(11, 12),
+                "base_model.model.proj.lora_B.weight": torch.zeros(10, 11),
+            },
+        ),  # fmt: skip
+        "a PiSSA file with DoRA": (peft_lora_config(4, 8, ["proj"], init_lora_weights="pissa", use_dora=True), pissa),
+        "a rank_pattern of 5 bools for init_r 6": (
+            {
+                "peft_type": "ADALORA",
+                "init_r": 6,
+                "lora_alpha": 8,
+                "target_modules": ["q_proj"],
+                "rank_pattern": {"layers.0.self_attn.q_proj.lora_E": [True] * 5},
+            },
+            {
+                f"base_model.model.layers.0.self_attn.q_proj.{n}": t
+                for n, t in (
+                    ("lora_A", torch.zeros(5, 16)),
+                    ("lora_E", torch.zeros(5, 1)),
+                    ("lora_B", torch.zeros(16, 5)),
+                )
+            },
+        ),  # fmt: skip
+        "a VeRA λ_b of the wrong size": (
+            {
+                "peft_type": "VERA",
+                "r": 4,
+                "target_modules": ["q_proj"],
+                "projection_prng_key": 0,
+                "save_projection": False,
+            },
+            {
+                "base_model.model.layers.0.self_attn.q_proj.vera_lambda_d": torch.zeros(4),
+                "base_model.model.layers.0.self_attn.q_proj.vera_lambda_b": torch.zeros(15),
+            },
+        ),  # fmt: skip
+    }
+    return write_adapter(tmp_path, *files[case])
+
+
+REFUSED_FILES = {  # case -> the name the error must state (the docstring of load_variant_adapter states each)
+    "init_lora_weights='pissa_niter_4'": "init_lora_weights",
+    "init_lora_weights='corda'": "init_lora_weights",
+    "8-bit LoftQ": "loftq_config",
+    "a PiSSA file with r above min(in, out)": "init_lora_weights",
+    "a PiSSA file with DoRA": "use_dora",
+    "a rank_pattern of 5 bools for init_r 6": "rank_pattern",
+    "a VeRA λ_b of the wrong size": "vera_lambda_b",
+}
+
+
+@pytest.mark.exercise("5.10")
+@pytest.mark.parametrize("case", list(REFUSED_FILES))
+def test_load_refuses_peft_files_it_cannot_reproduce(lora_variants, tiny_model, tmp_path, case):
+    """A PEFT file whose W0 cannot be recomputed here, or that does not fit: ValueError naming the field, model unchanged."""
+    folder = refused_file(tmp_path, case)
+    on_proj = json.loads((folder / "adapter_config.json").read_text())["target_modules"] == ["proj"]
+    model = OneProj(randn(10, 12, seed=240, dtype=torch.float32)) if on_proj else tiny_model
+    before = snapshot(model)
+    refuses(lora_variants.load_variant_adapter, model, folder, match=word(REFUSED_FILES[case]))
+    assert_unchanged(model, before, f"load_variant_adapter of {case}")
+
+
+@pytest.mark.exercise("5.10")
+def test_peft_default_pissa_file_needs_a_fresh_base(lora, lora_variants, tmp_path):
+    """A PEFT default PiSSA file into a model that already has LoRA layers: ValueError naming init_lora_weights."""
+    A, B = randn(4, 12, seed=241, dtype=torch.float32), randn(10, 4, seed=242, dtype=torch.float32)
+    folder = write_adapter(tmp_path, peft_lora_config(4, 8, ["proj"], init_lora_weights="pissa"),
+                           {"base_model.model.proj.lora_A.weight": A, "base_model.model.proj.lora_B.weight": B})  # fmt: skip
+    model = OneProj(randn(10, 12, seed=243, dtype=torch.float32))
+    lora.get_lora_model(model, r=4, lora_alpha=8, target_modules=["proj"])
+    before = snapshot(model)
+    refuses(lora_variants.load_variant_adapter, model, folder, match=word("init_lora_weights"))
+    assert_unchanged(model, before, "load_variant_adapter of a PiSSA file into LoRA layers")
+
+
+@pytest.mark.exercise("5.10")
+@pytest.mark.parametrize("case", ["AdaLoRA without its allocator", "another model's allocator", "VeRA and LoRA layers"])
+def test_save_refuses_what_peft_cannot_rebuild(lora, lora_variants, tiny_model, tmp_path, case):
+    """AdaLoRA needs its RankAllocator (PEFT's config holds the schedule); one adapter kind per file; nothing written."""
+    if case == "VeRA and LoRA layers":
+        lora_variants.get_vera_model(tiny_model, r=4, target_modules=["q_proj"])
+        lora.get_lora_model(tiny_model, r=2, target_modules=["v_proj"])
+        refuses(lora_variants.save_variant_adapter, tiny_model, tmp_path / "adapter", match=word("LoRA"))
+    else:
+        other = lora_variants.get_adalora_model(copy_of(tiny_model), init_r=4, target_modules=["q_proj"])
+        lora_variants.get_adalora_model(tiny_model, init_r=4, target_modules=["q_proj"])
+        allocator = (
+            None
+            if case == "AdaLoRA without its allocator"
+            else lora_variants.RankAllocator(other, total_step=5, target_r=2)
+        )
+        refuses(lora_variants.save_variant_adapter, tiny_model, tmp_path / "adapter", allocator=allocator,
+                match=word("allocator"))  # fmt: skip
+    assert not (tmp_path / "adapter").exists(), "a refused save must not leave a (half-written) adapter folder"

@@ -13,6 +13,11 @@ the tests never import peft. ``peft_golden()`` loads the file once per session a
 (a test fixture cannot be used here: the stage modules' fixtures are not collected with their tests).
 Each key is read under the rule testcases/tolerances.py names for it (FIXTURE_RULES), and the
 ``check_*_record`` functions below apply the same bounds to PEFT's results recorded on other CPUs.
+
+Failure messages: a "Hint" says what the check tests ("the check: …"), never which part of the code is
+wrong; a "Likely cause" appears only when ``helpers.diagnose`` found that the output IS what a named
+mistake produces. A refusal is checked with ``helpers.refuses``, whose failure shows the call and the
+arguments it was given.
 """
 
 from __future__ import annotations
@@ -197,7 +202,7 @@ def check_w0_init_function(layer, weight: torch.Tensor, bias: torch.Tensor, extr
     magnitude = x64.abs() @ (residual.abs() + s * B.abs() @ A.abs()).T + b.abs()
     bound = (layer.in_features + layer.r + 4) * U32 * magnitude + x64.abs() @ extra.T
     assert_close(layer(x), x64 @ W.T + b, what, bound=bound,
-                 hint="the residual W0 − s·B A stays in the base so that W_res + s·B A = W0 at step 0")  # fmt: skip
+                 hint="the check: at step 0, W_res x + s·B A x + b = W0 x + b (the base holds the residual W0 − s·B A)")  # fmt: skip
 
 
 def dora_expected(x, W, b, A, B, m, s):
@@ -306,7 +311,7 @@ def test_use_rslora_rescales_every_layer(lora, lora_variants, tiny_model64, toke
         weights[path] = W + 4.0 * B @ A
     expected = network_with_weights(base, weights)(token_ids)
     assert_network_close(tiny_model64(token_ids), expected, "logits after use_rslora",
-                         "the forward must use the new scaling: h = W0 x + (lora_alpha / √r)·B A x")  # fmt: skip
+                         "the check: every layer computes h = W0 x + (lora_alpha / √r)·B A x after use_rslora")  # fmt: skip
 
 
 # ---- Exercise 5.2: DoRA --------------------------------------------------------------------------
@@ -320,17 +325,17 @@ def test_dora_magnitude_starts_at_the_row_norms(lora_variants):
     m = layer.magnitude
     assert isinstance(m, nn.Parameter) and m.requires_grad, "magnitude must be a trainable nn.Parameter"
     expect_tensor(m, (10,), "magnitude of a 24 → 10 layer", dtype=torch.float32,
-                  hint="one length per OUTPUT feature: the norm of each row of W0 (out, in), i.e. dim=1")  # fmt: skip
+                  hint="the check: one length per OUTPUT feature, the norm of each row of W0 (out, in)")  # fmt: skip
     W = linear.weight.detach().double()
     norms = W.norm(dim=1)
     # a sum of 24 squares and a square root: 24 + 2 roundings of the (positive) row norm
     assert_close(m, norms, "magnitude at init", bound=(24 + 2) * U32 * norms,
                  cause=diagnose(m, {"m holds the SQUARED row norms": norms**2}, 1e-4),
-                 hint="m = ‖W0 + s·B A‖ per row with B = 0, i.e. the row norms of W0")  # fmt: skip
+                 hint="the check: m = ‖W0 + s·B A‖ per row with B = 0, i.e. the row norms of W0")  # fmt: skip
     x = randn(5, 24, seed=2, dtype=torch.float32)
     magnitude = x.double().abs() @ W.abs().T + linear.bias.double().abs()
     assert_close(layer(x), linear(x), "output of a fresh DoRA layer", bound=(2 * 24 + 16) * U32 * magnitude,
-                 hint="m/n = 1 and B = 0 at init, so the layer must reproduce its base")  # fmt: skip
+                 hint="the check: a fresh layer (m/n = 1, B = 0) computes its base layer's output")  # fmt: skip
 
 
 @pytest.mark.exercise("5.2")
@@ -347,7 +352,7 @@ def test_dora_forward_matches_the_formula(lora_variants):
     expected = dora_expected(x, W, b, A, B, m, 2.0)
     bound = NETWORK_RTOL * (expected.abs().max().item() + 1)
     assert_close(out, expected, "DoRA layer output", bound=bound, cause=diagnose(out, dora_causes(x, W, b, A, B, m, 2.0), bound),
-                 hint="h = base(x) + (m/n − 1) ⊙ W0 x + (m/n) ⊙ s·B A x, n = ‖W0 + s·B A‖ per row")  # fmt: skip
+                 hint="the check: h = base(x) + (m/n − 1) ⊙ W0 x + (m/n) ⊙ s·B A x, n = ‖W0 + s·B A‖ per row")  # fmt: skip
 
 
 @pytest.mark.exercise("5.2")
@@ -382,7 +387,7 @@ def test_dora_gradients_treat_the_norm_as_a_constant(lora_variants):
         assert_close(grad, want, f"gradient of {name}", bound=bound,
                      cause=diagnose(grad, {"n is not detached: backward differentiates through ‖W0 + s·BA‖ (compute "
                                            "the norm under torch.no_grad() or .detach() it)": other}, bound),
-                     hint="n = ‖W0 + s·B A‖ is a constant in backward; m, A and B get the gradient of (m/n)·(W0 + sBA)x")  # fmt: skip
+                     hint="the check: the gradients of m, A and B are those of (m/n)·(W0 + s·B A)x with n = ‖W0 + s·B A‖ held constant")  # fmt: skip
 
 
 @pytest.mark.exercise("5.2")
@@ -402,13 +407,18 @@ def test_dora_merge_and_unmerge_are_exact(lora_variants):
     layer.merge()
     assert layer.merged is True, "merge() must set merged = True"
     assert_network_close(linear.weight, merged_weight, "the base weight after merge() (called twice)",
-                         "W ← (m/n)[:, None] ⊙ (W0 + s·B A), once: a second merge() changes nothing")  # fmt: skip
-    assert_network_close(layer(x), before, "output after merge()", "merged, the layer runs its base layer alone")
+                         "the check: after merge() twice, the logits equal the unmerged ones (the weight holds (m/n)[:, None] ⊙ (W0 + s·B A) once; the bias is not scaled)")  # fmt: skip
+    assert_network_close(
+        layer(x),
+        before,
+        "output after merge()",
+        "the check: merged, the layer's output (its base layer's, with the merged weight and the unscaled bias) equals the unmerged output",
+    )
     layer.unmerge()
     layer.unmerge()
     assert layer.merged is False, "unmerge() must set merged = False"
     assert_network_close(linear.weight, W0, "the base weight after unmerge() (called twice)",
-                         "divide by the factor m/n used at merge time (keep n), then subtract s·B A")  # fmt: skip
+                         "the check: after unmerge() the logits are the original ones again (W0 = merged weight ÷ the m/n of merge time − s·B A)")  # fmt: skip
     assert_network_close(layer(x), before, "output after unmerge()")
 
 
@@ -433,7 +443,7 @@ def test_get_dora_model_trains_a_b_and_magnitude(lora, lora_variants, tiny_model
         f"r·(in + out) + out per layer = {expected:,} trainable numbers, got {n_trainable:,} (one magnitude per output row)"
     )
     assert_network_close(tiny_model64(token_ids), before, "logits right after get_dora_model",
-                         "m = ‖W0‖ per row and B = 0 at init: a fresh DoRA model computes what its base computes")  # fmt: skip
+                         "the check: a fresh DoRA model (m = ‖W0‖ per row, B = 0) computes what its base computes")  # fmt: skip
 
 
 @pytest.mark.exercise("5.2")
@@ -451,9 +461,9 @@ def test_dora_from_a_trained_lora_layer_keeps_its_function(lora, lora_variants):
                  bound=NETWORK_RTOL * (norms.max().item() + 1),
                  cause=diagnose(layer.magnitude, {"m is the row norm of W0 alone; with B ≠ 0 it must be ‖W0 + s·B A‖":
                                                   W.norm(dim=1)}, NETWORK_RTOL * (norms.max().item() + 1)),
-                 hint="reset_magnitude sets m = ‖W0 + s·B A‖ per row (weight_norm), so that m/n = 1")  # fmt: skip
+                 hint="the check: after reset_magnitude, m = ‖W0 + s·B A‖ per row (weight_norm), so m/n = 1")  # fmt: skip
     assert_network_close(layer(x), before, "output of the DoRA layer made from a trained LoRA layer",
-                         "m = n = ‖W0 + s·B A‖ makes the DoRA layer compute exactly what the LoRA layer computed")  # fmt: skip
+                         "the check: the DoRA layer made from a trained LoRA layer (m = n = ‖W0 + s·B A‖) computes what the LoRA layer computed")  # fmt: skip
 
 
 @pytest.mark.exercise("5.2")
@@ -465,7 +475,7 @@ def test_dora_on_a_4bit_base(lora_variants, quant):
     W = base.dequantize_weight(torch.float32).double()
     norms = W.norm(dim=1)
     assert_close(layer.magnitude, norms, "magnitude on an NF4 base", bound=(64 + 2) * U32 * norms,
-                 hint="n comes from the dequantized weight (dense_weight(base_layer) dequantizes an NF4Linear)")  # fmt: skip
+                 hint="the check: the magnitudes are the row norms of the DEQUANTIZED weight (dense_weight dequantizes an NF4Linear)")  # fmt: skip
     set_values(layer, lora_A=randn(4, 64, seed=19, std=0.2), lora_B=randn(24, 4, seed=20, std=0.2),
                magnitude=norms * (1 + 0.5 * torch.rand(24, generator=generator(21), dtype=torch.float64)))  # fmt: skip
     x = randn(5, 64, seed=22, dtype=torch.float32)
@@ -480,7 +490,7 @@ def test_dora_on_a_4bit_base(lora_variants, quant):
     bound = (2 * 64 + 4 + 12) * U32 * magnitude
     assert_close(out, expected, "DoRA output on an NF4 base", bound=bound, dtype=torch.float32,
                  cause=diagnose(out, dora_causes(x64, W, b, A, B, m, 2.0), bound),
-                 hint="W0 is the dequantized weight; h = base(x) + (m/n − 1) ⊙ W0 x + (m/n) ⊙ s·B A x")  # fmt: skip
+                 hint="the check: h = base(x) + (m/n − 1) ⊙ W0 x + (m/n) ⊙ s·B A x with W0 the dequantized weight")  # fmt: skip
 
 
 # ---- Exercise 5.3: PiSSA and OLoRA ---------------------------------------------------------------
@@ -510,7 +520,7 @@ def test_pissa_adapter_is_the_top_r_svd_part(lora, lora_variants):
                                           "top-r part for any lora_alpha)": 2.0 * top,
                                           "s·B A holds the SMALLEST r singular triplets": top_r_part(weight, 10)[0]
                                           - top_r_part(weight, 6)[0]}, bound),
-                 hint="A = diag(√(S_r/s)) Uᵀ[:r], B = V[:, :r] diag(√(S_r/s)) from torch.linalg.svd(W0)")  # fmt: skip
+                 hint="the check: s·B A is the top-r SVD part of W0 (A = diag(√(S_r/s)) Uᵀ[:r], B = V[:, :r] diag(√(S_r/s)))")  # fmt: skip
     for i in range(4):
         for name, norm in (("row of A", A[i].norm()), ("column of B", B[:, i].norm())):
             want = math.sqrt(S[i].item() / 2.0)
@@ -520,7 +530,7 @@ def test_pissa_adapter_is_the_top_r_svd_part(lora, lora_variants):
             )
     residual_bound = bound + (4 + 3) * U32 * (weight.double().abs() + product.abs())
     assert_close(residual, weight.double() - top, "the base weight after pissa_init", bound=residual_bound,
-                 hint="W0 ← W0 − s·B A: the base keeps everything but the top-r part")  # fmt: skip
+                 hint="the check: the base holds W0 − s·B A, everything but the top-r part")  # fmt: skip
     check_w0_init_function(layer, weight, bias, residual_bound, "PiSSA layer output at step 0")
 
 
@@ -539,12 +549,12 @@ def test_olora_adapter_is_the_first_r_qr_terms(lora, lora_variants):
     layer = lora.LoRALayer.from_linear(linear, r=4, lora_alpha=8)  # s = 2
     assert lora_variants.olora_init(layer) is layer, "olora_init initialises the layer in place and returns it"
     A, B, residual = f64(layer.lora_A, layer.lora_B, layer.base_layer.weight)
-    expect_tensor(B, (10, 4), "lora_B after olora_init", "B = Q[:, :r] (out, r)")
+    expect_tensor(B, (10, 4), "lora_B after olora_init", "the check: B = Q[:, :r] is (out, r)")
     E = factorisation_error(weight)
     # Householder QR: the computed Q is orthonormal to within √n·γ_mn (Higham Thm 19.4)
     orthonormality = math.sqrt(10) * 10 * 12 * U32
     assert_close(B.T @ B, torch.eye(4, dtype=torch.float64), "Bᵀ B after olora_init", bound=orthonormality,
-                 hint="B = Q[:, :r] of torch.linalg.qr(W0): orthonormal columns (OLoRA's point)")  # fmt: skip
+                 hint="the check: B = Q[:, :r] of torch.linalg.qr(W0) has orthonormal columns (OLoRA's point)")  # fmt: skip
     W = weight.double()
     Q, R = torch.linalg.qr(W)
     first = Q[:, :4] @ R[:4]  # the first r terms Σ q_i r_iᵀ: the same for every sign choice of the QR
@@ -554,10 +564,10 @@ def test_olora_adapter_is_the_first_r_qr_terms(lora, lora_variants):
     s_bound = 2.0 * E * (1 + 2 * torch.linalg.matrix_norm(W, ord=2).item() / sigma_min) + 8 * U32 * product.abs()
     assert_close(product, 2.0 * first, "s·B A after olora_init", bound=s_bound,
                  cause=diagnose(product, {"A and B were divided by s (that is PiSSA's rule, not OLoRA's)": first}, s_bound),
-                 hint="B = Q[:, :r], A = R[:r] (no division by s): s·B A is s times the first r QR terms")  # fmt: skip
+                 hint="the check: s·B A is s times the first r QR terms (B = Q[:, :r], A = R[:r], no division by s)")  # fmt: skip
     residual_bound = s_bound + (4 + 3) * U32 * (W.abs() + product.abs())
     assert_close(residual, W - product, "the base weight after olora_init", bound=residual_bound,
-                 hint="W0 ← W0 − s·B A (s = lora_alpha / r = 2 here)")  # fmt: skip
+                 hint="the check: the base holds W0 − s·B A (s = lora_alpha / r = 2 here)")  # fmt: skip
     check_w0_init_function(layer, weight, bias, residual_bound, "OLoRA layer output at step 0")
 
 
@@ -572,7 +582,7 @@ def test_pissa_model_keeps_its_logits(lora, lora_variants, tiny_model, token_ids
     # the init runs in fp32 by design: allow 64× the float32 evaluation noise of the base network (tolerances.py)
     bound = fp32_network_bound(copy_of(exact).float()(token_ids), reference64)
     assert_close(tiny_model(token_ids), reference64, "logits right after pissa_init on every layer", bound=bound,
-                 hint="each layer keeps W0 − s·B A in its base and s·B A in its adapter: the function is unchanged")  # fmt: skip
+                 hint="the check: right after the init the logits are the base model's (each base holds W0 − s·B A, each adapter s·B A)")  # fmt: skip
 
 
 # ---- Exercise 5.4: LoftQ -------------------------------------------------------------------------
@@ -732,8 +742,8 @@ def uniform_draws_close(actual: torch.Tensor, expected: torch.Tensor, what: str)
     """Same generator, same order: equal up to how the bound √3·√2/√fan_in was rounded (4 ulps of it)."""
     bound = 4 * U32 * expected.abs().max().item()
     assert_close(actual, expected, what, bound=bound,
-                 hint="one CPU torch.Generator seeded with projection_prng_key; vera_A (r, in) first, then vera_B "
-                      "(out, r); each U(−b, b) with b = √3·√2/√fan_in, fan_in = its second dimension")  # fmt: skip
+                 hint="the check: one CPU torch.Generator seeded with projection_prng_key; vera_A (r, in) first, then "
+                      "vera_B (out, r); each U(−b, b) with b = √3·√2/√fan_in, fan_in = its second dimension")  # fmt: skip
 
 
 def vera_draw_bound(golden: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -755,8 +765,8 @@ def test_vera_projections_are_peft_draws(lora_variants):
     """vera_projections(r, in, out, key) draws PEFT's pair: deterministic in projection_prng_key, key 0 and 3 as PEFT."""
     golden = peft_golden()
     A, B = lora_variants.vera_projections(16, 12, 10, projection_prng_key=0)
-    expect_tensor(A, (16, 12), "vera_A of vera_projections(16, 12, 10)", "vera_A is (r, in_features)")
-    expect_tensor(B, (10, 16), "vera_B of vera_projections(16, 12, 10)", "vera_B is (out_features, r)")
+    expect_tensor(A, (16, 12), "vera_A of vera_projections(16, 12, 10)", "the check: vera_A is (r, in_features)")
+    expect_tensor(B, (10, 16), "vera_B of vera_projections(16, 12, 10)", "the check: vera_B is (out_features, r)")
     uniform_draws_close(A, golden["vera.A"], "vera_A for key 0 (PEFT's draw)")
     uniform_draws_close(B, golden["vera.B"], "vera_B for key 0 (PEFT's draw)")
     A3, B3 = lora_variants.vera_projections(5, 12, 10, projection_prng_key=3)
@@ -776,15 +786,19 @@ def test_get_vera_model_shares_one_pair(lora_variants, tiny_model):
     layers = dict(lora_variants.vera_layers(tiny_model))
     assert len(layers) == 14, f"the 7 default projections × 2 layers become VeRALayers, got {sorted(layers)}"
     first = next(iter(layers.values()))
-    expect_tensor(first.vera_A, (8, 32), "the shared vera_A", "(r, largest in_features): d_ff = 32 feeds down_proj")
-    expect_tensor(first.vera_B, (32, 8), "the shared vera_B", "(largest out_features, r): gate/up_proj give 32")
+    expect_tensor(
+        first.vera_A, (8, 32), "the shared vera_A", "the check: (r, largest in_features); d_ff = 32 feeds down_proj"
+    )
+    expect_tensor(
+        first.vera_B, (32, 8), "the shared vera_B", "the check: (largest out_features, r); gate/up_proj give 32"
+    )
     for path, layer in layers.items():
         assert layer.vera_A is first.vera_A and layer.vera_B is first.vera_B, (
             f"{path} holds its own copy of the projections: VeRA shares ONE frozen pair among all layers (one "
             "VeRAProjections module, passed to every VeRALayer)"
         )
-        expect_tensor(layer.lambda_d, (8,), f"{path}.lambda_d", "λ_d is (r,)")
-        expect_tensor(layer.lambda_b, (layer.out_features,), f"{path}.lambda_b", "λ_b is (out_features,)")
+        expect_tensor(layer.lambda_d, (8,), f"{path}.lambda_d", "the check: λ_d is (r,)")
+        expect_tensor(layer.lambda_b, (layer.out_features,), f"{path}.lambda_b", "the check: λ_b is (out_features,)")
         assert torch.all(layer.lambda_d == 0.1) and torch.all(layer.lambda_b == 0), (
             f"{path}: λ_d starts at d_initial (0.1) and λ_b at 0, so a fresh layer reproduces its base"
         )
@@ -801,7 +815,7 @@ def test_fresh_vera_model_keeps_the_output(lora_variants, tiny_model64, token_id
     before = tiny_model64(token_ids).detach()
     lora_variants.get_vera_model(tiny_model64, r=4, d_initial=0.5)
     assert_network_close(tiny_model64(token_ids), before, "logits right after get_vera_model",
-                         "λ_b starts at 0, so λ_b ⊙ B(λ_d ⊙ A x) = 0")  # fmt: skip
+                         "the check: a fresh VeRA model computes its base's logits (λ_b = 0, so λ_b ⊙ B(λ_d ⊙ A x) = 0)")  # fmt: skip
 
 
 @pytest.mark.exercise("5.6")
@@ -817,7 +831,7 @@ def test_vera_forward_matches_the_formula(lora_variants, biased_model):
                                 layer.lambda_d, layer.lambda_b)  # fmt: skip
         expected = vera_expected(x, W, b, A[:, : layer.in_features], B[: layer.out_features], d, lb)
         assert_network_close(layer(x), expected, f"output of the VeRA layer {path}",
-                             "slice A_s = vera_A[:, :in] and B_s = vera_B[:out]; λ_d scales A_s x, λ_b the output")  # fmt: skip
+                             "the check: h = base(x) + λ_b ⊙ B_s(λ_d ⊙ A_s x) with the slices A_s = vera_A[:, :in], B_s = vera_B[:out]")  # fmt: skip
 
 
 # ---- Exercise 5.7: AdaLoRA -----------------------------------------------------------------------
@@ -831,9 +845,9 @@ def test_adalora_layer_init(lora_variants, tiny_model64, token_ids):
     layers = dict(lora_variants.adalora_layers(tiny_model64))
     assert len(layers) == 14, f"the 7 default projections × 2 layers become AdaLoRALayers, got {sorted(layers)}"
     layer = layers["layers.0.mlp.up_proj"]
-    expect_tensor(layer.lora_A, (6, 16), "lora_A (Q)", "Q is (r, in_features)")
-    expect_tensor(layer.lora_E, (6, 1), "lora_E (Λ)", "Λ is (r, 1), PEFT's shape")
-    expect_tensor(layer.lora_B, (32, 6), "lora_B (P)", "P is (out_features, r)")
+    expect_tensor(layer.lora_A, (6, 16), "lora_A (Q)", "the check: Q is (r, in_features)")
+    expect_tensor(layer.lora_E, (6, 1), "lora_E (Λ)", "the check: Λ is (r, 1), PEFT's shape")
+    expect_tensor(layer.lora_B, (32, 6), "lora_B (P)", "the check: P is (out_features, r)")
     assert torch.count_nonzero(layer.lora_E) == 0, "Λ starts at 0, so a fresh layer reproduces its base"
     ranknum = torch.as_tensor(layer.ranknum).detach().double().flatten()
     assert ranknum.tolist() == [6.0], f"ranknum is a (1,) buffer holding init_r = 6, got {ranknum.tolist()}"
@@ -849,7 +863,12 @@ def test_adalora_layer_init(lora_variants, tiny_model64, token_ids):
     )
     trainable = {name.rsplit(".", 1)[-1] for name, p in tiny_model64.named_parameters() if p.requires_grad}
     assert trainable == {"lora_A", "lora_E", "lora_B"}, f"only Q, Λ and P train in AdaLoRA, got {sorted(trainable)}"
-    assert_network_close(tiny_model64(token_ids), before, "logits right after get_adalora_model", "Λ = 0 at init")
+    assert_network_close(
+        tiny_model64(token_ids),
+        before,
+        "logits right after get_adalora_model",
+        "the check: a fresh AdaLoRA model computes its base's logits (Λ = 0)",
+    )
 
 
 @pytest.mark.exercise("5.7")
@@ -869,7 +888,7 @@ def test_adalora_forward_matches_the_formula(lora_variants):
         "the update is not divided by ranknum": x @ W.T + b + (x @ (A * E).T @ B.T) * 8,
     }, bound)  # fmt: skip
     assert_close(out, expected, "AdaLoRA layer output", bound=bound, cause=cause,
-                 hint="x (Q ⊙ Λ)ᵀ Pᵀ · lora_alpha / (ranknum + 1e-5), added to the base output")  # fmt: skip
+                 hint="the check: h = base(x) + x (Q ⊙ Λ)ᵀ Pᵀ · lora_alpha / (ranknum + 1e-5)")  # fmt: skip
 
 
 @pytest.mark.exercise("5.7")
@@ -896,7 +915,7 @@ def test_orthogonal_regularization_is_peft_s(lora_variants):
     }
     bound = NETWORK_RTOL * (expected.abs().item() + 1)
     assert_close(got.reshape(()), expected, "orthogonal_regularization", bound=bound, cause=diagnose(got, causes, bound),
-                 hint="1/(2L)·Σ (‖Q Qᵀ − I_r‖_F + ‖Pᵀ P − I_r‖_F): the r × r Gram matrices")  # fmt: skip
+                 hint="the check: R = 1/(2L)·Σ (‖Q Qᵀ − I_r‖_F + ‖Pᵀ P − I_r‖_F), the r × r Gram matrices")  # fmt: skip
 
 
 @pytest.mark.exercise("5.7")
@@ -975,8 +994,8 @@ def test_importance_is_the_product_of_two_emas(lora_variants):
         got = scores.get(path)
         bound = NETWORK_RTOL * expected.abs().max().item()
         assert_close(got, expected, f"triplet scores of layer {path!r} after two updates", bound=bound,
-                     hint="β1 for Ī, β2 for Ū (with the UPDATED Ī), score = Ī·Ū per entry; a triplet adds Λ_i's "
-                          "score and the MEANS over Q's row i and P's column i")  # fmt: skip
+                     hint="the check: Ī (β1), Ū (β2, from the UPDATED Ī), score = Ī·Ū per entry; a triplet's score "
+                          "is Λ_i's plus the MEANS over Q's row i and P's column i")  # fmt: skip
 
 
 @pytest.mark.exercise("5.7")
@@ -1003,8 +1022,8 @@ def test_rank_allocator_works_through_an_optimizer(lora_variants):
             for key, value in before.items():
                 expected = value - 0.1 * (grads[key] + extra[key])
                 assert_network_close(getattr(layers[key[0]], key[1]), expected, f"{key[0]}.{key[1]} after one SGD step",
-                                     "before each step, add the gradient of orth_reg_weight · orthogonal_regularization "
-                                     "to P's and Q's gradients (backward of the penalty)")  # fmt: skip
+                                     "the check: one SGD step on the loss's gradient plus orth_reg_weight × the "
+                                     "regulariser's (added to P's and Q's gradients before the step)")  # fmt: skip
         budget, masked = cubic_budget(step, 8, 4, 6, 1, 2, 1)
         assert allocator.budget == budget, (
             f"after optimizer step {step} the allocator's budget must be {budget} (update_and_allocate(step) after each "
@@ -1048,8 +1067,8 @@ def check_delta(lora, model, w0, first, last, ratio, scaling, what) -> None:
     for path, layer in lora.lora_layers(model):
         expected = w0[path].double() + ratio * scaling * (last[path] - first[path])
         assert_network_close(layer.base_layer.weight, expected, f"{path}: W0 {what}",
-                             "after each optimizer step W0 += update_ratio · s · (B'A' − B A), with s = lora_alpha / r "
-                             "and B A saved BEFORE the step")  # fmt: skip
+                             "the check: after each optimizer step W0 grew by update_ratio · s · (B'A' − B A) "
+                             "(s = lora_alpha / r; B A from BEFORE the step)")  # fmt: skip
 
 
 @pytest.mark.exercise("5.8")
@@ -1214,7 +1233,7 @@ def test_rslora_adapter_round_trip(lora, lora_variants, tiny_model64, token_ids,
     assert config.get("r") == 4 and config.get("lora_alpha") == 8, "r and lora_alpha stay as they are (PEFT rescales)"
     loaded = lora_variants.load_variant_adapter(fresh, tmp_path)
     assert_network_close(loaded(token_ids), expected, "logits of the base + the loaded rsLoRA adapter",
-                         "after load_lora, switch the layers to rsLoRA when the config says use_rslora")  # fmt: skip
+                         "the check: the loaded model's logits equal the saved one's (use_rslora in the config: the scale is lora_alpha / √r)")  # fmt: skip
 
 
 @pytest.mark.exercise("5.10")
@@ -1236,13 +1255,13 @@ def test_dora_adapter_round_trip(lora, lora_variants, tiny_model64, token_ids, t
         f"PEFT stores DoRA's magnitude as base_model.model.<path>.lora_magnitude_vector (no .weight); missing {key}, "
         f"found e.g. {[k for k in tensors if 'magnitude' in k][:2]}"
     )
-    expect_tensor(tensors[key], (32,), key, "one magnitude per output feature of up_proj")
+    expect_tensor(tensors[key], (32,), key, "the check: one magnitude per output feature of up_proj")
     assert len(tensors) == 2 * 2 * 3, f"2 layers × 2 targets × (A, B, magnitude) = 12 tensors, got {len(tensors)}"
     loaded = lora_variants.load_variant_adapter(fresh, tmp_path)
     kinds = {type(layer).__name__ for _, layer in lora.lora_layers(loaded)}
     assert kinds == {"DoRALayer"}, f"loading a DoRA adapter into a plain base adds DoRA layers, got {kinds}"
     assert_network_close(loaded(token_ids), expected, "logits of the base + the loaded DoRA adapter",
-                         "load A and B, then copy each layer's magnitude from the file")  # fmt: skip
+                         "the check: the loaded DoRA model's logits equal the saved one's (A, B and every magnitude from the file)")  # fmt: skip
 
 
 def pissa_trained(lora, lora_variants, model, method: str, rslora: bool = False):
@@ -1274,13 +1293,13 @@ def check_converted(lora, loaded, original, start, model, token_ids, trained_log
     exact = network_with_weights(original, weights)
     reference64 = exact(token_ids).detach()
     assert_network_close(loaded(token_ids), reference64, "logits of the ORIGINAL base + the converted adapter",
-                         "save [A | A0] (2r, in) and [B | −B0] (out, 2r) with r' = 2r, lora_alpha' = 2·lora_alpha "
-                         "(√2·lora_alpha with rsLoRA): then s'·B'A' = s·(B A − B0 A0)")  # fmt: skip
+                         "the check: on the ORIGINAL base the file computes W0 + s·(B A − B0 A0) (A' = [A ; A0], "
+                         "B' = [B | −B0], r' = 2r, lora_alpha' = 2·lora_alpha, √2·lora_alpha with rsLoRA)")  # fmt: skip
     # the trained model holds W0 − s·B0A0 rounded once to fp32 (the init runs in fp32): allow what fp32 weights
     # and arithmetic cost this network (tolerances.fp32_network_bound)
     bound = fp32_network_bound(copy_of(exact).float()(token_ids), reference64)
     assert_close(trained_logits, reference64, "logits of the trained PiSSA/OLoRA model", bound=bound,
-                 hint="the residual in the base must be W0 − s·B0 A0")  # fmt: skip
+                 hint="the check: the trained model computes W0 + s·(B A − B0 A0) (its base holds W0 − s·B0 A0)")  # fmt: skip
 
 
 @pytest.mark.exercise("5.10")
@@ -1296,6 +1315,200 @@ def test_pissa_adapter_converted_for_the_original_base(lora, lora_variants, tiny
         f"r={config.get('r')!r}, lora_alpha={config.get('lora_alpha')!r}"
     )
     expect_tensor(tensors.get("base_model.model.layers.0.self_attn.q_proj.lora_A.weight"), (4, 16),
-                  "the converted lora_A of q_proj", "A' = cat(A, A0) along the rank: (2r, in)")  # fmt: skip
+                  "the converted lora_A of q_proj", "the check: A' = cat(A, A0) along the rank is (2r, in)")  # fmt: skip
     loaded = lora_variants.load_variant_adapter(copy_of(original).double(), tmp_path)
     check_converted(lora, loaded, original, start, tiny_model, token_ids, trained_logits, 2.0)
+
+
+# ---- PEFT's own files: PiSSA, OLoRA, LoftQ saved by default (W0 recomputed on load); VeRA; AdaLoRA -----
+
+
+def write_adapter(path: Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write an adapter folder in PEFT's layout (adapter_config.json + adapter_model.safetensors), as PEFT would."""
+    import json
+
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path / "adapter_model.safetensors",
+              metadata={"format": "pt"})  # fmt: skip
+    return path
+
+
+def peft_lora_config(r: int, lora_alpha: float, targets: list[str], **fields) -> dict:
+    """The adapter_config.json fields PEFT 0.21.2's save_pretrained writes for LoRA and that a loader reads."""
+    return {"peft_type": "LORA", "task_type": None, "r": r, "lora_alpha": lora_alpha, "lora_dropout": 0.0,
+            "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
+            "use_rslora": False, "use_dora": False, "modules_to_save": None, **fields}  # fmt: skip
+
+
+class OneProj(nn.Module):
+    """A model with one linear layer ``proj`` (in → out, with a bias): the files then name base_model.model.proj."""
+
+    def __init__(self, weight: torch.Tensor, seed: int = 7) -> None:
+        super().__init__()
+        out_features, in_features = weight.shape
+        self.proj = nn.Linear(in_features, out_features, dtype=weight.dtype)
+        with torch.no_grad():
+            self.proj.weight.copy_(weight)
+            self.proj.bias.copy_(randn(out_features, seed=seed, std=0.1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def olora_matrix(seed: int = 24) -> torch.Tensor:
+    """A (10, 12) fp32 matrix Q0 R0 whose first 4 columns are well conditioned (OLoRA's first r QR terms are stable)."""
+    gen = generator(seed)
+    Q0, _ = torch.linalg.qr(torch.randn(10, 10, generator=gen, dtype=torch.float64))
+    R0 = torch.triu(torch.randn(10, 12, generator=gen, dtype=torch.float64) * 0.3)
+    R0[range(10), range(10)] = 2 + torch.rand(10, generator=gen, dtype=torch.float64)
+    return (Q0 @ R0).float()
+
+
+def exact_w0_part(weight: torch.Tensor, method: str, s: float = 2.0, r: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s·B0 A0, its allowed fp32 deviation) of PiSSA (the top-r SVD part) or OLoRA (s × the first r QR terms).
+
+    The bounds are the 5.3 tests': the factorisation's backward error through the conditioning of the
+    part (pissa_product_bound, olora_product_bound), plus the roundings of forming it.
+    """
+    W = weight.double()
+    if method == "pissa":
+        top, S = top_r_part(weight, r)
+        U, _, Vh = torch.linalg.svd(W, full_matrices=False)
+        root = (S[:r] / s).sqrt()
+        factors = SimpleNamespace(lora_A=root[:, None] * Vh[:r], lora_B=U[:, :r] * root, scaling=s)
+        return top, pissa_product_bound(weight, r, factors)
+    Q, R = torch.linalg.qr(W)
+    product = s * Q[:, :r] @ R[:r]
+    return product, olora_product_bound(weight, r, product)
+
+
+@pytest.mark.exercise("5.10")
+@pytest.mark.parametrize("method", ["pissa", "olora"])
+def test_peft_default_pissa_olora_file_recomputes_the_residual(lora, lora_variants, tmp_path, method):
+    """PEFT's default PiSSA/OLoRA file (init_lora_weights kept, A and B trained against W0 − s·B0A0): the residual is recomputed on load."""
+    weight = matrix_with_spectrum(10, 12, SPECTRUM, seed=23) if method == "pissa" else olora_matrix()
+    A, B = randn(4, 12, seed=150, std=0.3, dtype=torch.float32), randn(10, 4, seed=151, std=0.3, dtype=torch.float32)
+    config = peft_lora_config(4, 8, ["proj"], init_lora_weights=method)  # s = 2
+    folder = write_adapter(tmp_path, config, {"base_model.model.proj.lora_A.weight": A,
+                                              "base_model.model.proj.lora_B.weight": B})  # fmt: skip
+    model = OneProj(weight)
+    bias = model.proj.bias.detach().double()
+    loaded = lora_variants.load_variant_adapter(model, folder)
+    layer = loaded.proj
+    assert isinstance(layer, lora.LoRALayer), f"the file adds a LoRA layer at proj, got {type(layer).__name__}"
+    assert torch.equal(layer.lora_A, A) and torch.equal(layer.lora_B, B), (
+        f"after the {method} init (which sets A0, B0) the file's A and B replace them, as PEFT loads the state dict "
+        "after running the init"
+    )
+    part, bound = exact_w0_part(weight, method)
+    W = weight.double()
+    expected = W - part
+    bound = bound + 7 * U32 * (W.abs() + part.abs())
+    residual = layer.base_layer.weight.detach().double()
+    assert_close(residual, expected, f"the base weight after loading a {method} file", bound=bound,
+                 cause=diagnose(residual, {f"init_lora_weights={method!r} was ignored: the base kept the ORIGINAL W0, "
+                                           "but the file's A and B were trained against W0 − s·B0A0 (PEFT recomputes "
+                                           "that residual on load)": W}, bound),
+                 hint=f"the check: the base holds W0 − s·B0A0 of a {method}_init of W0, as PEFT recomputes on load")  # fmt: skip
+    x = randn(7, 12, seed=152, dtype=torch.float32)
+    x64, s = x.double(), 2.0
+    magnitude = x64.abs() @ (expected.abs() + s * B.double().abs() @ A.double().abs()).T + bias.abs()
+    out_bound = (12 + 4 + 4) * U32 * magnitude + x64.abs() @ bound.T
+    assert_close(layer(x), x64 @ (expected + s * B.double() @ A.double()).T + bias, f"{method} layer output after loading",
+                 bound=out_bound, hint="the check: the loaded layer computes (W0 − s·B0A0) x + s·B A x + b, as PEFT's loaded model")  # fmt: skip
+
+
+@pytest.mark.exercise("5.10")
+@pytest.mark.parametrize("save_projection", [True, False])
+def test_vera_adapter_round_trip_in_peft_format(lora_variants, tiny_model64, token_ids, tmp_path, save_projection):
+    """VeRA in PEFT's format: peft_type VERA, λ_d and λ_b per layer, the shared pair once if save_projection; it loads back."""
+    fresh = copy_of(tiny_model64)
+    lora_variants.get_vera_model(tiny_model64, r=8, target_modules=["q_proj", "up_proj"], projection_prng_key=3)
+    for i, (_, layer) in enumerate(lora_variants.vera_layers(tiny_model64)):
+        set_values(layer, lambda_d=randn(8, seed=160 + i), lambda_b=randn(layer.out_features, seed=170 + i, std=0.5))
+    expected = tiny_model64(token_ids).detach()
+    lora_variants.save_variant_adapter(tiny_model64, tmp_path, save_projection=save_projection)
+    config, tensors = read_adapter(tmp_path)
+    want = {"peft_type": "VERA", "r": 8, "projection_prng_key": 3, "save_projection": save_projection,
+            "target_modules": ["q_proj", "up_proj"]}  # fmt: skip
+    for key, value in want.items():
+        assert config.get(key) == value, (
+            f"adapter_config.json: {key} should be {value!r} (PEFT's VeraConfig), got {config.get(key)!r}"
+        )
+    prefix = "base_model.model.layers.1.mlp.up_proj"
+    expect_tensor(
+        tensors.get(f"{prefix}.vera_lambda_d"),
+        (8,),
+        f"{prefix}.vera_lambda_d",
+        "the check: PEFT's key (no .weight) holds λ_d, (r,)",
+    )
+    expect_tensor(
+        tensors.get(f"{prefix}.vera_lambda_b"), (32,), f"{prefix}.vera_lambda_b", "the check: λ_b is (out_features,)"
+    )
+    if save_projection:
+        expect_tensor(tensors.get("base_model.vera_A"), (8, 16), "base_model.vera_A",
+                      "the check: the shared pair once, at the model level: vera_A (r, max in_features)")  # fmt: skip
+        expect_tensor(
+            tensors.get("base_model.vera_B"), (32, 8), "base_model.vera_B", "the check: vera_B is (max out_features, r)"
+        )
+    count = 2 * 2 * 2 + (2 if save_projection else 0)
+    assert len(tensors) == count, (
+        f"2 layers × 2 targets × (λ_d, λ_b){' + the shared pair' if save_projection else ''} = {count} tensors, got "
+        f"{len(tensors)}: {sorted(tensors)[:4]}…"
+    )
+    loaded = lora_variants.load_variant_adapter(fresh, tmp_path)
+    assert_network_close(loaded(token_ids), expected, "logits of the base + the loaded VeRA adapter",
+                         "the check: the loaded VeRA model's logits equal the saved one's (r, projection_prng_key, "
+                         "λ_d, λ_b and, if saved, the pair)")  # fmt: skip
+
+
+def masked_adalora_model(lora_variants, model: nn.Module) -> tuple[nn.Module, object, dict[str, torch.Tensor]]:
+    """AdaLoRA (init_r 4, lora_alpha 8) on q_proj and down_proj, random P, Λ, Q, and a rank pattern applied as the
+    allocator would: (model, allocator, pattern)."""
+    lora_variants.get_adalora_model(model, init_r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    allocator = lora_variants.RankAllocator(model, total_step=10, target_r=2)
+    pattern = {}
+    for i, (path, layer) in enumerate(lora_variants.adalora_layers(model)):
+        keep = torch.tensor([[True, False, True, True], [False, True, False, True]][i % 2])
+        set_values(layer, lora_A=randn(4, layer.in_features, seed=180 + i, std=0.3),
+                   lora_B=randn(layer.out_features, 4, seed=190 + i, std=0.3),
+                   lora_E=randn(4, 1, seed=200 + i) * keep[:, None])  # fmt: skip
+        pattern[path] = keep
+    allocator.rank_pattern = pattern
+    return model, allocator, pattern
+
+
+@pytest.mark.exercise("5.10")
+def test_adalora_adapter_round_trip_with_rank_pattern(lora_variants, tiny_model64, token_ids, tmp_path):
+    """AdaLoRA in PEFT's format: rank_pattern in the config, each layer cut to its kept triplets; it loads back."""
+    fresh = copy_of(tiny_model64)
+    model, allocator, pattern = masked_adalora_model(lora_variants, tiny_model64)
+    expected = model(token_ids).detach()
+    lora_variants.save_variant_adapter(model, tmp_path, allocator=allocator)
+    config, tensors = read_adapter(tmp_path)
+    want = {"peft_type": "ADALORA", "init_r": 4, "target_r": 2, "lora_alpha": 8, "total_step": 10}
+    for key, value in want.items():
+        assert config.get(key) == value, (
+            f"adapter_config.json: {key} should be {value!r} (PEFT's AdaLoraConfig), got {config.get(key)!r}"
+        )
+    path = "layers.0.self_attn.q_proj"
+    assert (config.get("rank_pattern") or {}).get(f"{path}.lora_E") == pattern[path].tolist(), (
+        f"rank_pattern records the allocator's mask per layer under '<path>.lora_E' as init_r bools: "
+        f"{pattern[path].tolist()}, got {(config.get('rank_pattern') or {}).get(f'{path}.lora_E')!r}"
+    )
+    prefix = f"base_model.model.{path}"
+    for name, shape in (("lora_A", (3, 16)), ("lora_E", (3, 1)), ("lora_B", (16, 3))):
+        expect_tensor(tensors.get(f"{prefix}.{name}"), shape, f"{prefix}.{name}",
+                      "the check: PEFT's keys (no .weight), each layer cut to its k = 3 unmasked triplets")  # fmt: skip
+    assert not any("ranknum" in key for key in tensors), "ranknum is not saved (PEFT rebuilds it as init_r)"
+    loaded = lora_variants.load_variant_adapter(fresh, tmp_path)
+    for path, layer in lora_variants.adalora_layers(loaded):
+        assert bool((layer.lora_E[~pattern[path]] == 0).all()), (
+            f"{path}: the masked triplets {(~pattern[path]).nonzero().flatten().tolist()} must load as Λ_i = 0, the "
+            "kept ones at their own positions"
+        )
+    assert_network_close(loaded(token_ids), expected, "logits of the base + the loaded AdaLoRA adapter",
+                         "the check: the loaded AdaLoRA model's logits equal the saved one's (each kept triplet at its own position, ranknum = init_r)")  # fmt: skip

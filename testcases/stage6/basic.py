@@ -19,6 +19,11 @@ quantizes to (either neighbour where the moment lies within that bound of a bin 
 ``testcases/stage6/oracle.py`` derives the bound. The golden file still says WHAT is computed: its
 inputs and bitsandbytes' step-99 states start the tests, and a support test shows that bitsandbytes' own
 steps, on the golden host and on every machine in ``testcases/fixtures/cpu-records/``, pass the same check.
+
+Failure messages: a "Hint" says what the check tests ("the check: …"), never which part of the code is
+wrong; a "Likely cause" appears only when ``helpers.diagnose`` found that the output IS what a named
+mistake produces. A refusal is checked with ``helpers.refuses``, whose failure shows the call and the
+arguments it was given.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import pytest
 import torch
 from torch import nn
 
-from testcases.helpers import SEED_OFFSET, copy_of, diagnose, generator
+from testcases.helpers import SEED_OFFSET, copy_of, diagnose, generator, refuses
 from testcases.stage6.golden_inputs import gradient, initial_param
 from testcases.stage6.oracle import STATE_KEYS, check_step, expected_step, f32, lut_reference
 from testcases.tolerances import UNIT_ROUNDOFF, expect_tensor, fixture
@@ -41,7 +46,7 @@ U32 = UNIT_ROUNDOFF[torch.float32]
 GOLDEN_FILE = "adamw8bit_golden.safetensors"
 OPTIMIZER_NAMES = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 STEP_HINT = (
-    "bitsandbytes' step: dequantize m and v (Stage 3's dequantize_blockwise with the signed / unsigned code), "
+    "the check: bitsandbytes' step: dequantize m and v (Stage 3's dequantize_blockwise with the signed / unsigned code), "
     "m ← β1·m + (1 − β1)·g, v ← β2·v + (1 − β2)·g², decay p ← p·(1 − lr·λ), then p ← p − (lr / c1)·m / (√v / c2 + ε) "
     "with c1 = 1 − β1^t, c2 = √(1 − β2^t) (tensors under min_8bit_size: p − (lr·c2 / c1)·m / (√v + ε·c2)), then "
     "re-quantize m with the signed and v with the unsigned code through the lookup table"
@@ -287,7 +292,7 @@ def check_parts(measured: object, estimated: dict, what: str, hint: str) -> None
 def test_unsigned_dynamic_code_book(memory):
     """256 sorted float32 levels from 0 to 1: 2^(e+1) midpoints per exponent e = 0…6 scaled by 10^(e−6), then 0 and 1."""
     code = memory.unsigned_dynamic_code_book()
-    hint = ("for each e = 0…6 the 2^(e+1) midpoints of linspace(0.1, 1, 2^(e+1) + 1), times 10^(e − 6), positive "
+    hint = ("the check: for each e = 0…6 the 2^(e+1) midpoints of linspace(0.1, 1, 2^(e+1) + 1), times 10^(e − 6), positive "
             "only; then 0 and 1: 254 + 2 = 256 levels")  # fmt: skip
     expect_tensor(code, (256,), "unsigned_dynamic_code_book()", hint, dtype=torch.float32)
     assert bool((code[1:] >= code[:-1]).all()), "the code must be sorted ascending (the lookup table searches it)"
@@ -319,7 +324,7 @@ def test_quantization_lut_is_the_nearest_level_of_each_bin(memory, quant, which)
     lut = memory.quantization_lut(code)
     expected = lut_reference(code)
     check_codes(lut, expected, f"quantization_lut({which} code)",
-                "centres = arange(65536) · 2 / 65535 − 1 in float32, then nearest_code(centres, code)")  # fmt: skip
+                "the check: centres = arange(65536) · 2 / 65535 − 1 in float32, then nearest_code(centres, code)")  # fmt: skip
     reachable = lut.unique().numel()
     assert reachable == {"signed": 249, "unsigned": 246}[which], f"{reachable} levels reachable, expected 249 / 246"
 
@@ -344,7 +349,7 @@ def test_quantize_blockwise_lut_codes_and_absmax(memory, quant, which):
               quant.nearest_code(torch.nn.functional.pad(x.reshape(-1), (0, 36)).view(6, 256).div(want_absmax[:, None])
                                  .reshape(-1)[:1500], code).double()}  # fmt: skip
     check_codes(codes, want_codes, f"codes of a (6, 250) tensor ({which} table)",
-                "a = max|x| per block; s = clamp(x · (1/a), −1, 1); bin ⌊(s + 1)·0.5·65535 + 0.5⌋; code = lut[bin]",
+                "the check: a = max|x| per block; s = clamp(x · (1/a), −1, 1); bin ⌊(s + 1)·0.5·65535 + 0.5⌋; code = lut[bin]",
                 causes)  # fmt: skip
     decoded = quant.dequantize_blockwise(codes, absmax, code, 256).reshape(x.shape)
     # the bin centre is ≤ 1/65535 from s, the table's level is ≤ half the widest reachable gap from the centre
@@ -487,8 +492,7 @@ def test_make_optimizer_builds_each_kind(memory):
         assert (group["lr"], group["weight_decay"]) == (0.25, 0.5), f"{name!r}: pass lr and weight_decay through"
         if kind is memory.AdamW8bit:
             assert inner.min_8bit_size == 16, f"{name!r}: pass min_8bit_size to AdamW8bit"
-    with pytest.raises(ValueError, match="paged_adamw8bit"):
-        memory.make_optimizer("sgd", [nn.Parameter(torch.zeros(2))])
+    refuses(memory.make_optimizer, "sgd", [nn.Parameter(torch.zeros(2))], match="paged_adamw8bit")
 
 
 @pytest.mark.exercise("6.4")
@@ -570,7 +574,7 @@ def test_estimate_memory_parts_of_the_wide_config(memory):
     expected = {"weights": 15_657_216, "gradients": 2_498_560, "optimizer": 4_997_568, "activations": 298_464_260}
     expected["total"] = sum(expected.values())
     check_parts(parts, expected, "estimate_memory_parts(wide, qlora, adamw, bf16)",
-                "weight_bytes, 4 B per trainable element, optimizer_state_bytes, activation_bytes; total = their sum")  # fmt: skip
+                "the check: weights = weight_bytes, gradients = 4 B per trainable element, optimizer = optimizer_state_bytes, activations = activation_bytes; total = their sum")  # fmt: skip
     parts = memory.estimate_memory_parts(config, "qlora", "adamw8bit", 64, 19, "bf16")
     assert parts["optimizer"] == 1_268_800, (
         f"qlora + adamw8bit: expected 1,268,800 state bytes, got {parts['optimizer']:,}"
@@ -591,5 +595,5 @@ def test_measure_memory_equals_the_estimate(memory, qlora_trainer, task_data):
     estimated["activations"] = saved_activation_bytes(memory, model, batch, config)  # = the estimate's, for the
     estimated["total"] = sum(v for k, v in estimated.items() if k != "total")  # reference's LoRA forward
     check_parts(measured, estimated, "measure_memory vs estimate_memory_parts (qlora, fp32, adamw)",
-                "weights: storages of parameters and buffers; activations: storages the pack hook sees, the model's own "
+                "the check: weights: storages of parameters and buffers; activations: storages the pack hook sees, the model's own "
                 "excluded; gradients: the trainable .grad; optimizer: every state tensor after one step")  # fmt: skip

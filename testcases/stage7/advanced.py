@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from testcases.helpers import assert_unchanged, copy_of, seed, snapshot, word
+from testcases.helpers import assert_unchanged, call_text, copy_of, refuses, seed, snapshot, word
 from testcases.stage7.basic import (
     N_VIRTUAL,
     context_tokens,
@@ -35,13 +35,13 @@ METHOD_OPTIONS = {
 }
 
 
-def refuses(call, model: nn.Module, name: str, what: str, error: type[Exception] = ValueError) -> None:
-    """``call()`` raises ``error`` whose message names ``name``, and ``model`` is exactly as before."""
+def refuses_unchanged(model: nn.Module, call, *args, name: str, **kwargs) -> None:
+    """``call(model, *args, **kwargs)`` raises a ValueError naming ``name`` (helpers.refuses: a failure shows the
+    call), and ``model`` is exactly as before, its config too."""
     __tracebackhide__ = True
-    before = snapshot(model)
-    config = model.config
-    with pytest.raises(error, match=word(name)):
-        call()
+    before, config = snapshot(model), model.config
+    refuses(call, model, *args, match=word(name), **kwargs)
+    what = call_text(call, (model, *args), kwargs)
     assert_unchanged(model, before, what)
     assert model.config == config, f"{what} changed the model's config although it raised an error"
 
@@ -61,7 +61,7 @@ def refuses(call, model: nn.Module, name: str, what: str, error: type[Exception]
 )
 def test_add_adapters_refuses_bad_arguments(peft_methods, tiny_model, options, name):
     """add_adapters: a bad bottleneck, placement or activation is a ValueError naming it; the model is untouched."""
-    refuses(lambda: peft_methods.add_adapters(tiny_model, **options), tiny_model, name, f"add_adapters({options})")
+    refuses_unchanged(tiny_model, peft_methods.add_adapters, **options, name=name)
 
 
 @pytest.mark.exercise("7.1")
@@ -69,8 +69,7 @@ def test_add_adapters_refuses_an_adapted_model(peft_methods, lora, tiny_model):
     """Adapters on a model that already has LoRA (or adapters) are refused; the model is untouched."""
     lora.get_lora_model(tiny_model, r=2, lora_alpha=4)
     before = snapshot(tiny_model)
-    with pytest.raises(ValueError):
-        peft_methods.add_adapters(tiny_model)
+    refuses(peft_methods.add_adapters, tiny_model)
     assert_unchanged(tiny_model, before, "add_adapters on a LoRA model")
 
 
@@ -107,12 +106,7 @@ def test_adapter_layer_on_a_4bit_base(peft_methods, quant, tiny_model, token_ids
 )
 def test_prompt_tuning_refuses_bad_arguments(peft_methods, tiny_model, options, name):
     """get_prompt_tuning_model: bad n (0, > max_seq_len), init, or token ids → ValueError naming it; model untouched."""
-    refuses(
-        lambda: peft_methods.get_prompt_tuning_model(tiny_model, **options),
-        tiny_model,
-        name,
-        f"get_prompt_tuning_model({options})",
-    )
+    refuses_unchanged(tiny_model, peft_methods.get_prompt_tuning_model, **options, name=name)
 
 
 @pytest.mark.exercise("7.2")
@@ -123,7 +117,7 @@ def test_prompt_is_shared_by_the_batch_and_rows_are_independent(peft_methods, ti
     together = model(token_ids)
     for row in range(token_ids.shape[0]):
         assert_network_close(together[row : row + 1], model(token_ids[row : row + 1]), f"row {row} of the batch",
-                             hint="expand the (n, C) prompt over the batch; do not mix rows")  # fmt: skip
+                             hint="the check: each row's logits equal that row run alone (one prompt shared by the batch)")  # fmt: skip
 
 
 @pytest.mark.exercise("7.2")
@@ -161,35 +155,14 @@ def test_p_tuning_lstm_encoder(peft_methods):
     with torch.no_grad():
         expected = head(lstm(encoder.embedding.weight.unsqueeze(0))[0])[0]
     assert_network_close(encoder(), expected, "PromptEncoder('lstm')()",
-                         hint="the LSTM reads the n embeddings as ONE sequence of length n (batch_first)")  # fmt: skip
-
-
-@pytest.mark.exercise("7.3")
-@pytest.mark.parametrize("encoder_type", ["mlp", "lstm"])
-def test_p_tuning_folds_to_a_prompt_table(peft_methods, tiny_model, token_ids, encoder_type):
-    """fold_reparameterization on P-tuning: a PromptEmbedding holding encoder() (n, C); the logits stay."""
-    model = peft_methods.get_p_tuning_model(tiny_model, num_virtual_tokens=3, encoder_type=encoder_type)
-    with torch.no_grad():
-        table = model.prompt_encoder()
-        before = model(token_ids)
-    peft_methods.fold_reparameterization(model)
-    assert isinstance(model.prompt_encoder, peft_methods.PromptEmbedding), "the encoder becomes a PromptEmbedding"
-    assert trainable_names(model) == ["prompt_encoder.embedding.weight"], "only the (n, C) table trains after folding"
-    assert_close(model.prompt_encoder.embedding.weight, table, "the folded table", bound=0.0,
-                 hint="the table is what the encoder computed")  # fmt: skip
-    scale = before.abs().max().item()
-    # The same network on the same table: only the LSTM kernel (with or without autograd) may round differently.
-    bound = 64 * UNIT_ROUNDOFF[torch.float32] * scale
-    assert_close(
-        model(token_ids), before, "logits after folding", bound=bound, hint="folding must not change the function"
-    )
+                         hint="the check: the encoder's output equals an LSTM over ONE sequence of length n (batch_first), then the MLP head")  # fmt: skip
 
 
 @pytest.mark.exercise("7.3")
 def test_p_tuning_refuses_bad_arguments(peft_methods, tiny_model):
     """get_p_tuning_model: an unknown encoder_type or hidden_size 0 is a ValueError naming it; the model is untouched."""
-    refuses(lambda: peft_methods.get_p_tuning_model(tiny_model, encoder_type="gru"), tiny_model, "encoder_type", "gru")
-    refuses(lambda: peft_methods.get_p_tuning_model(tiny_model, hidden_size=0), tiny_model, "hidden_size", "hidden 0")
+    refuses_unchanged(tiny_model, peft_methods.get_p_tuning_model, encoder_type="gru", name="encoder_type")
+    refuses_unchanged(tiny_model, peft_methods.get_p_tuning_model, hidden_size=0, name="hidden_size")
 
 
 # ---- Exercise 7.4 ---------------------------------------------------------------------------------------
@@ -216,20 +189,40 @@ def test_prefix_with_projection_is_a_kv_cache_too(peft_methods, tiny_model64, to
     set_param(encoder.transform[2].weight, last)
     set_param(encoder.transform[2].bias, torch.zeros(table.shape[1], dtype=torch.float64))
     assert_network_close(model(token_ids), plain_logits_after(base, context, token_ids), "logits with a projected prefix",
-                         hint="the prefixes are transform(embedding) (Linear, Tanh, Linear), in PEFT's layout")  # fmt: skip
+                         hint="the check: an encoder whose transform(embedding) is a KV cache of t gives the plain model's logits on [t ; x]")  # fmt: skip
+
+
+@pytest.mark.exercise("7.4")
+@pytest.mark.parametrize("encoder_type", ["mlp", "lstm"])
+def test_p_tuning_folds_to_a_prompt_table(peft_methods, tiny_model, token_ids, encoder_type):
+    """fold_reparameterization on P-tuning: a PromptEmbedding holding encoder() (n, C); the logits stay."""
+    model = peft_methods.get_p_tuning_model(tiny_model, num_virtual_tokens=3, encoder_type=encoder_type)
+    with torch.no_grad():
+        table = model.prompt_encoder()
+        before = model(token_ids)
+    peft_methods.fold_reparameterization(model)
+    assert isinstance(model.prompt_encoder, peft_methods.PromptEmbedding), "the encoder becomes a PromptEmbedding"
+    assert trainable_names(model) == ["prompt_encoder.embedding.weight"], "only the (n, C) table trains after folding"
+    assert_close(model.prompt_encoder.embedding.weight, table, "the folded table", bound=0.0,
+                 hint="the check: the folded table is the encoder's output")  # fmt: skip
+    scale = before.abs().max().item()
+    # The same network on the same table: only the LSTM kernel (with or without autograd) may round differently.
+    bound = 64 * UNIT_ROUNDOFF[torch.float32] * scale
+    assert_close(
+        model(token_ids),
+        before,
+        "logits after folding",
+        bound=bound,
+        hint="the check: the logits after folding equal those before",
+    )
 
 
 @pytest.mark.exercise("7.4")
 def test_fold_refuses_what_it_cannot_fold(peft_methods, lora, tiny_model):
-    """fold_reparameterization refuses a folded prefix model, P-tuning v2 and a LoRA model (ValueError)."""
-    v2 = peft_methods.get_p_tuning_v2_model(copy_of(tiny_model), num_virtual_tokens=2)
-    with pytest.raises(ValueError):
-        peft_methods.fold_reparameterization(v2)
+    """fold_reparameterization refuses a prompt-tuning model (nothing to fold) and a LoRA model (ValueError)."""
     prompt = peft_methods.get_prompt_tuning_model(copy_of(tiny_model), num_virtual_tokens=2)
-    with pytest.raises(ValueError):
-        peft_methods.fold_reparameterization(prompt)
-    with pytest.raises(ValueError):
-        peft_methods.fold_reparameterization(lora.get_lora_model(tiny_model, r=2))
+    refuses(peft_methods.fold_reparameterization, prompt)
+    refuses(peft_methods.fold_reparameterization, lora.get_lora_model(tiny_model, r=2))
 
 
 @pytest.mark.exercise("7.4")
@@ -237,10 +230,16 @@ def test_prefix_tuning_refuses_bad_arguments(peft_methods, tiny_model):
     """get_prefix_tuning_model: n of 0 or above max_seq_len, hidden_size 0 → ValueError naming it; model untouched."""
     for options, name in (({"num_virtual_tokens": 0}, "num_virtual_tokens"), ({"num_virtual_tokens": 40}, "num_virtual_tokens"),
                           ({"hidden_size": 0}, "hidden_size")):  # fmt: skip
-        refuses(lambda o=options: peft_methods.get_prefix_tuning_model(tiny_model, **o), tiny_model, name, str(options))
+        refuses_unchanged(tiny_model, peft_methods.get_prefix_tuning_model, **options, name=name)
 
 
 # ---- Exercise 7.5 ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.exercise("7.5")
+def test_fold_refuses_p_tuning_v2(peft_methods, tiny_model):
+    """fold_reparameterization refuses a P-tuning v2 model: its table has no reparameterisation to fold (ValueError)."""
+    refuses(peft_methods.fold_reparameterization, peft_methods.get_p_tuning_v2_model(tiny_model, num_virtual_tokens=2))
 
 
 @pytest.mark.exercise("7.5")
@@ -253,7 +252,23 @@ def test_p_tuning_v2_prefix_is_a_kv_cache(peft_methods, tiny_model64, token_ids)
     context = context_tokens(4, seed_=7)
     set_param(model.prefix_encoder.embedding.weight, kv_cache_table(base, context))
     assert_network_close(model(token_ids), plain_logits_after(base, context, token_ids), "P-tuning v2 logits",
-                         hint="deep prompts: one (key, value) prefix per layer, PEFT's layout")  # fmt: skip
+                         hint="the check: a KV-cache table in PEFT's layout gives the plain model's logits on [t ; x]")  # fmt: skip
+
+
+@pytest.mark.exercise("7.5")
+def test_p_tuning_v2_on_grouped_query_attention(peft_methods, token_ids):
+    """On 2 key/value heads for 4 query heads: an (n, 2·L·H_kv·hd) table, trained directly, a KV cache of t."""
+    from testcases.stage7.basic import gqa_model, kv_cache_table
+
+    base = gqa_model()
+    model = peft_methods.get_p_tuning_v2_model(copy_of(base), num_virtual_tokens=4).double()
+    expect_tensor(model.prefix_encoder.embedding.weight, (4, 2 * 2 * 8), "prefix_encoder.embedding.weight",
+                  hint="the check: n rows of 2·L·D with D = n_kv_heads · head_dim = 8 (PEFT's token_dim), not d_model = 16")  # fmt: skip
+    context = context_tokens(4, seed_=8)
+    set_param(model.prefix_encoder.embedding.weight, kv_cache_table(base, context))
+    assert_network_close(model(token_ids), plain_logits_after(base, context, token_ids),
+                         "P-tuning v2 logits on a grouped-query model",
+                         hint="the check: a KV-cache table of a grouped-query model gives the plain model's logits on [t ; x]")  # fmt: skip
 
 
 # ---- Exercise 7.6 ---------------------------------------------------------------------------------------
@@ -262,18 +277,10 @@ def test_p_tuning_v2_prefix_is_a_kv_cache(peft_methods, tiny_model64, token_ids)
 @pytest.mark.exercise("7.6")
 def test_ia3_refuses_feedforward_outside_targets(peft_methods, tiny_model):
     """get_ia3_model: feedforward_modules must be among target_modules (PEFT's rule); else ValueError, model untouched."""
-    refuses(
-        lambda: peft_methods.get_ia3_model(tiny_model, target_modules=["k_proj"], feedforward_modules=["down_proj"]),
-        tiny_model,
-        "feedforward_modules",
-        "get_ia3_model with a stray feed-forward module",
-    )
-    refuses(
-        lambda: peft_methods.get_ia3_model(tiny_model, target_modules=["attention"], feedforward_modules=[]),
-        tiny_model,
-        "target_modules",
-        "get_ia3_model with a target that matches nothing",
-    )
+    refuses_unchanged(tiny_model, peft_methods.get_ia3_model, target_modules=["k_proj"],
+                      feedforward_modules=["down_proj"], name="feedforward_modules")  # fmt: skip
+    refuses_unchanged(tiny_model, peft_methods.get_ia3_model, target_modules=["attention"], feedforward_modules=[],
+                      name="target_modules")  # fmt: skip
 
 
 @pytest.mark.exercise("7.6")
@@ -290,13 +297,18 @@ def test_ia3_custom_targets(peft_methods, tiny_model64, token_ids):
         sorted((p, m) for p, m in model.named_modules() if isinstance(m, peft_methods.IA3Layer))
     ):
         expected_size = 16
-        expect_tensor(layer.ia3_l, (expected_size,), f"{path}.ia3_l", hint="q_proj: out_features; up_proj: in_features")
+        expect_tensor(
+            layer.ia3_l,
+            (expected_size,),
+            f"{path}.ia3_l",
+            hint="the check: q_proj's vector is out_features long, up_proj's in_features",
+        )
         value = 1 + randn(expected_size, seed_=60 + i, std=0.3)
         set_param(layer.ia3_l, value)
         scales[path] = (value, path.endswith("up_proj"))
     assert len(scales) == 4, f"two layers × (q_proj, up_proj) = 4 IA³ layers, got {sorted(scales)}"
     assert_network_close(model(token_ids), scaled_weights(base, scales)(token_ids), "IA³ logits with custom targets",
-                         hint="a feed-forward target scales its INPUT, every other target its output")  # fmt: skip
+                         hint="the check: a feed-forward target scales its INPUT, every other target its output")  # fmt: skip
 
 
 @pytest.mark.exercise("7.6")
@@ -305,8 +317,7 @@ def test_ia3_merge_limits(peft_methods, quant, tiny_model, token_ids):
     layer = peft_methods.IA3Layer(quant.NF4Linear.from_linear(nn.Linear(16, 8, bias=False)))
     x = torch.randn(3, 16)
     before = layer(x)
-    with pytest.raises(TypeError):
-        layer.merge()
+    refuses(layer.merge, error=TypeError)
     assert not layer.merged and torch.equal(layer(x), before), "a refused merge leaves the layer unmerged and working"
     linear = nn.Linear(16, 8, bias=False)
     weight = linear.weight.detach().clone()
@@ -318,8 +329,7 @@ def test_ia3_merge_limits(peft_methods, quant, tiny_model, token_ids):
     merged = linear.weight.detach().clone()
     ia3.merge()
     assert torch.equal(linear.weight, merged), "merging twice must change nothing (the second merge is a no-op)"
-    with pytest.raises(ValueError, match=word("ia3_l")):
-        ia3.unmerge()
+    refuses(ia3.unmerge, match=word("ia3_l"))
     assert ia3.merged and torch.equal(linear.weight, merged), (
         "a refused unmerge leaves the layer merged and W as it was"
     )
@@ -345,22 +355,12 @@ def test_ia3_vectors_train_without_weight_decay(peft_methods, trainer, tiny_mode
 @pytest.mark.exercise("7.7")
 def test_get_peft_method_model_refuses_unknowns(peft_methods, tiny_model):
     """An unknown method or option is a ValueError naming it (and the allowed ones); the model is untouched."""
-    refuses(lambda: peft_methods.get_peft_method_model(tiny_model, "bitfit"), tiny_model, "method", "method='bitfit'")
-    with pytest.raises(ValueError, match="lora") as info:
-        peft_methods.get_peft_method_model(tiny_model, "loha")
-    assert "ia3" in str(info.value), f"the message lists the allowed methods, got: {info.value}"
-    refuses(
-        lambda: peft_methods.get_peft_method_model(tiny_model, "ia3", r=4),
-        tiny_model,
-        "r",
-        "get_peft_method_model('ia3', r=4)",
-    )
-    refuses(
-        lambda: peft_methods.get_peft_method_model(tiny_model, "prompt_tuning", num_virtual_token=4),
-        tiny_model,
-        "num_virtual_token",
-        "a misspelt option",
-    )
+    refuses_unchanged(tiny_model, peft_methods.get_peft_method_model, "bitfit", name="method")
+    info = refuses(peft_methods.get_peft_method_model, tiny_model, "loha", match="lora")
+    assert "ia3" in str(info), f"the message lists the allowed methods, got: {info}"
+    refuses_unchanged(tiny_model, peft_methods.get_peft_method_model, "ia3", r=4, name="r")
+    refuses_unchanged(tiny_model, peft_methods.get_peft_method_model, "prompt_tuning", num_virtual_token=4,
+                      name="num_virtual_token")  # fmt: skip
 
 
 @pytest.mark.exercise("7.7")

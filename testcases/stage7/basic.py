@@ -15,6 +15,11 @@ code under test:
 
 Initialisations are compared bit for bit with the draws PEFT makes (the same modules created in
 the same order after the same seed).
+
+Failure messages: a "Hint" says what the check tests ("the check: …"), never which part of the code is
+wrong; a "Likely cause" appears only when ``helpers.diagnose`` found that the output IS what a named
+mistake produces. A refusal is checked with ``helpers.refuses``, whose failure shows the call and the
+arguments it was given.
 """
 
 from __future__ import annotations
@@ -55,9 +60,10 @@ def plain_logits_after(base: nn.Module, context: torch.Tensor, ids: torch.Tensor
 
 
 def kv_cache_table(base: nn.Module, context: torch.Tensor) -> torch.Tensor:
-    """The keys (rotated at positions 0…n−1) and values ``base`` computes for ``context``, as an (n, 2·L·C) table.
+    """The keys (rotated at positions 0…n−1) and values ``base`` computes for ``context``, as an (n, 2·L·D) table.
 
-    Row i: for every layer l, token i's key (C = H·hd numbers, head by head) then its value: PEFT's layout.
+    Row i: for every layer l, token i's key (D = H_kv·hd numbers, key/value head by head) then its value:
+    PEFT's layout (D = C without grouped-query attention).
     """
     from model.tiny_llama import apply_rope, rope_cos_sin
 
@@ -75,11 +81,20 @@ def kv_cache_table(base: nn.Module, context: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         for layer, x in zip(base.layers, inputs, strict=True):
             attn = layer.self_attn
-            k = x[0] @ attn.k_proj.weight.T  # (n, C)
-            v = x[0] @ attn.v_proj.weight.T  # (n, C)
-            k = apply_rope(k.view(n, config.n_heads, -1).transpose(0, 1), cos, sin)  # (H, n, hd)
-            rows += [k.transpose(0, 1).reshape(n, -1), v]  # (n, C) each
-    return torch.cat(rows, dim=1)  # (n, 2·L·C)
+            k = x[0] @ attn.k_proj.weight.T  # (n, D)
+            v = x[0] @ attn.v_proj.weight.T  # (n, D)
+            k = apply_rope(k.view(n, config.kv_heads, -1).transpose(0, 1), cos, sin)  # (H_kv, n, hd)
+            rows += [k.transpose(0, 1).reshape(n, -1), v]  # (n, D) each
+    return torch.cat(rows, dim=1)  # (n, 2·L·D)
+
+
+def gqa_model() -> nn.Module:
+    """A float64 TinyLlama with grouped-query attention: 4 query heads share 2 key/value heads of hd 4 (D = 8)."""
+    from model.tiny_llama import TinyLlama
+    from testcases.conftest import tiny_config
+
+    seed(21)
+    return TinyLlama(tiny_config(n_heads=4, n_kv_heads=2)).eval().double()
 
 
 def frozen_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -130,8 +145,8 @@ def test_bottleneck_adapter_is_the_identity_at_init(peft_methods):
     """BottleneckAdapter(dim, m): down (m, dim) with a bias, up (dim, m) zero with a zero bias, so a(h) = h."""
     seed(0)
     adapter = peft_methods.BottleneckAdapter(12, 4).double()
-    expect_tensor(adapter.down.weight, (4, 12), "adapter.down.weight", hint="down projects dim → bottleneck")
-    expect_tensor(adapter.up.weight, (12, 4), "adapter.up.weight", hint="up projects bottleneck → dim")
+    expect_tensor(adapter.down.weight, (4, 12), "adapter.down.weight", hint="the check: down projects dim → bottleneck")
+    expect_tensor(adapter.up.weight, (12, 4), "adapter.up.weight", hint="the check: up projects bottleneck → dim")
     assert adapter.down.bias is not None and adapter.up.bias is not None, "both projections have a bias"
     assert torch.count_nonzero(adapter.up.weight) == 0 and torch.count_nonzero(adapter.up.bias) == 0, (
         "up starts at zero (weight and bias): the adapted model starts as the pretrained one"
@@ -152,7 +167,7 @@ def test_bottleneck_adapter_forward(peft_methods, activation):
     h = randn(2, 5, 12, seed_=2)
     functions = {"relu": torch.relu, "gelu": F.gelu, "tanh": torch.tanh}
     assert_network_close(adapter(h), adapter_expected(params, h, functions[activation]), f"adapter({activation}) output",
-                         hint="h + up(f(down(h))): the residual, then the bottleneck with its activation")  # fmt: skip
+                         hint="the check: a(h) = h + up(f(down(h)))")  # fmt: skip
 
 
 @pytest.mark.exercise("7.1")
@@ -176,7 +191,7 @@ def test_add_adapters_places_and_freezes(peft_methods, tiny_model64, token_ids, 
         f"{len(expected)} adapters of 2·16·3 + 3 + 16 = {per_adapter} parameters each, got {trainable} trainable"
     )
     assert_network_close(model(token_ids), base(token_ids), "logits right after add_adapters",
-                         hint="a fresh adapter is the identity (up = 0), so the model is unchanged")  # fmt: skip
+                         hint="the check: a fresh adapter is the identity (up = 0): the model's logits are the base's")  # fmt: skip
 
 
 @pytest.mark.exercise("7.1")
@@ -197,7 +212,7 @@ def test_adapted_model_computes_adapters_on_sublayer_outputs(peft_methods, tiny_
         functions[path] = lambda h, p=params: adapter_expected(p, h, F.gelu)
     expected = with_output_hooks(base, functions)(token_ids)
     assert_network_close(model(token_ids), expected, "logits with trained Houlsby adapters",
-                         hint="the adapter acts on the projection's OUTPUT, before the block adds its residual")  # fmt: skip
+                         hint="the check: the adapter acts on the projection's OUTPUT, before the block adds its residual")  # fmt: skip
 
 
 # ---- Exercise 7.2: prompt tuning ---------------------------------------------------------------------
@@ -228,7 +243,7 @@ def test_prompt_init_from_tokens_repeats_and_cuts(peft_methods, tiny_model64, n,
     prompt = peft_methods.PromptEmbedding(n, 16, "tokens", tiny_model64.embed_tokens, ids)
     want = before[expected].float()
     expect_tensor(prompt.embedding.weight, (n, 16), "the prompt table", dtype=torch.float32,
-                  hint="copies are float32, as PEFT's")  # fmt: skip
+                  hint="the check: the copies are float32, as PEFT's")  # fmt: skip
     assert torch.equal(prompt.embedding.weight, want), (
         f"n={n}, init_token_ids={ids}: the rows must be the embeddings of {expected} (repeat the ids, then cut to n)"
     )
@@ -260,9 +275,9 @@ def test_prompt_tuning_is_a_prefix_of_real_tokens(peft_methods, tiny_model64, to
     set_param(model.prompt_encoder.embedding.weight, base.embed_tokens.weight[context])
     logits = model(token_ids)
     expect_tensor(logits, (2, 10, 18), "the wrapped model's logits",
-                  hint="return the logits of the T real tokens only (drop the n virtual positions)")  # fmt: skip
+                  hint="the check: the logits of the T real tokens only, (B, T, vocab)")  # fmt: skip
     assert_network_close(logits, plain_logits_after(base, context, token_ids), "logits with the prompt",
-                         hint="prepend the prompt to the token embeddings: [prompt ; embed(x)], then keep [:, n:]")  # fmt: skip
+                         hint="the check: the logits of [prompt ; embed(x)] at the T real positions equal the plain model's on [t ; x]")  # fmt: skip
 
 
 @pytest.mark.exercise("7.2")
@@ -301,7 +316,10 @@ def test_p_tuning_mlp_encoder_matches_peft_layout(peft_methods):
     h = F.relu(F.linear(h, got["mlp_head.2.weight"].double(), got["mlp_head.2.bias"].double()))
     h = F.linear(h, got["mlp_head.4.weight"].double(), got["mlp_head.4.bias"].double())
     assert_network_close(
-        encoder.double()(), h, "PromptEncoder('mlp')()", hint="the MLP of the (n, dim) embedding table"
+        encoder.double()(),
+        h,
+        "PromptEncoder('mlp')()",
+        hint="the check: forward() is the MLP of the (n, dim) embedding table",
     )
 
 
@@ -317,7 +335,7 @@ def test_p_tuning_model_prepends_the_encoded_prompt(peft_methods, tiny_model64, 
         prompt = model.prompt_encoder()
     expect_tensor(prompt, (N_VIRTUAL, 16), "prompt_encoder()")
     assert_network_close(model(token_ids), expected_prompt_logits(base, prompt, token_ids), "P-tuning logits",
-                         hint="the encoded prompt goes before the token embeddings, as in prompt tuning")  # fmt: skip
+                         hint="the check: the encoded prompt goes before the token embeddings, as in prompt tuning")  # fmt: skip
 
 
 # ---- Exercise 7.4: prefix tuning ---------------------------------------------------------------------
@@ -339,13 +357,13 @@ def test_prefix_encoder_layout_and_draws(peft_methods):
     with torch.no_grad():
         expected = transform(embedding.weight)
     out = encoder()
-    expect_tensor(out, (4, 64), "PrefixEncoder()", hint="(n, 2·L·C): a key and a value of width C per layer")
+    expect_tensor(out, (4, 64), "PrefixEncoder()", hint="the check: (n, 2·L·C), a key and a value of width C per layer")
     assert torch.allclose(out, expected, rtol=0, atol=1e-6), "forward() is transform(embedding table), Tanh inside"
 
 
 @pytest.mark.exercise("7.4")
 def test_prefix_key_values_layout(peft_methods):
-    """prefix_key_values: row i, slice 2l is layer l's key and 2l+1 its value, heads of hd; (B, H, n, hd) each."""
+    """prefix_key_values: row i, slice 2l is layer l's key and 2l+1 its value, H_kv heads of hd; (B, H_kv, n, hd) each."""
     n, L, H, hd, B = 3, 2, 2, 4, 5
     flat = torch.arange(n * 2 * L * H * hd, dtype=torch.float64).view(n, -1)
     pairs = peft_methods.prefix_key_values(flat, B, L, H)
@@ -359,7 +377,7 @@ def test_prefix_key_values_layout(peft_methods):
                 v_want = flat[i, (2 * layer + 1) * H * hd + h * hd : (2 * layer + 1) * H * hd + (h + 1) * hd]
                 assert torch.equal(key[B - 1, h, i], k_want) and torch.equal(value[0, h, i], v_want), (
                     f"layer {layer}, head {h}, token {i}: expected key numbers {k_want[:2].tolist()}…, value "
-                    f"{v_want[:2].tolist()}… (PEFT: view(n, 2L, H, hd), slice 2l = key, 2l+1 = value)"
+                    f"{v_want[:2].tolist()}… (PEFT: view(n, 2L, H_kv, hd), slice 2l = key, 2l+1 = value)"
                 )
 
 
@@ -371,7 +389,32 @@ def test_prefix_is_a_kv_cache_of_virtual_tokens(peft_methods, tiny_model64, toke
     context = context_tokens()
     set_param(model.prefix_encoder.embedding.weight, kv_cache_table(base, context))
     assert_network_close(model(token_ids), plain_logits_after(base, context, token_ids), "logits with a KV-cache prefix",
-                         hint="pass one (key, value) pair per layer to the model's prefix= extension point, PEFT's layout")  # fmt: skip
+                         hint="the check: a KV-cache prefix in PEFT's layout gives the plain model's logits on [t ; x]")  # fmt: skip
+
+
+@pytest.mark.exercise("7.4")
+def test_prefix_tuning_on_grouped_query_attention(peft_methods, token_ids):
+    """With 2 key/value heads for 4 query heads, prefixes are H_kv·hd = 8 wide (PEFT's token_dim), a KV cache of t."""
+    base = gqa_model()
+    model = peft_methods.get_prefix_tuning_model(copy_of(base), num_virtual_tokens=N_VIRTUAL).double()
+    D, L = 2 * 4, 2  # H_kv · hd, layers
+    expect_tensor(model.prefix_encoder.embedding.weight, (N_VIRTUAL, D), "prefix_encoder.embedding.weight",
+                  hint="the check: the prefix width is PEFT's token_dim, n_kv_heads · head_dim (prefix_shape), not d_model")  # fmt: skip
+    expected_count = N_VIRTUAL * D + (D * D + D) + (D * 2 * L * D + 2 * L * D)
+    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert count == expected_count, (
+        f"embedding (n·D) + Linear(D, D) + Linear(D, 2·L·D) with D = H_kv·hd = 8 and the hidden size defaulting to D "
+        f"(PEFT's encoder_hidden_size): {expected_count} trainable numbers, got {count}"
+    )
+    expect_tensor(
+        model.prefix_encoder(), (N_VIRTUAL, 2 * L * D), "PrefixEncoder()", hint="the check: (n, 2·L·D), D = H_kv·hd"
+    )
+    table_model = peft_methods.get_prefix_tuning_model(copy_of(base), N_VIRTUAL, projection=False).double()
+    context = context_tokens()
+    set_param(table_model.prefix_encoder.embedding.weight, kv_cache_table(base, context))
+    assert_network_close(table_model(token_ids), plain_logits_after(base, context, token_ids),
+                         "logits with a KV-cache prefix on a grouped-query model",
+                         hint="the check: a KV-cache prefix of a grouped-query model (each slice of D numbers = H_kv heads of hd) gives the plain model's logits on [t ; x]")  # fmt: skip
 
 
 @pytest.mark.exercise("7.4")
@@ -426,8 +469,12 @@ def test_ia3_layer_init_and_sides(peft_methods):
         peft_methods.IA3Layer(linear),
         peft_methods.IA3Layer(nn.Linear(6, 4, bias=False), feedforward=True),
     )
-    expect_tensor(out_side.ia3_l, (4,), "ia3_l (output side)", hint="one scale per output feature, a 1-D vector")
-    expect_tensor(in_side.ia3_l, (6,), "ia3_l (feed-forward side)", hint="one scale per input feature, a 1-D vector")
+    expect_tensor(
+        out_side.ia3_l, (4,), "ia3_l (output side)", hint="the check: one scale per output feature, a 1-D vector"
+    )
+    expect_tensor(
+        in_side.ia3_l, (6,), "ia3_l (feed-forward side)", hint="the check: one scale per input feature, a 1-D vector"
+    )
     assert torch.equal(out_side.ia3_l, torch.ones(4, dtype=torch.float64)), "ia3_l starts at ones (PEFT's init)"
     assert out_side.ia3_l.requires_grad, "ia3_l trains"
     x = randn(3, 6, seed_=9)
@@ -453,7 +500,7 @@ def test_ia3_model_scales_keys_values_and_mlp_input(peft_methods, tiny_model64, 
         set_param(layer.ia3_l, value)
         scales[path] = (value, path.endswith("down_proj"))
     assert_network_close(model(token_ids), scaled_weights(base, scales)(token_ids), "IA³ logits",
-                         hint="keys and values: l ⊙ (W x); down_proj: W (l ⊙ x), l scaling the MLP's intermediate activation")  # fmt: skip
+                         hint="the check: keys and values are l ⊙ (W x); down_proj computes W (l ⊙ x) (l scales the MLP's intermediate activation)")  # fmt: skip
 
 
 @pytest.mark.exercise("7.6")
@@ -468,12 +515,12 @@ def test_ia3_merge_and_unmerge(peft_methods, tiny_model64, token_ids):
     peft_methods.merge_ia3(model)
     assert all(layer.merged for layer in layers), "merge() sets merged = True"
     assert_network_close(model(token_ids), before, "logits after merging",
-                         hint="W ← diag(l) W on the output side, W diag(l) on the input side; forward then skips l")  # fmt: skip
+                         hint="the check: merged, the logits are unchanged (W ← diag(l) W on the output side, W diag(l) on the input side)")  # fmt: skip
     for layer in layers:
         layer.unmerge()
     assert not any(layer.merged for layer in layers), "unmerge() sets merged = False"
     assert_network_close(model(token_ids), before, "logits after unmerging",
-                         hint="after unmerge the weights are W0 again and forward scales by l again")  # fmt: skip
+                         hint="the check: after unmerge the logits are the unmerged ones again (W0 restored, l applied in forward)")  # fmt: skip
     restored = {name.replace(".base_layer.", "."): value for name, value in model.state_dict().items()}
     for name, value in base.state_dict().items():
         assert torch.allclose(restored[name], value, rtol=1e-12, atol=0), f"unmerge must restore {name} (divide by l)"
