@@ -73,6 +73,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -110,7 +111,9 @@ SEED = 0  # the methods' random init and the data order
 NUM_VIRTUAL_TOKENS = 8  # virtual tokens of the four prompt-based methods
 COMMON = {"batch_size": 64, "warmup_ratio": 0.05, "log_every": 50}
 LATENCY_EXAMPLES = 256  # the inference batch: the first evaluation examples
-LATENCY_REPEATS = 25  # timed forwards per model (after one warm-up); the median is reported
+# Timed forwards per model (after one warm-up); the median is reported. make test's smoke run of notebook 07 sets
+# PEFT_FAMILY_LATENCY_REPEATS=3: the same figure from fewer samples (most of a 20-step run's time is timing).
+LATENCY_REPEATS = int(os.environ.get("PEFT_FAMILY_LATENCY_REPEATS", "25"))
 RUN = Run(STEPS, OUT)  # every row's steps and output folder (train_method's default)
 GUESS_LOSS = 8 / 9 * math.log(10)  # the loss of a model that knows EOS and guesses the 8 digits uniformly
 # The exercises every row runs: count_parameters (2.2), TrainConfig and the trainer (4.1, 4.3), the entry point

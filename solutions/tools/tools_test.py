@@ -218,6 +218,45 @@ def test_handout_grade_demo_and_pytest_commands(built_handout):
     ]
 
 
+# ---- make test's scheduler and make stress's code paths -------------------------------------------------
+
+
+def test_selftest_runs_every_job_within_the_cores(tmp_path, capsys):
+    """Every job runs; never more cores' worth at once; a failing job's log is printed and fails the run."""
+    from solutions.tools import selftest
+
+    trace = tmp_path / "trace"
+    body = (
+        "import sys, time; open(sys.argv[1], 'a').write(f'{time.monotonic()} +{sys.argv[2]}\\n'); time.sleep(0.3);"
+        "open(sys.argv[1], 'a').write(f'{time.monotonic()} -{sys.argv[2]}\\n'); print('log of', sys.argv[3]);"
+        "sys.exit(sys.argv[3] == 'bad')"
+    )
+    jobs = [selftest.Job(1, name, [PYTHON, "-c", body, str(trace), str(cores), name], cores=cores, cost=cost)
+            for name, cores, cost in [("a", 1, 1), ("b", 2, 5), ("c", 1, 3), ("bad", 1, 2), ("d", 1, 1)]]  # fmt: skip
+    done = selftest.schedule(jobs, 2, tmp_path, 0.0, {})
+    assert sorted(r.job.name for r in done) == ["a", "b", "bad", "c", "d"]
+    busy, most = 0, 0
+    for _, change in sorted((line.split() for line in trace.read_text().splitlines()), key=lambda e: float(e[0])):
+        busy += int(change)
+        most = max(most, busy)
+    assert most == 2, f"at most 2 cores' worth at once, saw {most}"
+    assert [r.status != 0 for r in done if r.job.name == "bad"] == [True] and not selftest.report(done, 0.0)
+    assert "log of bad" in capsys.readouterr().out, "a failing job's log is printed"
+
+
+def test_stress_skips_a_capability_this_cpu_lacks(monkeypatch, capsys):
+    """make stress CAPS=…: a capability torch cannot run here is skipped, and so is the native one named twice."""
+    from solutions.tools import stress
+
+    seen = {"native": "AVX2", "default": "DEFAULT", "avx2": "AVX2", "avx512": "AVX2"}  # a CPU without AVX512
+    monkeypatch.setattr(stress, "capability_seen", seen.get)
+    assert stress.usable(["native", "default", "avx2", "avx512"]) == ["native", "default"]
+    out = capsys.readouterr().out
+    assert "capability avx512: not available on this CPU (torch runs AVX2): skipped" in out
+    assert "capability avx2: this CPU's own (AVX2)" in out
+    assert stress.usable(["avx2"]) == ["avx2"], "named alone, the native capability runs"
+
+
 @pytest.mark.timeout(900)  # every graded test, traced: about 50 s of one core
 def test_every_exercise_a_test_runs_is_in_the_manifest():
     """Traced on the reference, the tests of each exercise run only its code and its manifest needs' (solutions/tools/needs.py)."""

@@ -5,33 +5,44 @@ graded tests must catch it. An *equivalent* is a correct implementation written 
 (solutions/equivalents/stage<N>.py): it must keep full marks. Both are ``Variant``s: the
 reference with exact text replacements, or with one solution block's body replaced.
 
-    python -m solutions.tools.variants                 everything (two worker processes)
+    python -m solutions.tools.variants                 everything (two at a time: --jobs 2)
     python -m solutions.tools.variants --mutants       only the mutants (or --equivalents)
     python -m solutions.tools.variants NAME [NAME]     only these
     python -m solutions.tools.variants --list          the catalogues
 
-The reference runs first on every graded test; if it fails anything the run stops (a mutant can
-only be "caught" by a suite the reference passes). A mutant meets the tests of its exercise and of
-every exercise that runs its code (testcases/manifest.py ``dependents``), stopping at the first
-failure, which is printed so you can see which test caught it. An equivalent must pass every test
-of its own exercise alone; then all equivalents of a student file together must pass every test
-that runs that file.
+The reference runs on every graded test, first and alongside the variants; if it fails anything
+the run stops and fails (a mutant can only be "caught" by a suite the reference passes). A mutant
+meets the tests of its exercise and of every exercise that runs its code (testcases/manifest.py
+``dependents``; its own exercise's and stage's first), stopping at the first failure, which is
+printed so you can see which test caught it. An equivalent must pass every test of its own
+exercise alone; then all equivalents of a student file together must pass every test that runs
+that file.
+
+Each line (each variant) runs the suites in a child forked from one process that has already
+imported torch, pytest and the tests, so a variant costs its tests, not a Python start-up; a child
+also starts from a clean state, whatever the variant before it did. Each line ends with its seconds
+(wall clock and CPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import functools
+import gc
 import importlib
+import importlib.metadata
+import json
 import os
-import subprocess
+import signal
 import sys
 import tempfile
 import textwrap
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from testcases.manifest import REPO, STAGES, dependents, stage_of, student_files, student_modules
+from testcases.manifest import REPO, STAGES, dependents, module_name, stage_of, student_files, student_modules
 
 
 @dataclass(frozen=True)
@@ -87,20 +98,42 @@ def check(variant: Variant) -> str:
     """The variant's source, after checking it applies, compiles and changes the code (not just text)."""
     original = (REPO / "solutions" / variant.file).read_text()
     changed = variant.apply(original)
-    if ast.dump(ast.parse(changed)) == ast.dump(ast.parse(original)):
+    if ast.dump(ast.parse(changed)) == syntax_tree(original):
         raise ValueError(f"{variant.name}: changes nothing but comments or layout")
     return changed
+
+
+@functools.lru_cache(maxsize=16)
+def syntax_tree(source: str) -> str:
+    """``ast.dump`` of a reference file, parsed once for all of its variants (half of checking a catalogue)."""
+    return ast.dump(ast.parse(source))
 
 
 # ---- running the suites -------------------------------------------------------------------------
 
 
 class _Recorder:
-    """A pytest plugin that remembers the first failing test and whether everything passed."""
+    """A pytest plugin that remembers the first failing test and whether everything passed.
 
-    def __init__(self) -> None:
+    ``first``: the exercise whose tests run first, then the rest of its stage's, then the others' (each
+    group in its collected order). A mutant meets the tests closest to its code first: they are the
+    likeliest to catch it, and with ``-x`` the (slower) later stages' suites then run only for the
+    mutants that the earlier tests let through. The verdict does not depend on the order.
+    """
+
+    def __init__(self, first: str | None = None) -> None:
+        self.first = first
         self.failed: list[str] = []
         self.collection_error: list[str] = []
+
+    def pytest_collection_modifyitems(self, items) -> None:
+        def nearness(item) -> int:
+            marker = item.get_closest_marker("exercise")
+            exercise = str(marker.args[0]) if marker and marker.args else ""
+            return 0 if exercise == self.first else 1 if exercise.split(".")[0] == self.first.split(".")[0] else 2
+
+        if self.first:
+            items.sort(key=nearness)  # stable: the collected order within each group
 
     def pytest_collectreport(self, report) -> None:
         if report.failed:
@@ -112,8 +145,11 @@ class _Recorder:
             self.failed.append(f"{report.nodeid.split('::', 1)[-1]}: {message[-1][:110] if message else ''}")
 
 
-def run_suite(files: dict[str, str], selection: list[str], stop_first: bool) -> tuple[int, _Recorder]:
-    """Run the graded tests of ``selection`` in this process on the given student files (path -> text)."""
+def run_suite(
+    files: dict[str, str], selection: list[str], stop_first: bool, first: str | None = None
+) -> tuple[int, _Recorder]:
+    """Run the graded tests of ``selection`` in this process on the given student files (path -> text);
+    the tests of exercise ``first`` and its stage run first."""
     import pytest
 
     from model import _impl
@@ -126,10 +162,10 @@ def run_suite(files: dict[str, str], selection: list[str], stop_first: bool) -> 
         for module in student_modules():
             sys.modules.pop(module, None)
         _impl._broken.clear()
-        recorder = _Recorder()
+        recorder = _Recorder(first)
         args = ["-q", "--no-header", "-p", "no:nbmake", "-W", "ignore", "--impl", tmp, "--ex", ",".join(selection)]
         args += ["-x"] if stop_first else []
-        args += ["testcases/basic_test.py", "testcases/advanced_test.py"]
+        args += stage_modules(selection)
         with open(os.devnull, "w") as devnull:
             stdout, sys.stdout = sys.stdout, devnull
             try:
@@ -137,6 +173,13 @@ def run_suite(files: dict[str, str], selection: list[str], stop_first: bool) -> 
             finally:
                 sys.stdout = stdout
     return code, recorder
+
+
+def stage_modules(selection: list[str]) -> list[str]:
+    """The test modules of the stages in ``selection``, basic before advanced as in testcases/basic_test.py and
+    advanced_test.py (which gather every stage's): collecting only these costs a fraction of collecting all."""
+    stages = [s for s in STAGES if any(e.id in selection for e in s.exercises)]
+    return [s.tests[0] for s in stages] + [s.tests[1] for s in stages]
 
 
 def selection_for(exercise: str) -> list[str]:
@@ -147,7 +190,8 @@ def selection_for(exercise: str) -> list[str]:
 def run_mutant(mutant: Variant) -> tuple[bool, str]:
     import pytest
 
-    code, recorder = run_suite({mutant.file: check(mutant)}, selection_for(mutant.exercise), stop_first=True)
+    selection = selection_for(mutant.exercise)
+    code, recorder = run_suite({mutant.file: check(mutant)}, selection, stop_first=True, first=mutant.exercise)
     if code == pytest.ExitCode.TESTS_FAILED and recorder.failed:
         first = recorder.failed[0]
         if "NameError" in first or "SyntaxError" in first:
@@ -186,41 +230,114 @@ def run_combined(file: str, equivalents: list[Variant]) -> tuple[bool, str]:
     return False, "; ".join(recorder.failed[:3]) or f"pytest exited with {code!r}"
 
 
-def worker(names: list[str]) -> int:
-    """Run the named variants (``combined:<file>`` for a file's equivalents together); 1 if any went wrong."""
+def judge(name: str, mutants: dict[str, Variant], equivalents: dict[str, Variant]) -> tuple[bool, str]:
+    """One line's verdict: the reference, ``combined:<file>`` (a file's equivalents together), a mutant or an equivalent."""
+    if name == "reference":
+        import pytest
+
+        code, recorder = run_suite({}, [e.id for s in STAGES for e in s.exercises], stop_first=False)
+        ok = code == pytest.ExitCode.OK
+        detail = "passes every graded test" if ok else "; ".join(recorder.failed[:5])
+        return ok, f"{'ok      ' if ok else 'FAILED  '} {'the reference':<38} {detail}"
+    if name.startswith("combined:"):
+        file = name.split(":", 1)[1]
+        ok, detail = run_combined(file, [e for e in equivalents.values() if e.file == file])
+        return ok, f"{'ok      ' if ok else 'LOST    '} {'all equivalents of ' + file:<38} {detail}"
+    if name in mutants:
+        ok, detail = run_mutant(mutants[name])
+        return ok, f"{'caught  ' if ok else 'SURVIVED'} {name:<38} {detail}"
+    ok, detail = run_equivalent(equivalents[name])
+    return ok, f"{'ok      ' if ok else 'LOST    '} {name:<38} {detail}"
+
+
+def warm_up() -> None:
+    """Import once, here, what every suite run needs, so that each forked child starts ready.
+
+    The student modules are not imported (each child loads its own variant's files). ``gc.freeze``
+    keeps these objects out of every later collection: pytest collects garbage harder at the end of
+    each session, and scanning torch's objects each time cost a third of a second per variant.
+    """
+    import hypothesis  # noqa: F401  (its pytest plugin imports it at the end of every session)
+    import pytest  # noqa: F401
+    import torch
+    import torch._dynamo  # noqa: F401  (the plugin imports it before the first test)
+
+    for entry in importlib.metadata.entry_points(group="pytest11"):  # the plugins pytest loads (nbmake: off)
+        if entry.name != "nbmake":
+            importlib.import_module(entry.module)
+
+    import model.tiny_llama  # noqa: F401
+    import testcases.advanced_test  # noqa: F401  (every stage's test modules)
+    import testcases.basic_test  # noqa: F401
+    import testcases.conftest  # noqa: F401
+    import training.data  # noqa: F401
+
+    for stage in STAGES:  # run_suite collects these modules directly, so a module-wide mark would apply there only
+        for path in stage.tests:
+            if hasattr(importlib.import_module(module_name(path)), "pytestmark"):
+                raise RuntimeError(f"{path}: a module-level pytestmark is not applied through testcases/*_test.py")
+    torch.set_num_threads(1)  # the children inherit it: two processes × two threads on two cores spin
+    gc.freeze()
+
+
+def in_child(name: str, verdicts: Path, mutants: dict[str, Variant], equivalents: dict[str, Variant]) -> int:
+    """Fork; the child judges ``name``, writes its verdict to ``verdicts/<pid>`` and exits without cleaning up."""
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        ok, line = judge(name, mutants, equivalents)
+        (verdicts / str(os.getpid())).write_text(json.dumps([ok, line]))
+        code = 0
+    except BaseException as error:  # a broken catalogue entry: report it, never return into the parent's loop
+        print(f"{name}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+    finally:
+        os._exit(code)
+
+
+def run_all(names: list[str], jobs: int) -> tuple[bool, bool]:
+    """Judge ``names`` in forked children of this process, ``jobs`` at a time, printing each line as it ends.
+
+    Returns (every verdict as expected, the reference passed); the reference, if named, runs first and
+    alongside the others; if it fails, the rest is stopped (a mutant's verdict means nothing then).
+    """
     mutants = {m.name: m for m in catalogue("mutants")}
     equivalents = {e.name: e for e in catalogue("equivalents")}
-    bad = 0
-    for name in names:
-        if name == "reference":
-            import pytest
+    warm_up()
+    todo, running, bad, reference_ok = list(names), {}, 0, True
+    with tempfile.TemporaryDirectory(prefix="variants-") as tmp:
+        verdicts = Path(tmp)
+        while todo or running:
+            while todo and len(running) < jobs:
+                name = todo.pop(0)
+                running[in_child(name, verdicts, mutants, equivalents)] = (name, time.monotonic())
+            pid, status, usage = os.wait4(-1, 0)
+            if pid not in running:
+                continue  # not one of ours (a process a test started and left to this parent)
+            name, started = running.pop(pid)
+            result = verdicts / str(pid)
+            if result.exists():
+                ok, line = json.loads(result.read_text())
+            else:
+                ok, line = False, f"{'FAILED  '} {name:<38} the test process died ({describe_status(status)})"
+            cpu = usage.ru_utime + usage.ru_stime
+            print(f"{line}  [{time.monotonic() - started:.1f} s, {cpu:.1f} s CPU]", flush=True)
+            bad += not ok
+            if name == "reference" and not ok:
+                reference_ok = False
+                for child in running:
+                    os.kill(child, signal.SIGKILL)
+                for child in running:
+                    os.waitpid(child, 0)
+                running, todo = {}, []
+    return bad == 0, reference_ok
 
-            code, recorder = run_suite({}, [e.id for s in STAGES for e in s.exercises], stop_first=False)
-            ok = code == pytest.ExitCode.OK
-            detail = "passes every graded test" if ok else "; ".join(recorder.failed[:5])
-            print(f"{'ok      ' if ok else 'FAILED  '} {'the reference':<38} {detail}", flush=True)
-        elif name.startswith("combined:"):
-            file = name.split(":", 1)[1]
-            ok, detail = run_combined(file, [e for e in equivalents.values() if e.file == file])
-            print(f"{'ok      ' if ok else 'LOST    '} {'all equivalents of ' + file:<38} {detail}", flush=True)
-        elif name in mutants:
-            ok, detail = run_mutant(mutants[name])
-            print(f"{'caught  ' if ok else 'SURVIVED'} {name:<38} {detail}", flush=True)
-        else:
-            ok, detail = run_equivalent(equivalents[name])
-            print(f"{'ok      ' if ok else 'LOST    '} {name:<38} {detail}", flush=True)
-        bad += not ok
-    return 1 if bad else 0
 
-
-def run_workers(shards: list[list[str]]) -> bool:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two workers × two threads on two cores spin against each other
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "solutions.tools.variants", "--worker", *shard], cwd=REPO, env=env)
-        for shard in shards
-        if shard
-    ]
-    return all(proc.wait() == 0 for proc in procs)
+def describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit status {os.waitstatus_to_exitcode(status)}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,11 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mutants", action="store_true", help="only the mutants")
     parser.add_argument("--equivalents", action="store_true", help="only the equivalents")
     parser.add_argument("--list", action="store_true", help="print the catalogues and exit")
-    parser.add_argument("--jobs", type=int, default=2, help="worker processes")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--jobs", type=int, default=2, help="variants judged at a time (one process each)")
     args = parser.parse_args(argv)
-    if args.worker:
-        return worker(args.names)
     mutants, equivalents = catalogue("mutants"), catalogue("equivalents")
     if args.list:
         for kind, variants in (("mutant", mutants), ("equivalent", equivalents)):
@@ -249,16 +363,17 @@ def main(argv: list[str] | None = None) -> int:
     for variant in [*mutants, *equivalents]:  # a drifted anchor is a broken catalogue: say so up front
         if variant.name in chosen_m + chosen_e:
             check(variant)
-    print("== the reference on every graded test", flush=True)
-    if not run_workers([["reference"]]):
+    combined = []
+    if chosen_e and not args.names:
+        combined = [f"combined:{f}" for f in student_files() if any(e.file == f for e in equivalents)]
+    print(f"== the reference on every graded test; {len(chosen_m)} mutants, {len(chosen_e)} equivalents", flush=True)
+    # The longest runs first (the reference, then whole suites), so that the last to finish are short ones.
+    ok, reference_ok = run_all(["reference", *combined, *chosen_e, *chosen_m], args.jobs)
+    if not reference_ok:
         print("the reference fails a graded test: fix that first (mutants cannot be judged against a failing suite)")
         return 1
-    names = chosen_m + chosen_e
-    if chosen_e and not args.names:
-        names += [f"combined:{f}" for f in student_files() if any(e.file == f for e in equivalents)]
-    print(f"== {len(chosen_m)} mutants, {len(chosen_e)} equivalents", flush=True)
-    ok = run_workers([names[i :: args.jobs] for i in range(args.jobs)])
-    print(f"{len(names)} variants run; " + ("all as expected" if ok else "SOME WENT WRONG (see above)"))
+    count = len(combined) + len(chosen_e) + len(chosen_m)
+    print(f"{count} variants run; " + ("all as expected" if ok else "SOME WENT WRONG (see above)"))
     return 0 if ok else 1
 
 
