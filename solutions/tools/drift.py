@@ -217,12 +217,17 @@ def compare(english: str, chinese: str, page: str, zh_page: str) -> list[str]:
     return problems
 
 
+def untranslated(pages: list[str] | None = None) -> list[str]:
+    """The English pages that have no Chinese twin yet (they are listed, not failed: a page is translated whole)."""
+    return [page for page in pages or english_pages() if not (REPO / twin(page)).is_file()]
+
+
 def check(pages: list[str] | None = None) -> list[str]:
+    """Every drift between an English page and its Chinese twin, in words (pages without a twin are skipped)."""
     problems = []
     for page in pages or english_pages():
         zh_page = twin(page)
         if not (REPO / zh_page).is_file():
-            problems.append(f"{zh_page} is missing (the Chinese twin of {page})")
             continue
         problems += compare((REPO / page).read_text(), (REPO / zh_page).read_text(), page, zh_page)
     return problems
@@ -231,8 +236,11 @@ def check(pages: list[str] | None = None) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("pages", nargs="*", help="English pages to check (default: all)")
-    problems = check(parser.parse_args(argv).pages)
+    pages = parser.parse_args(argv).pages
+    problems = check(pages)
     print("\n".join(problems) if problems else "the Chinese pages are in step with the English ones")
+    if missing := untranslated(pages):
+        print(f"not translated yet (no Chinese twin): {', '.join(missing)}")
     return 1 if problems else 0
 
 

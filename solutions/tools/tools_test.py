@@ -93,6 +93,40 @@ def test_pages_agree_with_the_manifest_and_the_tests():
     assert not problems, "\n".join(problems)
 
 
+def test_the_chinese_pages_are_in_step_with_the_english_ones():
+    """Every Chinese page shares its English page's headings, code, formulas, numbers and links (drift.py)."""
+    from solutions.tools import drift
+
+    problems = drift.check()
+    assert not problems, "\n".join(problems[:20])
+    assert len(drift.untranslated()) < len(drift.english_pages()), "no Chinese page found: the check checked nothing"
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (lambda zh: zh.replace("24", "42", 1), "24"),  # a number changed in one block
+        (lambda zh: zh.replace("```python", "```python\n# a comment only the Chinese page has", 1), "code"),
+        (lambda zh: zh.replace("\n## ", "\n### ", 1), "heading"),
+        (
+            lambda zh: zh.replace("](https://arxiv.org/abs/2106.09685)", "](https://arxiv.org/abs/2106.09686)", 1),
+            "link",
+        ),
+    ],
+    ids=["number", "code block", "heading level", "link target"],
+)
+def test_the_drift_check_finds_a_drifted_chinese_page(change, expected):
+    """A Chinese page that changed a number, a code block, a heading or a link is reported, naming the page."""
+    from solutions.tools import drift
+
+    english, chinese = "tutorial/01-lora-layer.md", "tutorial/zh-CN/01-lora-layer.md"
+    zh = (REPO / chinese).read_text()
+    drifted = change(zh)
+    assert drifted != zh, "the drifted copy must differ (the page lacks what this case changes)"
+    problems = drift.compare((REPO / english).read_text(), drifted, english, chinese)
+    assert problems and any(expected in p for p in problems), problems
+
+
 def test_lesson_figures_are_produced_by_the_code():
     """Every figure a lesson quotes from a run is recomputed (solutions/tools/figures.py)."""
     proc = subprocess.run([PYTHON, "-m", "solutions.tools.figures"], cwd=REPO, capture_output=True, text=True)
