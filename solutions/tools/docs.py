@@ -268,6 +268,25 @@ def catalogue_counts() -> dict[str, int]:
     return {"mutants": len(catalogue("mutants")), "equivalents": len(catalogue("equivalents")), "hostile": len(CASES)}
 
 
+def language_link(page: str, lang: str) -> str:
+    """The passage under a lesson's title that links its twin in the other language (left out by the drift check)."""
+    name = Path(page).name
+    line = f"> 中文版 (Chinese): [zh-CN/{name}](zh-CN/{name})" if lang == "en" else f"> English: [../{name}](../{name})"
+    return f"<!-- untranslated -->\n{line}\n<!-- /untranslated -->\n"
+
+
+TITLE_AND_LINK = re.compile(r"\A(# [^\n]*\n\n)(<!-- untranslated -->\n.*?<!-- /untranslated -->\n\n)?", re.DOTALL)
+
+
+def with_language_link(page: str, text: str, lang: str) -> str:
+    """A lesson with a Chinese twin links it under its title, and the twin links back."""
+    english = page if lang == "en" else page.replace("/zh-CN/", "/")
+    twin = REPO / english.replace("tutorial/", "tutorial/zh-CN/")
+    if not re.fullmatch(r"tutorial/(zh-CN/)?0\d-[\w-]+\.md", page) or not twin.is_file():
+        return text
+    return TITLE_AND_LINK.sub(lambda m: m.group(1) + language_link(page, lang) + "\n", text, count=1)
+
+
 def sync(write: bool) -> list[str]:
     problems = []
     tested = {ex for ex, lines in test_lines().items() if lines}
@@ -277,6 +296,7 @@ def sync(write: bool) -> list[str]:
         path = REPO / page
         text = path.read_text()
         new = BLOCK.sub(lambda m, lang=lang: m.group(1) + render(m.group("name"), lang) + m.group(4), text)
+        new = with_language_link(page, new, lang)
         if lang == "en":
             listed |= {
                 m.group("name").removeprefix("tests-")
