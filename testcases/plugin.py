@@ -488,7 +488,8 @@ def failure_message(excinfo: pytest.ExceptionInfo) -> str:
         return f"{str(error).strip() or 'assertion failed'}{test_frame(excinfo)}"
     if type(error).__name__ == "Failed":
         return str(error).strip()
-    return f"{describe_exception(error)}{in_student or test_frame(excinfo)}"
+    notes = "".join(f"\n  {note}" for note in getattr(error, "__notes__", ()))  # a test's hint (add_note)
+    return f"{describe_exception(error)}{in_student or test_frame(excinfo)}{notes}"
 
 
 def describe_exception(error: BaseException) -> str:
