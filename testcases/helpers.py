@@ -348,7 +348,8 @@ def describe_value(value: object) -> str:
         return f"tensor{tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}{layout}"
     if isinstance(value, nn.Module):
         wrapped = sum(1 for m in value.modules() if hasattr(m, "lora_A") and hasattr(m, "merged"))
-        return f"<{type(value).__name__}{f' with {wrapped} LoRA layers' if wrapped else ''}>"
+        layers = f" with {wrapped} LoRA layer{'s' if wrapped > 1 else ''}" if wrapped else ""
+        return f"<{type(value).__name__}{layers}>"
     if isinstance(value, os.PathLike):
         path = Path(value)
         return repr(f"…/{path.parent.name}/{path.name}")

@@ -249,6 +249,9 @@ def close_sandbox(config: pytest.Config, planned: set[str]) -> None:
             with contextlib.suppress(ImportError):
                 importlib.import_module(module)
     sandbox.calm_hypothesis()
+    import torch  # its first float16 conversion initialises cpuinfo, which reads /proc and /sys: refused once closed
+
+    torch.zeros(1, dtype=torch.float16).float()  # (then every float16 test failed with "Failed to initialize cpuinfo!")
     here = Path.cwd().resolve()
     tmp = Path(tempfile.gettempdir()).resolve()
     if not tmp.is_relative_to(here):  # a direct run: tempfile's files go to the scratch folder too
@@ -485,7 +488,8 @@ def failure_message(excinfo: pytest.ExceptionInfo) -> str:
         return f"{str(error).strip() or 'assertion failed'}{test_frame(excinfo)}"
     if type(error).__name__ == "Failed":
         return str(error).strip()
-    return f"{describe_exception(error)}{in_student or test_frame(excinfo)}"
+    notes = "".join(f"\n  {note}" for note in getattr(error, "__notes__", ()))  # a test's hint (add_note)
+    return f"{describe_exception(error)}{in_student or test_frame(excinfo)}{notes}"
 
 
 def describe_exception(error: BaseException) -> str:

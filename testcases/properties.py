@@ -85,7 +85,8 @@ def for_all(strategy: st.SearchStrategy, check, salt: str = "", max_examples: in
 
             first = (str(error).strip().splitlines() or [""])[0][:300]
             where = student_frame(ExceptionInfo.from_exception(error))
-            message = f"{type(error).__name__}: {first}{where}\n  raised on the smallest failing input Hypothesis found: {case}"
+            on = "".join(f"\n  on {note}" for note in getattr(error, "__notes__", ()))  # what the check added
+            message = f"{type(error).__name__}: {first}{where}{on}\n  raised on the smallest failing input Hypothesis found: {case}"
             raise AssertionError(message).with_traceback(_up_to_the_check(error.__traceback__)) from None
 
     del run.__wrapped__  # Hypothesis calls run(case=...) whatever check's own parameter is called

@@ -212,8 +212,13 @@ def test_forward_in_half_precision(lora, device, route):
     if route.endswith("base"):
         layer.base_layer.to(dtype)  # a half-precision base; LoRA stays fp32
         x = x.to(dtype)
-    with torch.autocast(device_type=device.type, dtype=dtype, enabled=route.endswith("autocast")):
-        out = layer(x)
+    try:
+        with torch.autocast(device_type=device.type, dtype=dtype, enabled=route.endswith("autocast")):
+            out = layer(x)
+    except RuntimeError as error:
+        error.add_note(f"with a {route}, A and B stay fp32: cast the LoRA input to lora_A.dtype and the LoRA term to "
+                       "the dtype base_layer(x) returned (lesson 01, §5, Dtypes)")  # fmt: skip
+        raise
     expect_tensor(out, (3, OUT), f"forward with a {route}")
     assert out.dtype == dtype, f"{route}: the output must be {dtype}, got {out.dtype} (cast the LoRA term to it)"
     assert layer.lora_A.dtype == torch.float32, "the trainable LoRA weights stay fp32 (autocast casts copies)"
@@ -324,7 +329,12 @@ def test_a_base_whose_backward_needs_its_output(lora):
     layer = lora.LoRALayer(8, 6, r=2, lora_alpha=4, base_layer=ExpOfLinear())
     randomize_lora(layer)
     x = torch.randn(5, 8, requires_grad=True)
-    layer(x).sum().backward()  # an in-place add into exp's output breaks this backward
+    try:
+        layer(x).sum().backward()  # an in-place add into exp's output breaks this backward
+    except RuntimeError as error:
+        error.add_note("the base y = exp(W x) saves y for its backward: adding the LoRA term into base_layer(x) in place "
+                       "breaks it; add in place only where adds_in_place_safely(base_layer) allows (lesson 01, §5)")  # fmt: skip
+        raise
     W, A, B = (t.detach().double() for t in (layer.base_layer.linear.weight, layer.lora_A, layer.lora_B))
     x64 = x.detach().double().requires_grad_()
     (torch.exp(x64 @ W.T) + 2.0 * (x64 @ A.T) @ B.T).sum().backward()
@@ -534,8 +544,12 @@ def test_forward_for_every_shape_dtype_and_layout(lora, route):
             where = "a broadcast view (stride 0)" if layout == "expanded" else describe_layout(x, layout)
             what = f"LoRALayer(x) for x of shape {tuple(x.shape)}, {where}"
             kept = x.clone()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                out = layer(x)
+            try:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    out = layer(x)
+            except Exception as error:
+                error.add_note(what)  # the layout the forward raised on (the drawn case does not name it)
+                raise
             assert torch.equal(x, kept), f"{what}: forward changed its input x"
             expect_tensor(out, (*case.leading, case.out_features), what, dtype=want,
                           hint="(..., in) → (..., out) for any leading dimensions, none included; the output in the "
