@@ -10,6 +10,7 @@ import ast
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -637,6 +638,8 @@ class RaiseChecks(ast.NodeVisitor):
     HELPERS = {"refuses": (0, "match", False), "refuses_unchanged": (1, "name", True)}
 
     def visit_Call(self, node: ast.Call) -> None:
+        if self.test is not None and isinstance(node.func, ast.Name) and node.func.id == "expect_refusal" and node.args:
+            self.expect_refusal(node)
         helper = self.HELPERS.get(node.func.id) if isinstance(node.func, ast.Name) else None
         if self.test is not None and helper is not None and len(node.args) > helper[0]:
             index, keyword, bare = helper
@@ -645,6 +648,23 @@ class RaiseChecks(ast.NodeVisitor):
                 match = ast.Call(func=ast.Name(id="word"), args=[match], keywords=[]) if bare else match
                 self.record(node.lineno, match, [node.args[index]])
         self.generic_visit(node)
+
+    def expect_refusal(self, node: ast.Call) -> None:
+        """``expect_refusal(call, …, names=(…), allowed=(…))``: each name as a whole word, each allowed text as is."""
+        for keyword in node.keywords:
+            if keyword.arg in ("names", "allowed"):
+                value = keyword.value
+                items = value.elts if isinstance(value, (ast.Tuple, ast.List)) else [value]
+                for item in items:
+                    if isinstance(item, ast.Attribute):  # path.name: a value the test passed in, echoed
+                        continue
+                    if keyword.arg == "names":
+                        match = ast.Call(func=ast.Name(id="word"), args=[item], keywords=[])
+                    elif isinstance(item, ast.Constant) and isinstance(item.value, str):
+                        match = ast.Constant(re.escape(item.value))
+                    else:
+                        match = item
+                    self.record(node.lineno, match, [node.args[0]])
 
     def record(self, line: int, match: ast.AST, code: list[ast.AST]) -> None:
         """One raise check: its patterns, minus those that only echo a string the test passed in (the error names
@@ -687,6 +707,11 @@ class RaiseChecks(ast.NodeVisitor):
             return literal_strings(self.constants[node.value.id])
         if isinstance(node, ast.Name):
             return self.bound_values(node.id)
+        if isinstance(node, (ast.Tuple, ast.List)):  # names=("r", "lora_alpha"): each of them
+            parts = [self.patterns(item) for item in node.elts]
+            return None if any(part is None for part in parts) else [p for part in parts for p in part]
+        if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Dict):  # {case: names, …}[case]: every value
+            return self.patterns(ast.List(elts=node.value.values))
         return None
 
     def bound_values(self, name: str) -> list[str] | None:
@@ -739,6 +764,10 @@ class RaiseChecks(ast.NodeVisitor):
                     found.add(f"{STUDENT_FIXTURES[node.value.id]}:{node.attr}")
                 elif node.value.id not in ("pytest", "torch", "nn", "F", "math", "json"):
                     found.add(f".{node.attr}")
+            elif (isinstance(node, ast.Call) and getattr(node.func, "id", "") == "getattr" and len(node.args) == 2
+                  and isinstance(node.args[0], ast.Name) and node.args[0].id in STUDENT_FIXTURES):  # fmt: skip
+                names = self.patterns(node.args[1]) or []  # getattr(lora, function), function parametrized
+                found |= {f"{STUDENT_FIXTURES[node.args[0].id]}:{name}" for name in names}
             elif isinstance(node, ast.Name) and node.id in self.helpers and depth < 1:  # a test helper: what it calls
                 found |= self.targets(self.helpers[node.id].body, depth + 1)
         return found
@@ -797,7 +826,7 @@ def test_every_refusal_a_test_demands_is_stated_in_a_docstring():
 
 
 def test_the_refusal_check_reads_parametrized_names_and_catches_an_unstated_one():
-    """The checker resolves parametrize, for-loops and word(); an unstated name is reported, an echoed value is not."""
+    """The checker resolves parametrize, for-loops, word() and expect_refusal's names/allowed; an unstated one is reported."""
     source = """
 @pytest.mark.parametrize("kwargs, name", [({"beta2": 0.0}, "beta2"), ({"gamma": 1}, "gamma")])
 def test_a(lora_variants, kwargs, name):
@@ -807,11 +836,18 @@ def test_b(lora_variants):
     for kwargs, name in (({"target_modules": ["qproj"]}, "qproj"),):
         with pytest.raises(ValueError, match=word(name)):
             lora_variants.get_vera_model(None, **kwargs)
+
+@pytest.mark.parametrize("case", ["one", "two"])
+def test_c(lora_variants, tmp_path, case):
+    names = {"one": ("beta1",), "two": ("delta",)}[case]
+    expect_refusal(lora_variants.RankAllocator, tmp_path, names=names, allowed=("(0, 1)", "[0, 1)"))
 """
-    docs = {"model.lora_variants": {"RankAllocator": "Raises ValueError naming beta1 or beta2.",
+    docs = {"model.lora_variants": {"RankAllocator": "Raises ValueError naming beta1 or beta2, in (0, 1).",
                                     "get_vera_model": "Raises ValueError for a target that matches nothing."}}  # fmt: skip
     problems = refusal_problems({"synthetic.py": source}, docs, {})
-    assert problems == ["synthetic.py:4 (test_a): 'gamma' is in no docstring of ['RankAllocator']"], problems
+    assert sorted(problems) == ["synthetic.py:14 (test_c): '[0, 1)' is in no docstring of ['RankAllocator']",
+                                "synthetic.py:14 (test_c): 'delta' is in no docstring of ['RankAllocator']",
+                                "synthetic.py:4 (test_a): 'gamma' is in no docstring of ['RankAllocator']"], problems  # fmt: skip
 
 
 # ---- the grading sandbox (testcases/sandbox.py) -------------------------------------------------------
