@@ -23,6 +23,7 @@ trainer (4.3), merge_and_export (4.4), estimate_memory (4.5); the command line a
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -82,6 +83,9 @@ class TrainConfig:
     precision: str = option("bf16", "fp32 | bf16 (autocast) | fp16 (autocast + GradScaler loss scaling)")
     gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, more time")
     quantize: str = option("nf4", "nf4: QLoRA (4-bit frozen base) | none: plain LoRA")
+    base_dtype: str = option(
+        "fp32", "quantize=none: the frozen linear weights' dtype, fp32 or the precision's (bf16: no cast copy per step)"
+    )
     double_quant: bool = option(True, "quantize the NF4 absmax constants too (4.127 instead of 4.5 bits)")
     block_size: int = option(64, "NF4 block size")
     device: str = option("auto", "auto (cuda if present, else cpu) | cpu | cuda")
@@ -113,13 +117,16 @@ def prepare_qlora_model(
     1. With ``config.quantize == "nf4"``, every ``nn.Linear`` whose name is not in
        ``skip_modules`` (the output head by default: it is small and sensitive) becomes a frozen
        ``NF4Linear`` computing in the precision's dtype (bf16 for "bf16", fp32 for "fp32").
+       With ``quantize == "none"`` and ``config.base_dtype`` "bf16" (or "fp16"), each of those layers is
+       replaced by a copy stored in that dtype, so autocast casts no weight (and autograd keeps no
+       cast copy for the backward pass); with "fp32" they stay as they are.
     2. ``get_lora_model`` wraps ``config.target_modules`` (NF4 or not) in fp32 LoRA layers,
        seeded by ``config.seed``, and freezes everything else.
     3. Norms, embeddings and the head stay in fp32; ``model.gradient_checkpointing`` is set.
 
     Only ``lora_A`` / ``lora_B`` require gradients afterwards.
 
-    Raises ValueError and leaves the model exactly as it was (no layer quantized, none wrapped) when
+    Raises ValueError and leaves the model exactly as it was (no layer quantized or cast, none wrapped) when
     the model already has LoRA layers, when a weight holds a non-finite value (NaN or inf: NF4 cannot
     quantize it), or when ``get_lora_model`` refuses ``config.target_modules`` or a LoRA setting: quantize
     every layer before swapping any in, and a refusal after swapping puts the original layers back.
