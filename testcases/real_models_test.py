@@ -322,7 +322,8 @@ def test_two_processes_resume_bit_for_bit(tmp_path, stages_done):
 
 # ---- memory at real sizes --------------------------------------------------------------------------
 
-MEMORY_CELLS = [(m, p, c) for m in ("full", "lora", "qlora") for p in ("fp32", "bf16") for c in (False, True)]
+MEMORY_CELLS = [(m, p, c, "fp32") for m in ("full", "lora", "qlora") for p in ("fp32", "bf16") for c in (False, True)]
+MEMORY_CELLS += [("lora", "bf16", c, "bf16") for c in (False, True)]  # TrainConfig.base_dtype: the base in bf16
 
 
 @pytest.mark.parametrize("shape, overrides", [("bundled", {"n_kv_heads": 2, "tie_word_embeddings": True}),
@@ -331,7 +332,8 @@ MEMORY_CELLS = [(m, p, c) for m in ("full", "lora", "qlora") for p in ("fp32", "
                                               ("bundled", {"n_layers": 2})],
                          ids=["bundled-gqa2-tied", "bundled-gqa1", "wide-gqa2-tied", "bundled-2-layers"])  # fmt: skip
 def test_memory_estimate_equals_measurement_beyond_the_graded_configs(shape, overrides):
-    """Stage 6's estimate_memory_parts = measure_memory, part by part and to the byte, in all 12 cells, on
+    """Stage 6's estimate_memory_parts = measure_memory, part by part and to the byte, in all 14 cells (12, and LoRA
+    in bf16 with its base stored in bf16), on
     grouped-query and tied variants of the bundled shape and of wide_config() (lesson 08 §1.5's table rests
     on it) and on a 2-layer model (where a freed block input's address once hid a saved tensor)."""
     import dataclasses
@@ -347,10 +349,10 @@ def test_memory_estimate_equals_measurement_beyond_the_graded_configs(shape, ove
     base = load_base_model().config if shape == "bundled" else memory.wide_config()
     config = dataclasses.replace(base, **overrides)
     wrong = []
-    for method, precision, checkpointing in MEMORY_CELLS:
+    for method, precision, checkpointing, base_dtype in MEMORY_CELLS:
         settings = memory.MemoryConfig(quantize="nf4" if method == "qlora" else "none", precision=precision,
                                        gradient_checkpointing=checkpointing, optimizer="adamw", min_8bit_size=0,
-                                       device="cpu", r=8, progress=False)  # fmt: skip
+                                       device="cpu", r=8, progress=False, base_dtype=base_dtype)  # fmt: skip
         model = TinyLlama(config)  # random weights: bytes do not depend on values
         if method == "full":
             model.gradient_checkpointing = checkpointing
@@ -358,11 +360,13 @@ def test_memory_estimate_equals_measurement_beyond_the_graded_configs(shape, ove
             model = prepare_qlora_model(model, settings)
         ids = torch.randint(0, config.vocab_size, (3, 19), generator=generator(0))
         measured = memory.measure_memory(model, (ids, ids.clone()), settings)
-        estimated = memory.estimate_memory_parts(config, method, "adamw", 3, 19, precision, checkpointing, 8, 0)
+        estimated = memory.estimate_memory_parts(
+            config, method, "adamw", 3, 19, precision, checkpointing, 8, 0, base_dtype
+        )
         off = {part: f"measured {measured[part]:,}, estimated {value:,}" for part, value in estimated.items()
                if measured[part] != value}  # fmt: skip
         if off:
-            wrong.append(f"{method}, {precision}, checkpointing={checkpointing}: {off}")
+            wrong.append(f"{method}, {precision}, checkpointing={checkpointing}, base {base_dtype}: {off}")
     assert not wrong, (
         f"{config.n_layers} layers, {config.kv_heads} key/value heads of {config.n_heads}, "
         f"tied={config.tie_word_embeddings}: the estimate misses the measurement in these cells (k_proj / v_proj "

@@ -89,7 +89,9 @@ def test_base_dtype_accepts_fp32_and_the_precision(trainer):
     assert trainer.TrainConfig().base_dtype == "fp32", "base_dtype defaults to 'fp32': the base as it was loaded"
     for precision in ("bf16", "fp16"):
         config = trainer.TrainConfig(quantize="none", precision=precision, base_dtype=precision)
-        assert config.base_dtype == precision, f"quantize='none', precision={precision!r}: base_dtype={precision!r} is valid"
+        assert config.base_dtype == precision, (
+            f"quantize='none', precision={precision!r}: base_dtype={precision!r} is valid"
+        )
     for quantize in ("nf4", "none"):
         for precision in ("fp32", "bf16", "fp16"):
             trainer.TrainConfig(quantize=quantize, precision=precision, base_dtype="fp32")

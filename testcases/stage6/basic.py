@@ -220,13 +220,16 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def measure_setup(memory, qlora_trainer, method: str, precision: str, checkpointing: bool, optimizer: str):
-    """(bundled model prepared for ``method``, its MemoryConfig) with r 8 and min_8bit_size 0 (8-bit on every adapter)."""
+def measure_setup(
+    memory, qlora_trainer, method: str, precision: str, checkpointing: bool, optimizer: str, base_dtype: str = "fp32"
+):
+    """(bundled model prepared for ``method``, its MemoryConfig) with r 8 and min_8bit_size 0 (8-bit on every adapter);
+    ``base_dtype`` is TrainConfig's (lora in bf16: "bf16" stores the frozen projections in bf16)."""
     from model.tiny_llama import load_base_model
 
     config = memory.MemoryConfig(quantize="nf4" if method == "qlora" else "none", precision=precision,
                                  gradient_checkpointing=checkpointing, optimizer=optimizer, min_8bit_size=0,
-                                 device="cpu", r=8, progress=False)  # fmt: skip
+                                 device="cpu", r=8, progress=False, base_dtype=base_dtype)  # fmt: skip
     model = load_base_model()
     if method == "full":
         model.gradient_checkpointing = checkpointing
@@ -468,6 +471,33 @@ def test_bytes_paged_per_step(memory, kind):
     assert paged.state is base.state and paged.param_groups is base.param_groups, (
         "the pager shares state and param_groups with the wrapped optimizer (one optimizer for schedulers and checkpoints)"
     )
+
+
+@pytest.mark.exercise("6.3")
+def test_min_paged_size_keeps_small_tensors_on_the_device(memory):
+    """min_paged_size=300: the states of tensors of 300 elements and more are paged, those of smaller ones stay put
+    (bitsandbytes' rule, at its 100,000); the parameters are those of the unpaged optimizer, bit for bit."""
+    groups, twin = three_groups(640), three_groups(640)
+    plain = torch.optim.AdamW(groups, lr=1e-2)
+    paged = memory.PagedOptimizer(torch.optim.AdamW(twin, lr=1e-2), min_paged_size=300)
+    for step in range(3):
+        for gs in (groups, twin):
+            seeded_grads([p for g in gs for p in g["params"]], seed=641 + step)
+        plain.step()
+        paged.step()
+    large = sum(t.numel() * t.element_size() for p, state in paged.state.items() if p.numel() >= 300
+                for key, t in state.items() if torch.is_tensor(t) and key != "step")  # fmt: skip
+    sizes = sorted(p.numel() for g in twin for p in g["params"])
+    expected = (2 * large, 3 * large)
+    got = (paged.bytes_paged_in, paged.bytes_paged_out)
+    assert large > 0 and got == expected, (
+        f"tensors of {sizes} elements, min_paged_size=300: after 3 steps expected (bytes_paged_in, bytes_paged_out) = "
+        f"{expected} (the states of the 300-, 512- and 1200-element tensors only), got {got}. A parameter with fewer "
+        "than min_paged_size elements is skipped by page_in and page_out; one with exactly that many is paged"
+    )
+    for g, h in zip(groups, twin):
+        for a, b in zip(g["params"], h["params"]):
+            assert torch.equal(a, b), f"a {a.numel()}-element parameter differs from the unpaged optimizer's"
 
 
 # ---- Exercise 6.4: choosing the optimizer in the trainer ---------------------------------------------------
