@@ -79,6 +79,11 @@ def test_prepare_without_quantization_is_plain_lora(trainer, tiny_model):
     assert type(base) is nn.Linear, f"quantize='none' keeps nn.Linear bases, got {type(base).__name__}"
 
 
+def autocast_forward(model: nn.Module, token_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    with torch.autocast("cpu", dtype=dtype):
+        return model(token_ids)
+
+
 def saved_weight_copies(model: nn.Module, token_ids: torch.Tensor, dtype: torch.dtype) -> list[tuple[int, ...]]:
     """The shapes of the frozen projections' weights among the tensors one autocast forward saves for backward,
     the model's own parameters and buffers excluded: each one is a copy of a weight kept alive for the backward pass."""
@@ -90,8 +95,7 @@ def saved_weight_copies(model: nn.Module, token_ids: torch.Tensor, dtype: torch.
     own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     saved: list[torch.Tensor] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        with torch.autocast("cpu", dtype=dtype):
-            loss = model(token_ids).float().sum()
+        loss = autocast_forward(model, token_ids, dtype).float().sum()
     copies = [tuple(t.shape) for t in saved if tuple(t.shape) in shapes and t.untyped_storage().data_ptr() not in own]
     del loss
     return copies

@@ -484,7 +484,7 @@ def test_bitsandbytes_paging_threshold(memory):
     assert memory.BNB_MIN_PAGED_SIZE == 100_000, "bitsandbytes pages the states of tensors of >= 100,000 elements"
     big, small = nn.Parameter(torch.zeros(100_000)), nn.Parameter(torch.zeros(99_999))
     paged = memory.PagedOptimizer(torch.optim.AdamW([big, small], lr=1e-3), min_paged_size=memory.BNB_MIN_PAGED_SIZE)
-    for step in range(2):
+    for _ in range(2):
         big.grad, small.grad = torch.ones(100_000), torch.ones(99_999)
         paged.step()
     assert (paged.bytes_paged_in, paged.bytes_paged_out) == (800_000, 1_600_000), (
