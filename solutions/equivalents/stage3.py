@@ -101,12 +101,12 @@ EQUIVALENTS = [
     Variant(
         "nf4_linear_forward_with_matmul",
         "3.6",
-        "NF4Linear.forward as x @ Wᵀ + b with matmul instead of F.linear.",
-        block="3.6: dequantize on the fly, then F.linear",
+        "The 4-bit matmul's forward as x @ Wᵀ + b with matmul instead of F.linear.",
+        block="3.6: dequantize in x's dtype",
         code="""
-            weight = self.dequantize_weight()
-            out = x.to(self.compute_dtype) @ weight.T
-            return out if self.bias is None else out + self.bias.to(self.compute_dtype)
+            ctx.layer, ctx.dtype = layer, x.dtype
+            out = x @ layer.dequantize_weight(x.dtype).T
+            return out if bias is None else out + bias
             """,
     ),
     Variant(

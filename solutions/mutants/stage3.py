@@ -223,11 +223,11 @@ MUTANTS = [
     Variant(
         "nf4_linear_drops_bias",
         "3.6",
-        "NF4Linear.forward ignores the bias.",
+        "NF4Linear ignores the bias: the 4-bit matmul's Function gets none.",
         (
             (
-                "return F.linear(x.to(self.compute_dtype), weight, bias)",
-                "return F.linear(x.to(self.compute_dtype), weight)",
+                "return MatMul4Bit.apply(x.to(dtype), layer, bias)",
+                "return MatMul4Bit.apply(x.to(dtype), layer, None)",
             ),
         ),
     ),
@@ -324,8 +324,8 @@ MUTANTS = [
         "NF4Linear keeps its first dequantized weight and reuses it (stale after load_state_dict).",
         (
             (
-                "        weight = self.dequantize_weight()  # (out, in), never stored",
-                "        if not hasattr(self, '_cached'):\n            self._cached = self.dequantize_weight()\n        weight = self._cached",
+                "        weight = layer.dequantize_weight(x.dtype)  # (out, in): a local, gone when forward returns",
+                "        if not hasattr(layer, '_cached'):\n            layer._cached = layer.dequantize_weight(x.dtype)\n        weight = layer._cached",
             ),
         ),
     ),
@@ -441,9 +441,8 @@ MUTANTS = [
         "NF4Linear adds the bias as a row, bias[None, :]: a 1-D input (one token, no batch) comes out (1, out).",
         (
             (
-                "        return F.linear(x.to(self.compute_dtype), weight, bias)",
-                "        out = F.linear(x.to(self.compute_dtype), weight)\n"
-                "        return out if bias is None else out + bias[None, :]",
+                "        return F.linear(x, weight, bias)  # (..., out)",
+                "        out = F.linear(x, weight)\n        return out if bias is None else out + bias[None, :]",
             ),
         ),
     ),
@@ -453,9 +452,10 @@ MUTANTS = [
         "NF4Linear casts the weight to x's dtype and the result to compute_dtype: a bf16 input computes in bf16.",
         (
             (
-                "        return F.linear(x.to(self.compute_dtype), weight, bias)",
-                "        bias = None if bias is None else bias.to(x.dtype)\n"
-                "        return F.linear(x, weight.to(x.dtype), bias).to(self.compute_dtype)",
+                "    bias = None if layer.bias is None else layer.bias.to(dtype)\n"
+                "    return MatMul4Bit.apply(x.to(dtype), layer, bias)",
+                "    bias = None if layer.bias is None else layer.bias.to(x.dtype)\n"
+                "    return MatMul4Bit.apply(x, layer, bias).to(dtype)",
             ),
         ),
     ),
@@ -465,9 +465,9 @@ MUTANTS = [
         "NF4Linear flattens x with view(-1, in_features): a transposed or strided input raises.",
         (
             (
-                "        return F.linear(x.to(self.compute_dtype), weight, bias)",
-                "        flat = x.to(self.compute_dtype).view(-1, self.in_features)\n"
-                "        return F.linear(flat, weight, bias).view(*x.shape[:-1], self.out_features)",
+                "        return F.linear(x, weight, bias)  # (..., out)",
+                "        flat = x.view(-1, layer.in_features)\n"
+                "        return F.linear(flat, weight, bias).view(*x.shape[:-1], layer.out_features)",
             ),
         ),
     ),
