@@ -823,7 +823,7 @@ def activation_bytes(
     inputs = 4 * (2 * N * d + N * f) if not bf16 else 2 * ((5 if full else 6) * N * d + N * f)
     shapes = projection_shapes(config)
     lora = 0 if full else 7 * c * N * r + (2 * r * sum(out + inp for out, inp in shapes.values()) if bf16 else 0)
-    copies = method == "qlora" or (bf16 and base_dtype == "fp32")  # dequantized, or cast by autocast
+    copies = bf16 and method != "qlora" and base_dtype == "fp32"  # fp32 weights autocast casts (4-bit: none kept)
     frozen = c * sum(out * inp for out, inp in shapes.values()) if copies else 0
     qkv = sum(out * inp for name, (out, inp) in shapes.items() if name in ("q_proj", "k_proj", "v_proj"))
     block = norms + attention + mlp + inputs + lora + frozen  # (bytes) a block whose input needs a gradient
