@@ -615,11 +615,15 @@ def activation_bytes(
                            bf16 (each autocast cast is its own copy): full 2·(5Nd + Nf); LoRA 2·(6Nd + Nf)
         LoRA               A x for each of the 7 adapters: 7cNr;  bf16 also the casts of A and B:
                            2r · Σ (in + out) over the 7 projections = 2r(11d + 3f)
-        frozen weights     QLoRA: the dequantized W of each projection, or a bf16 cast under autocast
-                           (full or LoRA): c · Σ out·in over the 7 projections = c · (4d² + 3df)
+        weight casts       bf16 only, for fp32 weights (full fine-tuning; LoRA with base_dtype "fp32"):
+                           autocast's bf16 copy of each W, kept for ∂L/∂x: 2 · Σ out·in = 2 · (4d² + 3df)
+
+    No other weight is kept: an fp32 (or, with base_dtype "bf16", a bf16) base gives autograd the parameter
+    itself, and QLoRA's NF4Linear runs ``matmul_4bit`` (Stage 3), which keeps a reference to the layer's
+    codes and dequantizes again in the backward pass (``F.linear`` on the dequantized W would keep it).
 
     The first block of LoRA / QLoRA gets a frozen embedding (no gradient): its input norm saves nothing,
-    and q, k, v keep no weight (nor, in bf16, the cast of A). Once per model: the final norm (x, rsqrt; full: + x̂ and the head's input),
+    and q, k, v keep no weight cast (nor, in bf16, the cast of A). Once per model: the final norm (x, rsqrt; full: + x̂ and the head's input),
     the RoPE tables (fp32: 2Th · 4; bf16: a cast per block: 4LTh · 2), the head's bf16 weight (bf16: dVc),
     the logits in fp32 (4NV), the labels (8N), one fp32 scalar (4), and for full fine-tuning the token
     ids (8N).
@@ -635,15 +639,18 @@ def activation_bytes(
 
     Measured by ``measure_memory`` (CPU, torch 2.13), equal to this estimate to the byte in every cell:
 
-        batch 64 × 19 tokens, r 8         fp32          fp32 + ckpt   bf16          bf16 + ckpt
-        bundled (0.2 M)       full        27,313,796    8,548,484     18,852,868    6,318,852
-                              lora        24,964,484    7,565,956     16,788,228    5,531,140
-                              qlora       25,718,148    7,766,660     16,788,228    5,531,140
-        wide_config (25.3 M)  full       421,382,916   76,749,060    333,847,812   64,734,980
-                              lora       376,230,404   67,050,244    298,464,260   57,546,500
-                              qlora      474,272,260   79,698,692    298,464,260   57,546,500
+        batch 64 × 19 tokens, r 8              fp32          fp32 + ckpt   bf16          bf16 + ckpt
+        bundled (0.2 M)       full             27,313,796    8,548,484     18,852,868    6,318,852
+                              lora             24,964,484    7,565,956     16,788,228    5,531,140
+                              lora, bf16 base  —             —             16,411,396    5,430,788
+                              qlora            24,964,484    7,565,956     16,411,396    5,430,788
+        wide_config (25.3 M)  full            421,382,916   76,749,060    333,847,812   64,734,980
+                              lora            376,230,404   67,050,244    298,464,260   57,546,500
+                              lora, bf16 base  —             —            249,443,332   51,222,276
+                              qlora           376,230,404   67,050,244    249,443,332   51,222,276
 
-    (QLoRA in fp32 saves more than LoRA: autograd keeps each dequantized weight for the input's gradient.)
+    QLoRA saves what LoRA saves in fp32, and what LoRA on a bf16 base saves in bf16: its 4-bit layers add
+    nothing. ``base_dtype`` is TrainConfig's: "fp32" (the default), or for lora the precision's ("bf16").
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -660,7 +667,7 @@ def activation_bytes(
     inputs = 4 * (2 * N * d + N * f) if not bf16 else 2 * ((5 if full else 6) * N * d + N * f)
     shapes = projection_shapes(config)
     lora = 0 if full else 7 * c * N * r + (2 * r * sum(out + inp for out, inp in shapes.values()) if bf16 else 0)
-    copies = method == "qlora" or (bf16 and base_dtype == "fp32")  # dequantized, or cast by autocast
+    copies = bf16 and method != "qlora" and base_dtype == "fp32"  # fp32 weights autocast casts (4-bit: none kept)
     frozen = c * sum(out * inp for out, inp in shapes.values()) if copies else 0
     qkv = sum(out * inp for name, (out, inp) in shapes.items() if name in ("q_proj", "k_proj", "v_proj"))
     block = norms + attention + mlp + inputs + lora + frozen  # (bytes) a block whose input needs a gradient
