@@ -326,6 +326,7 @@ MEMORY_CELLS = [(m, p, c, "fp32") for m in ("full", "lora", "qlora") for p in ("
 MEMORY_CELLS += [("lora", "bf16", c, "bf16") for c in (False, True)]  # TrainConfig.base_dtype: the base in bf16
 
 
+@pytest.mark.timeout(600)  # 14 measured training steps of a 25 M-parameter model (about 50 s alone on 2 cores)
 @pytest.mark.parametrize("shape, overrides", [("bundled", {"n_kv_heads": 2, "tie_word_embeddings": True}),
                                               ("bundled", {"n_kv_heads": 1}),
                                               ("wide", {"n_kv_heads": 2, "tie_word_embeddings": True}),
@@ -373,6 +374,60 @@ def test_memory_estimate_equals_measurement_beyond_the_graded_configs(shape, ove
         "are (kv_heads · head_dim, d); a tied head is the embedding, counted once; largest_block_recompute "
         "holds the blocks' inputs until it counts):\n" + "\n".join(wrong)
     )
+
+
+@pytest.mark.timeout(300)  # three measured steps of a 25 M-parameter model on a possibly busy machine
+@pytest.mark.parametrize("shape, overrides", [("bundled", {}), ("wide", {"n_kv_heads": 2, "tie_word_embeddings": True})],
+                         ids=["bundled", "wide-gqa2-tied"])  # fmt: skip
+def test_stage4_estimate_within_its_scope(shape, overrides):
+    """Stage 4's estimate_memory against measure_memory, within the scope its docstring states: full fine-tuning exact
+    (+ 4 B per step tensor); LoRA on a bf16 base exact for the projections (+ the fp32 rest); QLoRA within 4 to 9.5 B
+    per NF4 layer (+ the fp32 rest). Stage 6's estimate_memory_parts is exact on all of it (the test above)."""
+    import dataclasses
+
+    from model._impl import missing_exercises
+    from model.tiny_llama import TinyLlama, load_base_model
+
+    if missing := missing_exercises([1, 2, 3, 4, 6]):
+        pytest.skip(f"needs Stages 1-4 and 6, where exercises {', '.join(missing[:4])}… are still stubs")
+    from training import memory
+    from training.qlora_trainer import estimate_memory, prepare_qlora_model
+
+    base = load_base_model().config if shape == "bundled" else memory.wide_config()
+    config = dataclasses.replace(base, **overrides)
+    every = sum(memory.trainable_numels(config, "full"))
+    projections = sum(out * inp for out, inp in memory.projection_shapes(config).values()) * config.n_layers
+    rest, layers = every - projections, 7 * config.n_layers
+    adapters = memory.trainable_numels(config, "lora", 8)
+    ids = torch.randint(0, config.vocab_size, (2, 8), generator=generator(0))
+    for method, precision, base_dtype in (
+        ("full", "fp32", "fp32"),
+        ("lora", "bf16", "bf16"),
+        ("qlora", "bf16", "fp32"),
+    ):
+        settings = memory.MemoryConfig(quantize="nf4" if method == "qlora" else "none", precision=precision,
+                                       base_dtype=base_dtype, optimizer="adamw", device="cpu", r=8, progress=False)  # fmt: skip
+        model = TinyLlama(config)
+        if method != "full":
+            model = prepare_qlora_model(model, settings)
+        measured = memory.measure_memory(model, (ids, ids.clone()), settings)
+        tensors = memory.trainable_numels(config, method, 8)
+        if method == "full":
+            stage4 = estimate_memory(every, "full")
+        else:
+            stage4 = estimate_memory(projections, method, trainable_params=sum(adapters))
+        assert measured["gradients"] == stage4["gradients"], (
+            f"{method}: gradients {measured['gradients']:,} vs {stage4}"
+        )
+        assert measured["optimizer"] == stage4["optimizer"] + 4 * len(tensors), (
+            f"{method}: optimizer {measured['optimizer']:,} = 8 B per trainable parameter + 4 B per step tensor"
+        )
+        extra = measured["weights"] - stage4["weights"] - (0 if method == "full" else 4 * rest)
+        allowed = (4 * layers, 9.5 * layers) if method == "qlora" else (0, 0)
+        assert allowed[0] <= extra <= allowed[1], (
+            f"{method}: measured weights {measured['weights']:,}, Stage 4's estimate {stage4['weights']:,.0f} "
+            f"+ 4 B per fp32 parameter outside the projections: {extra:,.1f} bytes apart, the docstring allows {allowed}"
+        )
 
 
 # ---- generation with a KV cache --------------------------------------------------------------------------
