@@ -740,7 +740,8 @@ def estimate_memory_parts(
     ``optimizer_state_bytes`` of ``trainable_numels``; activations ``activation_bytes``. Bytes, ints.
     ``measure_memory`` agrees to the byte on every part, e.g. ``wide_config()``, batch 64 × 19, bf16:
 
-        qlora + adamw       weights 15,657,216   gradients 2,498,560   optimizer 4,997,568   activations 298,464,260
+        qlora + adamw       weights 15,657,216   gradients 2,498,560   optimizer 4,997,568   activations 249,443,332
+        lora, base_dtype "bf16"   weights 53,200,896   activations 249,443,332 (fp32 base: 103,794,688 and 298,464,260)
         qlora + adamw8bit   optimizer 1,268,800 (every adapter tensor has >= 4096 elements: all 8-bit)
         full + adamw        weights 101,296,128  gradients 101,296,128  optimizer 202,592,556
     """

@@ -382,6 +382,19 @@ def estimate_memory(
 
     Returns {"weights", "gradients", "optimizer", "total"} in bytes. QLoRA paper: a 65B model's
     weights take 65e9 · 4.127 / 8 ≈ 33.5 GB, which fits one 48 GB GPU with room for adapters.
+
+    Its scope: a rate per parameter, no architecture and no activations. Measured on this course's models
+    (Stage 6's ``measure_memory``; testcases/real_models_test.py holds it), with n_params the parameters
+    stored at the method's rate:
+
+        full   n_params = every parameter: weights and gradients exact; the optimizer adds torch's 4-byte
+               ``step`` tensor per trainable tensor to the 8 B per parameter
+        lora   TrainConfig(base_dtype="bf16"), n_params = the projections: weights exact once the fp32
+               embedding, norms and head (4 B each, not counted here) are added; gradients exact
+        qlora  n_params = the projections: each NF4 layer adds 4 to 9.5 bytes (its double-quantization
+               offset, and rounding up to whole bytes, blocks and scales); the fp32 rest 4 B each
+
+    Stage 6's ``estimate_memory_parts`` prices every tensor of a ``LlamaConfig`` to the byte, activations included.
     """
     raise NotImplementedError("Exercise 4.5: bytes per parameter for each method — see tutorial/04-qlora-training.md")
 

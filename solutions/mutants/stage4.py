@@ -481,8 +481,8 @@ MUTANTS = [
         "prepare_qlora_model swaps each layer as soon as it is quantized: a NaN weight in a later layer leaves earlier ones NF4.",
         (
             (
-                "        quantized = {  # every layer first: a refusal here (a non-finite weight) changes nothing\n            name: NF4Linear.from_linear(linear, config.block_size, config.double_quant, compute_dtype)\n            for name, linear in originals.items()\n        }\n        for name, layer in quantized.items():\n            model.set_submodule(name, layer)\n",
-                "        for name, linear in originals.items():\n            layer = NF4Linear.from_linear(linear, config.block_size, config.double_quant, compute_dtype)\n            model.set_submodule(name, layer)\n",
+                "        replaced = {  # every layer first: a refusal here (a non-finite weight) changes nothing\n            name: NF4Linear.from_linear(linear, config.block_size, config.double_quant, compute_dtype)\n            for name, linear in originals.items()\n        }\n",
+                "        replaced = {}\n        for name, linear in originals.items():\n            layer = NF4Linear.from_linear(linear, config.block_size, config.double_quant, compute_dtype)\n            model.set_submodule(name, layer)\n",
             ),
         ),
     ),

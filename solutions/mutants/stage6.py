@@ -471,4 +471,26 @@ MUTANTS = [
             ),
         ),
     ),
+    Variant(
+        "estimate_ignores_base_dtype",
+        "6.5",
+        "estimate_memory_parts accepts base_dtype but prices LoRA's base in fp32 (weight_bytes without it).",
+        (
+            (
+                '        "weights": weight_bytes(config, method, r, base_dtype=base_dtype),',
+                '        "weights": weight_bytes(config, method, r),',
+            ),
+        ),
+    ),
+    Variant(
+        "activations_ignore_base_dtype",
+        "6.5",
+        "estimate_memory_parts passes base_dtype to weight_bytes only: a bf16 base's activations still count the casts.",
+        (
+            (
+                "            config, batch_size, seq_len, method, precision, gradient_checkpointing, r, base_dtype\n",
+                "            config, batch_size, seq_len, method, precision, gradient_checkpointing, r\n",
+            ),
+        ),
+    ),
 ]

@@ -194,7 +194,7 @@ def prepare_qlora_model(
     try:
         get_lora_model(model, config.r, config.lora_alpha, config.lora_dropout, config.target_modules)
     except Exception:
-        for name, linear in originals.items():  # refused: the original layers go back
+        for name, linear in originals.items():  # refused: the full-precision layers go back
             model.set_submodule(name, linear)
         raise
     if hasattr(model, "gradient_checkpointing"):

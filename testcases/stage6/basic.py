@@ -598,16 +598,23 @@ def test_optimizer_state_bytes_per_tensor(memory):
 
 @pytest.mark.exercise("6.5")
 def test_estimate_memory_parts_of_the_wide_config(memory):
-    """The lesson's numbers for wide_config(), batch 64 × 19, bf16."""
+    """The lesson's numbers for wide_config(), batch 64 × 19, bf16 (LoRA also with its base stored in bf16)."""
     config = memory.wide_config()
     parts = memory.estimate_memory_parts(config, "qlora", "adamw", 64, 19, "bf16")
-    expected = {"weights": 15_657_216, "gradients": 2_498_560, "optimizer": 4_997_568, "activations": 298_464_260}
+    expected = {"weights": 15_657_216, "gradients": 2_498_560, "optimizer": 4_997_568, "activations": 249_443_332}
     expected["total"] = sum(expected.values())
     check_parts(parts, expected, "estimate_memory_parts(wide, qlora, adamw, bf16)",
                 "the check: weights = weight_bytes, gradients = 4 B per trainable element, optimizer = optimizer_state_bytes, activations = activation_bytes; total = their sum")  # fmt: skip
     parts = memory.estimate_memory_parts(config, "qlora", "adamw8bit", 64, 19, "bf16")
     assert parts["optimizer"] == 1_268_800, (
         f"qlora + adamw8bit: expected 1,268,800 state bytes, got {parts['optimizer']:,}"
+    )
+    parts = memory.estimate_memory_parts(config, "lora", "adamw", 64, 19, "bf16", base_dtype="bf16")
+    got = (parts["weights"], parts["activations"])
+    assert got == (53_200_896, 249_443_332), (
+        f"lora in bf16 with base_dtype='bf16': expected weights 53,200,896 (the projections at 2 B, the rest fp32) and "
+        f"activations 249,443,332 (no cast copy of a weight: QLoRA's), got {got}: pass base_dtype to weight_bytes and "
+        "activation_bytes"
     )
     parts = memory.estimate_memory_parts(config, "full", "adamw", 64, 19, "bf16")
     assert (parts["weights"], parts["gradients"], parts["optimizer"]) == (101_296_128, 101_296_128, 202_592_556), (
