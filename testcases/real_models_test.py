@@ -349,7 +349,7 @@ def test_memory_estimate_equals_measurement_beyond_the_graded_configs(shape, ove
 
     base = load_base_model().config if shape == "bundled" else memory.wide_config()
     config = dataclasses.replace(base, **overrides)
-    wrong = []
+    wrong, activations = [], {}
     for method, precision, checkpointing, base_dtype in MEMORY_CELLS:
         settings = memory.MemoryConfig(quantize="nf4" if method == "qlora" else "none", precision=precision,
                                        gradient_checkpointing=checkpointing, optimizer="adamw", min_8bit_size=0,
@@ -361,6 +361,7 @@ def test_memory_estimate_equals_measurement_beyond_the_graded_configs(shape, ove
             model = prepare_qlora_model(model, settings)
         ids = torch.randint(0, config.vocab_size, (3, 19), generator=generator(0))
         measured = memory.measure_memory(model, (ids, ids.clone()), settings)
+        activations[method, precision, checkpointing, base_dtype] = measured["activations"]
         estimated = memory.estimate_memory_parts(
             config, method, "adamw", 3, 19, precision, checkpointing, 8, 0, base_dtype
         )
@@ -374,6 +375,14 @@ def test_memory_estimate_equals_measurement_beyond_the_graded_configs(shape, ove
         "are (kv_heads · head_dim, d); a tied head is the embedding, counted once; largest_block_recompute "
         "holds the blocks' inputs until it counts):\n" + "\n".join(wrong)
     )
+    for checkpointing in (False, True):  # issue 20: the 4-bit layers keep no dequantized weight for backward
+        for precision, base in (("fp32", "fp32"), ("bf16", "bf16")):
+            qlora = activations["qlora", precision, checkpointing, "fp32"]
+            lora = activations["lora", precision, checkpointing, base]
+            assert qlora <= lora, (
+                f"{precision}, checkpointing={checkpointing}: QLoRA saves {qlora:,} bytes of activations, LoRA "
+                f"(base in {base}) {lora:,}: NF4Linear must not keep a dequantized weight for the backward pass"
+            )
 
 
 @pytest.mark.timeout(300)  # three measured steps of a 25 M-parameter model on a possibly busy machine
