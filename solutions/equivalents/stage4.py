@@ -152,4 +152,23 @@ EQUIVALENTS = [
             ),
         ),
     ),
+    Variant(
+        "bf16_base_as_new_linear",
+        "4.2",
+        "The bf16 base built as a new nn.Linear in that dtype with the weights copied in, instead of a deep copy cast.",
+        (
+            (
+                "        replaced = {name: copy.deepcopy(linear).to(PRECISIONS[config.base_dtype]) for name, linear in originals.items()}\n",
+                "        replaced = {}\n"
+                "        for name, linear in originals.items():\n"
+                "            new = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,\n"
+                "                            device=linear.weight.device, dtype=PRECISIONS[config.base_dtype])\n"
+                "            with torch.no_grad():\n"
+                "                new.weight.copy_(linear.weight)\n"
+                "                if linear.bias is not None:\n"
+                "                    new.bias.copy_(linear.bias)\n"
+                "            replaced[name] = new.requires_grad_(False)\n",
+            ),
+        ),
+    ),
 ]
