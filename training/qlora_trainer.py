@@ -95,7 +95,11 @@ class TrainConfig:
     progress: bool = option(True, "show a tqdm progress bar (on a terminal; never in a log file)")
 
     def __post_init__(self) -> None:
-        """Check every field; raise a ValueError naming the field and its allowed values."""
+        """Check every field; raise a ValueError naming the field and its allowed values.
+
+        ``base_dtype`` is 'fp32', or with quantize='none' the precision's own name ('bf16' with precision='bf16',
+        'fp16' with 'fp16'); quantize='nf4' allows 'fp32' only (the message lists what this combination allows).
+        """
         raise NotImplementedError("Exercise 4.1: validate the fields — see tutorial/04-qlora-training.md")
 
 

@@ -93,7 +93,11 @@ class TrainConfig:
     progress: bool = option(True, "show a tqdm progress bar (on a terminal; never in a log file)")
 
     def __post_init__(self) -> None:
-        """Check every field; raise a ValueError naming the field and its allowed values."""
+        """Check every field; raise a ValueError naming the field and its allowed values.
+
+        ``base_dtype`` is 'fp32', or with quantize='none' the precision's own name ('bf16' with precision='bf16',
+        'fp16' with 'fp16'); quantize='nf4' allows 'fp32' only (the message lists what this combination allows).
+        """
         # BEGIN SOLUTION 4.1: validate the fields
         self.target_modules = tuple(
             [self.target_modules] if isinstance(self.target_modules, str) else self.target_modules

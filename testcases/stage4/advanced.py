@@ -70,16 +70,17 @@ def test_train_config_accepts_a_string_target(trainer):
 @pytest.mark.exercise("4.1")
 @pytest.mark.parametrize(
     "kwargs, allowed",
-    [({"quantize": "nf4", "precision": "bf16", "base_dtype": "bf16"}, ("fp32",)),
-     ({"quantize": "none", "precision": "fp32", "base_dtype": "bf16"}, ("fp32",)),
-     ({"quantize": "none", "precision": "bf16", "base_dtype": "fp16"}, ("fp32", "bf16")),
-     ({"quantize": "none", "precision": "bf16", "base_dtype": "float32"}, ("fp32", "bf16"))],
+    [({"quantize": "nf4", "precision": "bf16", "base_dtype": "bf16"}, ("'fp32'",)),
+     ({"quantize": "none", "precision": "fp32", "base_dtype": "bf16"}, ("'fp32'",)),
+     ({"quantize": "none", "precision": "bf16", "base_dtype": "fp16"}, ("'fp32'", "'bf16'")),
+     ({"quantize": "none", "precision": "bf16", "base_dtype": "float32"}, ("'fp32'", "'bf16'"))],
     ids=["nf4", "fp32-precision", "other-precision", "torch-name"],
 )  # fmt: skip
 def test_base_dtype_is_fp32_or_the_precision_and_only_without_nf4(trainer, kwargs, allowed):
-    """base_dtype: 'fp32', or the precision's dtype with quantize='none' (an NF4 base has its own storage; a bf16
-    weight under fp32 compute or fp16 autocast would not match the input). The ValueError names base_dtype and what is allowed."""
-    expect_refusal(trainer.TrainConfig, **kwargs, names=("base_dtype",), allowed=tuple(repr(a) for a in allowed))
+    """base_dtype: 'fp32', or the precision's ('bf16' with precision='bf16') with quantize='none' (an NF4 base has its own
+    storage; a bf16 weight under fp32 compute or fp16 autocast would not match the input). The ValueError names
+    base_dtype and what is allowed."""
+    expect_refusal(trainer.TrainConfig, **kwargs, names=("base_dtype",), allowed=allowed)
 
 
 @pytest.mark.exercise("4.1")
