@@ -340,6 +340,124 @@ MUTANTS = [
             ),
         ),
     ),
+    # ---- issue 20 item 1: the 4-bit matmul (MatMul4Bit, matmul_4bit) ----
+    Variant(
+        "nf4_matmul_plain_f_linear",
+        "3.6",
+        "matmul_4bit returns F.linear(x, Ŵ, b) directly: autograd saves Ŵ (out, in) until the backward.",
+        (
+            (
+                "    return MatMul4Bit.apply(x.to(dtype), layer, bias)",
+                "    return F.linear(x.to(dtype), layer.dequantize_weight(dtype), bias)",
+            ),
+        ),
+    ),
+    Variant(
+        "nf4_matmul_saves_weight",
+        "3.6",
+        "MatMul4Bit saves the dequantized weight with ctx.save_for_backward and reuses it in backward.",
+        (
+            (
+                "        weight = layer.dequantize_weight(x.dtype)  # (out, in): a local, gone when forward returns\n",
+                "        weight = layer.dequantize_weight(x.dtype)  # (out, in): a local, gone when forward returns\n"
+                + "        ctx.save_for_backward(weight)\n",
+            ),
+            (
+                "            weight = ctx.layer.dequantize_weight(ctx.dtype)  # (out, in), dequantized a second time\n",
+                "            (weight,) = ctx.saved_tensors\n",
+            ),
+        ),
+    ),
+    Variant(
+        "nf4_matmul_weight_as_ctx_attribute",
+        "3.6",
+        "MatMul4Bit keeps the dequantized weight as a ctx attribute (no pack hook sees it; it lives as long).",
+        (
+            (
+                "        weight = layer.dequantize_weight(x.dtype)  # (out, in): a local, gone when forward returns\n",
+                "        weight = layer.dequantize_weight(x.dtype)  # (out, in): a local, gone when forward returns\n"
+                + "        ctx.weight = weight\n",
+            ),
+            (
+                "            weight = ctx.layer.dequantize_weight(ctx.dtype)  # (out, in), dequantized a second time\n",
+                "            weight = ctx.weight\n",
+            ),
+        ),
+    ),
+    Variant(
+        "nf4_matmul_transposed_gradient",
+        "3.6",
+        "The backward forms ∂L/∂x with the transposed weight, ∂L/∂y · Ŵᵀ (runs on square layers only).",
+        (
+            (
+                "            grad_x = grad_y @ weight  # (..., out) @ (out, in) -> (..., in)\n",
+                "            grad_x = grad_y @ weight.T\n",
+            ),
+        ),
+    ),
+    Variant(
+        "nf4_matmul_backward_in_compute_dtype",
+        "3.6",
+        "The backward dequantizes in the layer's compute_dtype, not the dtype the forward computed in (autocast's).",
+        (
+            (
+                "            weight = ctx.layer.dequantize_weight(ctx.dtype)  # (out, in), dequantized a second time\n",
+                "            weight = ctx.layer.dequantize_weight()\n",
+            ),
+        ),
+    ),
+    Variant(
+        "nf4_matmul_ignores_autocast",
+        "3.6",
+        "matmul_4bit computes in compute_dtype with autocast turned off: under autocast y comes out float32.",
+        (
+            (
+                "    return MatMul4Bit.apply(x.to(dtype), layer, bias)",
+                "    with torch.autocast(x.device.type, enabled=False):\n"
+                "        return MatMul4Bit.apply(x.to(layer.compute_dtype), layer, "
+                "None if layer.bias is None else layer.bias.to(layer.compute_dtype))",
+            ),
+        ),
+    ),
+    Variant(
+        "nf4_matmul_autocast_checked_for_cuda",
+        "3.6",
+        "matmul_4bit asks torch.is_autocast_enabled() without a device (CUDA's state): CPU autocast is missed.",
+        (
+            (
+                "    if torch.is_autocast_enabled(x.device.type) and dtype != torch.float64:",
+                "    if torch.is_autocast_enabled() and dtype != torch.float64:",
+            ),
+        ),
+    ),
+    Variant(
+        "nf4_matmul_no_bias_gradient",
+        "3.6",
+        "The backward never returns ∂L/∂b: a bias set to train (bias='lora_only') silently stops learning.",
+        (("            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)  # (out,)\n", "            pass\n"),),
+    ),
+    Variant(
+        "nf4_matmul_bias_gradient_first_dim",
+        "3.6",
+        "∂L/∂b summed over the first dimension only (bitsandbytes' grad_output.sum(0)): a 1-D x breaks.",
+        (
+            (
+                "            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)  # (out,)\n",
+                "            grad_bias = grad_y.sum(0)\n",
+            ),
+        ),
+    ),
+    Variant(
+        "nf4_matmul_gradient_flattened",
+        "3.6",
+        "The backward flattens ∂L/∂y to 2-D and returns ∂L/∂x 2-D: a 3-D x gets a gradient of the wrong shape.",
+        (
+            (
+                "            grad_x = grad_y @ weight  # (..., out) @ (out, in) -> (..., in)\n",
+                "            grad_x = grad_y.reshape(-1, grad_y.shape[-1]) @ weight\n",
+            ),
+        ),
+    ),
     # ---- issue 19 item 7: bugs of the classes the earlier suites missed (shapes, dtypes, magnitudes, layouts) ----
     Variant(
         "uniform_range_overflows",

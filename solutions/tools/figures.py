@@ -382,6 +382,23 @@ def _lesson03_memory_table():
     ]
 
 
+@figure("03", "what F.linear keeps of the 4-bit weights on wide_config(): weights, bytes in fp32 and bf16")
+def _lesson03_weight_copies():
+    from training.memory import projection_shapes, wide_config
+
+    config = wide_config()
+    shapes = projection_shapes(config)
+    # Block 0's q, k and v read the frozen embedding's output (no gradient needed): F.linear saves nothing there.
+    numel = config.n_layers * sum(o * i for o, i in shapes.values()) - sum(shapes[n][0] * shapes[n][1] for n in
+                                                                             ("q_proj", "k_proj", "v_proj"))  # fmt: skip
+    projections = config.n_layers * len(shapes)
+    return [
+        f"The difference is {4 * numel:,} bytes in fp32: 4 bytes for each of {numel:,} weights, those of",
+        f"{projections - 3} of the {projections} projections",
+        f"in bf16 it is 2 bytes each, {2 * numel:,} bytes",
+    ]
+
+
 @figure("03", "bitsandbytes' CPU 8-bit lookup table: how often it misses the nearest code (golden cases)")
 def _lesson03_lut_misses():
     from safetensors.torch import load_file
