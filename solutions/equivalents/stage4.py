@@ -82,18 +82,27 @@ EQUIVALENTS = [
     Variant(
         "prepare_wraps_then_quantizes",
         "4.2",
-        "Every NF4 layer built first, then get_lora_model on the full-precision model, then the NF4 bases put in place.",
+        "Every NF4 (or bf16) base built first, then get_lora_model on the full-precision model, then the bases put in place.",
         block="4.2: quantize the linear layers, then add LoRA",
         code="""
             if any(True for _ in lora_layers(model)):
                 raise ValueError("the model already has LoRA layers; prepare a fresh base model")
+            layers = {
+                name: module
+                for name, module in model.named_modules()
+                if isinstance(module, nn.Linear) and not any(matches_target(name, skip) for skip in skip_modules)
+            }
             quantized = {}
             if config.quantize == "nf4":
                 dtype = PRECISIONS[config.precision]
                 quantized = {
                     name: NF4Linear.from_linear(module, config.block_size, config.double_quant, dtype)
-                    for name, module in model.named_modules()
-                    if isinstance(module, nn.Linear) and not any(matches_target(name, skip) for skip in skip_modules)
+                    for name, module in layers.items()
+                }
+            elif config.base_dtype != "fp32":  # the bases stored in bf16: copies, swapped in after the wrapping too
+                quantized = {
+                    name: copy.deepcopy(module).to(PRECISIONS[config.base_dtype]).requires_grad_(False)
+                    for name, module in layers.items()
                 }
             torch.manual_seed(config.seed)
             get_lora_model(model, config.r, config.lora_alpha, config.lora_dropout, config.target_modules)

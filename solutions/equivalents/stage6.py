@@ -117,7 +117,7 @@ EQUIVALENTS = [
             with self.streams.copying(group["params"][0].device):
                 for p in group["params"]:
                     state = self.state.get(p)
-                    if not state:
+                    if not state or p.numel() < self.min_paged_size:
                         continue
                     home = self.homes.setdefault(p, {})
                     for key, value in list(state.items()):
