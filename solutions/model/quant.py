@@ -564,9 +564,10 @@ def matmul_4bit(x: torch.Tensor, layer: NF4Linear) -> torch.Tensor:
     x (..., in) of any float dtype and layout -> (..., out) in that dtype; x is never modified.
     """
     # BEGIN SOLUTION 3.6: the product's dtype (autocast's or compute_dtype), x and bias cast to it, then MatMul4Bit.apply
-    dtype = layer.compute_dtype
-    if torch.is_autocast_enabled(x.device.type) and dtype != torch.float64:  # autocast leaves float64 alone
-        dtype = torch.get_autocast_dtype(x.device.type)
+    dtype, device = layer.compute_dtype, x.device.type
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)  # none on "meta"
+    if autocast and dtype != torch.float64:  # autocast leaves float64 alone
+        dtype = torch.get_autocast_dtype(device)
     bias = None if layer.bias is None else layer.bias.to(dtype)
     return MatMul4Bit.apply(x.to(dtype), layer, bias)
     # END SOLUTION
