@@ -517,10 +517,10 @@ def bits_per_parameter(block_size: int = 64, double_quant: bool = False, dq_bloc
 class MatMul4Bit(torch.autograd.Function):
     """y = x Ŵᵀ + b for a frozen NF4 layer, keeping its 4-bit codes, not Ŵ, for the backward pass.
 
-    ``F.linear(x, Ŵ, b)`` would do: autograd saves what a backward needs, and ∂L/∂x = ∂L/∂y · Ŵ
-    needs Ŵ, so every 4-bit layer would hold a full (out, in) copy of its weight from the forward
-    pass to the backward pass (c · out · in bytes in a c-byte dtype). This Function dequantizes
-    twice instead, as bitsandbytes' ``MatMul4Bit`` does:
+    Through ``F.linear(x, Ŵ, b)`` autograd would keep Ŵ: it saves what a backward needs, and
+    ∂L/∂x = ∂L/∂y · Ŵ needs Ŵ, so every 4-bit layer would hold a full (out, in) copy of its weight
+    from the forward pass to the backward pass (c · out · in bytes in a c-byte dtype). This Function
+    dequantizes twice instead, as bitsandbytes' ``MatMul4Bit`` does:
 
         forward:   Ŵ = layer.dequantize_weight(dtype)       (out, in), freed when forward returns
                    y = x Ŵᵀ + b                               (..., in) -> (..., out)
@@ -559,14 +559,16 @@ def matmul_4bit(x: torch.Tensor, layer: NF4Linear) -> torch.Tensor:
     """y = x Ŵᵀ + b through ``MatMul4Bit``, in the dtype ``F.linear`` would compute in.
 
     That dtype is the layer's ``compute_dtype``, except under autocast on x's device
-    (``torch.is_autocast_enabled(x.device.type)``), which casts every floating-point input of
-    ``F.linear`` but a float64 one to its own dtype (``torch.get_autocast_dtype(x.device.type)``).
+    (``torch.is_autocast_enabled(x.device.type)``, asked only where ``torch.amp.is_autocast_available``:
+    a "meta" tensor has no autocast), which casts every floating-point input of ``F.linear`` but a
+    float64 one to its own dtype (``torch.get_autocast_dtype(x.device.type)``).
     x (..., in) of any float dtype and layout -> (..., out) in that dtype; x is never modified.
     """
     # BEGIN SOLUTION 3.6: the product's dtype (autocast's or compute_dtype), x and bias cast to it, then MatMul4Bit.apply
-    dtype = layer.compute_dtype
-    if torch.is_autocast_enabled(x.device.type) and dtype != torch.float64:  # autocast leaves float64 alone
-        dtype = torch.get_autocast_dtype(x.device.type)
+    dtype, device = layer.compute_dtype, x.device.type
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)  # none on "meta"
+    if autocast and dtype != torch.float64:  # autocast leaves float64 alone
+        dtype = torch.get_autocast_dtype(device)
     bias = None if layer.bias is None else layer.bias.to(dtype)
     return MatMul4Bit.apply(x.to(dtype), layer, bias)
     # END SOLUTION

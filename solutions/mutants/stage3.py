@@ -425,8 +425,8 @@ MUTANTS = [
         "matmul_4bit asks torch.is_autocast_enabled() without a device (CUDA's state): CPU autocast is missed.",
         (
             (
-                "    if torch.is_autocast_enabled(x.device.type) and dtype != torch.float64:",
-                "    if torch.is_autocast_enabled() and dtype != torch.float64:",
+                "    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)",
+                "    autocast = torch.is_autocast_enabled()",
             ),
         ),
     ),

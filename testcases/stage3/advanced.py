@@ -931,7 +931,8 @@ def test_nf4_linear_for_every_shape_dtype_and_layout(quant):
                               "compute_dtype) and the bias; flatten x with reshape, never view")  # fmt: skip
             # ∂L/∂x = ∂L/∂y · Ŵ: Ŵ rounded to the product's dtype, a dot product of length out, a cast to x's dtype.
             grad_y = torch.randn(out.shape, generator=gen).to(out.dtype)
-            (grad_x,) = torch.autograd.grad(out, x, grad_y)
+            run_backward(out, grad_y, f"∂L/∂x of {what}")
+            grad_x = x.grad
             grad = reference(lambda g, W: g @ W, grad_y, weight, dtype=dtype, steps=case.out_features + 1)
             assert_close(grad_x, grad.value, f"∂L/∂x of {what}", dtype=x_dtype,
                          bound=grad.bound + UNIT_ROUNDOFF[x_dtype] * (grad.value.abs() + grad.bound),

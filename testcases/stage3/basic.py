@@ -325,13 +325,17 @@ def test_nf4_linear_weight_nbytes(quant):
 def weight_kept(quant, layer, x: torch.Tensor, autocast: torch.dtype | None = None) -> torch.Tensor:
     """layer(x) under a KeptForBackward census; fails, naming the tensor, if a float tensor of Ŵ's size is kept.
 
-    A layer of the same sizes runs once first, so that what a first call builds and caches for good (the NF4
-    word table of dequantize_nf4) is not counted. Keep x's leading numel below in_features: then neither x
-    nor y is as big as Ŵ. Returns y (the graph is still to be run backward).
+    A layer of the same sizes, settings and compute dtype runs once first, on an x like this one and under the
+    same autocast, so that what a first call builds and caches for good (the NF4 word table of dequantize_nf4,
+    a table per dtype) is not counted. Keep x's leading numel below in_features: then neither x nor y is as
+    big as Ŵ. Returns y (the graph is still to be run backward).
     """
     __tracebackhide__ = True
     out_features, in_features = layer.out_features, layer.in_features
-    quant.NF4Linear(in_features, out_features, device=x.device)(torch.zeros(in_features, device=x.device))
+    warm_up = quant.NF4Linear(in_features, out_features, bias=layer.bias is not None, block_size=layer.block_size,
+                              double_quant=layer.double_quant, compute_dtype=layer.compute_dtype, device=x.device)  # fmt: skip
+    with torch.autocast(x.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        warm_up(torch.zeros_like(x))
     with (
         torch.autocast(x.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None),
         KeptForBackward(numel=out_features * in_features) as kept,
