@@ -199,6 +199,63 @@ class LargestAllocation:
         self.mode.__exit__(*exc)
 
 
+class KeptForBackward:
+    """What a forward pass keeps for its backward: the tensors autograd saves, and any other it left alive.
+
+    Inside ``with KeptForBackward(numel) as kept:`` a ``saved_tensors_hooks`` pack hook sees every tensor
+    autograd saves (``save_for_backward`` and what built-in ops such as ``F.linear`` save), and a dispatch
+    mode sees every tensor an op makes (views included). Only floating-point tensors whose storage holds at
+    least ``numel`` elements count ("big"): ``kept.saved`` describes the big saved ones; ``kept.alive()`` the
+    big ones made during the forward that are still alive after it (weak references, after ``gc.collect()``):
+    a copy kept as a ``ctx`` attribute, in a closure or a cache, which no pack hook sees. Tensors that existed
+    before the forward (a module's own buffers) are never counted. Each entry: (shape, dtype, op).
+    """
+
+    def __init__(self, numel: int) -> None:
+        import weakref
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        kept = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor) and kept.big(t):
+                        kept._made.append((weakref.ref(t), tuple(t.shape), t.dtype, str(func)))
+                return out
+
+        self.numel, self.mode = numel, Mode()
+        self.saved: list[tuple[tuple[int, ...], torch.dtype, str]] = []
+        self._made: list[tuple[object, tuple[int, ...], torch.dtype, str]] = []
+
+    def big(self, t: torch.Tensor) -> bool:
+        return t.is_floating_point() and t.untyped_storage().nbytes() >= self.numel * t.element_size()
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        if self.big(t):
+            self.saved.append((tuple(t.shape), t.dtype, "saved for backward"))  # a description, never t itself
+        return t
+
+    def __enter__(self) -> KeptForBackward:
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.mode.__exit__(*exc)
+        self._hooks.__exit__(*exc)
+
+    def alive(self) -> list[tuple[tuple[int, ...], torch.dtype, str]]:
+        import gc
+
+        gc.collect()
+        return [(shape, dtype, op) for ref, shape, dtype, op in self._made if ref() is not None]
+
+
 # ---- Refusals: an error that names what is wrong, and nothing changed ---------------------------------
 
 

@@ -83,7 +83,7 @@ QUANTIZATION = (
     Exercise("3.3", "the NF4 and FP4 code books", 4, needs=("3.2",)),
     Exercise("3.4", "NF4 blockwise quantization", 10, needs=("3.3",)),
     Exercise("3.5", "double quantization", 6, needs=("3.4",)),
-    Exercise("3.6", "NF4Linear", 8, needs=("3.4", "3.5")),
+    Exercise("3.6", "NF4Linear and its 4-bit matmul", 12, needs=("3.4", "3.5")),
     Exercise("3.7", "fake quantization with a straight-through estimator", 4, needs=("3.1",)),
 )
 QLORA_TRAINING = (

@@ -15,9 +15,14 @@
    output's pages, and on the machines we measured that alone is most of bitsandbytes' time
    (lesson 06, section 7). Then dequantize at the bundled model's largest projection, 1376 × 512:
    memory that small is reused, so no fresh pages hide the decode's own cost.
-3. One training step on the bundled model: LoRA vs QLoRA (the cost of dequantizing on the fly;
-   aim ≤ 1.5×), in the precision named by the environment variable ``BENCH_PRECISION``
-   (fp32, bf16 or fp16; default fp32). ``make bench PRECISION=bf16`` sets it.
+3. One training step on the bundled model: LoRA vs QLoRA, side by side, the step's time (the cost
+   of dequantizing on the fly, twice: in the forward and again in the backward, as bitsandbytes'
+   ``MatMul4Bit`` does; aim ≤ 1.5×) and its activation bytes (``measure_memory``, lesson 06: what
+   autograd saves for the backward pass; aim: QLoRA's ≤ LoRA's). A third row computes NF4Linear
+   with ``F.linear(x, Ŵ, b)`` instead of its 4-bit matmul (lesson 03, §7), to show what the
+   Function saves: every dequantized weight kept until the backward pass. In the precision named
+   by the environment variable ``BENCH_PRECISION`` (fp32, bf16 or fp16; default fp32).
+   ``make bench PRECISION=bf16`` sets it.
 4. One training step per LoRA-family method on the bundled model relative to LoRA, same precision
    (aim ≤ 1.5× for DoRA, VeRA and AdaLoRA; Stage 5): LoRA and DoRA at r = 8, VeRA at PEFT's
    default r = 256 (its forward picks the cheaper of two multiplication orders), AdaLoRA from
@@ -39,6 +44,7 @@ Run it on a quiet machine: other processes using the cores distort every timing.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import statistics
@@ -216,23 +222,60 @@ def small_dequantize() -> None:
     print(line)
 
 
+def f_linear_forward(self: NF4Linear, x: torch.Tensor) -> torch.Tensor:
+    """NF4Linear as F.linear(x, Ŵ, b): the same values, but autograd keeps Ŵ until the backward pass."""
+    bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+    return F.linear(x.to(self.compute_dtype), self.dequantize_weight(), bias)
+
+
+STEP_ROWS = {  # label: (TrainConfig.quantize, NF4Linear.forward for the row; None: the layer's own)
+    "LoRA": ("none", None),
+    "QLoRA": ("nf4", None),
+    "QLoRA, F.linear(x, Ŵ, b)": ("nf4", f_linear_forward),
+}
+
+
+@contextlib.contextmanager
+def nf4_forward(forward):
+    """NF4Linear.forward replaced by ``forward`` inside the block (None: the layer's own), restored after."""
+    own = NF4Linear.forward
+    NF4Linear.forward = forward or own
+    try:
+        yield
+    finally:
+        NF4Linear.forward = own
+
+
 def training_step(precision: str) -> None:
+    from training.memory import MemoryConfig, measure_memory
+
     data = finetune_data("train")
-    times = {}
-    print(f"\n3. One training step of the bundled model, batch 64, {precision}, CPU (median)")
-    for quantize in ("none", "nf4"):
+    steps, activations = {}, {}
+    print(f"\n3. One training step of the bundled model, batch 64, {precision}, CPU (median of alternating rounds; "
+          "activation bytes: measure_memory)")  # fmt: skip
+    for label, (quantize, forward) in STEP_ROWS.items():
         try:
-            config = TrainConfig(quantize=quantize, precision=precision, max_steps=10_000, batch_size=64,
-                                 progress=False, device="cpu", output_dir="runs/bench")  # fmt: skip
+            config = MemoryConfig(quantize=quantize, precision=precision, max_steps=10_000, batch_size=64,
+                                  progress=False, device="cpu", output_dir="runs/bench")  # fmt: skip
         except ValueError as error:  # a trainer that refuses this precision on the CPU
             print(f"   skipped: TrainConfig(precision={precision!r}, device='cpu') was refused: {error}")
             return
         trainer = QLoRATrainer(prepare_qlora_model(load_base_model(), config), config, data)
         batch = [trainer.micro_batch(0)]
-        trainer.train_step(batch)  # warm up
-        times[quantize] = median_seconds(lambda trainer=trainer, batch=batch: trainer.train_step(batch), 3.0)
-    print(f"   LoRA   {times['none'] * 1e3:7.1f} ms")
-    print(f"   QLoRA  {times['nf4'] * 1e3:7.1f} ms   {times['nf4'] / times['none']:4.2f}x LoRA   (aim <= 1.5x)")
+
+        def step(trainer=trainer, batch=batch, forward=forward) -> None:
+            with nf4_forward(forward):
+                trainer.train_step(batch)
+
+        step()  # warm up
+        steps[label] = step
+        with nf4_forward(forward):
+            activations[label] = measure_memory(trainer.model, batch[0], config)["activations"]
+    times = interleaved(steps)
+    aims = {"QLoRA": "   (aims: time <= 1.5x, activations <= 1.00x)"}
+    for label in STEP_ROWS:
+        print(f"   {label:<26} {times[label] * 1e3:7.1f} ms = {times[label] / times['LoRA']:4.2f}x LoRA   activations "
+              f"{activations[label]:>12,} B = {activations[label] / activations['LoRA']:4.2f}x LoRA{aims.get(label, '')}")  # fmt: skip
 
 
 VARIANT_STEPS = {

@@ -4,7 +4,8 @@ From the same bundled base model and seed, each method learns the fine-tuning ta
 base model never saw. Printed: a table of accuracy before/after, trainable parameters, bytes of
 weights, bytes of optimizer state after training (AdamW's m, v and step; Stage 6), peak training
 memory and seconds. Written to runs/demo/: metrics.json ({"full": {...}, "lora": {...},
-"qlora": {...}}), loss_curves.png, and the LoRA and QLoRA adapters in PEFT's format. The QLoRA
+"qlora": {...}}), loss_curves.png, and the LoRA and QLoRA adapters in PEFT's format. On CUDA (bf16) a fourth
+row, lora16, trains LoRA on a base stored in bf16 (``TrainConfig.base_dtype``). The QLoRA
 model is also merged (dequantize + merge) and checked.
 
 Runs on the CPU by default (CUDA when present). On a CPU the demo computes in fp32: a bf16 autocast
@@ -48,6 +49,9 @@ METHODS = {
     "full": ({"learning_rate": 1e-3}, True),
     "lora": ({"quantize": "none", "r": 4, "lora_alpha": 8, "learning_rate": 3e-3}, False),
     "qlora": ({"quantize": "nf4", "r": 4, "lora_alpha": 8, "learning_rate": 3e-3}, False),
+    # LoRA with its frozen base stored in bf16 (TrainConfig.base_dtype): no autocast cast copy per step. It needs
+    # bf16 autocast, so it runs where the demo computes in bf16 (CUDA); on a CPU the demo's fp32 has nothing to cast.
+    "lora16": ({"quantize": "none", "base_dtype": "bf16", "r": 4, "lora_alpha": 8, "learning_rate": 3e-3}, False),
 }
 
 
@@ -178,6 +182,10 @@ def main() -> dict[str, dict]:
           f"exact-match accuracy on the new task: {data['accuracy_before']:.1%}")  # fmt: skip
     results, trainers = {}, {}
     for method in METHODS:
+        if method == "lora16" and precision != "bf16":
+            print("\n[lora16] skipped: a bf16 base needs bf16 autocast (CUDA here; on a CPU: python -m "
+                  "training.qlora_trainer --quantize none --precision bf16 --base-dtype bf16)")  # fmt: skip
+            continue
         results[method], trainers[method] = run(method, base, device, precision, data)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -187,7 +195,8 @@ def main() -> dict[str, dict]:
     print(check_merge(trainers["qlora"], data["eval"], results["qlora"]["accuracy_after"]))
     ratio = results["qlora"]["weight_bytes"] / results["full"]["weight_bytes"]
     print(f"QLoRA stores {ratio:.2f}× the bytes of the full model's weights")
-    print(f"wrote {OUT.relative_to(OUT.parents[1])}/metrics.json, loss_curves.png, lora/adapter, qlora/adapter")
+    adapters = ", ".join(f"{m}/adapter" for m in results if not METHODS[m][1])
+    print(f"wrote {OUT.relative_to(OUT.parents[1])}/metrics.json, loss_curves.png, {adapters}")
     print(f"demo finished in {time.perf_counter() - started:.0f} s")
     return results
 

@@ -65,6 +65,7 @@ from training.qlora_trainer import PRECISIONS, QLoRATrainer, TrainConfig, lr_fac
 
 STATE_BLOCK_SIZE = 256  # bitsandbytes' block for 8-bit optimizer states (hard-coded there)
 MIN_8BIT_SIZE = 4096  # tensors with fewer elements keep fp32 states (bitsandbytes' default)
+BNB_MIN_PAGED_SIZE = 100_000  # bitsandbytes pages the states of parameters with at least this many elements only
 LUT_SIZE = 65536  # bins of bitsandbytes' CPU quantizer over [-1, 1]
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 METHODS = ("full", "lora", "qlora")
@@ -370,7 +371,10 @@ class PagedOptimizer(torch.optim.Optimizer):
         for each group i:   wait for its copies · page_in(group i+1) (prefetch) · update group i · page_out(group i)
         finish the copies
 
-    so at most two groups' states are on the device at once. ``bytes_paged_in`` / ``bytes_paged_out``
+    so at most two groups' states are on the device at once. ``min_paged_size`` (default 0: every state is
+    paged) leaves the states of a parameter with fewer elements on its device, never paged, as bitsandbytes
+    does with ``BNB_MIN_PAGED_SIZE`` = 100,000 (``get_state_buffer`` in ``bitsandbytes/optim/optimizer.py``:
+    ``p.numel() < 1e5`` gets an ordinary device tensor). ``bytes_paged_in`` / ``bytes_paged_out``
     count the bytes moved each way (on a CPU-only run the "copies" are the same tensors, but they are
     counted all the same: the bookkeeping is what the tests check). After the first step (which
     creates the states) each step moves every state byte once in and once out.
@@ -381,11 +385,15 @@ class PagedOptimizer(torch.optim.Optimizer):
     ``step()`` runs once per group (its own step hooks, if any, run per group; the wrapper's run once).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, pool_device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, pool_device: torch.device | str = "cpu", min_paged_size: int = 0
+    ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer) or isinstance(optimizer, PagedOptimizer):
             raise ValueError(f"optimizer must be an unpaged torch.optim.Optimizer, got {type(optimizer).__name__}")
+        check_int("min_paged_size", min_paged_size, 0)
         self.optimizer = optimizer
         self.pool_device = torch.device(pool_device)
+        self.min_paged_size = min_paged_size  # parameters with fewer elements keep their states on the device
         self.bytes_paged_in = 0  # pool → device, over all steps
         self.bytes_paged_out = 0  # device → pool, over all steps
         self.streams = CopyStreams()
@@ -404,7 +412,8 @@ class PagedOptimizer(torch.optim.Optimizer):
         Inside ``self.streams.copying(device)`` (the group's device: its first parameter's). Replace each
         paged state tensor by its copy on ``p.device`` (``non_blocking=True``), keep the pool tensor in
         ``self.homes[p][key]`` (page_out writes back into it), and add the bytes to ``bytes_paged_in``.
-        Parameters without a state yet (before their first step) are skipped. Returns the bytes moved.
+        Parameters without a state yet (before their first step) are skipped, and so are parameters of fewer
+        than ``self.min_paged_size`` elements (their states never leave the device). Returns the bytes moved.
         """
         raise NotImplementedError(
             "Exercise 6.3: pool → device per state tensor, remember the pool tensor, count the bytes — see tutorial/06-memory.md"
@@ -417,7 +426,7 @@ class PagedOptimizer(torch.optim.Optimizer):
         ``self.homes`` (``copy_(…, non_blocking=True)``; nothing to copy when it *is* that tensor, as on
         the CPU after an in-place update), or into a new ``pool_tensor`` when there is none or its shape
         or dtype changed (states created by this step). The state then points at the pool tensor.
-        Returns the bytes moved.
+        Parameters of fewer than ``self.min_paged_size`` elements are skipped. Returns the bytes moved.
         """
         raise NotImplementedError(
             "Exercise 6.3: device → pool per state tensor (a new pool tensor if needed), count the bytes — see tutorial/06-memory.md"
@@ -588,6 +597,7 @@ def activation_bytes(
     precision: str = "fp32",
     gradient_checkpointing: bool = False,
     r: int = 8,
+    base_dtype: str = "fp32",
 ) -> int:
     """Given: bytes autograd keeps for backward: the tensors the bundled model's forward saves (its activations).
 
@@ -605,11 +615,15 @@ def activation_bytes(
                            bf16 (each autocast cast is its own copy): full 2·(5Nd + Nf); LoRA 2·(6Nd + Nf)
         LoRA               A x for each of the 7 adapters: 7cNr;  bf16 also the casts of A and B:
                            2r · Σ (in + out) over the 7 projections = 2r(11d + 3f)
-        frozen weights     QLoRA: the dequantized W of each projection, or a bf16 cast under autocast
-                           (full or LoRA): c · Σ out·in over the 7 projections = c · (4d² + 3df)
+        weight casts       bf16 only, for fp32 weights (full fine-tuning; LoRA with base_dtype "fp32"):
+                           autocast's bf16 copy of each W, kept for ∂L/∂x: 2 · Σ out·in = 2 · (4d² + 3df)
+
+    No other weight is kept: an fp32 (or, with base_dtype "bf16", a bf16) base gives autograd the parameter
+    itself, and QLoRA's NF4Linear runs ``matmul_4bit`` (Stage 3), which keeps a reference to the layer's
+    codes and dequantizes again in the backward pass (``F.linear`` on the dequantized W would keep it).
 
     The first block of LoRA / QLoRA gets a frozen embedding (no gradient): its input norm saves nothing,
-    and q, k, v keep no weight (nor, in bf16, the cast of A). Once per model: the final norm (x, rsqrt; full: + x̂ and the head's input),
+    and q, k, v keep no weight cast (nor, in bf16, the cast of A). Once per model: the final norm (x, rsqrt; full: + x̂ and the head's input),
     the RoPE tables (fp32: 2Th · 4; bf16: a cast per block: 4LTh · 2), the head's bf16 weight (bf16: dVc),
     the logits in fp32 (4NV), the labels (8N), one fp32 scalar (4), and for full fine-tuning the token
     ids (8N).
@@ -625,20 +639,24 @@ def activation_bytes(
 
     Measured by ``measure_memory`` (CPU, torch 2.13), equal to this estimate to the byte in every cell:
 
-        batch 64 × 19 tokens, r 8         fp32          fp32 + ckpt   bf16          bf16 + ckpt
-        bundled (0.2 M)       full        27,313,796    8,548,484     18,852,868    6,318,852
-                              lora        24,964,484    7,565,956     16,788,228    5,531,140
-                              qlora       25,718,148    7,766,660     16,788,228    5,531,140
-        wide_config (25.3 M)  full       421,382,916   76,749,060    333,847,812   64,734,980
-                              lora       376,230,404   67,050,244    298,464,260   57,546,500
-                              qlora      474,272,260   79,698,692    298,464,260   57,546,500
+        batch 64 × 19 tokens, r 8              fp32          fp32 + ckpt   bf16          bf16 + ckpt
+        bundled (0.2 M)       full             27,313,796    8,548,484     18,852,868    6,318,852
+                              lora             24,964,484    7,565,956     16,788,228    5,531,140
+                              lora, bf16 base  —             —             16,411,396    5,430,788
+                              qlora            24,964,484    7,565,956     16,411,396    5,430,788
+        wide_config (25.3 M)  full            421,382,916   76,749,060    333,847,812   64,734,980
+                              lora            376,230,404   67,050,244    298,464,260   57,546,500
+                              lora, bf16 base  —             —            249,443,332   51,222,276
+                              qlora           376,230,404   67,050,244    249,443,332   51,222,276
 
-    (QLoRA in fp32 saves more than LoRA: autograd keeps each dequantized weight for the input's gradient.)
+    QLoRA saves what LoRA saves in fp32, and what LoRA on a bf16 base saves in bf16: its 4-bit layers add
+    nothing. ``base_dtype`` is TrainConfig's: "fp32" (the default), or for lora the precision's ("bf16").
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16' for this estimate, got {precision!r}")
+    check_base_dtype(method, precision, base_dtype)
     N, T = batch_size * seq_len, seq_len
     d, f, H, L, V = config.d_model, config.d_ff, config.n_heads, config.n_layers, config.vocab_size
     h, c = config.head_dim, (4 if precision == "fp32" else 2)
@@ -649,7 +667,8 @@ def activation_bytes(
     inputs = 4 * (2 * N * d + N * f) if not bf16 else 2 * ((5 if full else 6) * N * d + N * f)
     shapes = projection_shapes(config)
     lora = 0 if full else 7 * c * N * r + (2 * r * sum(out + inp for out, inp in shapes.values()) if bf16 else 0)
-    frozen = c * sum(out * inp for out, inp in shapes.values()) if (method == "qlora" or bf16) else 0
+    copies = bf16 and method != "qlora" and base_dtype == "fp32"  # fp32 weights autocast casts (4-bit: none kept)
+    frozen = c * sum(out * inp for out, inp in shapes.values()) if copies else 0
     qkv = sum(out * inp for name, (out, inp) in shapes.items() if name in ("q_proj", "k_proj", "v_proj"))
     block = norms + attention + mlp + inputs + lora + frozen  # (bytes) a block whose input needs a gradient
     # the first block of LoRA / QLoRA: its input has no gradient: no input norm, no W and (bf16) no A cast for q/k/v
@@ -666,10 +685,22 @@ def activation_bytes(
     return L * 4 * N * d + once + 4 * 2 * T * h + block - 4 * N * d
 
 
-def weight_bytes(config: LlamaConfig, method: str, r: int = 8, double_quant: bool = True) -> int:
+def check_base_dtype(method: str, precision: str, base_dtype: str) -> None:
+    """Given: ``base_dtype`` (TrainConfig's) is "fp32", or the precision's name for plain LoRA; else a ValueError."""
+    allowed = ("fp32", precision) if method == "lora" and precision != "fp32" else ("fp32",)
+    if base_dtype not in allowed:
+        raise ValueError(
+            f"base_dtype must be one of {allowed} for method={method!r}, precision={precision!r}, got {base_dtype!r}"
+        )
+
+
+def weight_bytes(
+    config: LlamaConfig, method: str, r: int = 8, double_quant: bool = True, base_dtype: str = "fp32"
+) -> int:
     """Given: the bytes of the model's parameters and buffers as this course's code stores them.
 
-    full and lora: every base weight fp32 (Stage 4 does not cast the frozen base); lora / qlora add the
+    full and lora: every base weight fp32 (Stage 4 keeps the loaded base), or for lora with
+    ``base_dtype="bf16"`` the projections in bf16 (2 B; embedding, norms and head stay fp32); lora / qlora add the
     fp32 adapters. qlora: each projection as ``NF4Linear`` buffers (codes ⌈n/2⌉, double-quantized
     absmax: ⌈n/64⌉ codes + 4 · ⌈⌈n/64⌉/256⌉ scale + 4 offset), the embedding, norms and head fp32
     (a head tied to the embedding is the same storage, counted once).
@@ -680,7 +711,8 @@ def weight_bytes(config: LlamaConfig, method: str, r: int = 8, double_quant: boo
     rest = 4 * (matrices * v * d + d + 2 * d * L)  # embedding (and head), final norm, two norms per block
     adapters = 0 if method == "full" else 4 * sum(trainable_numels(config, method, r))
     if method != "qlora":
-        return rest + 4 * sum(projections) * L + adapters
+        per_weight = 4 if method == "full" or base_dtype == "fp32" else 2  # lora: a bf16 / fp16 base
+        return rest + per_weight * sum(projections) * L + adapters
     per_block = 0
     for n in projections:
         blocks = -(-n // NF4_BLOCK_SIZE)
@@ -699,14 +731,17 @@ def estimate_memory_parts(
     gradient_checkpointing: bool = False,
     r: int = 8,
     min_8bit_size: int = MIN_8BIT_SIZE,
+    base_dtype: str = "fp32",
 ) -> dict[str, int]:
     """Stage 4's ``estimate_memory`` with every part: {"weights", "gradients", "optimizer", "activations", "total"}.
 
+    ``base_dtype`` is TrainConfig's (lora only: "bf16" stores the frozen projections in bf16).
     weights ``weight_bytes``; gradients 4 B per trainable element (fp32); optimizer
     ``optimizer_state_bytes`` of ``trainable_numels``; activations ``activation_bytes``. Bytes, ints.
     ``measure_memory`` agrees to the byte on every part, e.g. ``wide_config()``, batch 64 × 19, bf16:
 
-        qlora + adamw       weights 15,657,216   gradients 2,498,560   optimizer 4,997,568   activations 298,464,260
+        qlora + adamw       weights 15,657,216   gradients 2,498,560   optimizer 4,997,568   activations 249,443,332
+        lora, base_dtype "bf16"   weights 53,200,896   activations 249,443,332 (fp32 base: 103,794,688 and 298,464,260)
         qlora + adamw8bit   optimizer 1,268,800 (every adapter tensor has >= 4096 elements: all 8-bit)
         full + adamw        weights 101,296,128  gradients 101,296,128  optimizer 202,592,556
     """

@@ -101,12 +101,12 @@ EQUIVALENTS = [
     Variant(
         "nf4_linear_forward_with_matmul",
         "3.6",
-        "NF4Linear.forward as x @ Wᵀ + b with matmul instead of F.linear.",
-        block="3.6: dequantize on the fly, then F.linear",
+        "The 4-bit matmul's forward as x @ Wᵀ + b with matmul instead of F.linear.",
+        block="3.6: dequantize in x's dtype",
         code="""
-            weight = self.dequantize_weight()
-            out = x.to(self.compute_dtype) @ weight.T
-            return out if self.bias is None else out + self.bias.to(self.compute_dtype)
+            ctx.layer, ctx.dtype = layer, x.dtype
+            out = x @ layer.dequantize_weight(x.dtype).T
+            return out if bias is None else out + bias
             """,
     ),
     Variant(
@@ -168,6 +168,72 @@ EQUIVALENTS = [
             (
                 "    return x + (x_hat - x).detach()",
                 "    return x_hat + (x - x.detach())",
+            ),
+        ),
+    ),
+    # ---- issue 20 item 1: the 4-bit matmul, written other ways ----
+    Variant(
+        "nf4_linear_f_linear_under_checkpoint",
+        "3.6",
+        "NF4Linear.forward as the F.linear route recomputed under torch.utils.checkpoint: nothing of Ŵ is kept.",
+        block="3.6: the 4-bit matmul",
+        code="""
+            from torch.utils.checkpoint import checkpoint
+
+            def linear(x: torch.Tensor) -> torch.Tensor:
+                bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+                return F.linear(x.to(self.compute_dtype), self.dequantize_weight(), bias)
+
+            return checkpoint(linear, x, use_reentrant=False)
+            """,
+    ),
+    Variant(
+        "nf4_matmul_backward_as_batched_matvec",
+        "3.6",
+        "∂L/∂x as Ŵᵀ (∂L/∂y)ᵀ, one matrix-vector product per row: torch.matmul in another order.",
+        (
+            (
+                "            grad_x = grad_y @ weight  # (..., out) @ (out, in) -> (..., in)\n",
+                "            grad_x = torch.matmul(weight.t(), grad_y.unsqueeze(-1)).squeeze(-1)  # (..., in)\n",
+            ),
+        ),
+    ),
+    Variant(
+        "nf4_matmul_saves_the_codes",
+        "3.6",
+        "MatMul4Bit saves the packed codes and the absmax with save_for_backward and calls dequantize_nf4 itself.",
+        (
+            (
+                "        ctx.layer, ctx.dtype = layer, x.dtype\n",
+                "        ctx.save_for_backward(layer.packed, layer.dequantized_absmax())\n"
+                "        ctx.shape, ctx.block_size, ctx.dtype = (layer.out_features, layer.in_features), layer.block_size, x.dtype\n",
+            ),
+            (
+                "            weight = ctx.layer.dequantize_weight(ctx.dtype)  # (out, in), dequantized a second time\n",
+                "            packed, absmax = ctx.saved_tensors\n"
+                "            weight = dequantize_nf4(packed, absmax, ctx.shape, ctx.block_size, ctx.dtype)\n",
+            ),
+        ),
+    ),
+    Variant(
+        "nf4_matmul_bias_added_outside",
+        "3.6",
+        "The Function computes x Ŵᵀ only; matmul_4bit adds the bias (cast to the product's dtype) afterwards.",
+        (
+            (
+                "    return MatMul4Bit.apply(x.to(dtype), layer, bias)",
+                "    y = MatMul4Bit.apply(x.to(dtype), layer, None)\n    return y if bias is None else y + bias",
+            ),
+        ),
+    ),
+    Variant(
+        "nf4_matmul_gradient_in_compute_dtype",
+        "3.6",
+        "The backward returns ∂L/∂x in the layer's compute_dtype: autograd casts every gradient to its input's dtype.",
+        (
+            (
+                "        return grad_x, None, grad_bias\n",
+                "        return grad_x.to(ctx.layer.compute_dtype) if grad_x is not None else None, None, grad_bias\n",
             ),
         ),
     ),

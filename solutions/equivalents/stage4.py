@@ -82,18 +82,27 @@ EQUIVALENTS = [
     Variant(
         "prepare_wraps_then_quantizes",
         "4.2",
-        "Every NF4 layer built first, then get_lora_model on the full-precision model, then the NF4 bases put in place.",
+        "Every NF4 (or bf16) base built first, then get_lora_model on the full-precision model, then the bases put in place.",
         block="4.2: quantize the linear layers, then add LoRA",
         code="""
             if any(True for _ in lora_layers(model)):
                 raise ValueError("the model already has LoRA layers; prepare a fresh base model")
+            layers = {
+                name: module
+                for name, module in model.named_modules()
+                if isinstance(module, nn.Linear) and not any(matches_target(name, skip) for skip in skip_modules)
+            }
             quantized = {}
             if config.quantize == "nf4":
                 dtype = PRECISIONS[config.precision]
                 quantized = {
                     name: NF4Linear.from_linear(module, config.block_size, config.double_quant, dtype)
-                    for name, module in model.named_modules()
-                    if isinstance(module, nn.Linear) and not any(matches_target(name, skip) for skip in skip_modules)
+                    for name, module in layers.items()
+                }
+            elif config.base_dtype != "fp32":  # the bases stored in bf16: copies, swapped in after the wrapping too
+                quantized = {
+                    name: copy.deepcopy(module).to(PRECISIONS[config.base_dtype]).requires_grad_(False)
+                    for name, module in layers.items()
                 }
             torch.manual_seed(config.seed)
             get_lora_model(model, config.r, config.lora_alpha, config.lora_dropout, config.target_modules)
@@ -149,6 +158,25 @@ EQUIVALENTS = [
             (
                 "        self.scheduler.step()\n        self.optimizer.zero_grad(set_to_none=True)\n        self.step += 1",
                 "        self.scheduler.step()\n        for p in params:\n            p.grad = None\n        self.step += 1",
+            ),
+        ),
+    ),
+    Variant(
+        "bf16_base_as_new_linear",
+        "4.2",
+        "The bf16 base built as a new nn.Linear in that dtype with the weights copied in, instead of a deep copy cast.",
+        (
+            (
+                "        replaced = {name: copy.deepcopy(linear).to(PRECISIONS[config.base_dtype]) for name, linear in originals.items()}\n",
+                "        replaced = {}\n"
+                "        for name, linear in originals.items():\n"
+                "            new = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,\n"
+                "                            device=linear.weight.device, dtype=PRECISIONS[config.base_dtype])\n"
+                "            with torch.no_grad():\n"
+                "                new.weight.copy_(linear.weight)\n"
+                "                if linear.bias is not None:\n"
+                "                    new.bias.copy_(linear.bias)\n"
+                "            replaced[name] = new.requires_grad_(False)\n",
             ),
         ),
     ),

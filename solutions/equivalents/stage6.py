@@ -117,7 +117,7 @@ EQUIVALENTS = [
             with self.streams.copying(group["params"][0].device):
                 for p in group["params"]:
                     state = self.state.get(p)
-                    if not state:
+                    if not state or p.numel() < self.min_paged_size:
                         continue
                     home = self.homes.setdefault(p, {})
                     for key, value in list(state.items()):
@@ -164,5 +164,20 @@ EQUIVALENTS = [
             large = [n for n in sizes if n >= min_8bit_size]
             return 8 * sum(small) + 2 * sum(large) + 8 * sum(math.ceil(n / STATE_BLOCK_SIZE) for n in large)
             """,
+    ),
+    Variant(
+        "paged_threshold_as_a_filter",
+        "6.3",
+        "page_in / page_out loop over the parameters that are large enough (a filtered list) instead of skipping the rest.",
+        (
+            (
+                '            for p in group["params"]:\n                if p.numel() < self.min_paged_size:\n                    continue  # a small tensor\'s states stay on the device\n',
+                '            for p in [q for q in group["params"] if q.numel() >= self.min_paged_size]:\n',
+            ),
+            (
+                '            for p in group["params"]:\n                if p.numel() < self.min_paged_size:\n                    continue  # its states stay where the update left them: on the device\n',
+                '            for p in [q for q in group["params"] if q.numel() >= self.min_paged_size]:\n',
+            ),
+        ),
     ),
 ]

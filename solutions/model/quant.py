@@ -22,7 +22,7 @@ fp32 absmax per block, scale by multiplying with the fp32 reciprocal ``1 / absma
 code with a tie going to the lower code, the even element in the high nibble of each byte.
 
 Read in this order: blocks (given), 3.1 uniform, 3.2 absmax, 3.3 code books, 3.4 NF4,
-3.5 double quantization, 3.6 NF4Linear, 3.7 fake quantization.
+3.5 double quantization, 3.6 NF4Linear and its 4-bit matmul, 3.7 fake quantization.
 
 Papers: Dettmers et al., "QLoRA: Efficient Finetuning of Quantized LLMs", 2023
 (https://arxiv.org/abs/2305.14314); Dettmers et al., "8-bit Optimizers via Block-wise
@@ -511,13 +511,74 @@ def bits_per_parameter(block_size: int = 64, double_quant: bool = False, dq_bloc
     # END SOLUTION
 
 
-# ---- Exercise 3.6: NF4Linear -----------------------------------------------------------------
+# ---- Exercise 3.6: NF4Linear and its 4-bit matmul --------------------------------------------
+
+
+class MatMul4Bit(torch.autograd.Function):
+    """y = x Ŵᵀ + b for a frozen NF4 layer, keeping its 4-bit codes, not Ŵ, for the backward pass.
+
+    Through ``F.linear(x, Ŵ, b)`` autograd would keep Ŵ: it saves what a backward needs, and
+    ∂L/∂x = ∂L/∂y · Ŵ needs Ŵ, so every 4-bit layer would hold a full (out, in) copy of its weight
+    from the forward pass to the backward pass (c · out · in bytes in a c-byte dtype). This Function
+    dequantizes twice instead, as bitsandbytes' ``MatMul4Bit`` does:
+
+        forward:   Ŵ = layer.dequantize_weight(dtype)       (out, in), freed when forward returns
+                   y = x Ŵᵀ + b                               (..., in) -> (..., out)
+        backward:  Ŵ = layer.dequantize_weight(dtype)       again, from the codes
+                   ∂L/∂x = ∂L/∂y · Ŵ                          (..., out) · (out, in) -> (..., in)
+                   ∂L/∂b = Σ over the leading dims of ∂L/∂y  (out,), only if the bias trains
+
+    The weight is frozen: no gradient for it, so nothing of x is needed either. What the graph
+    keeps is a reference to ``layer`` (its codes and constants, which it holds anyway) and
+    ``dtype``. x and bias arrive already in the product's dtype (``matmul_4bit`` casts them), and
+    the gradients leave in it; autograd hands each input's gradient back in that input's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: NF4Linear, bias: torch.Tensor | None) -> torch.Tensor:
+        # BEGIN SOLUTION 3.6: dequantize in x's dtype, an ordinary linear; keep the layer and the dtype, never Ŵ
+        ctx.layer, ctx.dtype = layer, x.dtype
+        weight = layer.dequantize_weight(x.dtype)  # (out, in): a local, gone when forward returns
+        return F.linear(x, weight, bias)  # (..., out)
+        # END SOLUTION
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:
+        # BEGIN SOLUTION 3.6: dequantize again; ∂L/∂x = ∂L/∂y · Ŵ, ∂L/∂b if the bias trains, nothing for the layer
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            weight = ctx.layer.dequantize_weight(ctx.dtype)  # (out, in), dequantized a second time
+            grad_x = grad_y @ weight  # (..., out) @ (out, in) -> (..., in)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)  # (out,)
+        return grad_x, None, grad_bias
+        # END SOLUTION
+
+
+def matmul_4bit(x: torch.Tensor, layer: NF4Linear) -> torch.Tensor:
+    """y = x Ŵᵀ + b through ``MatMul4Bit``, in the dtype ``F.linear`` would compute in.
+
+    That dtype is the layer's ``compute_dtype``, except under autocast on x's device
+    (``torch.is_autocast_enabled(x.device.type)``, asked only where ``torch.amp.is_autocast_available``:
+    a "meta" tensor has no autocast), which casts every floating-point input of ``F.linear`` but a
+    float64 one to its own dtype (``torch.get_autocast_dtype(x.device.type)``).
+    x (..., in) of any float dtype and layout -> (..., out) in that dtype; x is never modified.
+    """
+    # BEGIN SOLUTION 3.6: the product's dtype (autocast's or compute_dtype), x and bias cast to it, then MatMul4Bit.apply
+    dtype, device = layer.compute_dtype, x.device.type
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)  # none on "meta"
+    if autocast and dtype != torch.float64:  # autocast leaves float64 alone
+        dtype = torch.get_autocast_dtype(device)
+    bias = None if layer.bias is None else layer.bias.to(dtype)
+    return MatMul4Bit.apply(x.to(dtype), layer, bias)
+    # END SOLUTION
 
 
 class NF4Linear(nn.Module):
     """A frozen linear layer whose weight is stored in NF4 and dequantized on the fly.
 
-    ``y = x Ŵᵀ + b`` with Ŵ = dequantize_nf4(...) in ``compute_dtype``. Nothing in it is
+    ``y = x Ŵᵀ + b`` with Ŵ = dequantize_nf4(...) in ``compute_dtype``, through ``matmul_4bit``
+    (Ŵ dequantized in the forward and again in the backward, never kept). Nothing in it is
     trainable: the codes and constants are buffers, the bias is a frozen parameter; gradients
     flow to the input only. This is the base layer that ``LoRALayer`` wraps for QLoRA.
 
@@ -610,17 +671,16 @@ class NF4Linear(nn.Module):
         # END SOLUTION
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., in) -> (..., out): dequantize, then an ordinary linear in compute_dtype.
+        """x (..., in) -> (..., out): y = x Ŵᵀ + b through the 4-bit matmul (``matmul_4bit``).
 
         x: any number of leading dimensions (none: a 1-D x of shape (in,) gives (out,)), any float
         dtype (cast to compute_dtype), any memory layout; never modified. Outside autocast the output
         is in compute_dtype, whatever x's dtype; under autocast, in the dtype autocast's rules give
-        (the autocast dtype for ``F.linear``).
+        (the autocast dtype for ``F.linear``). The same values as ``F.linear(x, Ŵ, b)`` in that dtype,
+        but autograd keeps no (out, in) copy of Ŵ for the backward pass; ∂L/∂x comes back in x's dtype.
         """
-        # BEGIN SOLUTION 3.6: dequantize on the fly, then F.linear
-        weight = self.dequantize_weight()  # (out, in), never stored
-        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return F.linear(x.to(self.compute_dtype), weight, bias)
+        # BEGIN SOLUTION 3.6: the 4-bit matmul (use matmul_4bit)
+        return matmul_4bit(x, self)
         # END SOLUTION
 
     def weight_nbytes(self) -> int:

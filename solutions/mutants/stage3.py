@@ -223,11 +223,11 @@ MUTANTS = [
     Variant(
         "nf4_linear_drops_bias",
         "3.6",
-        "NF4Linear.forward ignores the bias.",
+        "NF4Linear ignores the bias: the 4-bit matmul's Function gets none.",
         (
             (
-                "return F.linear(x.to(self.compute_dtype), weight, bias)",
-                "return F.linear(x.to(self.compute_dtype), weight)",
+                "return MatMul4Bit.apply(x.to(dtype), layer, bias)",
+                "return MatMul4Bit.apply(x.to(dtype), layer, None)",
             ),
         ),
     ),
@@ -324,8 +324,8 @@ MUTANTS = [
         "NF4Linear keeps its first dequantized weight and reuses it (stale after load_state_dict).",
         (
             (
-                "        weight = self.dequantize_weight()  # (out, in), never stored",
-                "        if not hasattr(self, '_cached'):\n            self._cached = self.dequantize_weight()\n        weight = self._cached",
+                "        weight = layer.dequantize_weight(x.dtype)  # (out, in): a local, gone when forward returns",
+                "        if not hasattr(layer, '_cached'):\n            layer._cached = layer.dequantize_weight(x.dtype)\n        weight = layer._cached",
             ),
         ),
     ),
@@ -337,6 +337,124 @@ MUTANTS = [
             (
                 "            compute_dtype=compute_dtype or weight.dtype,",
                 "            compute_dtype=compute_dtype or torch.float32,",
+            ),
+        ),
+    ),
+    # ---- issue 20 item 1: the 4-bit matmul (MatMul4Bit, matmul_4bit) ----
+    Variant(
+        "nf4_matmul_plain_f_linear",
+        "3.6",
+        "matmul_4bit returns F.linear(x, Ŵ, b) directly: autograd saves Ŵ (out, in) until the backward.",
+        (
+            (
+                "    return MatMul4Bit.apply(x.to(dtype), layer, bias)",
+                "    return F.linear(x.to(dtype), layer.dequantize_weight(dtype), bias)",
+            ),
+        ),
+    ),
+    Variant(
+        "nf4_matmul_saves_weight",
+        "3.6",
+        "MatMul4Bit saves the dequantized weight with ctx.save_for_backward and reuses it in backward.",
+        (
+            (
+                "        weight = layer.dequantize_weight(x.dtype)  # (out, in): a local, gone when forward returns\n",
+                "        weight = layer.dequantize_weight(x.dtype)  # (out, in): a local, gone when forward returns\n"
+                + "        ctx.save_for_backward(weight)\n",
+            ),
+            (
+                "            weight = ctx.layer.dequantize_weight(ctx.dtype)  # (out, in), dequantized a second time\n",
+                "            (weight,) = ctx.saved_tensors\n",
+            ),
+        ),
+    ),
+    Variant(
+        "nf4_matmul_weight_as_ctx_attribute",
+        "3.6",
+        "MatMul4Bit keeps the dequantized weight as a ctx attribute (no pack hook sees it; it lives as long).",
+        (
+            (
+                "        weight = layer.dequantize_weight(x.dtype)  # (out, in): a local, gone when forward returns\n",
+                "        weight = layer.dequantize_weight(x.dtype)  # (out, in): a local, gone when forward returns\n"
+                + "        ctx.weight = weight\n",
+            ),
+            (
+                "            weight = ctx.layer.dequantize_weight(ctx.dtype)  # (out, in), dequantized a second time\n",
+                "            weight = ctx.weight\n",
+            ),
+        ),
+    ),
+    Variant(
+        "nf4_matmul_transposed_gradient",
+        "3.6",
+        "The backward forms ∂L/∂x with the transposed weight, ∂L/∂y · Ŵᵀ (runs on square layers only).",
+        (
+            (
+                "            grad_x = grad_y @ weight  # (..., out) @ (out, in) -> (..., in)\n",
+                "            grad_x = grad_y @ weight.T\n",
+            ),
+        ),
+    ),
+    Variant(
+        "nf4_matmul_backward_in_compute_dtype",
+        "3.6",
+        "The backward dequantizes in the layer's compute_dtype, not the dtype the forward computed in (autocast's).",
+        (
+            (
+                "            weight = ctx.layer.dequantize_weight(ctx.dtype)  # (out, in), dequantized a second time\n",
+                "            weight = ctx.layer.dequantize_weight()\n",
+            ),
+        ),
+    ),
+    Variant(
+        "nf4_matmul_ignores_autocast",
+        "3.6",
+        "matmul_4bit computes in compute_dtype with autocast turned off: under autocast y comes out float32.",
+        (
+            (
+                "    return MatMul4Bit.apply(x.to(dtype), layer, bias)",
+                "    with torch.autocast(x.device.type, enabled=False):\n"
+                "        return MatMul4Bit.apply(x.to(layer.compute_dtype), layer, "
+                "None if layer.bias is None else layer.bias.to(layer.compute_dtype))",
+            ),
+        ),
+    ),
+    Variant(
+        "nf4_matmul_autocast_checked_for_cuda",
+        "3.6",
+        "matmul_4bit asks torch.is_autocast_enabled() without a device (CUDA's state): CPU autocast is missed.",
+        (
+            (
+                "    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)",
+                "    autocast = torch.is_autocast_enabled()",
+            ),
+        ),
+    ),
+    Variant(
+        "nf4_matmul_no_bias_gradient",
+        "3.6",
+        "The backward never returns ∂L/∂b: a bias set to train (bias='lora_only') silently stops learning.",
+        (("            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)  # (out,)\n", "            pass\n"),),
+    ),
+    Variant(
+        "nf4_matmul_bias_gradient_first_dim",
+        "3.6",
+        "∂L/∂b summed over the first dimension only (bitsandbytes' grad_output.sum(0)): a 1-D x breaks.",
+        (
+            (
+                "            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)  # (out,)\n",
+                "            grad_bias = grad_y.sum(0)\n",
+            ),
+        ),
+    ),
+    Variant(
+        "nf4_matmul_gradient_flattened",
+        "3.6",
+        "The backward flattens ∂L/∂y to 2-D and returns ∂L/∂x 2-D: a 3-D x gets a gradient of the wrong shape.",
+        (
+            (
+                "            grad_x = grad_y @ weight  # (..., out) @ (out, in) -> (..., in)\n",
+                "            grad_x = grad_y.reshape(-1, grad_y.shape[-1]) @ weight\n",
             ),
         ),
     ),
@@ -441,9 +559,8 @@ MUTANTS = [
         "NF4Linear adds the bias as a row, bias[None, :]: a 1-D input (one token, no batch) comes out (1, out).",
         (
             (
-                "        return F.linear(x.to(self.compute_dtype), weight, bias)",
-                "        out = F.linear(x.to(self.compute_dtype), weight)\n"
-                "        return out if bias is None else out + bias[None, :]",
+                "        return F.linear(x, weight, bias)  # (..., out)",
+                "        out = F.linear(x, weight)\n        return out if bias is None else out + bias[None, :]",
             ),
         ),
     ),
@@ -453,9 +570,10 @@ MUTANTS = [
         "NF4Linear casts the weight to x's dtype and the result to compute_dtype: a bf16 input computes in bf16.",
         (
             (
-                "        return F.linear(x.to(self.compute_dtype), weight, bias)",
-                "        bias = None if bias is None else bias.to(x.dtype)\n"
-                "        return F.linear(x, weight.to(x.dtype), bias).to(self.compute_dtype)",
+                "    bias = None if layer.bias is None else layer.bias.to(dtype)\n"
+                "    return MatMul4Bit.apply(x.to(dtype), layer, bias)",
+                "    bias = None if layer.bias is None else layer.bias.to(x.dtype)\n"
+                "    return MatMul4Bit.apply(x, layer, bias).to(dtype)",
             ),
         ),
     ),
@@ -465,9 +583,9 @@ MUTANTS = [
         "NF4Linear flattens x with view(-1, in_features): a transposed or strided input raises.",
         (
             (
-                "        return F.linear(x.to(self.compute_dtype), weight, bias)",
-                "        flat = x.to(self.compute_dtype).view(-1, self.in_features)\n"
-                "        return F.linear(flat, weight, bias).view(*x.shape[:-1], self.out_features)",
+                "        return F.linear(x, weight, bias)  # (..., out)",
+                "        flat = x.view(-1, layer.in_features)\n"
+                "        return F.linear(flat, weight, bias).view(*x.shape[:-1], layer.out_features)",
             ),
         ),
     ),

@@ -481,8 +481,8 @@ MUTANTS = [
         "prepare_qlora_model swaps each layer as soon as it is quantized: a NaN weight in a later layer leaves earlier ones NF4.",
         (
             (
-                "        quantized = {  # every layer first: a refusal here (a non-finite weight) changes nothing\n            name: NF4Linear.from_linear(linear, config.block_size, config.double_quant, compute_dtype)\n            for name, linear in originals.items()\n        }\n        for name, layer in quantized.items():\n            model.set_submodule(name, layer)\n",
-                "        for name, linear in originals.items():\n            layer = NF4Linear.from_linear(linear, config.block_size, config.double_quant, compute_dtype)\n            model.set_submodule(name, layer)\n",
+                "        replaced = {  # every layer first: a refusal here (a non-finite weight) changes nothing\n            name: NF4Linear.from_linear(linear, config.block_size, config.double_quant, compute_dtype)\n            for name, linear in originals.items()\n        }\n",
+                "        replaced = {}\n        for name, linear in originals.items():\n            layer = NF4Linear.from_linear(linear, config.block_size, config.double_quant, compute_dtype)\n            model.set_submodule(name, layer)\n",
             ),
         ),
     ),
@@ -565,6 +565,54 @@ MUTANTS = [
             (
                 "        self.scheduler.step()\n        self.optimizer.zero_grad(set_to_none=True)\n        self.step += 1",
                 "        self.scheduler.step()\n        self.optimizer.zero_grad(set_to_none=False)\n        self.step += 1",
+            ),
+        ),
+    ),
+    # base_dtype (issue 20): the frozen base in the compute dtype, for plain LoRA
+    Variant(
+        "base_dtype_ignored",
+        "4.2",
+        "base_dtype='bf16' is accepted but prepare_qlora_model leaves the fp32 base (autocast still casts a copy).",
+        (('    if config.quantize == "nf4" or config.base_dtype != "fp32":', '    if config.quantize == "nf4":'),),
+    ),
+    Variant(
+        "base_cast_in_place",
+        "4.2",
+        "The base layers are cast in place (linear.to(dtype)): a refusal afterwards leaves them rounded to bf16.",
+        (("copy.deepcopy(linear).to(PRECISIONS[config.base_dtype])", "linear.to(PRECISIONS[config.base_dtype])"),),
+    ),
+    Variant(
+        "base_dtype_casts_the_whole_model",
+        "4.2",
+        "model.to(bf16) for base_dtype='bf16': norms, embedding and head are cast too.",
+        (
+            (
+                "    torch.manual_seed(config.seed)\n    try:",
+                '    if config.base_dtype != "fp32":\n'
+                "        model.to(PRECISIONS[config.base_dtype])\n"
+                "    torch.manual_seed(config.seed)\n    try:",
+            ),
+        ),
+    ),
+    Variant(
+        "base_dtype_with_nf4_accepted",
+        "4.1",
+        "TrainConfig accepts base_dtype='bf16' with quantize='nf4' (which stores its own base and ignores it).",
+        (
+            (
+                'allowed = ("fp32",) if self.quantize == "nf4" else tuple(dict.fromkeys(("fp32", self.precision)))',
+                'allowed = tuple(dict.fromkeys(("fp32", self.precision)))',
+            ),
+        ),
+    ),
+    Variant(
+        "base_dtype_any_half",
+        "4.1",
+        "TrainConfig accepts any half-precision base_dtype, also one that differs from the precision (bf16 under fp32).",
+        (
+            (
+                'allowed = ("fp32",) if self.quantize == "nf4" else tuple(dict.fromkeys(("fp32", self.precision)))',
+                'allowed = ("fp32",) if self.quantize == "nf4" else tuple(PRECISIONS)',
             ),
         ),
     ),

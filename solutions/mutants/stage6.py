@@ -414,4 +414,83 @@ MUTANTS = [
         "measure_memory runs the step on the caller's model (no deep copy): its gradients are left behind.",
         (("    model = copy.deepcopy(model).to(device)", "    model = model.to(device)"),),
     ),
+    # PagedOptimizer's size threshold (issue 20: bitsandbytes pages tensors of >= 100,000 elements only)
+    Variant(
+        "paged_threshold_ignored",
+        "6.3",
+        "min_paged_size is stored but page_in and page_out move every state tensor, small ones too.",
+        (
+            (
+                "                if p.numel() < self.min_paged_size:\n                    continue  # a small tensor's states stay on the device\n",
+                "",
+            ),
+            (
+                "                if p.numel() < self.min_paged_size:\n                    continue  # its states stay where the update left them: on the device\n",
+                "",
+            ),
+        ),
+    ),
+    Variant(
+        "paged_threshold_inclusive",
+        "6.3",
+        "A tensor of exactly min_paged_size elements is not paged (<= where bitsandbytes' rule is numel < threshold).",
+        (
+            (
+                "                if p.numel() < self.min_paged_size:\n                    continue  # a small",
+                "                if p.numel() <= self.min_paged_size:\n                    continue  # a small",
+            ),
+            (
+                "                if p.numel() < self.min_paged_size:\n                    continue  # its states",
+                "                if p.numel() <= self.min_paged_size:\n                    continue  # its states",
+            ),
+        ),
+    ),
+    Variant(
+        "paged_threshold_page_in_only",
+        "6.3",
+        "page_in skips the small tensors, page_out still moves their states to the pool (they end up off the device).",
+        (
+            (
+                "                if p.numel() < self.min_paged_size:\n                    continue  # its states stay where the update left them: on the device\n",
+                "",
+            ),
+        ),
+    ),
+    Variant(
+        "paged_threshold_on_the_state",
+        "6.3",
+        "The threshold is applied to each state tensor's size in bytes instead of the parameter's element count.",
+        (
+            (
+                "                if p.numel() < self.min_paged_size:\n                    continue  # a small",
+                "                if nbytes(p) < self.min_paged_size:\n                    continue  # a small",
+            ),
+            (
+                "                if p.numel() < self.min_paged_size:\n                    continue  # its states",
+                "                if nbytes(p) < self.min_paged_size:\n                    continue  # its states",
+            ),
+        ),
+    ),
+    Variant(
+        "estimate_ignores_base_dtype",
+        "6.5",
+        "estimate_memory_parts accepts base_dtype but prices LoRA's base in fp32 (weight_bytes without it).",
+        (
+            (
+                '        "weights": weight_bytes(config, method, r, base_dtype=base_dtype),',
+                '        "weights": weight_bytes(config, method, r),',
+            ),
+        ),
+    ),
+    Variant(
+        "activations_ignore_base_dtype",
+        "6.5",
+        "estimate_memory_parts passes base_dtype to weight_bytes only: a bf16 base's activations still count the casts.",
+        (
+            (
+                "            config, batch_size, seq_len, method, precision, gradient_checkpointing, r, base_dtype\n",
+                "            config, batch_size, seq_len, method, precision, gradient_checkpointing, r\n",
+            ),
+        ),
+    ),
 ]

@@ -4,7 +4,9 @@
 
 Every number in ``tutorial/01``–``04`` that follows from the code or from arithmetic (bits per
 parameter, parameter counts, fp16/bf16 limits, the NF4 table, worked examples, memory tables,
-schedule values, deterministic ratios) has an entry below: a function that computes it with the
+schedule values, deterministic ratios), and the memory budgets of ``tutorial/06`` and ``08`` (Stage 6's
+``estimate_memory_parts``, which ``measure_memory`` equals to the byte: testcases/stage6 and
+``real_models_test.py``), has an entry below: a function that computes it with the
 reference implementation (``LORA_IMPL=solutions``) or with torch, and returns the exact text the
 page must contain. Pages are compared after collapsing runs of whitespace, so a snippet may span a
 line break. A check fails when its text is missing from the page: either the page drifted from the
@@ -53,12 +55,14 @@ PAGES = {
     "02": REPO / "tutorial" / "02-lora-in-a-model.md",
     "03": REPO / "tutorial" / "03-quantization.md",
     "04": REPO / "tutorial" / "04-qlora-training.md",
+    "06": REPO / "tutorial" / "06-memory.md",
+    "08": REPO / "tutorial" / "08-real-models-and-scale.md",
 }
 
 
 @dataclass(frozen=True)
 class Figure:
-    page: str  # "01" … "04"
+    page: str  # "01" … "04", "06", "08"
     what: str  # what the figure is, for the report
     snippets: Callable[[], list[str]]  # the texts the page must contain, computed
 
@@ -378,6 +382,23 @@ def _lesson03_memory_table():
     ]
 
 
+@figure("03", "what F.linear keeps of the 4-bit weights on wide_config(): weights, bytes in fp32 and bf16")
+def _lesson03_weight_copies():
+    from training.memory import projection_shapes, wide_config
+
+    config = wide_config()
+    shapes = projection_shapes(config)
+    # Block 0's q, k and v read the frozen embedding's output (no gradient needed): F.linear saves nothing there.
+    numel = config.n_layers * sum(o * i for o, i in shapes.values()) - sum(shapes[n][0] * shapes[n][1] for n in
+                                                                             ("q_proj", "k_proj", "v_proj"))  # fmt: skip
+    projections = config.n_layers * len(shapes)
+    return [
+        f"The difference is {4 * numel:,} bytes in fp32: 4 bytes for each of {numel:,} weights, those of",
+        f"{projections - 3} of the {projections} projections",
+        f"in bf16 it is 2 bytes each, {2 * numel:,} bytes",
+    ]
+
+
 @figure("03", "bitsandbytes' CPU 8-bit lookup table: how often it misses the nearest code (golden cases)")
 def _lesson03_lut_misses():
     from safetensors.torch import load_file
@@ -533,6 +554,309 @@ def _lesson04_bundled():
         f"($N$ = {n:,}, of which {in_projections:,} sit in the {len(linears)} projections; $T$ = "
         f"{lora_params_llama(cfg.n_layers, cfg.d_model, cfg.d_ff):,}",
         f"The base model ({cfg.n_layers} layers, $d = {cfg.d_model}$, {n:,} parameters)",
+    ]
+
+
+# ---- Lessons 06 and 08: memory budgets (Stage 6's estimate, equal to measure_memory) --------------
+
+RTX_A6000_BYTES = 49_140 * 2**20  # a "48 GB" card: nvidia-smi reports 49,140 MiB (48 GiB less a reserve)
+
+
+def llama_7b():
+    from model.tiny_llama import LlamaConfig
+
+    return LlamaConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, d_ff=11008, max_seq_len=2048)
+
+
+def llama_65b():
+    from model.tiny_llama import LlamaConfig
+
+    return LlamaConfig(vocab_size=32000, d_model=8192, n_layers=80, n_heads=64, d_ff=22016, max_seq_len=2048)
+
+
+def gb_cell(n_bytes: float) -> str:
+    """A GB cell of the budget tables: 2 decimals from 1 GB up, 3 below (1 GB = 10^9 B)."""
+    return f"{n_bytes / 1e9:,.{2 if n_bytes >= 1e9 else 3}f}"
+
+
+def budget_row(label: str, parts: dict, bold_total: bool = False) -> str:
+    cells = [gb_cell(parts[k]) for k in ("weights", "gradients", "optimizer", "activations")]
+    total = f"{parts['total'] / 1e9:,.2f}"
+    return f"| {label} | " + " | ".join(cells) + f" | {'**' + total + '**' if bold_total else total} |"
+
+
+def parts(config, method, optimizer="adamw", n=512, checkpointing=False, r=8, base_dtype="fp32", precision="bf16"):
+    from training.memory import MIN_8BIT_SIZE, estimate_memory_parts
+
+    return estimate_memory_parts(
+        config, method, optimizer, 1, n, precision, checkpointing, r, MIN_8BIT_SIZE, base_dtype
+    )
+
+
+LESSON06_7B_ROWS = (
+    ("full fine-tuning, AdamW", "full", "adamw", False, "fp32", True),
+    ("full fine-tuning, AdamW8bit", "full", "adamw8bit", False, "fp32", False),
+    ("LoRA ($r = 8$, fp32 base), AdamW", "lora", "adamw", False, "fp32", False),
+    ('LoRA ($r = 8$, bf16 base: `base_dtype="bf16"`), AdamW', "lora", "adamw", False, "bf16", False),
+    ("QLoRA, AdamW", "qlora", "adamw", False, "fp32", False),
+    ("QLoRA, AdamW8bit", "qlora", "adamw8bit", False, "fp32", False),
+    ("QLoRA, AdamW8bit, checkpointing", "qlora", "adamw8bit", True, "fp32", True),
+)
+
+
+@figure("06", "§1: the 7B budget, 512 tokens, bf16 (every row of the table)")
+def _lesson06_7b():
+    cfg = llama_7b()
+    return [
+        budget_row(label, parts(cfg, m, o, 512, c, base_dtype=b), bold) for label, m, o, c, b, bold in LESSON06_7B_ROWS
+    ]
+
+
+@figure("06", "§1: the 65B budget, 512 and 2,048 tokens, bf16 (every row of the table)")
+def _lesson06_65b():
+    cfg = llama_65b()
+    rows = [
+        ("full fine-tuning, AdamW, $N = 512$", "full", "adamw", 512, False, "fp32", True),
+        ("full fine-tuning, AdamW8bit, $N = 512$", "full", "adamw8bit", 512, False, "fp32", False),
+        ("LoRA, fp32 base, AdamW, $N = 512$", "lora", "adamw", 512, False, "fp32", False),
+        ("LoRA, bf16 base, AdamW, $N = 512$", "lora", "adamw", 512, False, "bf16", False),
+        ("QLoRA, AdamW, $N = 512$", "qlora", "adamw", 512, False, "fp32", False),
+        ("QLoRA, AdamW8bit, checkpointing, $N = 512$", "qlora", "adamw8bit", 512, True, "fp32", True),
+        ("QLoRA, AdamW8bit, checkpointing, $N = 2048$", "qlora", "adamw8bit", 2048, True, "fp32", True),
+        ("QLoRA, AdamW8bit, **no** checkpointing, $N = 2048$", "qlora", "adamw8bit", 2048, False, "fp32", False),
+    ]
+    return [budget_row(label, parts(cfg, m, o, n, c, base_dtype=b), bold) for label, m, o, n, c, b, bold in rows]
+
+
+@figure("06", "§1: the arithmetic behind the 7B cells, the 65B text and the A6000's bytes")
+def _lesson06_text():
+    from training.memory import projection_shapes
+
+    cfg7, cfg65 = llama_7b(), llama_65b()
+    lora = parts(cfg7, "lora", base_dtype="fp32")
+    lora16 = parts(cfg7, "lora", base_dtype="bf16")
+    qlora = parts(cfg7, "qlora")
+    proj7 = sum(o * i for o, i in projection_shapes(cfg7).values()) * cfg7.n_layers
+    copies = 2 * sum(o * i for o, i in projection_shapes(cfg7).values())
+    no_ckpt = parts(cfg65, "qlora", "adamw8bit", 2048)
+    ckpt = parts(cfg65, "qlora", "adamw8bit", 2048, True)
+    return [
+        f'a bf16 base (`base_dtype="bf16"`) is $2 \\cdot {tex_int(proj7)} + 4 \\cdot (262{{,}}144{{,}}000 + '
+        f"266{{,}}240) = {gb_cell(lora16['weights'] - 4 * 19_988_480)}$ GB",
+        f"**Activations** (§5): {gb_cell(lora['activations'])} GB for LoRA on its fp32 base",
+        f"{gb_cell(lora['activations'] - lora16['activations'])} GB of them are copies of the weights",
+        f"$2 \\cdot (4d^2 + 3df) = {tex_int(copies)}$ B per block",
+        f"QLoRA and LoRA on a bf16 base keep none: {gb_cell(qlora['activations'])} GB",
+        f"one 2,048-token sequence needs {gb_cell(no_ckpt['activations'])} GB of activations",
+        f"checkpointing brings them to {gb_cell(ckpt['activations'])} GB",
+        f"{RTX_A6000_BYTES:,} B = {RTX_A6000_BYTES / 1e9:.2f} GB",
+    ]
+
+
+@figure("06", "§1: which trick removes which part (7B, bf16, 512 tokens)")
+def _lesson06_tricks():
+    cfg = llama_7b()
+    full, lora = parts(cfg, "full"), parts(cfg, "lora")
+    q8, q8c = parts(cfg, "qlora", "adamw8bit"), parts(cfg, "qlora", "adamw8bit", 512, True)
+    full_ckpt = parts(cfg, "full", checkpointing=True)
+    return [
+        f"| gradients | {gb_cell(full['gradients'])} GB | LoRA: only the adapters have a `.grad` (Stages 1–2) | "
+        f"{gb_cell(lora['gradients'])} GB |",
+        f"| optimizer states | {gb_cell(full['optimizer'])} GB | LoRA ({gb_cell(lora['optimizer'])} GB), then 8-bit "
+        f"states (§2) | {gb_cell(q8['optimizer'])} GB |",
+        f"| weights | {gb_cell(full['weights'])} GB | NF4 + double quantization (Stage 3) | {gb_cell(q8['weights'])} GB |",
+        f"| activations | {gb_cell(full['activations'])} GB | gradient checkpointing (§5) | "
+        f"{gb_cell(full_ckpt['activations'])} GB (full) / {gb_cell(q8c['activations'])} GB (QLoRA) |",
+    ]
+
+
+@figure("06", "§3.3: the 65B r = 64 step, paged and unpaged, against the A6000's bytes")
+def _lesson06_paging():
+    from training.memory import trainable_numels
+
+    cfg = llama_65b()
+    short, long = parts(cfg, "qlora", "adamw", 512, True, 64), parts(cfg, "qlora", "adamw", 2048, True, 64)
+    eight = parts(cfg, "qlora", "adamw8bit", 2048, True, 64)
+    return [
+        f"{gb_cell(short['weights'])} GB of weights, {gb_cell(short['gradients'])} GB of gradients, "
+        f"**{gb_cell(short['optimizer'])} GB of states**, {gb_cell(short['activations'])} GB of activations at 512 tokens — "
+        f"{gb_cell(short['total'])} GB",
+        f"At 2,048 tokens the activations grow to {gb_cell(long['activations'])} GB: {gb_cell(long['total'])} GB unpaged",
+        f"paged, {gb_cell(long['total'] - long['optimizer'])} GB",
+        f"8-bit states ({gb_cell(eight['optimizer'])} GB) bring the unpaged step to {gb_cell(eight['total'])} GB",
+        f"the largest has $8 \\cdot 11{{,}}008 = {tex_int(max(trainable_numels(llama_7b(), 'lora', 8)))}$ elements",
+        f"the smallest has $64 \\cdot 8192 = {tex_int(min(trainable_numels(cfg, 'lora', 64)))}$",
+    ]
+
+
+def block_terms(config, n: int, precision: str, seq_len: int, r: int = 8) -> dict[str, int]:
+    """The terms of one (non-first) QLoRA block's activations, as activation_bytes sums them (lesson 06 §5.1)."""
+    from training.memory import projection_shapes
+
+    d, f, H, h = config.d_model, config.d_ff, config.n_heads, config.head_dim
+    c, bf16 = (4, False) if precision == "fp32" else (2, True)
+    shapes = projection_shapes(config)
+    return {
+        "norms": 2 * (4 * n * d + 4 * n),
+        "attention": 4 * c * n * d + 4 * n * H + (4 * seq_len * h * c if bf16 else 0),  # bf16: RoPE tables cast
+        "SwiGLU": 3 * c * n * f,
+        "linear inputs": 4 * (2 * n * d + n * f) if not bf16 else 2 * (6 * n * d + n * f),
+        "LoRA": 7 * c * n * r + (2 * r * sum(o + i for o, i in shapes.values()) if bf16 else 0),
+    }
+
+
+@figure("06", "§5.1: the bundled QLoRA worked example (fp32, 64 × 19) and its measurement")
+def _lesson06_bundled_terms():
+    from model.tiny_llama import load_base_model
+    from training.memory import activation_bytes
+
+    cfg = load_base_model().config
+    n, d = 64 * 19, cfg.d_model
+    terms = block_terms(cfg, n, "fp32", 19)
+    block = sum(terms.values())
+    first = block - (4 * n * d + 4 * n)
+    total = activation_bytes(cfg, 64, 19, "qlora", "fp32")
+    once = total - first - (cfg.n_layers - 1) * block
+    return [
+        f"| norms | $2(4 \\cdot 1216 \\cdot 64 + 4 \\cdot 1216)$ | {terms['norms']:,} |",
+        f"| attention | $16 \\cdot 1216 \\cdot 64 + 4 \\cdot 1216 \\cdot 4$ | {terms['attention']:,} |",
+        f"| SwiGLU | $12 \\cdot 1216 \\cdot 176$ | {terms['SwiGLU']:,} |",
+        f"| linear inputs | $4(2 \\cdot 1216 \\cdot 64 + 1216 \\cdot 176)$ | {terms['linear inputs']:,} |",
+        f"| LoRA $Ax$ | $28 \\cdot 1216 \\cdot 8$ | {terms['LoRA']:,} |",
+        f"| **$A_{{\\text{{block}}}}$** | | **{block:,}** |",
+        f"| $A_{{\\text{{first}}}}$ | $A_{{\\text{{block}}}} - {tex_int(4 * n * d + 4 * n)}$ | {first:,} |",
+        f"| $A_{{\\text{{once}}}}$ + RoPE | $311{{,}}296 + 4{{,}}864 + 87{{,}}552 + 9{{,}}728 + 4 + 2{{,}}432$ | {once:,} |",
+        f"| **total** | ${tex_int(first)} + 3 \\cdot {tex_int(block)} + {tex_int(once)}$ | **{total:,}** |",
+        f"`measure_memory` counts {total:,} bytes on the real step",
+    ]
+
+
+@figure("06", "§5.1–5.2: one 7B block in bf16, and what checkpointing keeps (bundled, wide, 7B, 65B)")
+def _lesson06_checkpointing():
+    from model.tiny_llama import load_base_model
+    from training.memory import activation_bytes, wide_config
+
+    cfg7 = llama_7b()
+    terms = block_terms(cfg7, 512, "bf16", 512)
+    mb = {k: f"{v / 1e6:.1f} MB" for k, v in terms.items()}
+    bundled = load_base_model().config
+    n, d = 64 * 19, bundled.d_model
+    block = sum(block_terms(bundled, n, "fp32", 19).values())
+    ckpt = activation_bytes(bundled, 64, 19, "qlora", "fp32", True)
+    once = ckpt - bundled.n_layers * 4 * n * d - 2432 - (block - 4 * n * d)
+    plain = activation_bytes(bundled, 64, 19, "qlora", "fp32")
+    wide = wide_config()
+
+    def drop(cfg, n_tokens, batch=1, unit=1e9, digits=(2, 3), suffix=" GB"):
+        a = activation_bytes(cfg, batch, n_tokens, "qlora", "bf16" if unit == 1e9 else "fp32")
+        b = activation_bytes(cfg, batch, n_tokens, "qlora", "bf16" if unit == 1e9 else "fp32", True)
+        return f"{a / unit:.{digits[0]}f}{suffix} → {b / unit:.{digits[1]}f}{suffix} ({a / b:.0f}×)"
+
+    return [
+        f"one block saves {sum(terms.values()) / 1e6:.1f} MB: {mb['linear inputs']} of linear inputs, {mb['SwiGLU']} of "
+        f"SwiGLU, {mb['attention']} of attention, {mb['norms']} of norms, {mb['LoRA']} of LoRA",
+        f"$4 \\cdot 311{{,}}296 + {tex_int(once)} + 2{{,}}432 + ({tex_int(block)} - 311{{,}}296) = {tex_int(ckpt)}$",
+        f"(measured: {ckpt:,}), down from {plain:,}",
+        f"the drop is {drop(wide, 19, 64, 1e6, (1, 1), ' MB')}",
+        f"(bf16, 512 tokens), {drop(cfg7, 512)}",
+        f"at 65B and 2,048 tokens, {drop(llama_65b(), 2048, digits=(1, 2))}",
+    ]
+
+
+def measured_row(label: str, cfg, method: str, optimizer: str, precision: str, checkpointing: bool,
+                 base_dtype: str = "fp32") -> str:  # fmt: skip
+    from training.memory import estimate_memory_parts
+
+    p = estimate_memory_parts(cfg, method, optimizer, 64, 19, precision, checkpointing, 8, 0, base_dtype)
+    return (
+        f"| {label} | "
+        + " | ".join(f"{p[k]:,}" for k in ("weights", "gradients", "optimizer", "activations", "total"))
+        + " |"
+    )
+
+
+@figure("06", "§6: the bundled and wide tables (estimate = measure_memory, 64 × 19, r 8, min_8bit_size 0)")
+def _lesson06_measured():
+    from model.tiny_llama import load_base_model
+    from training.memory import wide_config
+
+    bundled, wide = load_base_model().config, wide_config()
+    return [
+        measured_row("full, AdamW", bundled, "full", "adamw", "fp32", False),
+        measured_row("full, AdamW, checkpointing", bundled, "full", "adamw", "fp32", True),
+        measured_row("LoRA, AdamW", bundled, "lora", "adamw", "fp32", False),
+        measured_row("QLoRA, AdamW", bundled, "qlora", "adamw", "fp32", False),
+        measured_row("QLoRA, AdamW8bit (`min_8bit_size=0`)", bundled, "qlora", "adamw8bit", "fp32", False),
+        measured_row("QLoRA, AdamW8bit, checkpointing", bundled, "qlora", "adamw8bit", "fp32", True),
+        measured_row("QLoRA, bf16, AdamW8bit, checkpointing", bundled, "qlora", "adamw8bit", "bf16", True),
+        measured_row("full, fp32, AdamW", wide, "full", "adamw", "fp32", False),
+        measured_row("full, fp32, AdamW, checkpointing", wide, "full", "adamw", "fp32", True),
+        measured_row("LoRA, fp32, AdamW", wide, "lora", "adamw", "fp32", False),
+        measured_row("QLoRA, fp32, AdamW", wide, "qlora", "adamw", "fp32", False),
+        measured_row("LoRA, bf16, fp32 base, AdamW", wide, "lora", "adamw", "bf16", False),
+        measured_row("LoRA, bf16, bf16 base, AdamW", wide, "lora", "adamw", "bf16", False, "bf16"),
+        measured_row("QLoRA, bf16, AdamW", wide, "qlora", "adamw", "bf16", False),
+        measured_row("QLoRA, fp32, AdamW8bit, checkpointing", wide, "qlora", "adamw8bit", "fp32", True),
+        measured_row("QLoRA, bf16, AdamW8bit, checkpointing", wide, "qlora", "adamw8bit", "bf16", True),
+    ]
+
+
+def llama_08():
+    from model.tiny_llama import LlamaConfig
+
+    return {
+        "1B": LlamaConfig(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192,
+                          tie_word_embeddings=True, max_seq_len=2048),
+        "7B": LlamaConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, d_ff=11008, max_seq_len=2048),
+        "70B": LlamaConfig(vocab_size=32000, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, d_ff=28672,
+                           max_seq_len=2048),
+    }  # fmt: skip
+
+
+@figure("08", "§1.5: memory at real sizes (r 16, 2,048 tokens, bf16, checkpointing), Stage 4's column")
+def _lesson08_memory():
+    from training.memory import trainable_numels
+    from training.qlora_trainer import estimate_memory
+
+    rows = []
+    for name, cfg in llama_08().items():
+        total_p, total_t = sum(trainable_numels(cfg, "full")), sum(trainable_numels(cfg, "lora", 16))
+        for i, (label, method, base) in enumerate(
+            (
+                ("full", "full", "fp32"),
+                ("LoRA", "lora", "fp32"),
+                ("LoRA, bf16 base", "lora", "bf16"),
+                ("QLoRA", "qlora", "fp32"),
+            )
+        ):
+            p = parts(cfg, method, "adamw", 2048, True, 16, base)
+            stage4 = estimate_memory(total_p, method, trainable_params=0 if method == "full" else total_t)["total"]
+            cells = [gb_cell(p[k]) for k in ("weights", "gradients", "optimizer", "activations")]
+            rows.append(f"| {name if i == 0 else ''} | {label} | " + " | ".join(cells)
+                        + f" | **{p['total'] / 1e9:,.2f}** | {stage4 / 1e9:,.2f} |")  # fmt: skip
+    return rows
+
+
+@figure("08", "§1.5: activations without checkpointing, and the 70B step against the A6000's bytes")
+def _lesson08_text():
+    models = llama_08()
+    plain = [parts(cfg, "lora", "adamw", 2048, False, 16)["activations"] for cfg in models.values()]
+    qlora = [parts(cfg, "qlora", "adamw", 2048, False, 16)["activations"] for cfg in models.values()]
+    q70 = parts(models["70B"], "qlora", "adamw", 2048, True, 16)
+    texts = [
+        "Without it LoRA's activations on the fp32 base are " + " / ".join(gb_cell(a) for a in plain) + " GB",
+        "QLoRA's (and LoRA's on a bf16 base) " + " / ".join(gb_cell(a) for a in qlora) + " GB",
+    ]
+    cfg = models["70B"]
+    head = 2 * cfg.vocab_size * cfg.d_model * 4  # fp32 embedding and head
+    inputs = 4 * cfg.n_layers * 2048 * cfg.d_model  # fp32 checkpointed block inputs
+    return [
+        *texts,
+        f"QLoRA at 70B needs {gb_cell(q70['total'])} GB",
+        f"are {gb_cell(head)} GB and the fp32 checkpointed block inputs ($4LNd$) {gb_cell(inputs)} GB",
+        f"49,140 MiB = {RTX_A6000_BYTES / 1e9:.2f} GB in the same units, so the step fits with "
+        f"{(RTX_A6000_BYTES - q70['total']) / 1e9:.2f} GB",
+        f"({gb_cell(head / 2)} and {inputs / 2 / 1e9:.2f} GB), about {(q70['total'] - head / 2 - inputs / 2) / 1e9:.2f} GB in all",
     ]
 
 

@@ -21,6 +21,7 @@ trainer (4.3), merge_and_export (4.4), estimate_memory (4.5); the command line a
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -80,6 +81,9 @@ class TrainConfig:
     precision: str = option("bf16", "fp32 | bf16 (autocast) | fp16 (autocast + GradScaler loss scaling)")
     gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, more time")
     quantize: str = option("nf4", "nf4: QLoRA (4-bit frozen base) | none: plain LoRA")
+    base_dtype: str = option(
+        "fp32", "quantize=none: the frozen linear weights' dtype, fp32 or the precision's (bf16: no cast copy per step)"
+    )
     double_quant: bool = option(True, "quantize the NF4 absmax constants too (4.127 instead of 4.5 bits)")
     block_size: int = option(64, "NF4 block size")
     device: str = option("auto", "auto (cuda if present, else cpu) | cpu | cuda")
@@ -89,7 +93,11 @@ class TrainConfig:
     progress: bool = option(True, "show a tqdm progress bar (on a terminal; never in a log file)")
 
     def __post_init__(self) -> None:
-        """Check every field; raise a ValueError naming the field and its allowed values."""
+        """Check every field; raise a ValueError naming the field and its allowed values.
+
+        ``base_dtype`` is 'fp32', or with quantize='none' the precision's own name ('bf16' with precision='bf16',
+        'fp16' with 'fp16'); quantize='nf4' allows 'fp32' only (the message lists what this combination allows).
+        """
         # BEGIN SOLUTION 4.1: validate the fields
         self.target_modules = tuple(
             [self.target_modules] if isinstance(self.target_modules, str) else self.target_modules
@@ -122,6 +130,12 @@ class TrainConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not self.target_modules:
             raise ValueError("target_modules must name at least one module")
+        allowed = ("fp32",) if self.quantize == "nf4" else tuple(dict.fromkeys(("fp32", self.precision)))
+        if self.base_dtype not in allowed:  # NF4 stores its own base; a base in another dtype than autocast's fails
+            raise ValueError(
+                f"base_dtype must be one of {allowed} with quantize={self.quantize!r} and precision={self.precision!r}, "
+                f"got {self.base_dtype!r}"
+            )
         # END SOLUTION
 
 
@@ -146,13 +160,16 @@ def prepare_qlora_model(
     1. With ``config.quantize == "nf4"``, every ``nn.Linear`` whose name is not in
        ``skip_modules`` (the output head by default: it is small and sensitive) becomes a frozen
        ``NF4Linear`` computing in the precision's dtype (bf16 for "bf16", fp32 for "fp32").
+       With ``quantize == "none"`` and ``config.base_dtype`` "bf16" (or "fp16"), each of those layers is
+       replaced by a copy stored in that dtype, so autocast casts no weight (and autograd keeps no
+       cast copy for the backward pass); with "fp32" they stay as they are.
     2. ``get_lora_model`` wraps ``config.target_modules`` (NF4 or not) in fp32 LoRA layers,
        seeded by ``config.seed``, and freezes everything else.
     3. Norms, embeddings and the head stay in fp32; ``model.gradient_checkpointing`` is set.
 
     Only ``lora_A`` / ``lora_B`` require gradients afterwards.
 
-    Raises ValueError and leaves the model exactly as it was (no layer quantized, none wrapped) when
+    Raises ValueError and leaves the model exactly as it was (no layer quantized or cast, none wrapped) when
     the model already has LoRA layers, when a weight holds a non-finite value (NaN or inf: NF4 cannot
     quantize it), or when ``get_lora_model`` refuses ``config.target_modules`` or a LoRA setting: quantize
     every layer before swapping any in, and a refusal after swapping puts the original layers back.
@@ -161,19 +178,22 @@ def prepare_qlora_model(
     if any(True for _ in lora_layers(model)):
         raise ValueError("the model already has LoRA layers; prepare a fresh base model")
     originals: dict[str, nn.Linear] = {}
-    if config.quantize == "nf4":
-        compute_dtype = PRECISIONS[config.precision]
+    if config.quantize == "nf4" or config.base_dtype != "fp32":
         originals = {
             name: module
             for name, module in model.named_modules()
             if isinstance(module, nn.Linear) and not any(matches_target(name, skip) for skip in skip_modules)
         }
-        quantized = {  # every layer first: a refusal here (a non-finite weight) changes nothing
+    if config.quantize == "nf4":
+        compute_dtype = PRECISIONS[config.precision]
+        replaced = {  # every layer first: a refusal here (a non-finite weight) changes nothing
             name: NF4Linear.from_linear(linear, config.block_size, config.double_quant, compute_dtype)
             for name, linear in originals.items()
         }
-        for name, layer in quantized.items():
-            model.set_submodule(name, layer)
+    else:  # the frozen base in the compute dtype (copies: the originals go back on a refusal)
+        replaced = {name: copy.deepcopy(linear).to(PRECISIONS[config.base_dtype]) for name, linear in originals.items()}
+    for name, layer in replaced.items():
+        model.set_submodule(name, layer)
     torch.manual_seed(config.seed)
     try:
         get_lora_model(model, config.r, config.lora_alpha, config.lora_dropout, config.target_modules)
@@ -553,6 +573,19 @@ def estimate_memory(
 
     Returns {"weights", "gradients", "optimizer", "total"} in bytes. QLoRA paper: a 65B model's
     weights take 65e9 · 4.127 / 8 ≈ 33.5 GB, which fits one 48 GB GPU with room for adapters.
+
+    Its scope: a rate per parameter, no architecture and no activations. Measured on this course's models
+    (Stage 6's ``measure_memory``; testcases/real_models_test.py holds it), with n_params the parameters
+    stored at the method's rate:
+
+        full   n_params = every parameter: weights and gradients exact; the optimizer adds torch's 4-byte
+               ``step`` tensor per trainable tensor to the 8 B per parameter
+        lora   TrainConfig(base_dtype="bf16"), n_params = the projections: weights exact once the fp32
+               embedding, norms and head (4 B each, not counted here) are added; gradients exact
+        qlora  n_params = the projections: each NF4 layer adds 4 to 9.5 bytes (its double-quantization
+               offset, and rounding up to whole bytes, blocks and scales); the fp32 rest 4 B each
+
+    Stage 6's ``estimate_memory_parts`` prices every tensor of a ``LlamaConfig`` to the byte, activations included.
     """
     # BEGIN SOLUTION 4.5: bytes per parameter for each method
     if method == "full":

@@ -25,7 +25,16 @@ from testcases.properties import (
     tensor_cases,
     unit_roundoff,
 )
-from testcases.stage3.basic import U32, check_double_quantization, half_step_bound, nf4_bound, per_element
+from testcases.stage3.basic import (
+    GRADIENT_HINT,
+    U32,
+    check_double_quantization,
+    half_step_bound,
+    nf4_bound,
+    per_element,
+    run_backward,
+    weight_kept,
+)
 from testcases.tolerances import UNIT_ROUNDOFF, assert_close, expect_tensor, reference
 
 # ---- Exercise 3.1: uniform (affine) quantization ---------------------------------------------
@@ -185,16 +194,25 @@ def test_nf4_code_book_bit_exact_with_bitsandbytes(quant, golden):
     assert torch.equal(book, book.sort().values), "levels must be ascending (nearest_code relies on it)"
 
 
+def code_book_error(code: torch.Tensor, x: torch.Tensor, block_size: int) -> float:
+    """Mean |x̂ − x| of blockwise absmax quantization to the nearest level of ``code``, the test's own (float64).
+
+    Built on the code book alone (no Exercise 3.4 code), so that 3.3's points do not depend on 3.4's.
+    """
+    blocks = x.double().reshape(-1, block_size)  # (n_blocks, block_size)
+    absmax = blocks.abs().amax(dim=1, keepdim=True)  # (n_blocks, 1)
+    levels = code.double()  # (n_levels,)
+    nearest = levels[(blocks.div(absmax).unsqueeze(-1) - levels).abs().argmin(dim=-1)]  # (n_blocks, block_size)
+    return (nearest * absmax - blocks).abs().mean().item()
+
+
 @pytest.mark.exercise("3.3")
 def test_nf4_beats_fp4_and_int4_on_gaussian_weights(quant):
-    """On Gaussian weights NF4 has a lower mean error than FP4 and int4 at the same block size."""
+    """On Gaussian weights NF4's code book gives a lower mean error than FP4's and int4's at the same block size."""
     x = torch.randn(64 * 512)
-    errors = {}
-    for name, code in (("nf4", quant.nf4_code_book()), ("fp4", quant.fp4_code_book())):
-        codes, absmax = quant.quantize_blockwise(x, code, 64)
-        errors[name] = (quant.dequantize_blockwise(codes, absmax, code, 64) - x).abs().mean().item()
-    q, scale = quant.absmax_quantize(x, num_bits=4, block_size=64)
-    errors["int4"] = (quant.absmax_dequantize(q, scale, block_size=64) - x).abs().mean().item()
+    int4 = torch.arange(-7, 8, dtype=torch.float64) / 7  # symmetric int4: round(x / scale), scale = absmax / 7
+    errors = {"nf4": code_book_error(quant.nf4_code_book(), x, 64), "fp4": code_book_error(quant.fp4_code_book(), x, 64),
+              "int4": code_book_error(int4, x, 64)}  # fmt: skip
     observe("3.3 FP4 error / NF4 error", errors["fp4"] / errors["nf4"])
     observe("3.3 int4 error / NF4 error", errors["int4"] / errors["nf4"])
     # Over 55 seeds (32,768 normal draws each) FP4's mean error was 1.09–1.12× NF4's and int4's 1.24–1.27×
@@ -470,6 +488,108 @@ def test_nf4_linear_on_device(quant, device):
     weight = layer.dequantize_weight()
     ref = reference(lambda x, W, b: x @ W.T + b, x, weight, linear.bias, dtype=torch.float32, steps=64 + 2)
     assert_close(out, ref.value, f"NF4Linear on {device.type}", bound=ref.bound)
+
+
+def linear_references(layer, x, grad_y, dtype: torch.dtype):
+    """The exact y = x Ŵᵀ + b and ∂L/∂x = ∂L/∂y · Ŵ, with their rounding bounds for a product computed in ``dtype``.
+
+    y: x, Ŵ and b rounded to dtype (3), a dot product of length in, the bias added (1), a cast (1).
+    ∂L/∂x: Ŵ rounded to dtype (1), a dot product of length out, and one rounding to x's dtype (its unit
+    roundoff, which may be coarser than dtype's: a bf16 x of an fp32 layer).
+    """
+    weight = layer.dequantize_weight(torch.float32)  # (out, in), the exact Ŵ
+    bias = layer.bias if layer.bias is not None else torch.zeros(layer.out_features)
+    y = reference(lambda x, W, b: x @ W.T + b, x, weight, bias, dtype=dtype, steps=layer.in_features + 5)
+    grad = reference(lambda g, W: g @ W, grad_y, weight, dtype=dtype, steps=layer.out_features + 1)
+    grad.bound = grad.bound + UNIT_ROUNDOFF[x.dtype] * (grad.value.abs() + grad.bound)
+    return y, grad
+
+
+@pytest.mark.exercise("3.6")
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16, torch.float16], ids=["no-autocast", "bf16", "fp16"])
+def test_nf4_linear_keeps_no_weight_in_any_setting(quant, autocast):
+    """No weight-sized float tensor kept, under autocast too, for any compute dtype, bias, DQ and 1-D to 3-D x."""
+    for compute_dtype in (torch.float32, torch.bfloat16):
+        for bias, double_quant, leading in ((True, True, ()), (False, False, (3,)), (True, False, (2, 3))):
+            layer = quant.NF4Linear.from_linear(nn.Linear(72, 40, bias=bias), double_quant=double_quant,
+                                                compute_dtype=compute_dtype)  # fmt: skip
+            x = torch.randn(*leading, 72, requires_grad=True)
+            y = weight_kept(quant, layer, x, autocast)
+            run_backward(y, torch.ones_like(y), f"a {tuple(x.shape)} x, compute_dtype {compute_dtype}")
+
+
+@pytest.mark.exercise("3.6")
+@pytest.mark.parametrize("autocast", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_nf4_linear_gradients_under_autocast(quant, device, autocast):
+    """Under bf16 and fp16 autocast: y in the autocast dtype, ∂L/∂x in x's dtype, both within that dtype's rounding."""
+    for compute_dtype in (torch.float32, torch.bfloat16):
+        layer = quant.NF4Linear.from_linear(nn.Linear(56, 40).to(device), compute_dtype=compute_dtype)
+        for x_dtype, leading in ((torch.float32, (2, 3)), (torch.bfloat16, (3,)), (torch.float64, ())):
+            x = torch.randn(*leading, 56, device=device).to(x_dtype).requires_grad_()
+            what = f"under {short(autocast)} autocast on {device.type}, a {short(x_dtype)} x {tuple(x.shape)}"
+            with torch.autocast(device.type, dtype=autocast):
+                y = layer(x)
+            expect_tensor(y, (*leading, 40), f"NF4Linear(x) {what}", dtype=autocast,
+                          hint="autocast computes F.linear in its own dtype: the 4-bit matmul must too (compute "
+                               "in torch.get_autocast_dtype(x.device.type) when torch.is_autocast_enabled(x.device.type))")  # fmt: skip
+            grad_y = torch.randn(*leading, 40, device=device).to(autocast)
+            run_backward(y, grad_y, f"∂L/∂x {what}")
+            ref_y, ref_grad = linear_references(layer, x, grad_y, autocast)
+            assert_close(y, ref_y.value, f"NF4Linear(x) {what}", bound=ref_y.bound,
+                         hint="x, Ŵ and b in the autocast dtype, then x Ŵᵀ + b")  # fmt: skip
+            assert_close(x.grad, ref_grad.value, f"∂L/∂x {what}", bound=ref_grad.bound, dtype=x_dtype,
+                         hint=GRADIENT_HINT + ", Ŵ dequantized in the dtype of the forward's product (autocast's)")  # fmt: skip
+
+
+@pytest.mark.exercise("3.6")
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_nf4_linear_under_gradient_checkpointing(quant, use_reentrant):
+    """Under torch.utils.checkpoint (non-reentrant and reentrant), with and without bf16 autocast: y and ∂L/∂x hold."""
+    from torch.utils.checkpoint import checkpoint
+
+    first = quant.NF4Linear.from_linear(nn.Linear(64, 48))
+    second = quant.NF4Linear.from_linear(nn.Linear(48, 40, bias=False))
+    block = nn.Sequential(first, second)
+    w1, w2 = first.dequantize_weight(torch.float32), second.dequantize_weight(torch.float32)  # (48, 64), (40, 48)
+    for autocast in (None, torch.bfloat16):
+        dtype = autocast or torch.float32
+        x = torch.randn(2, 3, 64, requires_grad=True)
+        what = f"two NF4Linear layers under checkpoint(use_reentrant={use_reentrant}), " + (
+            f"{short(autocast)} autocast" if autocast else "no autocast"
+        )
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast is not None):
+            y = checkpoint(block, x, use_reentrant=use_reentrant)
+        expect_tensor(y, (2, 3, 40), what, dtype=dtype)
+        grad_y = torch.randn(2, 3, 40).to(dtype)
+        run_backward(y, grad_y, what)
+        # y: x, Ŵ1, b1 rounded, a dot product of 64, h rounded, Ŵ2 rounded, a dot product of 48; ∂L/∂x: Ŵ2, Ŵ1
+        # rounded, dot products of 40 and 48, ∂L/∂h rounded, the cast to x's dtype.
+        ref_y = reference(lambda x, a, b, c: (x @ a.T + b) @ c.T, x, w1, first.bias, w2, dtype=dtype, steps=64 + 48 + 6)
+        ref_grad = reference(lambda g, c, a: g @ c @ a, grad_y, w2, w1, dtype=dtype, steps=40 + 48 + 4)
+        assert_close(y, ref_y.value, what, bound=ref_y.bound)
+        assert_close(x.grad, ref_grad.value, f"∂L/∂x, {what}", bound=ref_grad.bound, dtype=torch.float32,
+                     hint=GRADIENT_HINT + "; checkpointing reruns the forward inside the backward, so the Function "
+                          "may keep nothing that the rerun would not rebuild")  # fmt: skip
+
+
+@pytest.mark.exercise("3.6")
+def test_nf4_linear_bias_gradient_when_the_bias_trains(quant):
+    """A bias set to train (LoRA's bias="lora_only") gets ∂L/∂b = Σ ∂L/∂y over every leading dim, 1-D x too."""
+    layer = quant.NF4Linear.from_linear(nn.Linear(32, 24))
+    layer.bias.requires_grad_(True)
+    for leading in ((), (5,), (2, 3)):
+        layer.bias.grad = None
+        x = torch.randn(*leading, 32, requires_grad=True)
+        grad_y = torch.randn(*leading, 24)
+        what = f"∂L/∂b for a {tuple(x.shape)} x"
+        run_backward(layer(x), grad_y, what)
+        assert layer.bias.grad is not None, (
+            f"{what}: the bias was set to train (requires_grad) but got no gradient; the Function's backward "
+            "returns ∂L/∂b = Σ ∂L/∂y over the leading dims when ctx.needs_input_grad says the bias needs one"
+        )
+        ref = reference(lambda g: g.reshape(-1, 24).sum(0), grad_y, dtype=torch.float32, steps=grad_y[..., 0].numel())
+        assert_close(layer.bias.grad, ref.value, what, bound=ref.bound, dtype=torch.float32,
+                     hint="sum ∂L/∂y over every leading dimension (none for a 1-D x), not over the first only")  # fmt: skip
 
 
 # ---- Exercise 3.7: fake quantization ---------------------------------------------------------
@@ -765,7 +885,7 @@ LEADING = [(), (1,), (3,), (1, 1), (2, 1), (2, 3), (1, 2, 3)]  # no batch, one t
 
 @pytest.mark.exercise("3.6")
 def test_nf4_linear_for_every_shape_dtype_and_layout(quant):
-    """Any sizes, block size (several DQ blocks), weight and compute dtype, input shape, dtype and layout, with autocast."""
+    """Any sizes, block size, weight and compute dtype, input shape, dtype and layout, with autocast: y and ∂L/∂x."""
 
     def check(case):
         gen = torch.Generator().manual_seed(case.seed)
@@ -793,9 +913,9 @@ def test_nf4_linear_for_every_shape_dtype_and_layout(quant):
         inputs = [(leading, layout, compute) for leading in LEADING for layout in LAYOUTS]  # x needing no cast
         inputs += [((2, 3), "transposed", x_dtype) for x_dtype in FLOATS if x_dtype != compute]
         for leading, layout, x_dtype in inputs:  # every input for the same layer
-            x = in_layout(torch.randn(*leading, case.in_features, generator=gen).to(x_dtype), layout)
+            x = in_layout(torch.randn(*leading, case.in_features, generator=gen).to(x_dtype), layout).requires_grad_()
             what = f"NF4Linear(x) for a {short(x_dtype)} x of shape {tuple(x.shape)}, {describe_layout(x, layout)}"
-            kept = x.clone()
+            kept = x.detach().clone()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case.autocast):
                 out = layer(x)
             assert torch.equal(x, kept), f"{what}: forward changed its input x"
@@ -809,6 +929,14 @@ def test_nf4_linear_for_every_shape_dtype_and_layout(quant):
             assert_close(out, ref.value, what, bound=ref.bound,
                          hint="cast x to compute_dtype, then an ordinary linear with the dequantized weight (in "
                               "compute_dtype) and the bias; flatten x with reshape, never view")  # fmt: skip
+            # ∂L/∂x = ∂L/∂y · Ŵ: Ŵ rounded to the product's dtype, a dot product of length out, a cast to x's dtype.
+            grad_y = torch.randn(out.shape, generator=gen).to(out.dtype)
+            run_backward(out, grad_y, f"∂L/∂x of {what}")
+            grad_x = x.grad
+            grad = reference(lambda g, W: g @ W, grad_y, weight, dtype=dtype, steps=case.out_features + 1)
+            assert_close(grad_x, grad.value, f"∂L/∂x of {what}", dtype=x_dtype,
+                         bound=grad.bound + UNIT_ROUNDOFF[x_dtype] * (grad.value.abs() + grad.bound),
+                         hint=GRADIENT_HINT + ", returned in x's shape and dtype")  # fmt: skip
 
     for_all(cases(in_features=st.integers(1, 40), out_features=st.integers(1, 40), bias=st.sampled_from([True, False]),
                   block_size=st.sampled_from([64, 1, 4, 7]), double_quant=st.booleans(),

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from testcases.helpers import observe
+from testcases.helpers import KeptForBackward, diagnose, observe
 from testcases.tolerances import UNIT_ROUNDOFF, assert_close, expect_tensor, reference
 
 U32 = UNIT_ROUNDOFF[torch.float32]
@@ -302,7 +302,8 @@ def test_nf4_linear_is_frozen_and_passes_gradients_to_the_input(quant):
     layer = quant.NF4Linear.from_linear(nn.Linear(64, 32))
     assert not any(p.requires_grad for p in layer.parameters()), "nothing in an NF4Linear is trainable"
     x = torch.randn(4, 64, requires_grad=True)
-    layer(x).sum().backward()
+    y = layer(x)
+    run_backward(y, torch.ones_like(y), "NF4Linear(x) with a (4, 64) x")
     assert x.grad is not None and x.grad.abs().sum() > 0, (
         "the gradient must reach the input (LoRA layers below need it)"
     )
@@ -319,6 +320,89 @@ def test_nf4_linear_weight_nbytes(quant):
     assert dq.weight_nbytes() == 256 * 512 // 2 + 2048 + 8 * 4 + 4, (
         f"with DQ: 65,536 + 2,048 uint8 absmax + 8 fp32 scales + an fp32 offset = 67,620 bytes, got {dq.weight_nbytes():,}"
     )
+
+
+def weight_kept(quant, layer, x: torch.Tensor, autocast: torch.dtype | None = None) -> torch.Tensor:
+    """layer(x) under a KeptForBackward census; fails, naming the tensor, if a float tensor of Ŵ's size is kept.
+
+    A layer of the same sizes, settings and compute dtype runs once first, on an x like this one and under the
+    same autocast, so that what a first call builds and caches for good (the NF4 word table of dequantize_nf4,
+    a table per dtype) is not counted. Keep x's leading numel below in_features: then neither x nor y is as
+    big as Ŵ. Returns y (the graph is still to be run backward).
+    """
+    __tracebackhide__ = True
+    out_features, in_features = layer.out_features, layer.in_features
+    warm_up = quant.NF4Linear(in_features, out_features, bias=layer.bias is not None, block_size=layer.block_size,
+                              double_quant=layer.double_quant, compute_dtype=layer.compute_dtype, device=x.device)  # fmt: skip
+    with torch.autocast(x.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        warm_up(torch.zeros_like(x))
+    with (
+        torch.autocast(x.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None),
+        KeptForBackward(numel=out_features * in_features) as kept,
+    ):
+        y = layer(x)
+    size = f"the weight's {out_features} × {in_features} = {out_features * in_features:,} elements"
+    for shape, dtype, _ in kept.saved:
+        raise AssertionError(
+            f"autograd saved a {dtype} tensor of shape {shape} for the backward pass, as big as Ŵ ({size}): "
+            "F.linear(x, Ŵ, b) saves Ŵ because ∂L/∂x = ∂L/∂y · Ŵ needs it, so a 4-bit layer would hold a full-"
+            "precision copy of its weight until the backward. Compute y in a torch.autograd.Function (MatMul4Bit) "
+            "that saves nothing of Ŵ's size and dequantizes Ŵ again in its backward (lesson 03, §7)"
+        )
+    for shape, dtype, op in kept.alive():
+        raise AssertionError(
+            f"a {dtype} tensor of shape {shape} made during the forward pass ({op}) is still alive after it, with "
+            f"storage as big as Ŵ ({size}): a copy of Ŵ kept as a ctx attribute, in a cache or in a closure costs "
+            "as much memory as one saved for backward. Keep the layer (its codes and constants), not Ŵ, and "
+            "dequantize again in backward"
+        )
+    return y
+
+
+def run_backward(y: torch.Tensor, grad_y: torch.Tensor, what: str) -> None:
+    """y.backward(grad_y), an error in the student's backward turned into a sentence that names the rule."""
+    __tracebackhide__ = True
+    try:
+        y.backward(grad_y)
+    except RuntimeError as error:
+        raise AssertionError(
+            f"{what}: the backward pass raised {str(error).splitlines()[0]!r}. ∂L/∂x = ∂L/∂y · Ŵ: (..., out) · "
+            "(out, in) -> (..., in), in the dtype the forward computed in (Ŵ dequantized in that dtype again), "
+            "and one gradient per input of the Function (None for the layer)"
+        ) from None
+
+
+GRADIENT_HINT = "∂L/∂x = ∂L/∂y · Ŵ with Ŵ (out, in), the same Ŵ the forward used: (..., out) · (out, in) -> (..., in)"
+
+
+@pytest.mark.exercise("3.6")
+def test_nf4_linear_keeps_no_dequantized_weight_for_backward(quant):
+    """No float tensor of the weight's size is saved for backward or left alive between forward and backward."""
+    layer = quant.NF4Linear.from_linear(nn.Linear(96, 80))
+    x = torch.randn(3, 96, requires_grad=True)
+    y = weight_kept(quant, layer, x)
+    run_backward(y, torch.ones_like(y), "NF4Linear(x) with a (3, 96) x")
+    assert x.grad is not None and x.grad.abs().sum() > 0, (
+        "the gradient must still reach the input: the backward dequantizes Ŵ again to form ∂L/∂x = ∂L/∂y · Ŵ"
+    )
+
+
+@pytest.mark.exercise("3.6")
+@pytest.mark.parametrize("in_features, out_features", [(96, 80), (64, 64)])
+def test_nf4_linear_input_gradient_is_dl_dy_times_w_hat(quant, in_features, out_features):
+    """∂L/∂x = ∂L/∂y · Ŵ, the F.linear route's gradient, on a non-square and on a square layer."""
+    layer = quant.NF4Linear.from_linear(nn.Linear(in_features, out_features))
+    x = torch.randn(3, in_features, requires_grad=True)
+    grad_y = torch.randn(3, out_features)
+    what = f"∂L/∂x through a {in_features} → {out_features} NF4Linear"
+    run_backward(layer(x), grad_y, what)
+    weight = layer.dequantize_weight(torch.float32)  # (out, in)
+    ref = reference(lambda g, W: g @ W, grad_y, weight, dtype=torch.float32, steps=out_features)  # one dot product
+    wrong = {"∂L/∂x left at zero": torch.zeros_like(x)}
+    if in_features == out_features:  # Ŵᵀ fits a square layer only: there it runs, with the wrong values
+        wrong["the transposed weight, ∂L/∂y · Ŵᵀ (on a non-square layer it does not even run)"] = grad_y @ weight.T
+    cause = diagnose(x.grad, wrong, ref.bound)
+    assert_close(x.grad, ref.value, what, bound=ref.bound, hint=GRADIENT_HINT, cause=cause, dtype=torch.float32)
 
 
 # ---- Exercise 3.7: fake quantization ---------------------------------------------------------

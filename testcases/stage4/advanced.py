@@ -68,6 +68,37 @@ def test_train_config_accepts_a_string_target(trainer):
 
 
 @pytest.mark.exercise("4.1")
+@pytest.mark.parametrize(
+    "kwargs, allowed",
+    [({"quantize": "nf4", "precision": "bf16", "base_dtype": "bf16"}, ("'fp32'",)),
+     ({"quantize": "none", "precision": "fp32", "base_dtype": "bf16"}, ("'fp32'",)),
+     ({"quantize": "none", "precision": "bf16", "base_dtype": "fp16"}, ("'fp32'", "'bf16'")),
+     ({"quantize": "none", "precision": "bf16", "base_dtype": "float32"}, ("'fp32'", "'bf16'"))],
+    ids=["nf4", "fp32-precision", "other-precision", "torch-name"],
+)  # fmt: skip
+def test_base_dtype_is_fp32_or_the_precision_and_only_without_nf4(trainer, kwargs, allowed):
+    """base_dtype: 'fp32', or the precision's ('bf16' with precision='bf16') with quantize='none' (an NF4 base has its own
+    storage; a bf16 weight under fp32 compute or fp16 autocast would not match the input). The ValueError names
+    base_dtype and what is allowed."""
+    expect_refusal(trainer.TrainConfig, **kwargs, names=("base_dtype",), allowed=allowed)
+
+
+@pytest.mark.exercise("4.1")
+def test_base_dtype_accepts_fp32_and_the_precision(trainer):
+    """The default base_dtype is 'fp32' (every combination of quantize and precision keeps working); 'bf16' with
+    precision='bf16' and 'fp16' with precision='fp16' are accepted when quantize='none'."""
+    assert trainer.TrainConfig().base_dtype == "fp32", "base_dtype defaults to 'fp32': the base as it was loaded"
+    for precision in ("bf16", "fp16"):
+        config = trainer.TrainConfig(quantize="none", precision=precision, base_dtype=precision)
+        assert config.base_dtype == precision, (
+            f"quantize='none', precision={precision!r}: base_dtype={precision!r} is valid"
+        )
+    for quantize in ("nf4", "none"):
+        for precision in ("fp32", "bf16", "fp16"):
+            trainer.TrainConfig(quantize=quantize, precision=precision, base_dtype="fp32")
+
+
+@pytest.mark.exercise("4.1")
 def test_resolve_device_refuses_missing_cuda(trainer):
     """device='cuda' without a GPU raises a ValueError naming cuda (where a GPU exists, it is used)."""
     if torch.cuda.is_available():
@@ -202,6 +233,41 @@ def test_a_refused_preparation_leaves_the_model_as_it_was(trainer, tiny_model, c
     config = trainer.TrainConfig(r=2, precision="fp32", **kwargs)
     expect_refusal(trainer.prepare_qlora_model, tiny_model, config, names=(name,), model=tiny_model,
                    what=f"{case}: quantize and wrap only once everything is known to fit, or put the layers back")  # fmt: skip
+
+
+@pytest.mark.exercise("4.2")
+def test_a_refused_bf16_preparation_leaves_the_fp32_model(trainer, tiny_model):
+    """base_dtype='bf16' and a target that matches nothing: ValueError, and every weight is still the fp32 original
+    (casting in place, then back, would round every weight to bf16)."""
+    config = trainer.TrainConfig(r=2, quantize="none", precision="bf16", base_dtype="bf16", target_modules=("qproj",))
+    expect_refusal(trainer.prepare_qlora_model, tiny_model, config, names=("qproj",), model=tiny_model,
+                   what="cast copies of the layers, swap them in, and put the originals back on a refusal")  # fmt: skip
+
+
+@pytest.mark.exercise("4.2")
+def test_bf16_base_trains_like_the_cast_base(trainer, tiny_model, token_ids):
+    """A bf16 step with base_dtype='bf16' gives the adapters the gradients of the fp32 base under autocast (the same
+    bf16 weights: autocast rounds the fp32 base to them)."""
+    from model.lora import lora_layers
+
+    def gradients(base_dtype: str) -> dict[str, torch.Tensor]:
+        config = trainer.TrainConfig(r=2, quantize="none", precision="bf16", base_dtype=base_dtype, seed=3)
+        model = trainer.prepare_qlora_model(copy_of(tiny_model), config)
+        for _, layer in lora_layers(model):
+            with torch.no_grad():
+                layer.lora_B.normal_(generator=helpers.generator(5))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(token_ids)
+        logits.float().square().mean().backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    cast, stored = gradients("fp32"), gradients("bf16")
+    assert sorted(cast) == sorted(stored), "the same adapters train with either base"
+    for name, grad in cast.items():
+        assert stored[name] is not None and torch.equal(stored[name], grad), (
+            f"{name}: the bf16 base must compute exactly what autocast computes from the fp32 base (the same bf16 "
+            "weights, the same bf16 matmuls); store weight.to(torch.bfloat16), not another rounding"
+        )
 
 
 @pytest.mark.exercise("4.2")

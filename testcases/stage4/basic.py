@@ -28,6 +28,7 @@ def float64_lora_trainer(trainer, model, data, **overrides):
         ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps"),
         ({"precision": "fp8"}, "precision"),
         ({"learning_rate": 0.0}, "learning_rate"),
+        ({"quantize": "none", "precision": "bf16", "base_dtype": "int8"}, "base_dtype"),
     ],
 )
 def test_train_config_rejects_bad_values(trainer, kwargs, field):
@@ -76,6 +77,62 @@ def test_prepare_without_quantization_is_plain_lora(trainer, tiny_model):
     model = trainer.prepare_qlora_model(tiny_model, trainer.TrainConfig(r=2, quantize="none", precision="fp32"))
     base = model.layers[1].mlp.down_proj.base_layer
     assert type(base) is nn.Linear, f"quantize='none' keeps nn.Linear bases, got {type(base).__name__}"
+
+
+def autocast_forward(model: nn.Module, token_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    with torch.autocast("cpu", dtype=dtype):
+        return model(token_ids)
+
+
+def saved_weight_copies(model: nn.Module, token_ids: torch.Tensor, dtype: torch.dtype) -> list[tuple[int, ...]]:
+    """The shapes of the frozen projections' weights among the tensors one autocast forward saves for backward,
+    the model's own parameters and buffers excluded: each one is a copy of a weight kept alive for the backward pass."""
+    from model.lora import LoRALayer
+
+    bases = [m.base_layer if isinstance(m, LoRALayer) else m for n, m in model.named_modules()
+             if n.startswith("layers.") and isinstance(m, (LoRALayer, nn.Linear)) and not n.endswith("base_layer")]  # fmt: skip
+    shapes = {tuple(m.weight.shape) for m in bases}
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = autocast_forward(model, token_ids, dtype).float().sum()
+    copies = [tuple(t.shape) for t in saved if tuple(t.shape) in shapes and t.untyped_storage().data_ptr() not in own]
+    del loss
+    return copies
+
+
+@pytest.mark.exercise("4.2")
+def test_prepare_stores_the_frozen_base_in_bf16(trainer, tiny_model, token_ids):
+    """quantize='none', base_dtype='bf16': every projection a bf16 nn.Linear; adapters, norms, embedding, head fp32;
+    a bf16 step keeps no cast copy of a frozen weight."""
+    originals = {n: m.weight.detach().clone() for n, m in tiny_model.named_modules() if isinstance(m, nn.Linear)}
+    config = trainer.TrainConfig(r=2, quantize="none", precision="bf16", base_dtype="bf16",
+                                 target_modules=("q_proj", "v_proj"))  # fmt: skip
+    model = trainer.prepare_qlora_model(tiny_model, config)
+    for name, weight in originals.items():
+        module = model.get_submodule(name)
+        base = getattr(module, "base_layer", module)
+        if name == "lm_head":
+            assert type(base) is nn.Linear and base.weight.dtype == torch.float32, (
+                f"the head (skip_modules) stays an fp32 nn.Linear, got {type(base).__name__} in {base.weight.dtype}"
+            )
+            continue
+        assert type(base) is nn.Linear and base.weight.dtype == torch.bfloat16, (
+            f"{name}: base_dtype='bf16' stores every frozen projection (targets and the rest alike) as an nn.Linear "
+            f"in bfloat16, got {type(base).__name__} in {getattr(base.weight, 'dtype', None)}"
+        )
+        assert torch.equal(base.weight, weight.to(torch.bfloat16)), f"{name}: the bf16 weight is the original, rounded"
+    trainable = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(("lora_A", "lora_B")) and d == torch.float32 for n, d in trainable.items()), (
+        f"only lora_A / lora_B train, in fp32 (master weights): got {sorted(set(trainable.values()), key=str)}"
+    )
+    kept = {n: p.dtype for n, p in model.named_parameters() if ("norm" in n or "embed" in n)}
+    assert kept and all(d == torch.float32 for d in kept.values()), f"norms and the embedding stay fp32, got {kept}"
+    copies = saved_weight_copies(model, token_ids, torch.bfloat16)
+    assert not copies, (
+        f"one bf16 forward saved {len(copies)} tensors shaped like frozen weights {sorted(set(copies))}: autocast cast "
+        "an fp32 base to bf16 and autograd kept the copy for the backward pass. Store the base in bf16 itself"
+    )
 
 
 # ---- Exercise 4.3: the trainer -----------------------------------------------------------------

@@ -477,6 +477,58 @@ def test_paged_optimizer_on_device(memory, device):
             assert torch.equal(a, b), f"paged and unpaged runs on {device.type} must agree bit for bit"
 
 
+@pytest.mark.exercise("6.3")
+def test_bitsandbytes_paging_threshold(memory):
+    """BNB_MIN_PAGED_SIZE = 100,000 (bitsandbytes' get_state_buffer: p.numel() < 1e5 gets an ordinary tensor): with it,
+    a 100,000-element tensor is paged, a 99,999-element one (or any 7B r = 8 adapter: at most 88,064) is not."""
+    assert memory.BNB_MIN_PAGED_SIZE == 100_000, "bitsandbytes pages the states of tensors of >= 100,000 elements"
+    big, small = nn.Parameter(torch.zeros(100_000)), nn.Parameter(torch.zeros(99_999))
+    paged = memory.PagedOptimizer(torch.optim.AdamW([big, small], lr=1e-3), min_paged_size=memory.BNB_MIN_PAGED_SIZE)
+    for _ in range(2):
+        big.grad, small.grad = torch.ones(100_000), torch.ones(99_999)
+        paged.step()
+    assert (paged.bytes_paged_in, paged.bytes_paged_out) == (800_000, 1_600_000), (
+        f"the 100,000-element tensor's m and v (800,000 bytes) are paged in once (step 2) and out twice; the 99,999-element "
+        f"one's never: expected (800,000, 1,600,000), got ({paged.bytes_paged_in:,}, {paged.bytes_paged_out:,})"
+    )
+    assert memory.PagedOptimizer(torch.optim.AdamW([small])).min_paged_size == 0, "the default pages every tensor"
+
+
+@pytest.mark.exercise("6.3")
+@pytest.mark.parametrize("value", [-1, 2.5, True])
+def test_paged_optimizer_refuses_a_bad_min_paged_size(memory, value):
+    """min_paged_size is an int >= 0: anything else is a ValueError naming it, and the optimizer can still be wrapped."""
+    p = nn.Parameter(torch.ones(3))
+    inner = torch.optim.AdamW([p])
+    refuses(memory.PagedOptimizer, inner, min_paged_size=value, match=word("min_paged_size"))
+    assert len(inner.param_groups) == 1 and inner.param_groups[0]["params"] == [p], "a refusal changes nothing"
+    paged = memory.PagedOptimizer(inner, min_paged_size=3)  # the optimizer, wrapped after all: 3 elements are paged
+    p.grad = torch.ones(3)
+    paged.step()
+    assert paged.bytes_paged_out == 24, (
+        f"min_paged_size=3 pages a 3-element m and v out: 24 bytes, got {paged.bytes_paged_out!r}"
+    )
+
+
+@pytest.mark.exercise("6.3")
+def test_min_paged_size_on_device(memory, device):
+    """On the device: between steps the large tensors' states live in the CPU pool, the small ones' on the device."""
+    groups = three_groups(670)
+    for g in groups:
+        g["params"] = [nn.Parameter(p.detach().to(device)) for p in g["params"]]
+    paged = memory.PagedOptimizer(torch.optim.AdamW(groups, lr=1e-2), pool_device="cpu", min_paged_size=300)
+    for step in range(2):
+        seeded_grads([p for g in groups for p in g["params"]], seed=671 + step)
+        for g in groups:
+            for p in g["params"]:
+                p.grad = p.grad.to(device)
+        paged.step()
+    for p, state in paged.state.items():
+        where = {t.device.type for key, t in state.items() if torch.is_tensor(t) and key != "step"}
+        expected = "cpu" if p.numel() >= 300 else device.type
+        assert where == {expected}, f"a {p.numel()}-element parameter's states live on {where}, expected {expected}"
+
+
 # ---- Exercise 6.4: choosing the optimizer in the trainer ---------------------------------------------------
 
 
@@ -564,7 +616,9 @@ def test_resume_with_8bit_states_is_bit_identical(memory, qlora_trainer, tiny_mo
 
 # ---- Exercise 6.5: memory accounting ---------------------------------------------------------------------
 
-CONFIGS = list(itertools.product(["full", "lora", "qlora"], ["fp32", "bf16"], [False, True], ["adamw", "adamw8bit"]))
+CONFIGS = [(*cell, "fp32") for cell in itertools.product(["full", "lora", "qlora"], ["fp32", "bf16"], [False, True],
+                                                         ["adamw", "adamw8bit"])]  # fmt: skip
+CONFIGS += [("lora", "bf16", checkpointing, "adamw", "bf16") for checkpointing in (False, True)]  # the base in bf16
 
 
 @pytest.mark.exercise("6.5")
@@ -589,18 +643,21 @@ def test_measure_memory_counts_only_what_backward_keeps(memory, qlora_trainer, t
 
 
 @pytest.mark.exercise("6.5")
-@pytest.mark.parametrize("method, precision, checkpointing, optimizer", CONFIGS)
-def test_measure_equals_estimate(memory, qlora_trainer, task_data, method, precision, checkpointing, optimizer):
-    """The bundled model, batch 3 × 19, r 8, min_8bit_size 0: measurement = estimate, part by part, to the byte."""
-    model, config = measure_setup(memory, qlora_trainer, method, precision, checkpointing, optimizer)
+@pytest.mark.parametrize("method, precision, checkpointing, optimizer, base_dtype", CONFIGS)
+def test_measure_equals_estimate(memory, qlora_trainer, task_data, method, precision, checkpointing, optimizer,
+                                 base_dtype):  # fmt: skip
+    """The bundled model, batch 3 × 19, r 8, min_8bit_size 0: measurement = estimate, part by part, to the byte
+    (also for LoRA with its frozen base stored in bf16: base_dtype reaches weight_bytes)."""
+    model, config = measure_setup(memory, qlora_trainer, method, precision, checkpointing, optimizer, base_dtype)
     batch = (task_data["input_ids"][5:8], task_data["labels"][5:8])  # a slice of a bigger storage
     measured = memory.measure_memory(model, batch, config)
-    estimated = memory.estimate_memory_parts(model.config, method, optimizer, 3, 19, precision, checkpointing, 8, 0)
+    estimated = memory.estimate_memory_parts(model.config, method, optimizer, 3, 19, precision, checkpointing, 8, 0,
+                                             base_dtype=base_dtype)  # fmt: skip
     # activations: what this model's forward saves (your Stage 1 forward may save other tensors than the
     # reference's, which the given formula describes: stage6/basic.py saved_activation_bytes)
     estimated["activations"] = saved_activation_bytes(memory, model, batch, config)
     estimated["total"] = sum(v for k, v in estimated.items() if k != "total")
-    check_parts(measured, estimated, f"{method}, {precision}, checkpointing={checkpointing}, {optimizer}",
+    check_parts(measured, estimated, f"{method}, {precision}, checkpointing={checkpointing}, {optimizer}, base {base_dtype}",
                 "the check: activations: distinct storages the pack hook sees (not the model's own parameters and buffers; "
                 "the batch copied first), plus with checkpointing the largest one block saves when recomputed; "
                 "optimizer: min_8bit_size from the config, in the measurement and in the estimate")  # fmt: skip

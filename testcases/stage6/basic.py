@@ -220,13 +220,16 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def measure_setup(memory, qlora_trainer, method: str, precision: str, checkpointing: bool, optimizer: str):
-    """(bundled model prepared for ``method``, its MemoryConfig) with r 8 and min_8bit_size 0 (8-bit on every adapter)."""
+def measure_setup(
+    memory, qlora_trainer, method: str, precision: str, checkpointing: bool, optimizer: str, base_dtype: str = "fp32"
+):
+    """(bundled model prepared for ``method``, its MemoryConfig) with r 8 and min_8bit_size 0 (8-bit on every adapter);
+    ``base_dtype`` is TrainConfig's (lora in bf16: "bf16" stores the frozen projections in bf16)."""
     from model.tiny_llama import load_base_model
 
     config = memory.MemoryConfig(quantize="nf4" if method == "qlora" else "none", precision=precision,
                                  gradient_checkpointing=checkpointing, optimizer=optimizer, min_8bit_size=0,
-                                 device="cpu", r=8, progress=False)  # fmt: skip
+                                 device="cpu", r=8, progress=False, base_dtype=base_dtype)  # fmt: skip
     model = load_base_model()
     if method == "full":
         model.gradient_checkpointing = checkpointing
@@ -470,6 +473,33 @@ def test_bytes_paged_per_step(memory, kind):
     )
 
 
+@pytest.mark.exercise("6.3")
+def test_min_paged_size_keeps_small_tensors_on_the_device(memory):
+    """min_paged_size=300: the states of tensors of 300 elements and more are paged, those of smaller ones stay put
+    (bitsandbytes' rule, at its 100,000); the parameters are those of the unpaged optimizer, bit for bit."""
+    groups, twin = three_groups(640), three_groups(640)
+    plain = torch.optim.AdamW(groups, lr=1e-2)
+    paged = memory.PagedOptimizer(torch.optim.AdamW(twin, lr=1e-2), min_paged_size=300)
+    for step in range(3):
+        for gs in (groups, twin):
+            seeded_grads([p for g in gs for p in g["params"]], seed=641 + step)
+        plain.step()
+        paged.step()
+    large = sum(t.numel() * t.element_size() for p, state in paged.state.items() if p.numel() >= 300
+                for key, t in state.items() if torch.is_tensor(t) and key != "step")  # fmt: skip
+    sizes = sorted(p.numel() for g in twin for p in g["params"])
+    expected = (2 * large, 3 * large)
+    got = (paged.bytes_paged_in, paged.bytes_paged_out)
+    assert large > 0 and got == expected, (
+        f"tensors of {sizes} elements, min_paged_size=300: after 3 steps expected (bytes_paged_in, bytes_paged_out) = "
+        f"{expected} (the states of the 300-, 512- and 1200-element tensors only), got {got}. A parameter with fewer "
+        "than min_paged_size elements is skipped by page_in and page_out; one with exactly that many is paged"
+    )
+    for g, h in zip(groups, twin):
+        for a, b in zip(g["params"], h["params"]):
+            assert torch.equal(a, b), f"a {a.numel()}-element parameter differs from the unpaged optimizer's"
+
+
 # ---- Exercise 6.4: choosing the optimizer in the trainer ---------------------------------------------------
 
 
@@ -568,16 +598,23 @@ def test_optimizer_state_bytes_per_tensor(memory):
 
 @pytest.mark.exercise("6.5")
 def test_estimate_memory_parts_of_the_wide_config(memory):
-    """The lesson's numbers for wide_config(), batch 64 × 19, bf16."""
+    """The lesson's numbers for wide_config(), batch 64 × 19, bf16 (LoRA also with its base stored in bf16)."""
     config = memory.wide_config()
     parts = memory.estimate_memory_parts(config, "qlora", "adamw", 64, 19, "bf16")
-    expected = {"weights": 15_657_216, "gradients": 2_498_560, "optimizer": 4_997_568, "activations": 298_464_260}
+    expected = {"weights": 15_657_216, "gradients": 2_498_560, "optimizer": 4_997_568, "activations": 249_443_332}
     expected["total"] = sum(expected.values())
     check_parts(parts, expected, "estimate_memory_parts(wide, qlora, adamw, bf16)",
                 "the check: weights = weight_bytes, gradients = 4 B per trainable element, optimizer = optimizer_state_bytes, activations = activation_bytes; total = their sum")  # fmt: skip
     parts = memory.estimate_memory_parts(config, "qlora", "adamw8bit", 64, 19, "bf16")
     assert parts["optimizer"] == 1_268_800, (
         f"qlora + adamw8bit: expected 1,268,800 state bytes, got {parts['optimizer']:,}"
+    )
+    parts = memory.estimate_memory_parts(config, "lora", "adamw", 64, 19, "bf16", base_dtype="bf16")
+    got = (parts["weights"], parts["activations"])
+    assert got == (53_200_896, 249_443_332), (
+        f"lora in bf16 with base_dtype='bf16': expected weights 53,200,896 (the projections at 2 B, the rest fp32) and "
+        f"activations 249,443,332 (no cast copy of a weight: QLoRA's), got {got}: pass base_dtype to weight_bytes and "
+        "activation_bytes"
     )
     parts = memory.estimate_memory_parts(config, "full", "adamw", 64, 19, "bf16")
     assert (parts["weights"], parts["gradients"], parts["optimizer"]) == (101_296_128, 101_296_128, 202_592_556), (
