@@ -21,7 +21,9 @@ Answer.AI's FSDP-QLoRA: four codes per bf16 element, eight per fp32 one), so the
 weight of that dtype, and a mixed-precision cast to that same dtype leaves the bytes alone. The
 quantization constants (absmax codes, scales, offset) stay buffers, whole on every rank, as
 bitsandbytes' quant_state does. The forward views the gathered storage as bytes again and calls
-your ``dequantize_nf4`` (Stage 3), so it computes exactly what the NF4Linear computed.
+your 4-bit matmul (``matmul_4bit``, Stage 3), which dequantizes with your ``dequantize_nf4`` in the
+forward and again in the backward, so it computes exactly what the NF4Linear computed and keeps no
+copy of Ŵ either.
 
 Checkpoints are sharded (``torch.distributed.checkpoint``): ``--save-every N`` writes
 ``output_dir/checkpoint-<step>/``, where every rank writes its own shards of the adapters and of
@@ -41,14 +43,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from model._impl import use_default_for
 
 use_default_for("show")
 
-from model.quant import NF4Linear, dequantize_nf4, double_dequantize  # noqa: E402
+from model.quant import NF4Linear, dequantize_nf4, double_dequantize, matmul_4bit  # noqa: E402
 from training.distributed import DistributedTrainer, build, make_parser, run  # noqa: E402
 from training.qlora_trainer import TrainConfig, resolve_device  # noqa: E402
 
@@ -95,17 +96,22 @@ class QuantStorageNF4Linear(nn.Module):
         """The packed codes, uint8 (n_bytes,): the storage's bytes, without the padding."""
         return self.packed_storage.view(torch.uint8)[: self.n_bytes]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., in) -> (..., out), as NF4Linear.forward."""
+    def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Ŵ (out, in) in ``dtype`` (default compute_dtype), as NF4Linear.dequantize_weight, from the storage's bytes."""
         absmax = (
             double_dequantize(self.absmax_codes, self.absmax_scale, self.absmax_offset)
             if self.double_quant
             else self.absmax
         )
         shape = (self.out_features, self.in_features)
-        weight = dequantize_nf4(self.codes(), absmax, shape, self.block_size, self.compute_dtype)  # (out, in)
-        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return F.linear(x.to(self.compute_dtype), weight, bias)
+        return dequantize_nf4(self.codes(), absmax, shape, self.block_size, dtype or self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) -> (..., out), as NF4Linear.forward: your 4-bit matmul, which keeps no copy of Ŵ.
+
+        Its backward dequantizes again from ``packed_storage``: FSDP gathers a decoder layer's parameters
+        again before that layer's backward (reshard after forward), so the codes are whole when it runs."""
+        return matmul_4bit(x, self)
 
     def extra_repr(self) -> str:
         return (
