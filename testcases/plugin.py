@@ -248,6 +248,9 @@ def close_sandbox(config: pytest.Config, planned: set[str]) -> None:
         for module in WARM_UP.get(ex, ()):
             with contextlib.suppress(ImportError):
                 importlib.import_module(module)
+    import torch
+
+    torch.ones(1).to(torch.float16)  # torch initializes cpuinfo (reads /proc, /sys) on its first fp16 cast
     sandbox.calm_hypothesis()
     import torch  # its first float16 conversion initialises cpuinfo, which reads /proc and /sys: refused once closed
 
