@@ -248,13 +248,10 @@ def close_sandbox(config: pytest.Config, planned: set[str]) -> None:
         for module in WARM_UP.get(ex, ()):
             with contextlib.suppress(ImportError):
                 importlib.import_module(module)
-    import torch
-
-    torch.ones(1).to(torch.float16)  # torch initializes cpuinfo (reads /proc, /sys) on its first fp16 cast
-    sandbox.calm_hypothesis()
     import torch  # its first float16 conversion initialises cpuinfo, which reads /proc and /sys: refused once closed
 
     torch.zeros(1, dtype=torch.float16).float()  # (then every float16 test failed with "Failed to initialize cpuinfo!")
+    sandbox.calm_hypothesis()
     here = Path.cwd().resolve()
     tmp = Path(tempfile.gettempdir()).resolve()
     if not tmp.is_relative_to(here):  # a direct run: tempfile's files go to the scratch folder too
