@@ -132,7 +132,7 @@ def render_zh(name: str) -> str:
     if name.startswith("tests-"):
         ex = name.removeprefix("tests-")
         folder = stage_of(ex).tests[0].rsplit("/", 1)[0]
-        return f"练习 {ex} 的评分测试检查以下各项（{folder}/，测试说明保留英文原文）：\n\n" + test_list(ex)
+        return f"练习 {ex} 中参与评分的测试检查以下各项（{folder}/，测试说明保留英文原文）：\n\n" + test_list(ex)
     raise KeyError(f"{name}: no Chinese rendering (solutions/tools/docs.py render_zh)")
 
 
