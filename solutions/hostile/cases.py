@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from solutions.tools.variants import Variant
+from testcases.manifest import exercises
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class Hostile:
 
 LORA = "model/lora.py"
 # Stage 3 must keep full marks whatever model/lora.py does; a file that cannot run costs Stage 1 everything.
-STAGE3_FULL = {"3.1": 5, "3.2": 5, "3.3": 4, "3.4": 10, "3.5": 6, "3.6": 8, "3.7": 4}
+STAGE3_FULL = {ex: e.points for ex, e in exercises().items() if ex.startswith("3.")}  # full marks, from the manifest
 LORA_LOST = {"1.1": 0, "1.2": 0, "1.3": 0, **STAGE3_FULL}
 # Tampering must neither earn nor cost points: Stage 1 scores what the same files score without it.
 AS_TWIN = {"1.1": "twin", "1.2": "twin", "1.3": "twin"}
