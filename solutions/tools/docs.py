@@ -52,43 +52,73 @@ def test_lines() -> dict[str, list[tuple[str, str, str]]]:
     return found
 
 
+# The words around the manifest's facts in each language's generated blocks (the facts are the same).
+WORDS = {
+    "en": {
+        "course-map": "| stage | lesson | you write in | exercises (points) |",
+        "stage-table": "| Stage | Page | Student file | Exercises | Points |",
+        "exercise-table": "| Exercise | What you implement | Builds on | Points |",
+        "all": "{points} points in all.",
+        "total": "**total**",
+        "stage": "**Stage {number}**",
+        "catalogues": "The catalogues hold {mutants} mutants, {equivalents} equivalents and {hostile} hostile submissions.",
+        "tests": "The graded tests of {ex} check ({folder}/):",
+    },
+    "zh": {
+        "course-map": "| 阶段 | 课程 | 你编写的文件 | 练习（分数） |",
+        "stage-table": "| 阶段 | 课程页面 | 学生文件 | 练习 | 分数 |",
+        "exercise-table": "| 练习 | 你要实现的内容 | 依赖 | 分数 |",
+        "all": "共 {points} 分。",
+        "total": "**合计**",
+        "stage": "**第 {number} 阶段**",
+        "catalogues": "目录中共有 {mutants} 个变异体（mutant）、{equivalents} 个等价实现和 {hostile} 个恶意提交。",
+        "tests": "练习 {ex} 中参与评分的测试检查以下各项（{folder}/，测试说明保留英文原文）：",
+    },
+}
+
+
+def header(columns: str) -> list[str]:
+    """A Markdown table's first two rows."""
+    return [columns, "|" + "---|" * columns.count(" | ") + "---|"]
+
+
 def render(name: str, lang: str = "en") -> str:
     """The body of generated block ``name`` for a page in ``lang`` ("en", or "zh" for the Chinese twins)."""
-    if lang == "zh":
-        return render_zh(name)
+    words = WORDS[lang]
+    title = (lambda s: s.title) if lang == "en" else (lambda s: s.title_zh)
     if name == "course-map":
-        rows = ["| stage | lesson | you write in | exercises (points) |", "|---|---|---|---|"]
+        rows = header(words["course-map"])
         for s in STAGES:
             ex = " · ".join(f"{e.id} {e.title} ({e.points})" for e in s.exercises)
-            rows.append(f"| {s.number} | [{s.title}]({s.lesson}) | `{s.student_file}` | {ex} |")
-        return "\n".join(rows) + f"\n\n{total_points()} points in all.\n"
+            lesson = s.lesson if lang == "en" else zh_lesson(s)
+            rows.append(f"| {s.number} | [{title(s)}]({lesson}) | `{s.student_file}` | {ex} |")
+        return "\n".join(rows) + "\n\n" + words["all"].format(points=total_points()) + "\n"
     if name == "stage-table":
-        rows = ["| Stage | Page | Student file | Exercises | Points |", "|---|---|---|---|---|"]
+        rows = header(words["stage-table"])
         for s in STAGES:
             page = Path(s.lesson).name
-            rows.append(f"| {s.number} · {s.title} | [{page}]({page}) | `{s.student_file}` | "
+            rows.append(f"| {s.number} · {title(s)} | [{page}]({page}) | `{s.student_file}` | "
                         f"{s.exercises[0].id}–{s.exercises[-1].id} | {s.points} |")  # fmt: skip
-        rows.append(f"| | | | **total** | **{total_points()}** |")
+        rows.append(f"| | | | {words['total']} | **{total_points()}** |")
         return "\n".join(rows) + "\n"
     if name == "exercise-table":
-        rows = ["| Exercise | What you implement | Builds on | Points |", "|---|---|---|---|"]
+        rows = header(words["exercise-table"])
         for s in STAGES:
-            rows.append(f"| **Stage {s.number}** · `{s.student_file}` | | | |")
+            rows.append(f"| {words['stage'].format(number=s.number)} · `{s.student_file}` | | | |")
             for e in s.exercises:
                 rows.append(f"| {e.id} | {e.title} | {', '.join(e.needs) or '—'} | {e.points} |")
         return "\n".join(rows) + "\n"
-    if name == "layout":
+    if name == "layout" and lang == "en":
         return layout()
     if name == "which-code-runs":
-        return which_code_runs()
+        return which_code_runs() if lang == "en" else which_code_runs_zh()
     if name == "catalogue-counts":
-        counts = catalogue_counts()
-        return (f"The catalogues hold {counts['mutants']} mutants, {counts['equivalents']} equivalents and "
-                f"{counts['hostile']} hostile submissions.\n")  # fmt: skip
+        return words["catalogues"].format(**catalogue_counts()) + "\n"
     if name.startswith("tests-"):
         ex = name.removeprefix("tests-")
-        return f"The graded tests of {ex} check ({stage_of(ex).tests[0].rsplit('/', 1)[0]}/):\n\n" + test_list(ex)
-    raise KeyError(name)
+        folder = stage_of(ex).tests[0].rsplit("/", 1)[0]
+        return words["tests"].format(ex=ex, folder=folder) + "\n\n" + test_list(ex)
+    raise KeyError(f"{name}: no rendering in {lang!r} (solutions/tools/docs.py render)")
 
 
 def test_list(ex: str) -> str:
@@ -98,42 +128,6 @@ def test_list(ex: str) -> str:
 
 def zh_lesson(stage) -> str:
     return str(Path(stage.lesson).parent / "zh-CN" / Path(stage.lesson).name)
-
-
-def render_zh(name: str) -> str:
-    """The Chinese pages' generated blocks: the same facts from the manifest, Chinese words around them."""
-    if name == "course-map":
-        rows = ["| 阶段 | 课程 | 你编写的文件 | 练习（分数） |", "|---|---|---|---|"]
-        for s in STAGES:
-            ex = " · ".join(f"{e.id} {e.title} ({e.points})" for e in s.exercises)
-            rows.append(f"| {s.number} | [{s.title_zh}]({zh_lesson(s)}) | `{s.student_file}` | {ex} |")
-        return "\n".join(rows) + f"\n\n共 {total_points()} 分。\n"
-    if name == "stage-table":
-        rows = ["| 阶段 | 课程页面 | 学生文件 | 练习 | 分数 |", "|---|---|---|---|---|"]
-        for s in STAGES:
-            page = Path(s.lesson).name
-            rows.append(f"| {s.number} · {s.title_zh} | [{page}]({page}) | `{s.student_file}` | "
-                        f"{s.exercises[0].id}–{s.exercises[-1].id} | {s.points} |")  # fmt: skip
-        rows.append(f"| | | | **合计** | **{total_points()}** |")
-        return "\n".join(rows) + "\n"
-    if name == "exercise-table":
-        rows = ["| 练习 | 你要实现的内容 | 依赖 | 分数 |", "|---|---|---|---|"]
-        for s in STAGES:
-            rows.append(f"| **第 {s.number} 阶段** · `{s.student_file}` | | | |")
-            for e in s.exercises:
-                rows.append(f"| {e.id} | {e.title} | {', '.join(e.needs) or '—'} | {e.points} |")
-        return "\n".join(rows) + "\n"
-    if name == "which-code-runs":
-        return which_code_runs_zh()
-    if name == "catalogue-counts":
-        counts = catalogue_counts()
-        return (f"目录中共有 {counts['mutants']} 个变异体（mutant）、{counts['equivalents']} 个等价实现和 "
-                f"{counts['hostile']} 个恶意提交。\n")  # fmt: skip
-    if name.startswith("tests-"):
-        ex = name.removeprefix("tests-")
-        folder = stage_of(ex).tests[0].rsplit("/", 1)[0]
-        return f"练习 {ex} 中参与评分的测试检查以下各项（{folder}/，测试说明保留英文原文）：\n\n" + test_list(ex)
-    raise KeyError(f"{name}: no Chinese rendering (solutions/tools/docs.py render_zh)")
 
 
 def quoted_points(page: str, text: str) -> list[str]:
