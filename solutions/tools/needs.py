@@ -119,19 +119,14 @@ class Tracer:
 
 def trace(selection: list[str]) -> dict[str, tuple[str, set[str]]]:
     """Run the graded tests of ``selection`` on the reference under the tracer: nodeid -> (exercise, exercises run)."""
-    import pytest
+    from solutions.tools.variants import quiet_pytest
 
     tracer = Tracer()
     with tempfile.TemporaryDirectory(prefix="needs-") as tmp:
         args = ["-q", "--no-header", "-p", "no:nbmake", "-p", "no:cacheprovider", "-W", "ignore", "--impl", "solutions",
                 "--ex", ",".join(selection), "--details", "0", "--basetemp", str(Path(tmp) / "pytest"),
                 "testcases/basic_test.py", "testcases/advanced_test.py"]  # fmt: skip
-        with open(os.devnull, "w") as devnull:
-            stdout, sys.stdout = sys.stdout, devnull
-            try:
-                code = pytest.main(args, plugins=[tracer])
-            finally:
-                sys.stdout = stdout
+        code = quiet_pytest(args, [tracer])
     if code != 0:
         raise RuntimeError(f"the reference does not pass every graded test (pytest exit status {code})")
     return tracer.ran

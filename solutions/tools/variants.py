@@ -150,7 +150,6 @@ def run_suite(
 ) -> tuple[int, _Recorder]:
     """Run the graded tests of ``selection`` in this process on the given student files (path -> text);
     the tests of exercise ``first`` and its stage run first."""
-    import pytest
 
     from model import _impl
 
@@ -166,13 +165,20 @@ def run_suite(
         args = ["-q", "--no-header", "-p", "no:nbmake", "-W", "ignore", "--impl", tmp, "--ex", ",".join(selection)]
         args += ["-x"] if stop_first else []
         args += stage_modules(selection)
-        with open(os.devnull, "w") as devnull:
-            stdout, sys.stdout = sys.stdout, devnull
-            try:
-                code = pytest.main(args, plugins=[recorder])
-            finally:
-                sys.stdout = stdout
+        code = quiet_pytest(args, [recorder])
     return code, recorder
+
+
+def quiet_pytest(args: list[str], plugins: list) -> int:
+    """``pytest.main`` with its report thrown away (the plugins collect what counts); its exit status."""
+    import pytest
+
+    with open(os.devnull, "w") as devnull:
+        stdout, sys.stdout = sys.stdout, devnull
+        try:
+            return pytest.main(args, plugins=plugins)
+        finally:
+            sys.stdout = stdout
 
 
 def stage_modules(selection: list[str]) -> list[str]:
