@@ -628,6 +628,12 @@ def test_fake_quantize_blocks_dtype_and_training(quant):
 SUB = 2.0**-149  # float32's smallest subnormal: the rounding step of results near 0
 
 
+def round_trip_bound(step: torch.Tensor, qmax: int) -> torch.Tensor:
+    """|x̂ − x| allowed per element for codes of ``step`` (float64): half a step, plus the float32 rounding of
+    x / step and of q · step (a few units in the last place of values up to (qmax + 1) steps, absolute near 0)."""
+    return step * (0.5 + 4 * U32 * (qmax + 1)) + 4 * (qmax + 1) * SUB
+
+
 def check_input_kept(x: torch.Tensor, kept: torch.Tensor, what: str) -> None:
     assert x.dtype == kept.dtype and torch.equal(x, kept), (
         f"{what} changed its input x: never modify the caller's tensor (an in-place op on x.float() or on a "
@@ -672,7 +678,7 @@ def test_uniform_quantization_for_every_shape_dtype_magnitude_and_layout(quant, 
         level = q.reshape(-1).double() - per_element(zero_point, block, numel)
         assert_close(x_hat.reshape(-1), level * step, "dequantize_tensor: (q − zero_point) · scale",
                      bound=2 * U32 * (level.abs() + per_element(zero_point, block, numel)) * step + 2 * SUB)  # fmt: skip
-        bound = step * (0.5 + 4 * U32 * (qmax + 1)) + 4 * (qmax + 1) * SUB
+        bound = round_trip_bound(step, qmax)
         assert_close(x_hat.reshape(-1), x32, "round trip of uniform quantization (flattened)", bound=bound,
                      hint="every element within half a step: round x / scale, add the zero point, clamp to [0, qmax]")  # fmt: skip
         assert (x_hat.reshape(-1)[x32 == 0] == 0).all(), "0 must come back as exactly 0 (q = zero_point)"
@@ -710,7 +716,7 @@ def test_absmax_quantization_for_every_shape_dtype_magnitude_and_layout(quant, m
         x_hat = quant.absmax_dequantize(in_layout(q, case.x.layout), scale, block_size=case.block_size)
         expect_tensor(x_hat, tuple(x.shape), "absmax_dequantize(...)", dtype=torch.float32)
         step = per_element(scale, block, numel)
-        bound = step * (0.5 + 4 * U32 * (qmax + 1)) + 4 * (qmax + 1) * SUB
+        bound = round_trip_bound(step, qmax)
         assert_close(x_hat.reshape(-1), x32, "round trip of absmax quantization (flattened)", bound=bound,
                      hint="q = clamp(round(x / scale), −qmax, qmax) and x̂ = q · scale, scale = absmax / qmax per block")  # fmt: skip
         assert (x_hat.reshape(-1)[x32 == 0] == 0).all(), "0 must come back as exactly 0"
