@@ -29,11 +29,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+from solutions.tools.drift import english_pages, twin
 from testcases.manifest import REPO, STAGES, exercises, stage_of, student_files, student_modules, total_points
 
 PAGES = ("README.md", "tutorial/README.md", *(s.lesson for s in STAGES))
 # The Chinese twins (tutorial/zh-CN/, README.zh-CN.md) get the same blocks in Chinese where they exist.
-ZH_PAGES = ("README.zh-CN.md", "tutorial/zh-CN/README.md", *(f"tutorial/zh-CN/{Path(s.lesson).name}" for s in STAGES))
+ZH_PAGES = tuple(twin(page) for page in PAGES)
 BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /generated -->)", re.DOTALL)
 
 
@@ -90,7 +91,7 @@ def render(name: str, lang: str = "en") -> str:
         rows = header(words["course-map"])
         for s in STAGES:
             ex = " · ".join(f"{e.id} {e.title} ({e.points})" for e in s.exercises)
-            lesson = s.lesson if lang == "en" else zh_lesson(s)
+            lesson = s.lesson if lang == "en" else twin(s.lesson)
             rows.append(f"| {s.number} | [{title(s)}]({lesson}) | `{s.student_file}` | {ex} |")
         return "\n".join(rows) + "\n\n" + words["all"].format(points=total_points()) + "\n"
     if name == "stage-table":
@@ -124,10 +125,6 @@ def render(name: str, lang: str = "en") -> str:
 def test_list(ex: str) -> str:
     """One line per graded test of ``ex``: its docstring's first line (English in every language: it is code)."""
     return "\n".join(f"- {doc} *({level}: `{test}`)*" for level, test, doc in test_lines()[ex]) + "\n"
-
-
-def zh_lesson(stage) -> str:
-    return str(Path(stage.lesson).parent / "zh-CN" / Path(stage.lesson).name)
 
 
 def quoted_points(page: str, text: str) -> list[str]:
@@ -272,13 +269,24 @@ def language_link(page: str, lang: str) -> str:
 TITLE_AND_LINK = re.compile(r"\A(# [^\n]*\n\n)(<!-- untranslated -->\n.*?<!-- /untranslated -->\n\n)?", re.DOTALL)
 
 
-def with_language_link(page: str, text: str, lang: str) -> str:
-    """A lesson with a Chinese twin links it under its title, and the twin links back."""
-    english = page if lang == "en" else page.replace("/zh-CN/", "/")
-    twin = REPO / english.replace("tutorial/", "tutorial/zh-CN/")
-    if not re.fullmatch(r"tutorial/(zh-CN/)?0\d-[\w-]+\.md", page) or not twin.is_file():
-        return text
-    return TITLE_AND_LINK.sub(lambda m: m.group(1) + language_link(page, lang) + "\n", text, count=1)
+def language_links(write: bool) -> list[str]:
+    """Each lesson with a Chinese twin (08 included) links it under its title, and the twin links back."""
+    problems = []
+    for english in english_pages():
+        if not english.startswith("tutorial/0") or not (REPO / twin(english)).is_file():
+            continue
+        for page, lang in ((english, "en"), (twin(english), "zh")):
+            text = (REPO / page).read_text()
+            link = language_link(english, lang)
+            new = TITLE_AND_LINK.sub(lambda m, link=link: m.group(1) + link + "\n", text, count=1)
+            if new != text:
+                if write:
+                    (REPO / page).write_text(new)
+                else:
+                    problems.append(
+                        f"{page}: its link to the other language is out of date (run python -m solutions.tools.docs)"
+                    )
+    return problems
 
 
 def sync(write: bool) -> list[str]:
@@ -290,7 +298,6 @@ def sync(write: bool) -> list[str]:
         path = REPO / page
         text = path.read_text()
         new = BLOCK.sub(lambda m, lang=lang: m.group(1) + render(m.group("name"), lang) + m.group(4), text)
-        new = with_language_link(page, new, lang)
         if lang == "en":
             listed |= {
                 m.group("name").removeprefix("tests-")
@@ -305,7 +312,7 @@ def sync(write: bool) -> list[str]:
         problems += quoted_points(page, new) + loose_file_lists(page, new)
     if missing := sorted(tested - listed, key=lambda e: tuple(map(int, e.split(".")))):
         problems.append(f"no lesson lists the tests of {', '.join(missing)}: add <!-- generated: tests-X.Y --> blocks")
-    return problems
+    return problems + language_links(write)
 
 
 def main(argv: list[str] | None = None) -> int:
