@@ -273,13 +273,36 @@ def ddp_args(out: Path, *extra: str) -> list[str]:
     return ["--batch-size", "16", "--max-steps", "4", "--progress", "false", "--output-dir", str(out), *extra]
 
 
-def torchrun(n: int, args: list[str]) -> subprocess.CompletedProcess:
-    return run(
-        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "-m", "training.distributed", *args]
-    )
+def launch(module: str, args: list[str], n: int = 2) -> str:
+    """``python -m <module>`` in n processes started as torchrun starts them (RANK, WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT in the environment), without torchrun's own process: one torch import less per launch
+    (test_finetune_and_generate_end_to_end goes through torchrun itself). Returns rank 0's output."""
+    import socket
+
+    with socket.socket() as s:  # a free port for the rendezvous (gloo's TCP store on rank 0)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n)}  # fmt: skip
+    command = [sys.executable, "-m", module, *args]
+    ranks = [
+        subprocess.Popen(
+            command,
+            cwd=REPO,
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        for r in range(n)
+    ]
+    outputs = [rank.communicate(timeout=300) for rank in ranks]
+    for r, (rank, (out, err)) in enumerate(zip(ranks, outputs, strict=True)):
+        assert rank.returncode == 0, f"rank {r} of {' '.join(command)} failed:\n{out[-2000:]}\n{err[-4000:]}"
+    return outputs[0][0]
 
 
-@pytest.mark.timeout(600)  # child processes (torch imports, torchrun) on a possibly busy machine
+@pytest.mark.timeout(600)  # child processes (torch imports) on a possibly busy machine
 def test_two_processes_train_as_one(tmp_path, stages_done):
     """torchrun with 2 gloo processes = one process with the same global batch (float64: max |Δθ| ≤ 1e-10)."""
     from safetensors.torch import load_file
@@ -288,7 +311,7 @@ def test_two_processes_train_as_one(tmp_path, stages_done):
     from training.qlora_trainer import QLoRATrainer
 
     args = ddp_args(tmp_path / "ddp", "--quantize", "none", "--float64", "--result", str(tmp_path / "ddp.safetensors"))
-    torchrun(2, args)
+    launch("training.distributed", args)
     single = build(parse_args(ddp_args(tmp_path / "one", "--quantize", "none", "--float64")), QLoRATrainer)
     single.train()
     write_result(single, tmp_path / "one.safetensors")
@@ -304,15 +327,15 @@ def test_two_processes_train_as_one(tmp_path, stages_done):
     assert losses[0] == pytest.approx(losses[1], rel=1e-12), f"the logged loss is the global mean: {losses}"
 
 
-@pytest.mark.timeout(600)  # child processes (torch imports, torchrun) on a possibly busy machine
+@pytest.mark.timeout(600)  # child processes (torch imports) on a possibly busy machine
 def test_two_processes_resume_bit_for_bit(tmp_path, stages_done):
     """A 2-process QLoRA run stopped after 2 of 4 steps and resumed equals the uninterrupted run, bit for bit."""
     from safetensors.torch import load_file
 
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    torchrun(2, ddp_args(whole, "--result", str(tmp_path / "whole.safetensors")))
-    torchrun(2, ddp_args(parts, "--stop-after", "2", "--save-every", "2"))
-    torchrun(2, ddp_args(parts, "--resume", "--result", str(tmp_path / "parts.safetensors")))
+    launch("training.distributed", ddp_args(whole, "--result", str(tmp_path / "whole.safetensors")))
+    launch("training.distributed", ddp_args(parts, "--stop-after", "2", "--save-every", "2"))
+    launch("training.distributed", ddp_args(parts, "--resume", "--result", str(tmp_path / "parts.safetensors")))
     a, b = load_file(str(tmp_path / "whole.safetensors")), load_file(str(tmp_path / "parts.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run must continue exactly where the first stopped"
     assert (parts / "adapter" / "adapter_config.json").is_file(), "rank 0 writes the adapter"
@@ -952,35 +975,6 @@ def fsdp_args(out: Path, *extra: str) -> list[str]:
             "--no-eval", *extra]  # fmt: skip
 
 
-def fsdp_run(args: list[str], n: int = 2) -> str:
-    """``python -m training.fsdp`` in n processes started as torchrun starts them (RANK, WORLD_SIZE, MASTER_ADDR,
-    MASTER_PORT in the environment), without torchrun's own process: one torch import less per launch.
-    The DDP tests above go through torchrun. Returns rank 0's output."""
-    import socket
-
-    with socket.socket() as s:  # a free port for the rendezvous (gloo's TCP store on rank 0)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port), "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n)}  # fmt: skip
-    command = [sys.executable, "-m", "training.fsdp", *args]
-    ranks = [
-        subprocess.Popen(
-            command,
-            cwd=REPO,
-            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )  # fmt: skip
-        for r in range(n)
-    ]
-    outputs = [rank.communicate(timeout=300) for rank in ranks]
-    for r, (rank, (out, err)) in enumerate(zip(ranks, outputs, strict=True)):
-        assert rank.returncode == 0, f"rank {r} of {' '.join(command)} failed:\n{out[-2000:]}\n{err[-4000:]}"
-    return outputs[0][0]
-
-
 def one_process(args: list[str], path: Path) -> dict[str, torch.Tensor]:
     """The same model and data trained in this process, without FSDP: its trainable parameters after 4 steps."""
     from safetensors.torch import load_file
@@ -1034,7 +1028,9 @@ def test_fsdp_qlora_two_processes_train_as_one_and_resume(tmp_path, stages_done)
     (float64: max |Δθ| ≤ 1e-10, the DDP test's bound); rank 0 holds half of every parameter; the sharded
     checkpoint of step 2 resumes (here in 1 process: torch.distributed.checkpoint reshards) to the same end."""
     whole_run = tmp_path / "whole"
-    output = fsdp_run(fsdp_args(whole_run, "--save-every", "2", "--result", str(tmp_path / "two.safetensors")))
+    output = launch(
+        "training.fsdp", fsdp_args(whole_run, "--save-every", "2", "--result", str(tmp_path / "two.safetensors"))
+    )
     assert "[2 processes] step 4" in output, output
     for step in (2, 4):
         files = {p.name for p in (whole_run / f"checkpoint-{step}").iterdir()}
@@ -1067,7 +1063,10 @@ def test_fsdp_lora_two_processes_train_as_one(tmp_path, stages_done):
     """FSDP2 over 2 gloo processes, plain LoRA (a float64 base sharded as it is): equal to one process."""
     from safetensors.torch import load_file
 
-    fsdp_run(fsdp_args(tmp_path / "two", "--quantize", "none", "--result", str(tmp_path / "two.safetensors")))
+    launch(
+        "training.fsdp",
+        fsdp_args(tmp_path / "two", "--quantize", "none", "--result", str(tmp_path / "two.safetensors")),
+    )
     two = load_file(str(tmp_path / "two.safetensors"))
     one = one_process(fsdp_args(tmp_path / "one", "--quantize", "none"), tmp_path / "one.safetensors")
     worst = max((two[k] - one[k]).abs().max().item() for k in one)

@@ -1,7 +1,7 @@
 """The hostile catalogue. Each case is the reference (or a mutant of it) with something hostile added to
 one student file, and what the isolated grader must make of it.
 
-expect: per exercise, the points it must get: a number, "twin" (exactly what the same files
+expect: per exercise, the points it must get (only these exercises are graded): a number, "twin" (exactly what the same files
 without the hostile part get: tampering must neither earn nor cost points), or "less" (fewer than
 full marks). Exercises not named are not checked. Every case must finish within max_seconds.
 escapes: the case tries a way out of the grading sandbox (testcases/sandbox.py); graded with the
@@ -28,21 +28,27 @@ class Hostile:
     append: str = ""  # code run at import (appended to the module)
     replace: tuple[tuple[str, str], ...] = ()  # code placed inside functions
     base_mutant: str | None = None  # start from this mutant instead of the reference (a wrong answer to defend)
-    ex: str = "1,3"  # what is graded: stage 1 uses model/lora.py, stage 3 does not
-    expect: dict[str, object] = field(default_factory=dict)
+    expect: dict[str, object] = field(default_factory=dict)  # also what is graded: nothing unchecked runs
     max_seconds: float = 90.0
     escapes: bool = False  # a way out of the sandbox: with the sandbox off it must earn more than its twin
     needs_landlock: bool = False  # only the kernel's Landlock closes it: skipped (and said so) where there is none
     log_says: str = ""  # the hostile part reached its goal: it printed this in a test process's log
+
+    @property
+    def ex(self) -> str:
+        """The exercises graded (``--ex``): those the case checks."""
+        return ",".join(self.expect)
 
     def variant(self) -> Variant:
         return Variant(self.name, "1.1" if self.file == "model/lora.py" else "3.1", self.description, self.replace)
 
 
 LORA = "model/lora.py"
-# Stage 3 must keep full marks whatever model/lora.py does; a file that cannot run costs Stage 1 everything.
-STAGE3_FULL = {ex: e.points for ex, e in exercises().items() if ex.startswith("3.")}  # full marks, from the manifest
-LORA_LOST = {"1.1": 0, "1.2": 0, "1.3": 0, **STAGE3_FULL}
+# Another stage must keep full marks whatever model/lora.py does: Stage 3, which does not use the file, runs
+# in a test process of its own, and one exercise of it shows that process ran unharmed (all of Stage 3 would
+# cost 5 s more per grade and show nothing more). A file that cannot run costs Stage 1 everything.
+BYSTANDER = {"3.1": exercises()["3.1"].points}  # full marks, from the manifest
+LORA_LOST = {"1.1": 0, "1.2": 0, "1.3": 0, **BYSTANDER}
 # Tampering must neither earn nor cost points: Stage 1 scores what the same files score without it.
 AS_TWIN = {"1.1": "twin", "1.2": "twin", "1.3": "twin"}
 WRONG = "scaling_alpha_not_alpha_over_r"  # a wrong answer to defend: its honest score is below full marks
@@ -279,7 +285,7 @@ CASES = [
                 "        while True:\n            pass\n        result = self.base_layer(x)  # (..., out)\n",
             ),
         ),
-        expect={"1.1": 8, "1.2": 0, "1.3": 0, **STAGE3_FULL},  # 1.3 runs 1.2's code: blocked by the hang in 1.2
+        expect={"1.1": 8, "1.2": 0, "1.3": 0, **BYSTANDER},  # 1.3 runs 1.2's code: blocked by the hang in 1.2
         max_seconds=60.0,  # one budget: 1.3 no longer runs into the same loop
     ),
     Hostile(
@@ -308,7 +314,7 @@ CASES = [
         "Importing model/lora.py kills its parent process.",
         LORA,
         append="import os\nimport signal\n\nos.kill(os.getppid(), signal.SIGKILL)\n",
-        expect={**AS_TWIN, **STAGE3_FULL},
+        expect={**AS_TWIN, **BYSTANDER},
     ),
     Hostile(
         "patch_torch_checks",
@@ -388,7 +394,6 @@ CASES = [
         LORA,
         base_mutant=WRONG,
         append=ESCAPE + "\n_become_the_reference(globals())\n",
-        ex="1,2",
         expect={**{e: 0 for e in ("1.1", "1.2", "1.3", "2.1", "2.2", "2.3", "2.4")}},
         escapes=True,
     ),
@@ -442,6 +447,6 @@ CASES = [
                 "        _waste = torch.ones(5 * 2**30)\n        result = self.base_layer(x)  # (..., out)\n",
             ),
         ),
-        expect={"1.1": 8, "1.2": 0, **STAGE3_FULL},
+        expect={"1.1": 8, "1.2": 0, **BYSTANDER},
     ),
 ]

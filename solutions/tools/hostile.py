@@ -3,9 +3,9 @@
     python -m solutions.tools.hostile [NAME ...] [--jobs 2]
 
 For each case: the reference (or a named mutant) with the hostile code added is written to a
-temporary folder and graded by ``python -m testcases.grade`` with short budgets (3 s per test, 2 s
-of grace); where a case expects "twin" scores, the same files without the hostile part are graded
-too. Checked: the scorer survives and writes its own results.json (nothing the submission wrote
+temporary folder and graded by ``python -m testcases.grade`` on the exercises the case checks, with
+short budgets (3 s per test, 2 s of grace); where a case expects "twin" scores, the same files
+without the hostile part are graded too (once for all the cases that share those files). Checked: the scorer survives and writes its own results.json (nothing the submission wrote
 survives, not even later), the per-exercise points match, no process of the submission outlives
 the grader, and each case finishes within its time. A case that tries a way out of the grading
 sandbox is also graded with the sandbox off (``--no-sandbox``), where it must earn more than its
@@ -21,7 +21,9 @@ import json
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -61,6 +63,24 @@ def grade(folder: Path, ex: str, *extra: str) -> tuple[dict[str, float], dict, f
     return points, data, seconds, proc.returncode
 
 
+_twins: dict[tuple[str | None, str], dict[str, float]] = {}
+_twin_locks: dict[tuple[str | None, str], threading.Lock] = defaultdict(threading.Lock)
+
+
+def twin_points(case: Hostile) -> dict[str, float]:
+    """Points per exercise of the case's files without the hostile part: the reference, or its base mutant.
+
+    Those files are the same for every case with the same base and exercises, so each such twin is graded once.
+    """
+    key = (case.base_mutant, case.ex)
+    with _twin_locks[key]:
+        if key not in _twins:
+            with tempfile.TemporaryDirectory(prefix=f"hostile-twin-{case.name}-") as tmp:
+                write_submission(Path(tmp) / "twin", case, hostile=False)
+                _twins[key] = grade(Path(tmp) / "twin", case.ex)[0]
+        return _twins[key]
+
+
 def run_case(case: Hostile) -> tuple[bool | None, str]:
     """(True, details) if the case scores as expected, (False, problems), or (None, why) if it cannot run here."""
     if case.needs_landlock and not landlock_abi():
@@ -86,11 +106,7 @@ def run_case(case: Hostile) -> tuple[bool | None, str]:
             problems.append(f"the hostile code never printed {case.log_says!r}: its attack did not run as designed")
         if data and abs(sum(t["score"] for t in data["tests"]) - data["score"]) > 1e-9:
             problems.append("results.json's score is not the sum of its tests")
-        twin = {}
-        if "twin" in case.expect.values() or case.escapes:
-            twin_folder = Path(tmp) / "twin"
-            write_submission(twin_folder, case, hostile=False)
-            twin, _, _, _ = grade(twin_folder, case.ex)
+        twin = twin_points(case) if "twin" in case.expect.values() or case.escapes else {}
         if case.escapes:  # the way out is real: with the sandbox off, the same files earn more than their twin
             free_folder = Path(tmp) / "unsandboxed"
             write_submission(free_folder, case, hostile=True)

@@ -60,20 +60,20 @@ class Tracer:
     def pytest_sessionstart(self, session) -> None:
         if sys.version_info >= (3, 12):
             self._start_monitoring()
-        else:
-            sys.settrace(self._call)
 
     def pytest_sessionfinish(self, session) -> None:
         if sys.version_info >= (3, 12):
             sys.monitoring.set_events(sys.monitoring.COVERAGE_ID, 0)
             sys.monitoring.free_tool_id(sys.monitoring.COVERAGE_ID)
-        else:
-            sys.settrace(None)
 
     def pytest_runtest_protocol(self, item, nextitem):
         self.current = set()
+        if sys.version_info < (3, 12) and item.nodeid in self._exercise:
+            sys.settrace(self._call)  # graded tests only: the others run at full speed
 
     def pytest_runtest_logfinish(self, nodeid, location) -> None:
+        if sys.version_info < (3, 12):
+            sys.settrace(None)
         marker = self._exercise.get(nodeid)
         if marker:
             self.ran[nodeid] = (marker, self.current)
@@ -115,6 +115,30 @@ class Tracer:
 
         monitoring.register_callback(monitoring.COVERAGE_ID, monitoring.events.LINE, on_line)
         monitoring.set_events(monitoring.COVERAGE_ID, monitoring.events.LINE)
+
+
+class Check(Tracer):
+    """The same check as a pytest plugin: ``pytest testcases --impl solutions -p solutions.tools.needs``
+    (make test's step 3, which runs every graded test anyway) traces the graded tests of that session and
+    fails it if they run an exercise the manifest does not list (printed at the end)."""
+
+    def pytest_sessionfinish(self, session) -> None:
+        super().pytest_sessionfinish(session)
+        self.report = report(self.ran, verbose=False)
+        if self.report[1] and session.exitstatus == 0:
+            session.exitstatus = 1
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        lines, _ = self.report
+        terminalreporter.section("which exercises the graded tests run (solutions/tools/needs.py)")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
+def pytest_configure(config) -> None:
+    """Loaded with ``-p solutions.tools.needs``: register the check on the reference's graded tests."""
+    if config.pluginmanager.get_plugin("needs-check") is None:
+        config.pluginmanager.register(Check(), "needs-check")
 
 
 def trace(selection: list[str]) -> dict[str, tuple[str, set[str]]]:
@@ -160,33 +184,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ex", default="", help="the exercises whose tests to trace (default: all)")
     parser.add_argument("--verbose", action="store_true", help="also list declared needs that no test runs")
     args = parser.parse_args(argv)
-    ran = trace(select(args.ex))
+    lines, failed = report(trace(select(args.ex)), args.verbose)
+    print("\n".join(lines))
+    return 1 if failed else 0
+
+
+def report(ran: dict[str, tuple[str, set[str]]], verbose: bool) -> tuple[list[str], bool]:
+    """(the lines to print, whether an exercise's tests run code the manifest does not list for it)."""
+    out: list[str] = []
     missing, known = undeclared(ran), 0
     for ex, others in list(missing.items()):
         for other, tests in list(others.items()):
             if (ex, other) in REACHES_AHEAD:
-                print(f"{ex}: known, reported: {len(tests)} of its tests run {other}'s code ({', '.join(tests)})")
+                out.append(f"{ex}: known, reported: {len(tests)} of its tests run {other}'s code ({', '.join(tests)})")
                 del others[other]
                 known += 1
             elif later(ex, other):  # needs cannot say it: the test itself reaches ahead of its exercise
-                print(f"{ex}: {len(tests)} of its tests run {other}'s code, a LATER exercise: {', '.join(tests)}")
+                out.append(f"{ex}: {len(tests)} of its tests run {other}'s code, a LATER exercise: {', '.join(tests)}")
             else:
-                print(f"{ex}: its tests run {other}'s code, which its needs do not cover (e.g. {tests[0]})")
+                out.append(f"{ex}: its tests run {other}'s code, which its needs do not cover (e.g. {tests[0]})")
         if not others:
             del missing[ex]
-    if args.verbose:
+    if verbose:
         run_by: dict[str, set[str]] = {}
         for ex, run in ran.values():
             run_by.setdefault(ex, set()).update(run - {ex})
         for ex, names in unused(ran).items():
-            print(f"{ex}: its tests run {', '.join(sorted(run_by[ex], key=list(exercises()).index)) or 'nothing else'}")
+            out.append(
+                f"{ex}: its tests run {', '.join(sorted(run_by[ex], key=list(exercises()).index)) or 'nothing else'}"
+            )
             if names:
-                print(f"{ex}: declares {', '.join(names)}, which none of its tests runs directly")
-    stages = sorted({stage_of(ex).number for ex in select(args.ex)})
-    print(f"{len(ran)} graded tests traced (stages {', '.join(map(str, stages))}); "
+                out.append(f"{ex}: declares {', '.join(names)}, which none of its tests runs directly")
+    stages = sorted({stage_of(ex).number for ex, _ in ran.values()})
+    out.append(f"{len(ran)} graded tests traced (stages {', '.join(map(str, stages))}); "
           + ("every exercise they run is in the manifest" if not missing else f"{len(missing)} exercises under-declared")
           + (f" ({known} known reach(es) ahead, listed above)" if known else ""))  # fmt: skip
-    return 1 if missing else 0
+    return out, bool(missing)
 
 
 if __name__ == "__main__":

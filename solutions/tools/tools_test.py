@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 import zipfile
 from pathlib import Path
 
@@ -150,9 +151,13 @@ def per_exercise(results: dict) -> dict[str, float]:
     return points
 
 
-@pytest.mark.timeout(600)  # full isolated grades: ~25 s on free cores, minutes on loaded ones
+@pytest.mark.timeout(600)  # an isolated grade: seconds on free cores, minutes on loaded ones
 def test_grade_a_full_clone_ignores_its_own_tests(tmp_path):
-    """make grade IMPL=<a clone>: only its student files count; its rigged testcases/ are never run."""
+    """make grade IMPL=<a clone>: only its student files count; its rigged testcases/ are never run.
+
+    Stage 1 is graded: its rigged tests would change its score, the rigged conftest any score (the
+    Gradescope test below grades every stage of the reference through the same grader).
+    """
     clone = tmp_path / "clone"
     for relative in subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split():
         if not relative.startswith("solutions/") and (REPO / relative).is_file():
@@ -166,8 +171,9 @@ def test_grade_a_full_clone_ignores_its_own_tests(tmp_path):
     (clone / "testcases" / "conftest.py").write_text(
         'raise SystemExit("the clone\'s conftest must never be imported")\n'
     )
-    results, proc = grade(clone, tmp_path / "out" / "results.json")
-    assert proc.returncode == 0 and results["score"] == total_points(), proc.stdout[-3000:] + proc.stderr[-2000:]
+    results, proc = grade(clone, tmp_path / "out" / "results.json", "--ex", "1")
+    stage1 = sum(e.points for e in STAGES[0].exercises)
+    assert proc.returncode == 0 and results["score"] == stage1, proc.stdout[-3000:] + proc.stderr[-2000:]
 
 
 def test_grade_a_folder_of_loose_files(tmp_path):
@@ -233,10 +239,14 @@ def test_handout_has_no_answers_and_only_working_targets(built_handout):
         assert f"make {name} " in targets, f"the handout README documents {command!r}, which its Makefile lacks"
 
 
-@pytest.mark.timeout(600)  # full isolated grades: ~25 s on free cores, minutes on loaded ones
+@pytest.mark.timeout(600)  # an isolated grade and make demo: seconds on free cores, minutes on loaded ones
 def test_handout_grade_demo_and_pytest_commands(built_handout):
-    """In the handout: make grade scores the stubs 0 (exit 1), make demo names the missing exercises, pytest runs."""
-    graded = run(["make", "grade"], built_handout)
+    """In the handout: make grade scores the stubs 0 (exit 1), make demo names the missing exercises, pytest runs.
+
+    The grade is the quick start's first command, ``make grade EX=1.1``; that every test of every exercise
+    stops at its stub is make test's step 4 (the same student files, in this checkout).
+    """
+    graded = run(["make", "grade", "EX=1.1"], built_handout)
     results = json.loads((built_handout / "runs" / "grade" / "results.json").read_text())
     assert graded.returncode != 0 and results["score"] == 0 and results["tests"], graded.stdout[-2000:]
     demo = run(["make", "demo"], built_handout)
@@ -291,12 +301,25 @@ def test_stress_skips_a_capability_this_cpu_lacks(monkeypatch, capsys):
     assert stress.usable(["avx2"]) == ["avx2"], "named alone, the native capability runs"
 
 
-@pytest.mark.timeout(900)  # every graded test, traced: about 50 s of one core
-def test_every_exercise_a_test_runs_is_in_the_manifest():
-    """Traced on the reference, the tests of each exercise run only its code and its manifest needs' (solutions/tools/needs.py)."""
-    proc = subprocess.run([PYTHON, "-m", "solutions.tools.needs"], cwd=REPO, capture_output=True, text=True,
-                          env={k: v for k, v in os.environ.items() if k != "LORA_IMPL"})  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+@pytest.mark.timeout(300)  # Stage 1's graded tests, traced
+def test_the_needs_check_traces_and_finds_an_undeclared_exercise():
+    """solutions/tools/needs.py: on Stage 1 of the reference it passes; given tests that run code their exercise
+    does not declare, it fails and names them (make test's step 3 runs the check on every graded test)."""
+    from solutions.tools import needs
+
+    proc = subprocess.run([PYTHON, "-m", "solutions.tools.needs", "--ex", "1"], cwd=REPO, capture_output=True,
+                          text=True, env={k: v for k, v in os.environ.items() if k != "LORA_IMPL"})  # fmt: skip
+    assert proc.returncode == 0 and "graded tests traced (stages 1)" in proc.stdout, proc.stdout[-4000:] + proc.stderr
+    lines, failed = needs.report({"t::a": ("1.2", {"1.2", "1.1"}), "t::b": ("1.1", {"1.1", "3.1"})}, verbose=False)
+    assert failed and any("1.1: 1 of its tests run 3.1's code, a LATER exercise: b" in line for line in lines), lines
+    lines, failed = needs.report({"t::a": ("1.2", {"1.2", "1.1"})}, verbose=False)
+    assert not failed, lines
+    check, session = needs.Check(), types.SimpleNamespace(exitstatus=0)  # as a plugin (step 3): the session fails
+    check.ran = {"t::b": ("1.1", {"1.1", "3.1"})}
+    if sys.version_info >= (3, 12):
+        check.pytest_sessionstart(session)
+    check.pytest_sessionfinish(session)
+    assert session.exitstatus == 1, "an undeclared exercise fails the pytest session it was traced in"
 
 
 def test_syntax_of_every_tool_is_python():

@@ -11,10 +11,13 @@ reference with exact text replacements, or with one solution block's body replac
     python -m solutions.tools.variants --list          the catalogues
 
 The reference runs on every graded test, first and alongside the variants; if it fails anything
-the run stops and fails (a mutant can only be "caught" by a suite the reference passes). A mutant
-meets the tests of its exercise and of every exercise that runs its code (testcases/manifest.py
-``dependents``; its own exercise's and stage's first), stopping at the first failure, which is
-printed so you can see which test caught it. An equivalent must pass every test of its own
+the run stops and fails (a mutant can only be "caught" by a suite the reference passes).
+``--reference-checked`` leaves that run out, for a caller that runs the reference on every graded
+test itself and fails if it fails (``make test``: its step 3). A mutant meets the tests of its
+exercise and of every exercise that runs its code (testcases/manifest.py ``dependents``; its own
+exercise's and stage's first, in a session of their own, within each the tests that took longer
+than a second on an earlier variant last), stopping at the first failure, which is printed so you
+can see which test caught it. An equivalent must pass every test of its own
 exercise alone; then all equivalents of a student file together must pass every test that runs
 that file.
 
@@ -96,11 +99,16 @@ def catalogue(kind: str) -> list[Variant]:
 
 def check(variant: Variant) -> str:
     """The variant's source, after checking it applies, compiles and changes the code (not just text)."""
-    original = (REPO / "solutions" / variant.file).read_text()
+    original = reference_text(variant.file)
     changed = variant.apply(original)
     if ast.dump(ast.parse(changed)) == syntax_tree(original):
         raise ValueError(f"{variant.name}: changes nothing but comments or layout")
     return changed
+
+
+@functools.lru_cache(maxsize=16)
+def reference_text(file: str) -> str:
+    return (REPO / "solutions" / file).read_text()
 
 
 @functools.lru_cache(maxsize=16)
@@ -111,26 +119,34 @@ def syntax_tree(source: str) -> str:
 
 # ---- running the suites -------------------------------------------------------------------------
 
+SLOW_SECONDS = 1.0
+SLOW: set[str] = set()  # tests that took longer than SLOW_SECONDS in an earlier child (each child inherits it)
+SECONDS: dict[str, float] = {}  # in a child: each test's seconds in its suite runs, sent back with the verdict
+
 
 class _Recorder:
     """A pytest plugin that remembers the first failing test and whether everything passed.
 
     ``first``: the exercise whose tests run first, then the rest of its stage's, then the others' (each
-    group in its collected order). A mutant meets the tests closest to its code first: they are the
-    likeliest to catch it, and with ``-x`` the (slower) later stages' suites then run only for the
-    mutants that the earlier tests let through. The verdict does not depend on the order.
+    group in its collected order, except that the tests in ``SLOW`` go last within their group). A
+    mutant meets the tests closest to its code first: they are the likeliest to catch it, and with
+    ``-x`` the (slower) later stages' suites then run only for the mutants that the earlier tests let
+    through; a 10-second training test waits until the quick ones have had their chance. The verdict
+    does not depend on the order. ``durations`` records each test's seconds (its call).
     """
 
     def __init__(self, first: str | None = None) -> None:
         self.first = first
         self.failed: list[str] = []
         self.collection_error: list[str] = []
+        self.durations: dict[str, float] = {}
 
     def pytest_collection_modifyitems(self, items) -> None:
-        def nearness(item) -> int:
+        def nearness(item) -> tuple[int, bool]:
             marker = item.get_closest_marker("exercise")
             exercise = str(marker.args[0]) if marker and marker.args else ""
-            return 0 if exercise == self.first else 1 if exercise.split(".")[0] == self.first.split(".")[0] else 2
+            near = 0 if exercise == self.first else 1 if exercise.split(".")[0] == self.first.split(".")[0] else 2
+            return near, item.nodeid in SLOW
 
         if self.first:
             items.sort(key=nearness)  # stable: the collected order within each group
@@ -140,6 +156,8 @@ class _Recorder:
             self.collection_error = str(report.longrepr).strip().splitlines()[-1:]
 
     def pytest_runtest_logreport(self, report) -> None:
+        if report.when == "call":
+            self.durations[report.nodeid] = report.duration
         if report.failed:
             message = str(report.longrepr).strip().splitlines()
             self.failed.append(f"{report.nodeid.split('::', 1)[-1]}: {message[-1][:110] if message else ''}")
@@ -166,6 +184,7 @@ def run_suite(
         args += ["-x"] if stop_first else []
         args += stage_modules(selection)
         code = quiet_pytest(args, [recorder])
+    SECONDS.update(recorder.durations)
     return code, recorder
 
 
@@ -194,18 +213,24 @@ def selection_for(exercise: str) -> list[str]:
 
 
 def run_mutant(mutant: Variant) -> tuple[bool, str]:
+    """Caught if a test of ``selection_for(mutant.exercise)`` fails. Two sessions: the exercises of the mutant's
+    own stage (collecting one stage's modules is quick, and nearly every mutant is caught there), then, if
+    all of those passed, the rest of the selection; together they run every test of the selection."""
     import pytest
 
-    selection = selection_for(mutant.exercise)
-    code, recorder = run_suite({mutant.file: check(mutant)}, selection, stop_first=True, first=mutant.exercise)
-    if code == pytest.ExitCode.TESTS_FAILED and recorder.failed:
-        first = recorder.failed[0]
-        if "NameError" in first or "SyntaxError" in first:
-            return False, f"the mutant itself is broken, fix it: {first}"
-        return True, first
-    if code == pytest.ExitCode.OK:
-        return False, "every graded test passed"
-    return False, f"pytest exited with {code!r} {recorder.collection_error}"
+    source, selection = check(mutant), selection_for(mutant.exercise)
+    own_stage = [e.id for e in stage_of(mutant.exercise).exercises if e.id in selection]
+    rest = [e for e in selection if e not in own_stage]
+    for chosen in (own_stage, rest) if rest else (own_stage,):
+        code, recorder = run_suite({mutant.file: source}, chosen, stop_first=True, first=mutant.exercise)
+        if code == pytest.ExitCode.TESTS_FAILED and recorder.failed:
+            first = recorder.failed[0]
+            if "NameError" in first or "SyntaxError" in first:
+                return False, f"the mutant itself is broken, fix it: {first}"
+            return True, first
+        if code != pytest.ExitCode.OK:
+            return False, f"pytest exited with {code!r} {recorder.collection_error}"
+    return False, "every graded test passed"
 
 
 def run_equivalent(equivalent: Variant) -> tuple[bool, str]:
@@ -283,6 +308,8 @@ def warm_up() -> None:
             if hasattr(importlib.import_module(module_name(path)), "pytestmark"):
                 raise RuntimeError(f"{path}: a module-level pytestmark is not applied through testcases/*_test.py")
     torch.set_num_threads(1)  # the children inherit it: two processes × two threads on two cores spin
+    for file in student_files():  # each child compares its variant's syntax tree with these (check())
+        syntax_tree(reference_text(file))
     gc.freeze()
 
 
@@ -294,7 +321,7 @@ def in_child(name: str, verdicts: Path, mutants: dict[str, Variant], equivalents
     code = 1
     try:
         ok, line = judge(name, mutants, equivalents)
-        (verdicts / str(os.getpid())).write_text(json.dumps([ok, line]))
+        (verdicts / str(os.getpid())).write_text(json.dumps([ok, line, SECONDS]))
         code = 0
     except BaseException as error:  # a broken catalogue entry: report it, never return into the parent's loop
         print(f"{name}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
@@ -324,7 +351,8 @@ def run_all(names: list[str], jobs: int) -> tuple[bool, bool]:
             name, started = running.pop(pid)
             result = verdicts / str(pid)
             if result.exists():
-                ok, line = json.loads(result.read_text())
+                ok, line, seconds = json.loads(result.read_text())
+                SLOW.update(test for test, spent in seconds.items() if spent > SLOW_SECONDS)
             else:
                 ok, line = False, f"{'FAILED  '} {name:<38} the test process died ({describe_status(status)})"
             cpu = usage.ru_utime + usage.ru_stime
@@ -353,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--equivalents", action="store_true", help="only the equivalents")
     parser.add_argument("--list", action="store_true", help="print the catalogues and exit")
     parser.add_argument("--jobs", type=int, default=2, help="variants judged at a time (one process each)")
+    parser.add_argument("--reference-checked", action="store_true",
+                        help="leave out the reference's run: the caller runs it on every graded test (make test)")  # fmt: skip
     args = parser.parse_args(argv)
     mutants, equivalents = catalogue("mutants"), catalogue("equivalents")
     if args.list:
@@ -366,15 +396,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     chosen_m = [] if args.equivalents else [m.name for m in mutants if not args.names or m.name in args.names]
     chosen_e = [] if args.mutants else [e.name for e in equivalents if not args.names or e.name in args.names]
-    for variant in [*mutants, *equivalents]:  # a drifted anchor is a broken catalogue: say so up front
-        if variant.name in chosen_m + chosen_e:
-            check(variant)
+    # A drifted anchor is a broken catalogue: say so up front (each child then checks that its variant changes the
+    # code, not just comments or layout: check()).
+    chosen = set(chosen_m + chosen_e)
+    for variant in [*mutants, *equivalents]:
+        if variant.name in chosen:
+            variant.apply(reference_text(variant.file))
     combined = []
     if chosen_e and not args.names:
         combined = [f"combined:{f}" for f in student_files() if any(e.file == f for e in equivalents)]
-    print(f"== the reference on every graded test; {len(chosen_m)} mutants, {len(chosen_e)} equivalents", flush=True)
-    # The longest runs first (the reference, then whole suites), so that the last to finish are short ones.
-    ok, reference_ok = run_all(["reference", *combined, *chosen_e, *chosen_m], args.jobs)
+    reference = [] if args.reference_checked else ["reference"]
+    print(f"== {'the reference on every graded test; ' if reference else ''}{len(chosen_m)} mutants, "
+          f"{len(chosen_e)} equivalents", flush=True)  # fmt: skip
+    # The longest runs first (the reference, then whole suites), so that the last to finish are short ones;
+    # the mutants last, when every test's seconds are known (the slow ones wait, _Recorder).
+    ok, reference_ok = run_all([*reference, *combined, *chosen_e, *chosen_m], args.jobs)
     if not reference_ok:
         print("the reference fails a graded test: fix that first (mutants cannot be judged against a failing suite)")
         return 1
