@@ -20,7 +20,9 @@ from __future__ import annotations
 import builtins
 import contextlib
 import inspect
+import itertools
 import math
+import operator
 import sys
 from types import ModuleType
 
@@ -42,6 +44,7 @@ TORCH_MODULES = (
 
 
 IGNORED = {"__warningregistry__", "__loader__", "__spec__", "__cached__"}
+_MISSING = object()  # what a removed name reads as
 
 
 def _torch_classes() -> list[type]:
@@ -75,10 +78,29 @@ class Guard:
         return spaces
 
     def _take(self) -> dict[str, tuple[object, dict[str, object], bool]]:
-        return {label: (obj, dict(vars(obj)), strict) for label, (obj, strict) in self._namespaces().items()}
+        saved = {label: (obj, dict(vars(obj)), strict) for label, (obj, strict) in self._namespaces().items()}
+        # What check() compares, as flat tuples (it runs after every test: the comparison runs in C, not in a loop).
+        self._watched = [(vars(obj), tuple(names), tuple(before[n] for n in names), strict, frozenset(before))
+                         for obj, before, strict in saved.values()
+                         for names in [[n for n, v in before.items() if n not in IGNORED
+                                        and not isinstance(v, ModuleType)]]]  # fmt: skip
+        return saved
+
+    def unchanged(self) -> bool:
+        """No name rebound, removed or (where strict) added, and no saved module replaced in sys.modules."""
+        for now, names, values, strict, known in self._watched:
+            if any(map(operator.is_not, map(now.get, names, itertools.repeat(_MISSING)), values)):
+                return False
+            if strict and not known.issuperset(now):
+                added = now.keys() - known
+                if any(not n.startswith("__") and not isinstance(now[n], ModuleType) for n in added):
+                    return False
+        return all(sys.modules.get(n, obj) is obj for n, (obj, _, _) in self.saved.items())
 
     def check(self) -> list[str]:
         """Names rebound, removed or (where strict) added since the snapshot; each is put back."""
+        if self.unchanged():
+            return []
         changed = []
         for label, (obj, before, strict) in self.saved.items():
             now = vars(obj)

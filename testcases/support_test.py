@@ -236,6 +236,37 @@ def test_a_hang_blocks_the_exercises_that_run_its_code():
     assert book.rows()[0].status == "blocked by a hang in 1.2"
 
 
+def test_the_guard_reports_and_undoes_every_kind_of_change():
+    """testcases/integrity.py after a test: a rebound, removed (even one bound to None) or added name, or a module
+    replaced in sys.modules, is named and put back; with nothing changed (its quick path) it reports nothing."""
+    import types
+
+    from testcases import helpers
+    from testcases.integrity import Guard
+
+    helpers._bound_to_none = None  # given code's binding, in the snapshot
+    try:
+        guard = Guard(set())
+        assert guard.check() == [], "nothing changed yet"
+        del helpers._bound_to_none  # alone: the quick path must see it too
+        assert guard.check() == ["testcases.helpers._bound_to_none"] and helpers._bound_to_none is None
+        for change in ("rebind", "add", "module"):
+            isclose, linalg = torch.isclose, sys.modules["torch.linalg"]
+            if change == "rebind":
+                torch.isclose = lambda *args, **kwargs: True
+            elif change == "add":
+                helpers._planted = 1
+            else:
+                sys.modules["torch.linalg"] = types.ModuleType("torch.linalg")
+            expected = {"rebind": "torch.isclose", "add": "testcases.helpers._planted (added)",
+                        "module": "sys.modules['torch.linalg']"}[change]  # fmt: skip
+            assert guard.check() == [expected], change
+            assert torch.isclose is isclose and sys.modules["torch.linalg"] is linalg
+        assert not hasattr(helpers, "_planted") and guard.check() == [], "everything put back"
+    finally:
+        vars(helpers).pop("_bound_to_none", None)
+
+
 def test_direct_route_writes_results_json(tmp_path):
     """The route README gives for a debugger, pytest ... --ex 1.1 --results-json OUT, ends with Gradescope's file."""
     out = tmp_path / "results.json"

@@ -19,7 +19,7 @@ The combinations run one after another: two torch processes with two threads eac
 against each other and run many times slower. A two-thread run sets ``OMP_WAIT_POLICY=PASSIVE``
 (unless set): OpenMP's threads then sleep while they wait instead of spinning, which changes no
 result (the work is split the same way) but keeps one other busy process on the machine from
-slowing the run tenfold (measured: 195 s and a timeout instead of 26 s for the 120-step QLoRA test). Numerics are the point here, not speed, so each test
+slowing the run tenfold (measured: 195 s and a timeout instead of 26 s for the QLoRA headline test, then 120 steps). Numerics are the point here, not speed, so each test
 may take up to 900 s (grading keeps its 60 s budget).
 """
 

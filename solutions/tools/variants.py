@@ -159,8 +159,13 @@ class _Recorder:
         if report.when == "call":
             self.durations[report.nodeid] = report.duration
         if report.failed:
-            message = str(report.longrepr).strip().splitlines()
-            self.failed.append(f"{report.nodeid.split('::', 1)[-1]}: {message[-1][:110] if message else ''}")
+            crash = getattr(report.longrepr, "reprcrash", None)  # where it failed, and the error's first line
+            if crash is not None:
+                first_line = (crash.message.strip().splitlines() or [""])[0]
+                message = f"{Path(crash.path).name}:{crash.lineno}: {first_line}"
+            else:
+                message = (str(report.longrepr).strip().splitlines() or [""])[-1]
+            self.failed.append(f"{report.nodeid.split('::', 1)[-1]}: {message[:110]}")
 
 
 def run_suite(
@@ -180,7 +185,10 @@ def run_suite(
             sys.modules.pop(module, None)
         _impl._broken.clear()
         recorder = _Recorder(first)
-        args = ["-q", "--no-header", "-p", "no:nbmake", "-W", "ignore", "--impl", tmp, "--ex", ",".join(selection)]
+        # --tb=native: a verdict prints where the test failed and the error's first line; pytest's own traceback
+        # would parse the (long) test module again for every failure.
+        args = ["-q", "--no-header", "-p", "no:nbmake", "-W", "ignore", "--tb=native", "--impl", tmp]
+        args += ["--ex", ",".join(selection)]
         args += ["-x"] if stop_first else []
         args += stage_modules(selection)
         code = quiet_pytest(args, [recorder])

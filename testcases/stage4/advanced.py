@@ -528,21 +528,22 @@ def test_metrics_and_loss_curve_are_written(trainer, tiny_model, task_data, tmp_
 @pytest.mark.exercise("4.3")
 @pytest.mark.timeout(180)
 def test_qlora_learns_the_task(trainer, tmp_path):
-    """The headline: 120 QLoRA steps on the bundled base lift exact-match accuracy on the new task."""
+    """The headline: 100 QLoRA steps on the bundled base lift exact-match accuracy on the new task."""
     from model.tiny_llama import load_base_model
     from training.data import exact_match_accuracy, finetune_data
 
     train_data, eval_data = finetune_data("train"), finetune_data("eval", n=200)
     model = load_base_model()
     before = exact_match_accuracy(model, eval_data)
-    config = trainer.TrainConfig(r=8, precision="fp32", max_steps=120, batch_size=64, learning_rate=3e-3,
+    config = trainer.TrainConfig(r=8, precision="fp32", max_steps=100, batch_size=32, learning_rate=4e-3,
                                  warmup_ratio=0.05, progress=False, output_dir=str(tmp_path), seed=helpers.SEED_OFFSET)  # fmt: skip
     t = trainer.QLoRATrainer(trainer.prepare_qlora_model(model, config), config, train_data, eval_data)
     t.train()
     after = t.evaluate()["accuracy"]
     observe("4.3 accuracy before the headline run", before)
-    observe("4.3 accuracy after 120 QLoRA steps", after)
-    # Over 60 seeds the reference went from 0 % to 97–100 % (solutions/tools/calibrate.py); 80 % is far inside.
+    observe("4.3 accuracy after 100 QLoRA steps", after)
+    # Over 60 seeds the reference went from 0 % to 100 %, every time (solutions/tools/calibrate.py; before, at
+    # 120 steps of 64 examples and twice the time: 97–100 %); 80 % is far inside.
     assert before <= 0.3 and after >= 0.8, (
         f"exact-match accuracy {before:.0%} -> {after:.0%} (expected ≤ 30 % -> ≥ 80 %)"
     )
