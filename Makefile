@@ -18,6 +18,7 @@ PY        ?= python3
 VENV      := .venv
 PYTHON    := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
+LAB       := $(VENV)/.lab-installed
 IMPL      ?=
 EX        ?=
 RESULTS   ?= runs/grade/results.json
@@ -83,8 +84,12 @@ ddp: $(STAMP) ## QLoRA on the bundled task with NPROC processes under torchrun (
 fsdp: $(STAMP) ## the same, sharded over NPROC processes (FSDP2 fully_shard, sharded checkpoints; ARGS=…)
 	$(SHOW) $(VENV)/bin/torchrun --nproc_per_node=$(NPROC) -m training.fsdp $(ARGS)
 
-notebooks: $(STAMP) ## open Jupyter Lab on notebooks/ (IMPL=student runs them on your code)
+notebooks: $(LAB) ## open Jupyter Lab on notebooks/ (IMPL=student runs them on your code; installs JupyterLab once)
 	$(SHOW) $(VENV)/bin/jupyter lab notebooks
+
+$(LAB): $(STAMP) requirements-lab.txt
+	@echo "== $(VENV): pip install -r requirements-lab.txt (JupyterLab, once)"; \
+	  $(PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements-lab.txt && touch $(LAB)
 
 bench: $(STAMP) ## timings: LoRA layer overhead, NF4 throughput, LoRA vs QLoRA step, KV-cache generation (PRECISION=bf16)
 	$(SHOW) BENCH_PRECISION=$(PRECISION) $(PYTHON) -m training.bench

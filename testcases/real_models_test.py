@@ -223,7 +223,7 @@ def test_bad_records_name_their_line(tmp_path):
 
 
 @pytest.mark.timeout(600)  # child processes (torch imports, torchrun) on a possibly busy machine
-def test_finetune_and_generate_end_to_end(tmp_path, stages_done):
+def test_finetune_and_generate_end_to_end(tmp_path, stages_done, capsys):
     """make finetune's module on a sharded toy checkpoint: the loss falls, the adapter has HF names and loads back."""
     from safetensors.torch import load_file
 
@@ -251,9 +251,15 @@ def test_finetune_and_generate_end_to_end(tmp_path, stages_done):
     assert (out / "checkpoint.pt").is_file() and (out / "metrics.jsonl").is_file(), "checkpoint and metrics written"
     args = [sys.executable, "-m", "training.generate", "--model", str(model_dir), "--prompt", "Reverse the digits.",
             "--input", "1 2 3", "--max-new-tokens", "5"]  # fmt: skip
-    first, second = run(args).stdout, run([*args, "--adapter", str(out / "adapter")]).stdout
+    from training.generate import main as generate
+
+    first = run(args).stdout  # the command itself; then its main() in this process (one torch import less each)
+    capsys.readouterr()
+    generate([*args[3:], "--adapter", str(out / "adapter")])
+    second = capsys.readouterr().out
     assert "### Response:" in first and "### Response:" in second, "the prompt is printed in the instruction format"
-    assert run(args).stdout == first, "greedy decoding is deterministic"
+    generate(args[3:])
+    assert capsys.readouterr().out == first, "greedy decoding is deterministic (here and in its own process)"
     ddp = tmp_path / "ddp"
     torchrun_args = ["--model", str(model_dir), "--data", str(tmp_path / "data.jsonl"), "--output-dir", str(ddp),
                      "--max-steps", "3", "--batch-size", "8", "--progress", "false", "--max-length", "48"]  # fmt: skip

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import re
 import subprocess
 import sys
@@ -43,14 +44,24 @@ def test_lines() -> dict[str, list[tuple[str, str, str]]]:
     found: dict[str, list[tuple[str, str, str]]] = {ex: [] for ex in exercises()}
     for stage in STAGES:
         for path in stage.tests:
-            for node in ast.parse((REPO / path).read_text()).body:
-                if not (isinstance(node, ast.FunctionDef) and node.name.startswith("test_")):
-                    continue
-                for d in node.decorator_list:
-                    if isinstance(d, ast.Call) and getattr(d.func, "attr", "") == "exercise" and d.args:
-                        doc = (ast.get_docstring(node) or "").strip().splitlines()
-                        found[d.args[0].value].append((Path(path).stem, node.name, doc[0] if doc else ""))
+            for ex, name, doc in graded_functions((REPO / path).read_text()):
+                found[ex].append((Path(path).stem, name, doc))
     return found
+
+
+@functools.lru_cache(maxsize=64)
+def graded_functions(source: str) -> tuple[tuple[str, str, str], ...]:
+    """(exercise, test name, first docstring line) of a test module's source, parsed once per text (every test list
+    of every page asks)."""
+    found = []
+    for node in ast.parse(source).body:
+        if not (isinstance(node, ast.FunctionDef) and node.name.startswith("test_")):
+            continue
+        for d in node.decorator_list:
+            if isinstance(d, ast.Call) and getattr(d.func, "attr", "") == "exercise" and d.args:
+                doc = (ast.get_docstring(node) or "").strip().splitlines()
+                found.append((d.args[0].value, node.name, doc[0] if doc else ""))
+    return tuple(found)
 
 
 # The words around the manifest's facts in each language's generated blocks (the facts are the same).
@@ -185,7 +196,7 @@ def layout_row(folder: str, items: list[str]) -> str:
 def layout() -> str:
     """README's Layout: student files from the manifest, given files from git, stages and notebooks counted."""
     first, last = STAGES[0].number, STAGES[-1].number
-    rows = ["```", "README.md  Makefile  requirements.txt  pyproject.toml"]
+    rows = ["```", "README.md  Makefile  requirements.txt  requirements-lab.txt  pyproject.toml"]
     lessons = [f for f in tracked("tutorial") if f != "README.md"]
     capstone = [f[:2] for f in lessons if not any(f == Path(s.lesson).name for s in STAGES)]
     rows.append(layout_row("tutorial", [f"{first:02d}–{last:02d} one page per stage"]

@@ -40,7 +40,7 @@ PYTEST = [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
 STEPS = {
     1: "student files in sync with the reference",
     2: "lint",
-    3: "the course is consistent; the reference passes every test (seed +1, traced)",
+    3: "course consistent; the reference passes every test (seed +1, traced)",
     4: "the untouched stubs score zero (isolated grader)",
     5: "every mutant is caught, every equivalent keeps full marks",
     6: "hostile submissions get the right score",

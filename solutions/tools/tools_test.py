@@ -22,7 +22,7 @@ import pytest
 from solutions.tools import docs, handout
 from solutions.tools.gradescope import build_zip
 from solutions.tools.stubgen import filled_in, make_stub
-from solutions.tools.variants import catalogue, check
+from solutions.tools.variants import catalogue, check, same_code
 from testcases.manifest import REPO, STAGES, STUB_PATTERN, exercises, student_files, total_points
 
 PYTHON = sys.executable
@@ -71,6 +71,10 @@ def test_catalogues_apply_and_change_the_code():
     variants = catalogue("mutants") + catalogue("equivalents")
     names = [v.name for v in variants]
     assert len(names) == len(set(names)), "variant names must be unique"
+    source = "@dec\ndef f(x):\n    # why\n    return x + 1\n\n\ny = f(2)\n"
+    assert same_code(source, source.replace("# why", "# because").replace("\n\n\n", "\n\n\n\n"))
+    for edit in (("x + 1", "x - 1"), ("@dec\n", "@other\n"), ("f(2)", "f(3)"), ("y = f(2)\n", "")):
+        assert not same_code(source, source.replace(*edit)), edit
     for variant in variants:
         compile(check(variant), variant.name, "exec")
         assert variant.exercise in exercises(), f"{variant.name}: unknown exercise {variant.exercise}"
