@@ -23,7 +23,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -64,7 +63,7 @@ def grade(folder: Path, ex: str, *extra: str) -> tuple[dict[str, float], dict, f
 
 
 _twins: dict[tuple[str | None, str], dict[str, float]] = {}
-_twin_locks: dict[tuple[str | None, str], threading.Lock] = defaultdict(threading.Lock)
+_twin_locks: dict[tuple[str | None, str], threading.Lock] = {}
 
 
 def twin_points(case: Hostile) -> dict[str, float]:
@@ -73,7 +72,7 @@ def twin_points(case: Hostile) -> dict[str, float]:
     Those files are the same for every case with the same base and exercises, so each such twin is graded once.
     """
     key = (case.base_mutant, case.ex)
-    with _twin_locks[key]:
+    with _twin_locks.setdefault(key, threading.Lock()):  # setdefault: one lock per key, whichever thread asks first
         if key not in _twins:
             with tempfile.TemporaryDirectory(prefix=f"hostile-twin-{case.name}-") as tmp:
                 write_submission(Path(tmp) / "twin", case, hostile=False)
