@@ -24,6 +24,7 @@ import itertools
 import math
 import operator
 import sys
+from collections.abc import Mapping
 from types import ModuleType
 
 from testcases.sandbox import DISARMED_MODULES
@@ -58,6 +59,14 @@ class Guard:
     def __init__(self, student_modules: set[str]) -> None:
         self.student_modules = set(student_modules)
         self.saved: dict[str, tuple[object, dict[str, object], bool]] = self._take()
+        # Per namespace, what check() compares after every test, as flat tuples (the quick pass runs in C):
+        # (label, object, its live namespace, the watched names, their values, strict, every name it had).
+        self._watched = []
+        for label, (obj, before, strict) in self.saved.items():
+            names = tuple(n for n, v in before.items() if n not in IGNORED and not isinstance(v, ModuleType))
+            self._watched.append(
+                (label, obj, vars(obj), names, tuple(before[n] for n in names), strict, frozenset(before))
+            )
 
     def _namespaces(self) -> dict[str, tuple[object, bool]]:
         """label -> (module or class, whether added names count as tampering)."""
@@ -78,23 +87,15 @@ class Guard:
         return spaces
 
     def _take(self) -> dict[str, tuple[object, dict[str, object], bool]]:
-        saved = {label: (obj, dict(vars(obj)), strict) for label, (obj, strict) in self._namespaces().items()}
-        # What check() compares, as flat tuples (it runs after every test: the comparison runs in C, not in a loop).
-        self._watched = [(vars(obj), tuple(names), tuple(before[n] for n in names), strict, frozenset(before))
-                         for obj, before, strict in saved.values()
-                         for names in [[n for n, v in before.items() if n not in IGNORED
-                                        and not isinstance(v, ModuleType)]]]  # fmt: skip
-        return saved
+        return {label: (obj, dict(vars(obj)), strict) for label, (obj, strict) in self._namespaces().items()}
 
     def unchanged(self) -> bool:
         """No name rebound, removed or (where strict) added, and no saved module replaced in sys.modules."""
-        for now, names, values, strict, known in self._watched:
+        for _, _, now, names, values, strict, known in self._watched:
             if any(map(operator.is_not, map(now.get, names, itertools.repeat(_MISSING)), values)):
                 return False
-            if strict and not known.issuperset(now):
-                added = now.keys() - known
-                if any(not n.startswith("__") and not isinstance(now[n], ModuleType) for n in added):
-                    return False
+            if strict and not known.issuperset(now) and _added(now, known):
+                return False
         return all(sys.modules.get(n, obj) is obj for n, (obj, _, _) in self.saved.items())
 
     def check(self) -> list[str]:
@@ -102,23 +103,25 @@ class Guard:
         if self.unchanged():
             return []
         changed = []
-        for label, (obj, before, strict) in self.saved.items():
-            now = vars(obj)
-            for name, value in before.items():
-                if name in IGNORED or isinstance(value, ModuleType):
-                    continue  # submodules appear and reappear on packages as they are imported
-                if name not in now or now[name] is not value:
+        for label, obj, now, names, values, strict, known in self._watched:
+            for name, value in zip(names, values, strict=True):  # submodules (not watched) come and go on packages
+                if now.get(name, _MISSING) is not value:
                     changed.append(f"{label}.{name}")
                     _restore(obj, name, value)
-            if strict:
-                added = [n for n, v in now.items() if n not in before and not n.startswith("__")]
-                for name in [n for n in added if not isinstance(now[n], ModuleType)]:
-                    changed.append(f"{label}.{name} (added)")
-                    _delete(obj, name)
+            for name in _added(now, known) if strict else []:
+                changed.append(f"{label}.{name} (added)")
+                _delete(obj, name)
         for name in [n for n in self.saved if n in sys.modules and sys.modules[n] is not self.saved[n][0]]:
             changed.append(f"sys.modules[{name!r}]")
             sys.modules[name] = self.saved[name][0]  # type: ignore[assignment]
         return changed
+
+
+def _added(now: Mapping[str, object], known: frozenset[str]) -> list[str]:
+    """The names bound since the snapshot that count as additions (not dunders, not submodules)."""
+    return [
+        n for n, v in list(now.items()) if n not in known and not n.startswith("__") and not isinstance(v, ModuleType)
+    ]
 
 
 def _restore(obj: object, name: str, value: object) -> None:

@@ -5,8 +5,9 @@
 For each case: the reference (or a named mutant) with the hostile code added is written to a
 temporary folder and graded by ``python -m testcases.grade`` on the exercises the case checks, with
 short budgets (3 s per test, 2 s of grace); where a case expects "twin" scores, the same files
-without the hostile part are graded too (once for all the cases that share those files). Checked: the scorer survives and writes its own results.json (nothing the submission wrote
-survives, not even later), the per-exercise points match, no process of the submission outlives
+without the hostile part are graded too (once for all the cases that share those files). Checked:
+the scorer survives and writes its own results.json (nothing the submission wrote survives, not
+even later), the per-exercise points match, no process of the submission outlives
 the grader, and each case finishes within its time. A case that tries a way out of the grading
 sandbox is also graded with the sandbox off (``--no-sandbox``), where it must earn more than its
 twin: the way out is real, and the sandbox is what shuts it. A case that only the kernel's Landlock
